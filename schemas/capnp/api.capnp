@@ -1,0 +1,62 @@
+@0x98b468e0597d1a4a;
+# The user API served by prescient-control.
+
+using Graph = import "graph.capnp";
+
+struct Problem {
+  # One thing wrong with a submitted graph.
+  kind @0 :Text;            # stable machine-readable kind, e.g. "cycle", "type-mismatch"
+  message @1 :Text;         # human-readable, names the task, port or edge
+  task @2 :Text;            # the culprit task, when there is one
+  port @3 :Text;            # the culprit port, when there is one
+  edge @4 :Int32 = -1;      # index of the culprit edge in `Graph.edges`, or -1
+}
+
+struct SubmitResult {
+  union {
+    accepted @0 :Graph.GraphRecord;
+    rejected @1 :List(Problem);
+  }
+  created @2 :Bool;         # false when the submit was identical to the current version
+}
+
+struct GraphSummary {
+  id @0 :Text;
+  name @1 :Text;
+  version @2 :UInt32;
+  submittedAtMs @3 :UInt64;
+  tasks @4 :UInt32;
+  edges @5 :UInt32;
+}
+
+struct NamedValue {
+  name @0 :Text;            # "task.port"
+  value @1 :Data;
+}
+
+struct Event {
+  # One decision or state change of the control node, with its reason.
+  seq @0 :UInt64;
+  atMs @1 :UInt64;
+  kind @2 :Text;            # e.g. "graph-submitted", "graph-removed", "replicate"
+  subject @3 :Text;         # what it concerns, e.g. a graph id
+  reason @4 :Text;          # why, in words
+}
+
+interface EventSink {
+  event @0 (event :Event) -> ();
+}
+
+interface Subscription {
+  # Dropping this capability ends the subscription.
+}
+
+interface Control {
+  submitGraph @0 (graph :Graph.Graph) -> (result :SubmitResult);
+  getGraph @1 (id :Text) -> (record :Graph.GraphRecord);
+  listGraphs @2 () -> (graphs :List(GraphSummary));
+  removeGraph @3 (id :Text) -> (removed :GraphSummary);
+  invoke @4 (graphId :Text, inputs :List(NamedValue), deadlineMs :UInt32) -> (outputs :List(NamedValue));
+  watchEvents @5 (sinceSeq :UInt64, sink :EventSink) -> (subscription :Subscription);
+  listEvents @6 (sinceSeq :UInt64, limit :UInt32) -> (events :List(Event));
+}

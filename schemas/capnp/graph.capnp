@@ -1,0 +1,105 @@
+@0x98806fa32237b588;
+# The task graph: what a user submits and what the registry stores.
+# Evolve by adding fields only; never renumber or change a field's type.
+
+struct PortType {
+  # The type carried by a port. An edge is valid when the producer's type is
+  # accepted by the consumer's (see prescient_schemas::PortType::accepts).
+  union {
+    any @0 :Void;        # accepts every type (only meaningful on an input port)
+    bytes @1 :Void;      # opaque bytes
+    text @2 :Void;       # UTF-8 text
+    json @3 :Void;       # a JSON document
+    tensor @4 :Tensor;
+  }
+}
+
+struct Tensor {
+  dtype @0 :Text;        # f32, f16, bf16, f64, i8, i16, i32, i64, u8, bool
+  shape @1 :List(Int64); # -1 marks a dynamic dimension
+}
+
+struct Port {
+  name @0 :Text;
+  type @1 :PortType;
+}
+
+struct Param {
+  key @0 :Text;
+  value @1 :Text;
+}
+
+struct CodeRef {
+  # What a task runs.
+  union {
+    builtin @0 :Builtin;
+    exec @1 :Artifact;      # an executable uploaded to control, addressed by digest
+    onnx @2 :Artifact;      # an ONNX model, addressed by digest
+    gpuKernel @3 :GpuKernel;
+  }
+  params @4 :List(Param);   # kernel / artifact parameters, as text
+}
+
+struct Builtin {
+  name @0 :Text;
+}
+
+struct Artifact {
+  sha256 @0 :Data;          # 32 bytes
+  args @1 :List(Text);
+}
+
+struct GpuKernel {
+  sha256 @0 :Data;          # 32 bytes: the module (PTX or cubin)
+  entry @1 :Text;           # the kernel's entry point
+}
+
+struct Resources {
+  cpuMillicores @0 :UInt32;
+  memoryBytes @1 :UInt64;
+  gpus @2 :UInt32;
+  gpuMemoryBytes @3 :UInt64;
+  networkBitsPerSec @4 :UInt64;
+}
+
+struct Task {
+  id @0 :Text;
+  code @1 :CodeRef;
+  inputs @2 :List(Port);
+  outputs @3 :List(Port);
+  estimatedExecutionTimeNs @4 :UInt64;
+  resources @5 :Resources;
+}
+
+struct Endpoint {
+  task @0 :Text;
+  port @1 :Text;
+}
+
+struct Edge {
+  from @0 :Endpoint;        # an output port
+  to @1 :Endpoint;          # an input port
+}
+
+struct LatencyObjective {
+  # End-to-end, per chain: `percentile` of invocation latency stays under `targetNs`.
+  percentile @0 :Float64;
+  targetNs @1 :UInt64;
+}
+
+struct Graph {
+  name @0 :Text;
+  tasks @1 :List(Task);
+  edges @2 :List(Edge);
+  objective @3 :LatencyObjective;
+  hasObjective @4 :Bool;
+}
+
+struct GraphRecord {
+  # A graph as the registry stores it.
+  id @0 :Text;              # stable across versions, e.g. "g7"
+  version @1 :UInt32;       # 1 on first submit, +1 on each changed resubmit
+  submittedAtMs @2 :UInt64; # unix milliseconds
+  digest @3 :Data;          # sha256 of the canonical encoding of `graph`
+  graph @4 :Graph;
+}

@@ -1,0 +1,422 @@
+//! Lossless conversion between the graph model and its Cap'n Proto encoding.
+
+use crate::graph_capnp as wire;
+use crate::model::*;
+use thiserror::Error;
+
+/// A Cap'n Proto message that does not describe a valid model value.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    /// The message could not be read (malformed, over a limit, or a pointer out of bounds).
+    #[error("malformed message: {0}")]
+    Capnp(#[from] capnp::Error),
+    #[error("unknown union variant in {0}")]
+    NotInSchema(&'static str),
+    #[error("text field is not UTF-8: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
+    #[error("digest in task {task:?} is {len} bytes, expected 32")]
+    DigestLength { task: String, len: usize },
+    #[error("unknown tensor dtype {0:?}")]
+    DType(String),
+}
+
+impl From<capnp::NotInSchema> for DecodeError {
+    fn from(_: capnp::NotInSchema) -> Self {
+        DecodeError::NotInSchema("an enum")
+    }
+}
+
+fn text(r: capnp::text::Reader<'_>) -> Result<String, DecodeError> {
+    Ok(r.to_str()?.to_string())
+}
+
+/// Writes `graph` into `b`. Deterministic: the same graph always yields the same bytes.
+pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
+    b.set_name(graph.name.as_str());
+    let mut tasks = b.reborrow().init_tasks(graph.tasks.len() as u32);
+    for (i, t) in graph.tasks.iter().enumerate() {
+        encode_task(t, tasks.reborrow().get(i as u32));
+    }
+    let mut edges = b.reborrow().init_edges(graph.edges.len() as u32);
+    for (i, e) in graph.edges.iter().enumerate() {
+        let mut eb = edges.reborrow().get(i as u32);
+        let mut from = eb.reborrow().init_from();
+        from.set_task(e.from.task.as_str());
+        from.set_port(e.from.port.as_str());
+        let mut to = eb.init_to();
+        to.set_task(e.to.task.as_str());
+        to.set_port(e.to.port.as_str());
+    }
+    b.set_has_objective(graph.objective.is_some());
+    if let Some(o) = &graph.objective {
+        let mut ob = b.init_objective();
+        ob.set_percentile(o.percentile);
+        ob.set_target_ns(o.target_ns);
+    }
+}
+
+pub fn encode_task(t: &Task, mut b: wire::task::Builder<'_>) {
+    b.set_id(t.id.as_str());
+    b.set_estimated_execution_time_ns(t.estimated_execution_time_ns);
+    encode_code(&t.code, b.reborrow().init_code());
+    encode_ports(&t.inputs, b.reborrow().init_inputs(t.inputs.len() as u32));
+    encode_ports(&t.outputs, b.reborrow().init_outputs(t.outputs.len() as u32));
+    let mut r = b.init_resources();
+    r.set_cpu_millicores(t.resources.cpu_millicores);
+    r.set_memory_bytes(t.resources.memory_bytes);
+    r.set_gpus(t.resources.gpus);
+    r.set_gpu_memory_bytes(t.resources.gpu_memory_bytes);
+    r.set_network_bits_per_sec(t.resources.network_bits_per_sec);
+}
+
+fn encode_code(c: &CodeRef, mut b: wire::code_ref::Builder<'_>) {
+    let mut params = b.reborrow().init_params(c.params.len() as u32);
+    for (i, (k, v)) in c.params.iter().enumerate() {
+        let mut p = params.reborrow().get(i as u32);
+        p.set_key(k.as_str());
+        p.set_value(v.as_str());
+    }
+    let artifact = |mut a: wire::artifact::Builder<'_>, sha: &Digest, args: &[String]| {
+        a.set_sha256(&sha.0);
+        let mut l = a.init_args(args.len() as u32);
+        for (i, arg) in args.iter().enumerate() {
+            l.set(i as u32, arg.as_str());
+        }
+    };
+    match &c.kind {
+        CodeKind::Builtin { name } => b.init_builtin().set_name(name.as_str()),
+        CodeKind::Exec { sha256, args } => artifact(b.init_exec(), sha256, args),
+        CodeKind::Onnx { sha256, args } => artifact(b.init_onnx(), sha256, args),
+        CodeKind::GpuKernel { sha256, entry } => {
+            let mut g = b.init_gpu_kernel();
+            g.set_sha256(&sha256.0);
+            g.set_entry(entry.as_str());
+        }
+    }
+}
+
+fn encode_ports(ports: &[Port], mut l: capnp::struct_list::Builder<'_, wire::port::Owned>) {
+    for (i, p) in ports.iter().enumerate() {
+        let mut b = l.reborrow().get(i as u32);
+        b.set_name(p.name.as_str());
+        let mut t = b.init_type();
+        match &p.ty {
+            PortType::Any => t.set_any(()),
+            PortType::Bytes => t.set_bytes(()),
+            PortType::Text => t.set_text(()),
+            PortType::Json => t.set_json(()),
+            PortType::Tensor { dtype, shape } => {
+                let mut tb = t.init_tensor();
+                tb.set_dtype(dtype.as_str());
+                if let Some(dims) = shape {
+                    let mut sl = tb.init_shape(dims.len() as u32);
+                    for (j, d) in dims.iter().enumerate() {
+                        sl.set(j as u32, *d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn decode_graph(r: wire::graph::Reader<'_>) -> Result<TaskGraph, DecodeError> {
+    let mut tasks = Vec::new();
+    for t in r.get_tasks()? {
+        tasks.push(decode_task(t)?);
+    }
+    let mut edges = Vec::new();
+    for e in r.get_edges()? {
+        let (from, to) = (e.get_from()?, e.get_to()?);
+        edges.push(Edge {
+            from: Endpoint {
+                task: text(from.get_task()?)?,
+                port: text(from.get_port()?)?,
+            },
+            to: Endpoint {
+                task: text(to.get_task()?)?,
+                port: text(to.get_port()?)?,
+            },
+        });
+    }
+    let objective = if r.get_has_objective() {
+        let o = r.get_objective()?;
+        Some(LatencyObjective {
+            percentile: o.get_percentile(),
+            target_ns: o.get_target_ns(),
+        })
+    } else {
+        None
+    };
+    Ok(TaskGraph {
+        name: text(r.get_name()?)?,
+        tasks,
+        edges,
+        objective,
+    })
+}
+
+pub fn decode_task(t: wire::task::Reader<'_>) -> Result<Task, DecodeError> {
+    let id = text(t.get_id()?)?;
+    let r = t.get_resources()?;
+    Ok(Task {
+        code: decode_code(&id, t.get_code()?)?,
+        inputs: decode_ports(t.get_inputs()?)?,
+        outputs: decode_ports(t.get_outputs()?)?,
+        estimated_execution_time_ns: t.get_estimated_execution_time_ns(),
+        resources: Resources {
+            cpu_millicores: r.get_cpu_millicores(),
+            memory_bytes: r.get_memory_bytes(),
+            gpus: r.get_gpus(),
+            gpu_memory_bytes: r.get_gpu_memory_bytes(),
+            network_bits_per_sec: r.get_network_bits_per_sec(),
+        },
+        id,
+    })
+}
+
+fn digest(task: &str, d: &[u8]) -> Result<Digest, DecodeError> {
+    <[u8; 32]>::try_from(d)
+        .map(Digest)
+        .map_err(|_| DecodeError::DigestLength {
+            task: task.into(),
+            len: d.len(),
+        })
+}
+
+fn decode_code(task: &str, c: wire::code_ref::Reader<'_>) -> Result<CodeRef, DecodeError> {
+    use wire::code_ref::Which;
+    let args = |a: wire::artifact::Reader<'_>| -> Result<(Digest, Vec<String>), DecodeError> {
+        let mut args = Vec::new();
+        for arg in a.get_args()? {
+            args.push(text(arg?)?);
+        }
+        Ok((digest(task, a.get_sha256()?)?, args))
+    };
+    let kind = match c.which().map_err(|_| DecodeError::NotInSchema("code"))? {
+        Which::Builtin(b) => CodeKind::Builtin {
+            name: text(b?.get_name()?)?,
+        },
+        Which::Exec(a) => {
+            let (sha256, args) = args(a?)?;
+            CodeKind::Exec { sha256, args }
+        }
+        Which::Onnx(a) => {
+            let (sha256, args) = args(a?)?;
+            CodeKind::Onnx { sha256, args }
+        }
+        Which::GpuKernel(g) => {
+            let g = g?;
+            CodeKind::GpuKernel {
+                sha256: digest(task, g.get_sha256()?)?,
+                entry: text(g.get_entry()?)?,
+            }
+        }
+    };
+    let mut params = Vec::new();
+    for p in c.get_params()? {
+        params.push((text(p.get_key()?)?, text(p.get_value()?)?));
+    }
+    Ok(CodeRef { kind, params })
+}
+
+fn decode_ports(
+    l: capnp::struct_list::Reader<'_, wire::port::Owned>,
+) -> Result<Vec<Port>, DecodeError> {
+    use wire::port_type::Which;
+    let mut out = Vec::with_capacity(l.len() as usize);
+    for p in l {
+        let t = p.get_type()?;
+        let ty = match t.which().map_err(|_| DecodeError::NotInSchema("port type"))? {
+            Which::Any(()) => PortType::Any,
+            Which::Bytes(()) => PortType::Bytes,
+            Which::Text(()) => PortType::Text,
+            Which::Json(()) => PortType::Json,
+            Which::Tensor(tr) => {
+                let tr = tr?;
+                let name = text(tr.get_dtype()?)?;
+                let dtype = DType::parse(&name).ok_or(DecodeError::DType(name))?;
+                let shape = if tr.has_shape() {
+                    Some(tr.get_shape()?.iter().collect())
+                } else {
+                    None
+                };
+                PortType::Tensor { dtype, shape }
+            }
+        };
+        out.push(Port {
+            name: text(p.get_name()?)?,
+            ty,
+        });
+    }
+    Ok(out)
+}
+
+/// The sha256 of the graph's canonical encoding: equal graphs have equal digests.
+pub fn graph_digest(graph: &TaskGraph) -> Digest {
+    let mut msg = capnp::message::Builder::new_default();
+    encode_graph(graph, msg.init_root());
+    Digest::of(&capnp::serialize::write_message_to_words(&msg))
+}
+
+pub fn encode_record(rec: &GraphRecord, mut b: wire::graph_record::Builder<'_>) {
+    b.set_id(rec.id.as_str());
+    b.set_version(rec.version);
+    b.set_submitted_at_ms(rec.submitted_at_ms);
+    b.set_digest(&rec.digest.0);
+    encode_graph(&rec.graph, b.init_graph());
+}
+
+pub fn decode_record(r: wire::graph_record::Reader<'_>) -> Result<GraphRecord, DecodeError> {
+    let id = text(r.get_id()?)?;
+    Ok(GraphRecord {
+        digest: digest(&id, r.get_digest()?)?,
+        version: r.get_version(),
+        submitted_at_ms: r.get_submitted_at_ms(),
+        graph: decode_graph(r.get_graph()?)?,
+        id,
+    })
+}
+
+/// A graph record as a standalone message (what the registry stores on disk).
+pub fn record_to_bytes(rec: &GraphRecord) -> Vec<u8> {
+    let mut msg = capnp::message::Builder::new_default();
+    encode_record(rec, msg.init_root());
+    capnp::serialize::write_message_to_words(&msg)
+}
+
+pub fn record_from_bytes(bytes: &[u8]) -> Result<GraphRecord, DecodeError> {
+    let reader = capnp::serialize::read_message_from_flat_slice(
+        &mut &bytes[..],
+        capnp::message::ReaderOptions::new(),
+    )?;
+    decode_record(reader.get_root()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9_-]{0,10}"
+    }
+
+    fn port_type() -> impl Strategy<Value = PortType> {
+        prop_oneof![
+            Just(PortType::Any),
+            Just(PortType::Bytes),
+            Just(PortType::Text),
+            Just(PortType::Json),
+            (
+                prop::sample::select(DType::ALL.to_vec()),
+                prop::option::of(prop::collection::vec(-1i64..4096, 0..5))
+            )
+                .prop_map(|(dtype, shape)| PortType::Tensor { dtype, shape }),
+        ]
+    }
+
+    fn port() -> impl Strategy<Value = Port> {
+        (name(), port_type()).prop_map(|(name, ty)| Port { name, ty })
+    }
+
+    fn digest() -> impl Strategy<Value = Digest> {
+        any::<[u8; 32]>().prop_map(Digest)
+    }
+
+    fn code() -> impl Strategy<Value = CodeRef> {
+        let kind = prop_oneof![
+            name().prop_map(|name| CodeKind::Builtin { name }),
+            (digest(), prop::collection::vec(".{0,8}", 0..3))
+                .prop_map(|(sha256, args)| CodeKind::Exec { sha256, args }),
+            (digest(), prop::collection::vec(".{0,8}", 0..3))
+                .prop_map(|(sha256, args)| CodeKind::Onnx { sha256, args }),
+            (digest(), name()).prop_map(|(sha256, entry)| CodeKind::GpuKernel { sha256, entry }),
+        ];
+        (kind, prop::collection::vec((name(), ".{0,8}"), 0..3))
+            .prop_map(|(kind, params)| CodeRef { kind, params })
+    }
+
+    fn task() -> impl Strategy<Value = Task> {
+        (
+            name(),
+            code(),
+            prop::collection::vec(port(), 0..4),
+            prop::collection::vec(port(), 0..4),
+            any::<u64>(),
+            (any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
+        )
+            .prop_map(|(id, code, inputs, outputs, est, r)| Task {
+                id,
+                code,
+                inputs,
+                outputs,
+                estimated_execution_time_ns: est,
+                resources: Resources {
+                    cpu_millicores: r.0,
+                    memory_bytes: r.1,
+                    gpus: r.2,
+                    gpu_memory_bytes: r.3,
+                    network_bits_per_sec: r.4,
+                },
+            })
+    }
+
+    fn graph() -> impl Strategy<Value = TaskGraph> {
+        (
+            name(),
+            prop::collection::vec(task(), 0..6),
+            prop::collection::vec(
+                (name(), name(), name(), name()).prop_map(|(a, b, c, d)| Edge {
+                    from: Endpoint { task: a, port: b },
+                    to: Endpoint { task: c, port: d },
+                }),
+                0..6,
+            ),
+            prop::option::of(
+                (0.0f64..100.0, any::<u64>())
+                    .prop_map(|(percentile, target_ns)| LatencyObjective {
+                        percentile,
+                        target_ns,
+                    }),
+            ),
+        )
+            .prop_map(|(name, tasks, edges, objective)| TaskGraph {
+                name,
+                tasks,
+                edges,
+                objective,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn graph_round_trips_losslessly(g in graph(), id in name(), version in any::<u32>(), at in any::<u64>()) {
+            let rec = GraphRecord { id, version, submitted_at_ms: at, digest: graph_digest(&g), graph: g };
+            let bytes = record_to_bytes(&rec);
+            let back = record_from_bytes(&bytes).unwrap();
+            prop_assert_eq!(&back, &rec);
+            prop_assert_eq!(graph_digest(&back.graph), rec.digest);
+        }
+    }
+
+    #[test]
+    fn truncated_record_is_an_error_not_a_panic() {
+        let g = TaskGraph {
+            name: "x".into(),
+            tasks: vec![],
+            edges: vec![],
+            objective: None,
+        };
+        let rec = GraphRecord {
+            id: "g1".into(),
+            version: 1,
+            submitted_at_ms: 0,
+            digest: graph_digest(&g),
+            graph: g,
+        };
+        let bytes = record_to_bytes(&rec);
+        for cut in [0, 4, 8, bytes.len() / 2, bytes.len() - 1] {
+            assert!(record_from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Cap'n Proto schemas, their generated code, and the task-graph model with its validation.
+//!
+//! The model ([`TaskGraph`]) is plain Rust; [`codec`] converts it to and from the wire types
+//! losslessly, [`file`] reads the TOML graph format, and [`validate`] checks a graph and exposes
+//! what the controllers work on (topological order, chains).
+
+#[allow(clippy::all, clippy::pedantic, unused, missing_docs)]
+pub mod generated {
+    pub mod agent_capnp;
+    pub mod api_capnp;
+    pub mod graph_capnp;
+}
+pub use generated::{agent_capnp, api_capnp, graph_capnp};
+
+pub mod codec;
+pub mod file;
+pub mod model;
+pub mod quantity;
+pub mod validate;
+
+pub use model::*;
+pub use validate::{Problem, ValidatedGraph};
