@@ -1,1 +1,80 @@
+//! The Prescient control node: the Cap'n Proto API, the durable graph registry and the event log.
+//!
+//! Later issues add the monitoring service, the replication controller and the forecaster here;
+//! their decision code stays pure (`(snapshot, config, now) -> actions`).
 
+pub mod server;
+pub mod store;
+
+pub use server::{serve, Control, Limits};
+pub use store::{Event, Registry, StoreError};
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// How a control node is started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// Why the control node could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The registry under the data directory could not be opened.
+    #[error("opening the registry in {dir}: {source}")]
+    Registry { dir: PathBuf, source: StoreError },
+    /// The listen address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready control node.
+pub struct ControlNode {
+    pub local_addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    control: Control,
+    limits: Limits,
+}
+
+impl ControlNode {
+    /// Opens the registry and binds the listener; serving starts with [`ControlNode::run`].
+    pub async fn bind(config: Config) -> Result<ControlNode, StartError> {
+        let dir = config.data_dir.clone();
+        let registry = tokio::task::spawn_blocking(move || Registry::open(&dir))
+            .await
+            .expect("registry open does not panic")
+            .map_err(|source| StartError::Registry {
+                dir: config.data_dir.clone(),
+                source,
+            })?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(ControlNode {
+            local_addr,
+            listener,
+            control: Control::new(Arc::new(registry)),
+            limits: config.limits,
+        })
+    }
+
+    /// Serves until the future is dropped. Must run inside a `tokio::task::LocalSet`.
+    pub async fn run(self) {
+        serve(self.listener, self.control, self.limits).await
+    }
+}

@@ -1,1 +1,71 @@
-fn main(){}
+//! `prescient-control`: the control node binary (one per cluster).
+
+use anyhow::Result;
+use clap::Parser;
+use prescient_control::{Config, ControlNode, Limits};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Runs the Prescient control node: graph registry, API, and (later) the control loops.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to serve the Cap'n Proto API on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7400", env = "PRESCIENT_LISTEN")]
+    listen: SocketAddr,
+    /// Directory for the registry database and event log.
+    #[arg(long, env = "PRESCIENT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Largest API message accepted, in bytes; larger ones close the connection.
+    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Most API connections served at once.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PRESCIENT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        limits: Limits {
+            max_message_bytes: args.max_message_bytes,
+            max_connections: args.max_connections,
+            ..Limits::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let node = ControlNode::bind(config).await?;
+        // Scripts and tests read this line to learn the bound port.
+        println!("prescient-control listening on {}", node.local_addr);
+        std::io::stdout().flush()?;
+        tracing::info!(addr = %node.local_addr, "control node ready");
+        tokio::select! {
+            _ = node.run() => {}
+            _ = shutdown_signal() => tracing::info!("shutting down"),
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

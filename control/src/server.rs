@@ -1,0 +1,321 @@
+//! The Cap'n Proto API server: one RPC system per connection, all on one `LocalSet`
+//! (capnp-rpc is `!Send`); registry I/O runs on the blocking pool so a slow fsync never stalls
+//! other clients.
+//!
+//! API boundary: `api.capnp`'s `Control` interface. Every graph is validated here again,
+//! whatever the client checked, since clients are not trusted.
+
+use crate::store::{Event, Registry, StoreError};
+use capnp::capability::Rc;
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::AsyncReadExt;
+use prescient_schemas::api_capnp::{control, event_sink, subscription};
+use prescient_schemas::codec;
+use prescient_schemas::ValidatedGraph;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+/// Bounds on what one client may send, so a broken or hostile client gets an error and a closed
+/// connection instead of exhausting the node.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest message accepted; larger ones are refused from their header, before allocation.
+    pub max_message_bytes: usize,
+    /// Deepest pointer nesting accepted in a message.
+    pub max_nesting: i32,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 16 << 20,
+            max_nesting: 64,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn reader_options(&self) -> capnp::message::ReaderOptions {
+        let mut o = capnp::message::ReaderOptions::new();
+        o.traversal_limit_in_words(Some(self.max_message_bytes / 8))
+            .nesting_limit(self.max_nesting);
+        o
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Shared state of the API: the registry and the live event feed.
+#[derive(Clone)]
+pub struct Control {
+    registry: Arc<Registry>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Control {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Control { registry, events }
+    }
+
+    /// Runs a registry call on the blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, capnp::Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Registry) -> Result<T, StoreError> + Send + 'static,
+    {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(&registry))
+            .await
+            .map_err(|e| capnp::Error::failed(format!("registry task failed: {e}")))?
+            .map_err(|e| capnp::Error::failed(e.to_string()))
+    }
+
+    fn publish(&self, event: Option<Event>) {
+        if let Some(e) = event {
+            info!(seq = e.seq, kind = %e.kind, subject = %e.subject, reason = %e.reason, "event");
+            // No receivers is fine: watchers catch up from the store.
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Error> {
+    r?.to_string()
+        .map_err(|e| capnp::Error::failed(format!("text is not UTF-8: {e}")))
+}
+
+impl control::Server for Control {
+    async fn submit_graph(
+        self: Rc<Self>,
+        params: control::SubmitGraphParams,
+        mut results: control::SubmitGraphResults,
+    ) -> Result<(), capnp::Error> {
+        let graph = codec::decode_graph(params.get()?.get_graph()?)
+            .map_err(|e| capnp::Error::failed(format!("graph does not decode: {e}")))?;
+        let validated = match ValidatedGraph::new(graph) {
+            Ok(v) => v,
+            Err(problems) => {
+                info!(problems = problems.len(), "graph rejected");
+                let mut list = results
+                    .get()
+                    .init_result()
+                    .init_rejected(problems.len() as u32);
+                for (i, p) in problems.iter().enumerate() {
+                    let mut b = list.reborrow().get(i as u32);
+                    b.set_kind(p.kind());
+                    b.set_message(p.to_string().as_str());
+                    b.set_task(p.task().unwrap_or(""));
+                    b.set_port(p.port().unwrap_or(""));
+                    b.set_edge(p.edge().map_or(-1, |e| e as i32));
+                }
+                return Ok(());
+            }
+        };
+        let graph = validated.into_graph();
+        let submitted = self
+            .blocking(move |r| r.submit(graph, now_ms()))
+            .await?;
+        self.publish(submitted.event);
+        let mut res = results.get().init_result();
+        res.set_created(submitted.created);
+        codec::encode_record(&submitted.record, res.init_accepted());
+        Ok(())
+    }
+
+    async fn get_graph(
+        self: Rc<Self>,
+        params: control::GetGraphParams,
+        mut results: control::GetGraphResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_id())?;
+        let record = self.blocking(move |r| r.get(&id)).await?;
+        codec::encode_record(&record, results.get().init_record());
+        Ok(())
+    }
+
+    async fn list_graphs(
+        self: Rc<Self>,
+        _: control::ListGraphsParams,
+        mut results: control::ListGraphsResults,
+    ) -> Result<(), capnp::Error> {
+        let records = self.blocking(|r| r.list()).await?;
+        let mut list = results.get().init_graphs(records.len() as u32);
+        for (i, rec) in records.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_id(rec.id.as_str());
+            b.set_name(rec.graph.name.as_str());
+            b.set_version(rec.version);
+            b.set_submitted_at_ms(rec.submitted_at_ms);
+            b.set_tasks(rec.graph.tasks.len() as u32);
+            b.set_edges(rec.graph.edges.len() as u32);
+        }
+        Ok(())
+    }
+
+    async fn remove_graph(
+        self: Rc<Self>,
+        params: control::RemoveGraphParams,
+        mut results: control::RemoveGraphResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_id())?;
+        let (rec, event) = self.blocking(move |r| r.remove(&id, now_ms())).await?;
+        self.publish(Some(event));
+        let mut b = results.get().init_removed();
+        b.set_id(rec.id.as_str());
+        b.set_name(rec.graph.name.as_str());
+        b.set_version(rec.version);
+        b.set_submitted_at_ms(rec.submitted_at_ms);
+        b.set_tasks(rec.graph.tasks.len() as u32);
+        b.set_edges(rec.graph.edges.len() as u32);
+        Ok(())
+    }
+
+    async fn invoke(
+        self: Rc<Self>,
+        params: control::InvokeParams,
+        _: control::InvokeResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_graph_id())?;
+        let rec = self.blocking(move |r| r.get(&id)).await?;
+        Err(capnp::Error::failed(format!(
+            "graph {} ({:?}) has no running replicas: no host agent is registered with this control node",
+            rec.id, rec.graph.name
+        )))
+    }
+
+    async fn list_events(
+        self: Rc<Self>,
+        params: control::ListEventsParams,
+        mut results: control::ListEventsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (since, limit) = (p.get_since_seq(), p.get_limit().clamp(1, 10_000) as usize);
+        let events = self.blocking(move |r| r.events(since, limit)).await?;
+        let mut list = results.get().init_events(events.len() as u32);
+        for (i, e) in events.iter().enumerate() {
+            e.encode(list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn watch_events(
+        self: Rc<Self>,
+        params: control::WatchEventsParams,
+        mut results: control::WatchEventsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let since = p.get_since_seq();
+        let sink = p.get_sink()?;
+        // Subscribe before reading the backlog so nothing falls between the two.
+        let rx = self.events.subscribe();
+        let this = (*self).clone();
+        let task = tokio::task::spawn_local(async move {
+            if let Err(e) = this.forward_events(since, sink, rx).await {
+                debug!("event watcher ended: {e}");
+            }
+        });
+        results
+            .get()
+            .set_subscription(capnp_rpc::new_client(Subscription(task)));
+        Ok(())
+    }
+}
+
+impl Control {
+    async fn forward_events(
+        &self,
+        mut last: u64,
+        sink: event_sink::Client,
+        mut rx: broadcast::Receiver<Event>,
+    ) -> Result<(), capnp::Error> {
+        let send = |e: &Event| {
+            let mut req = sink.event_request();
+            e.encode(req.get().init_event());
+            req.send().promise
+        };
+        loop {
+            // Catch up from the durable log, then follow the live feed.
+            loop {
+                let batch = self.blocking(move |r| r.events(last, 256)).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for e in &batch {
+                    send(e).await?;
+                    last = e.seq;
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.seq <= last => {}
+                    Ok(e) => {
+                        send(&e).await?;
+                        last = e.seq;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Ends the event feed when the client drops its capability.
+struct Subscription(tokio::task::JoinHandle<()>);
+
+impl subscription::Server for Subscription {}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves the API on `listener` until the future is dropped. Must run inside a `LocalSet`.
+pub async fn serve(listener: TcpListener, control: Control, limits: Limits) {
+    let client: control::Client = capnp_rpc::new_client(control);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        debug!(%peer, "client connected");
+        let (reader, writer) =
+            tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(reader),
+            futures::io::BufWriter::new(writer),
+            rpc_twoparty_capnp::Side::Server,
+            limits.reader_options(),
+        );
+        let rpc = RpcSystem::new(Box::new(network), Some(client.clone().client));
+        tokio::task::spawn_local(async move {
+            match rpc.await {
+                Ok(()) => debug!(%peer, "client disconnected"),
+                Err(e) => warn!(%peer, error = %e, "client disconnected on error"),
+            }
+            drop(permit);
+        });
+    }
+}

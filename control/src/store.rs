@@ -1,0 +1,370 @@
+//! The durable graph registry and event log, in an embedded `redb` database.
+//!
+//! Architecture invariant: a write returns only after its transaction is committed with
+//! `Durability::Immediate` (fsynced), so an accepted graph survives `kill -9`.
+
+use prescient_schemas::api_capnp;
+use prescient_schemas::codec::{self, DecodeError};
+use prescient_schemas::{GraphRecord, TaskGraph};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use thiserror::Error;
+
+/// Latest version of each live graph: id -> GraphRecord message.
+const GRAPHS: TableDefinition<&str, &[u8]> = TableDefinition::new("graphs");
+/// Every version ever accepted: (id, version) -> GraphRecord message.
+const VERSIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("graph_versions");
+/// Live graph name -> id; a resubmitted name becomes a new version of the same id.
+const NAMES: TableDefinition<&str, &str> = TableDefinition::new("graph_names");
+/// Removed graph id -> unix ms of removal.
+const REMOVED: TableDefinition<&str, u64> = TableDefinition::new("graphs_removed");
+/// seq -> Event message.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_GRAPH_ID: &str = "next_graph_id";
+
+/// A registry operation that failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database could not be opened, read or written.
+    #[error("registry database: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record could not be decoded (the database is damaged or from a newer version).
+    #[error("stored record is unreadable: {0}")]
+    Corrupt(#[from] DecodeError),
+    #[error("no graph with id {0:?}")]
+    UnknownGraph(String),
+    #[error("graph {id:?} was removed at {at_ms} (unix ms)")]
+    Removed { id: String, at_ms: u64 },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// One decision or state change of the control node, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: String,
+    pub subject: String,
+    pub reason: String,
+}
+
+impl Event {
+    pub fn encode(&self, mut b: api_capnp::event::Builder<'_>) {
+        b.set_seq(self.seq);
+        b.set_at_ms(self.at_ms);
+        b.set_kind(self.kind.as_str());
+        b.set_subject(self.subject.as_str());
+        b.set_reason(self.reason.as_str());
+    }
+
+    pub fn decode(r: api_capnp::event::Reader<'_>) -> Result<Event, DecodeError> {
+        let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, DecodeError> {
+            Ok(t?.to_str()?.to_string())
+        };
+        Ok(Event {
+            seq: r.get_seq(),
+            at_ms: r.get_at_ms(),
+            kind: text(r.get_kind())?,
+            subject: text(r.get_subject())?,
+            reason: text(r.get_reason())?,
+        })
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut msg = capnp::message::Builder::new_default();
+        self.encode(msg.init_root());
+        capnp::serialize::write_message_to_words(&msg)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Event, DecodeError> {
+        let reader = capnp::serialize::read_message_from_flat_slice(
+            &mut &bytes[..],
+            capnp::message::ReaderOptions::new(),
+        )?;
+        Event::decode(reader.get_root()?)
+    }
+}
+
+/// What `submit` did.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub record: GraphRecord,
+    /// False when the graph was identical to the current version, which is returned as is.
+    pub created: bool,
+    pub event: Option<Event>,
+}
+
+/// The durable registry. Cheap to share: every method takes `&self`.
+pub struct Registry {
+    db: Database,
+}
+
+impl Registry {
+    /// Opens (or creates) the registry under `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Registry, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Db(e.into()))?;
+        let db = Database::create(data_dir.join("registry.redb"))?;
+        let tx = db.begin_write()?;
+        tx.open_table(GRAPHS)?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(VERSIONS)?;
+        tx.open_table(NAMES)?;
+        tx.open_table(REMOVED)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(Registry { db })
+    }
+
+    /// Stores a validated graph: a new id for a new name, a new version for a changed graph
+    /// under a known name, nothing for an identical resubmit.
+    pub fn submit(&self, graph: TaskGraph, now_ms: u64) -> Result<Submitted, StoreError> {
+        let digest = codec::graph_digest(&graph);
+        let tx = self.db.begin_write()?;
+        let submitted = {
+            let mut names = tx.open_table(NAMES)?;
+            let mut graphs = tx.open_table(GRAPHS)?;
+            let existing_id = names.get(graph.name.as_str())?.map(|v| v.value().to_string());
+            let previous = match &existing_id {
+                Some(id) => match graphs.get(id.as_str())? {
+                    Some(bytes) => Some(codec::record_from_bytes(bytes.value())?),
+                    None => None,
+                },
+                None => None,
+            };
+            if let Some(prev) = previous.as_ref().filter(|p| p.digest == digest) {
+                return Ok(Submitted {
+                    record: prev.clone(),
+                    created: false,
+                    event: None,
+                });
+            }
+            let (id, version) = match (existing_id, &previous) {
+                (Some(id), Some(prev)) => (id, prev.version + 1),
+                _ => {
+                    let mut meta = tx.open_table(META)?;
+                    let n = meta.get(NEXT_GRAPH_ID)?.map_or(1, |v| v.value());
+                    meta.insert(NEXT_GRAPH_ID, n + 1)?;
+                    (format!("g{n}"), 1)
+                }
+            };
+            let record = GraphRecord {
+                id: id.clone(),
+                version,
+                submitted_at_ms: now_ms,
+                digest,
+                graph,
+            };
+            let bytes = codec::record_to_bytes(&record);
+            graphs.insert(id.as_str(), bytes.as_slice())?;
+            tx.open_table(VERSIONS)?
+                .insert((id.as_str(), version), bytes.as_slice())?;
+            names.insert(record.graph.name.as_str(), id.as_str())?;
+            let reason = if version == 1 {
+                format!(
+                    "new graph {:?}: {} tasks, {} edges",
+                    record.graph.name,
+                    record.graph.tasks.len(),
+                    record.graph.edges.len()
+                )
+            } else {
+                format!(
+                    "graph {:?} changed: version {} replaces {}",
+                    record.graph.name,
+                    version,
+                    version - 1
+                )
+            };
+            let event = append_event(&tx, now_ms, "graph-submitted", &id, reason)?;
+            Submitted {
+                record,
+                created: true,
+                event: Some(event),
+            }
+        };
+        tx.commit()?;
+        Ok(submitted)
+    }
+
+    /// The latest version of a live graph.
+    pub fn get(&self, id: &str) -> Result<GraphRecord, StoreError> {
+        let tx = self.db.begin_read()?;
+        if let Some(bytes) = tx.open_table(GRAPHS)?.get(id)? {
+            return Ok(codec::record_from_bytes(bytes.value())?);
+        }
+        match tx.open_table(REMOVED)?.get(id)? {
+            Some(at) => Err(StoreError::Removed {
+                id: id.into(),
+                at_ms: at.value(),
+            }),
+            None => Err(StoreError::UnknownGraph(id.into())),
+        }
+    }
+
+    /// One specific version, live or removed.
+    pub fn get_version(&self, id: &str, version: u32) -> Result<GraphRecord, StoreError> {
+        let tx = self.db.begin_read()?;
+        match tx.open_table(VERSIONS)?.get((id, version))? {
+            Some(bytes) => Ok(codec::record_from_bytes(bytes.value())?),
+            None => Err(StoreError::UnknownGraph(format!("{id}@{version}"))),
+        }
+    }
+
+    /// Every live graph, latest versions, in id order of creation.
+    pub fn list(&self) -> Result<Vec<GraphRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(GRAPHS)?.iter()? {
+            let (_, bytes) = entry?;
+            out.push(codec::record_from_bytes(bytes.value())?);
+        }
+        out.sort_by_key(|r| r.id[1..].parse::<u64>().unwrap_or(u64::MAX));
+        Ok(out)
+    }
+
+    /// Removes a live graph, keeping its versions and recording the removal.
+    pub fn remove(&self, id: &str, now_ms: u64) -> Result<(GraphRecord, Event), StoreError> {
+        let tx = self.db.begin_write()?;
+        let (record, event) = {
+            let mut graphs = tx.open_table(GRAPHS)?;
+            let record = match graphs.remove(id)? {
+                Some(bytes) => codec::record_from_bytes(bytes.value())?,
+                None => {
+                    return match tx.open_table(REMOVED)?.get(id)? {
+                        Some(at) => Err(StoreError::Removed {
+                            id: id.into(),
+                            at_ms: at.value(),
+                        }),
+                        None => Err(StoreError::UnknownGraph(id.into())),
+                    }
+                }
+            };
+            tx.open_table(NAMES)?.remove(record.graph.name.as_str())?;
+            tx.open_table(REMOVED)?.insert(id, now_ms)?;
+            let reason = format!(
+                "graph {:?} version {} removed by request",
+                record.graph.name, record.version
+            );
+            let event = append_event(&tx, now_ms, "graph-removed", id, reason)?;
+            (record, event)
+        };
+        tx.commit()?;
+        Ok((record, event))
+    }
+
+    /// Records an event (a decision or state change) durably.
+    pub fn record_event(
+        &self,
+        now_ms: u64,
+        kind: &str,
+        subject: &str,
+        reason: String,
+    ) -> Result<Event, StoreError> {
+        let tx = self.db.begin_write()?;
+        let event = append_event(&tx, now_ms, kind, subject, reason)?;
+        tx.commit()?;
+        Ok(event)
+    }
+
+    /// Events with `seq > since`, oldest first, at most `limit`.
+    pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for entry in table.range(since.saturating_add(1)..)?.take(limit) {
+            let (_, bytes) = entry?;
+            out.push(Event::from_bytes(bytes.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn append_event(
+    tx: &redb::WriteTransaction,
+    now_ms: u64,
+    kind: &str,
+    subject: &str,
+    reason: String,
+) -> Result<Event, StoreError> {
+    let mut events = tx.open_table(EVENTS)?;
+    let seq = events.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let event = Event {
+        seq,
+        at_ms: now_ms,
+        kind: kind.into(),
+        subject: subject.into(),
+        reason,
+    };
+    events.insert(seq, event.to_bytes().as_slice())?;
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prescient_schemas::file;
+
+    fn example() -> TaskGraph {
+        file::parse(
+            "t.toml",
+            r#"
+name = "t"
+[[task]]
+id = "a"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "1ms"
+"#,
+        )
+        .unwrap()
+        .graph
+    }
+
+    #[test]
+    fn versions_ids_removal_and_events() {
+        let dir = std::env::temp_dir().join(format!("prescient-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reg = Registry::open(&dir).unwrap();
+        let a = reg.submit(example(), 1).unwrap();
+        assert!(a.created);
+        assert_eq!((a.record.id.as_str(), a.record.version), ("g1", 1));
+        let same = reg.submit(example(), 2).unwrap();
+        assert!(!same.created);
+        assert_eq!(same.record.version, 1);
+        let mut changed = example();
+        changed.tasks[0].estimated_execution_time_ns = 5;
+        let b = reg.submit(changed, 3).unwrap();
+        assert_eq!((b.record.id.as_str(), b.record.version), ("g1", 2));
+        assert_eq!(reg.get_version("g1", 1).unwrap().graph, example());
+        reg.remove("g1", 4).unwrap();
+        assert!(matches!(reg.get("g1"), Err(StoreError::Removed { at_ms: 4, .. })));
+        assert!(matches!(reg.get("g9"), Err(StoreError::UnknownGraph(_))));
+        let c = reg.submit(example(), 5).unwrap();
+        assert_eq!(c.record.id, "g2", "a removed name gets a fresh id");
+        let kinds: Vec<String> = reg.events(0, 100).unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            ["graph-submitted", "graph-submitted", "graph-removed", "graph-submitted"]
+        );
+        assert_eq!(reg.events(2, 1).unwrap()[0].seq, 3);
+        drop(reg);
+        let reg = Registry::open(&dir).unwrap();
+        assert_eq!(reg.list().unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,199 @@
+//! A Cap'n Proto client of the control node's API, for the CLI.
+
+use anyhow::{anyhow, Context, Result};
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::AsyncReadExt;
+use prescient_control::Event;
+use prescient_schemas::api_capnp::{control, event_sink};
+use prescient_schemas::codec;
+use prescient_schemas::{GraphRecord, TaskGraph};
+use serde::Serialize;
+
+/// A connected client. Must be used inside a `LocalSet`.
+pub struct ControlClient {
+    client: control::Client,
+    addr: String,
+    connection: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+}
+
+/// One problem the control node found in a submitted graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteProblem {
+    pub kind: String,
+    pub message: String,
+    pub task: Option<String>,
+    pub port: Option<String>,
+    pub edge: Option<usize>,
+}
+
+pub enum SubmitOutcome {
+    Accepted { record: GraphRecord, created: bool },
+    Rejected(Vec<RemoteProblem>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub id: String,
+    pub name: String,
+    pub version: u32,
+    pub submitted_at_ms: u64,
+    pub tasks: u32,
+    pub edges: u32,
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
+    Ok(r?.to_str()?.to_string())
+}
+
+fn remote(addr: &str, e: capnp::Error) -> anyhow::Error {
+    anyhow!("control node at {addr}: {}", e.extra)
+}
+
+impl ControlClient {
+    pub async fn connect(addr: &str) -> Result<ControlClient> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the control node at {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) =
+            tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let mut options = capnp::message::ReaderOptions::new();
+        options.traversal_limit_in_words(Some(64 << 20));
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(reader),
+            futures::io::BufWriter::new(writer),
+            rpc_twoparty_capnp::Side::Client,
+            options,
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let client: control::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let connection = tokio::task::spawn_local(rpc);
+        Ok(ControlClient {
+            client,
+            addr: addr.to_string(),
+            connection,
+        })
+    }
+
+    pub async fn submit(&self, graph: &TaskGraph) -> Result<SubmitOutcome> {
+        let mut req = self.client.submit_graph_request();
+        codec::encode_graph(graph, req.get().init_graph());
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let result = reply.get()?.get_result()?;
+        use prescient_schemas::api_capnp::submit_result::Which;
+        Ok(match result.which()? {
+            Which::Accepted(r) => SubmitOutcome::Accepted {
+                record: codec::decode_record(r?)?,
+                created: result.get_created(),
+            },
+            Which::Rejected(list) => {
+                let mut out = Vec::new();
+                for p in list? {
+                    let nonempty = |s: String| (!s.is_empty()).then_some(s);
+                    out.push(RemoteProblem {
+                        kind: text(p.get_kind())?,
+                        message: text(p.get_message())?,
+                        task: nonempty(text(p.get_task())?),
+                        port: nonempty(text(p.get_port())?),
+                        edge: usize::try_from(p.get_edge()).ok(),
+                    });
+                }
+                SubmitOutcome::Rejected(out)
+            }
+        })
+    }
+
+    pub async fn get(&self, id: &str) -> Result<GraphRecord> {
+        let mut req = self.client.get_graph_request();
+        req.get().set_id(id);
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        Ok(codec::decode_record(reply.get()?.get_record()?)?)
+    }
+
+    pub async fn list(&self) -> Result<Vec<Summary>> {
+        let req = self.client.list_graphs_request();
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let mut out = Vec::new();
+        for s in reply.get()?.get_graphs()? {
+            out.push(summary(s)?);
+        }
+        Ok(out)
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<Summary> {
+        let mut req = self.client.remove_graph_request();
+        req.get().set_id(id);
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        summary(reply.get()?.get_removed()?)
+    }
+
+    pub async fn events(&self, since: u64, limit: u32) -> Result<Vec<Event>> {
+        let mut req = self.client.list_events_request();
+        req.get().set_since_seq(since);
+        req.get().set_limit(limit);
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let mut out = Vec::new();
+        for e in reply.get()?.get_events()? {
+            out.push(Event::decode(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Prints every event after `since`, then each new one as it happens, until the
+    /// connection ends.
+    pub async fn follow_events(self, since: u64, json: bool) -> Result<()> {
+        let mut req = self.client.watch_events_request();
+        req.get().set_since_seq(since);
+        req.get()
+            .set_sink(capnp_rpc::new_client(EventPrinter { json }));
+        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        // Holding the subscription keeps the feed open.
+        let _subscription = reply.get()?.get_subscription()?;
+        let _ = self.connection.await;
+        Ok(())
+    }
+
+    /// Resolves a graph name to its id; ids pass through.
+    pub async fn resolve(&self, id_or_name: &str) -> Result<String> {
+        let is_id = id_or_name.strip_prefix('g').is_some_and(|n| {
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        });
+        if is_id {
+            return Ok(id_or_name.to_string());
+        }
+        self.list()
+            .await?
+            .into_iter()
+            .find(|s| s.name == id_or_name)
+            .map(|s| s.id)
+            .ok_or_else(|| anyhow!("no graph with id or name {id_or_name:?}"))
+    }
+}
+
+fn summary(s: prescient_schemas::api_capnp::graph_summary::Reader<'_>) -> Result<Summary> {
+    Ok(Summary {
+        id: text(s.get_id())?,
+        name: text(s.get_name())?,
+        version: s.get_version(),
+        submitted_at_ms: s.get_submitted_at_ms(),
+        tasks: s.get_tasks(),
+        edges: s.get_edges(),
+    })
+}
+
+struct EventPrinter {
+    json: bool,
+}
+
+impl event_sink::Server for EventPrinter {
+    async fn event(
+        self: capnp::capability::Rc<Self>,
+        params: event_sink::EventParams,
+        _: event_sink::EventResults,
+    ) -> Result<(), capnp::Error> {
+        let e = Event::decode(params.get()?.get_event()?)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        crate::output::print_event(&e, self.json)
+            .map_err(|e| capnp::Error::failed(e.to_string()))
+    }
+}

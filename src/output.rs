@@ -1,0 +1,201 @@
+//! Human output (aligned tables) and JSON output for the CLI.
+
+use crate::client::Summary;
+use anyhow::Result;
+use prescient_control::Event;
+use prescient_schemas::quantity::{format_bytes, format_duration_ns};
+use prescient_schemas::{GraphRecord, ValidatedGraph};
+use serde::Serialize;
+use std::fmt::Write;
+use std::io::Write as _;
+
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            let _ = write!(s, "{cell:<w$}");
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &mut headers.iter().copied());
+    for row in rows {
+        line(&mut out, &mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+pub fn format_time_ms(ms: u64) -> String {
+    // UTC, to the second: enough to tell submissions apart without a time-zone database.
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn graphs_table(graphs: &[Summary]) -> String {
+    if graphs.is_empty() {
+        return "no graphs\n".into();
+    }
+    let rows: Vec<Vec<String>> = graphs
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.name.clone(),
+                g.version.to_string(),
+                g.tasks.to_string(),
+                g.edges.to_string(),
+                format_time_ms(g.submitted_at_ms),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "NAME", "VERSION", "TASKS", "EDGES", "SUBMITTED"],
+        &rows,
+    )
+}
+
+pub fn graph_detail(rec: &GraphRecord) -> String {
+    let g = &rec.graph;
+    let mut out = String::new();
+    let _ = writeln!(out, "graph     {} ({})", rec.id, g.name);
+    let _ = writeln!(out, "version   {}", rec.version);
+    let _ = writeln!(out, "submitted {}", format_time_ms(rec.submitted_at_ms));
+    let _ = writeln!(out, "digest    {}", rec.digest);
+    if let Some(o) = g.objective {
+        let _ = writeln!(
+            out,
+            "objective p{} <= {}",
+            o.percentile,
+            format_duration_ns(o.target_ns)
+        );
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = g
+        .tasks
+        .iter()
+        .map(|t| {
+            let ports = |ps: &[prescient_schemas::Port]| {
+                ps.iter()
+                    .map(|p| format!("{}:{}", p.name, p.ty))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let r = t.resources;
+            let gpu = if r.gpus == 0 {
+                "-".into()
+            } else {
+                format!("{}x {}", r.gpus, format_bytes(r.gpu_memory_bytes))
+            };
+            vec![
+                t.id.clone(),
+                t.code.kind.to_string(),
+                ports(&t.inputs),
+                ports(&t.outputs),
+                format_duration_ns(t.estimated_execution_time_ns),
+                format!("{}m", r.cpu_millicores),
+                format_bytes(r.memory_bytes),
+                gpu,
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "TASK", "CODE", "INPUTS", "OUTPUTS", "ESTIMATE", "CPU", "MEMORY", "GPU",
+        ],
+        &rows,
+    ));
+    if !g.edges.is_empty() {
+        out.push_str("\nedges\n");
+        for e in &g.edges {
+            let _ = writeln!(out, "  {e}");
+        }
+    }
+    if let Ok(v) = ValidatedGraph::new(g.clone()) {
+        out.push_str("\nchains\n");
+        for c in v.chains() {
+            let _ = writeln!(out, "  {}", c.join(" -> "));
+        }
+    }
+    out
+}
+
+pub fn print_event(e: &Event, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({
+                "seq": e.seq, "at_ms": e.at_ms, "kind": e.kind,
+                "subject": e.subject, "reason": e.reason,
+            }),
+        )?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "#{:<5} {}  {:<16} {:<6} {}",
+            e.seq,
+            format_time_ms(e.at_ms),
+            e.kind,
+            e.subject,
+            e.reason
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_time_ms(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time_ms(1_795_824_000_000), "2026-11-27 00:00:00Z");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}
