@@ -55,8 +55,7 @@ impl ControlClient {
             .await
             .with_context(|| format!("connecting to the control node at {addr}"))?;
         stream.set_nodelay(true)?;
-        let (reader, writer) =
-            tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
         let mut options = capnp::message::ReaderOptions::new();
         options.traversal_limit_in_words(Some(64 << 20));
         let network = twoparty::VatNetwork::new(
@@ -78,7 +77,11 @@ impl ControlClient {
     pub async fn submit(&self, graph: &TaskGraph) -> Result<SubmitOutcome> {
         let mut req = self.client.submit_graph_request();
         codec::encode_graph(graph, req.get().init_graph());
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         let result = reply.get()?.get_result()?;
         use prescient_schemas::api_capnp::submit_result::Which;
         Ok(match result.which()? {
@@ -106,13 +109,21 @@ impl ControlClient {
     pub async fn get(&self, id: &str) -> Result<GraphRecord> {
         let mut req = self.client.get_graph_request();
         req.get().set_id(id);
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         Ok(codec::decode_record(reply.get()?.get_record()?)?)
     }
 
     pub async fn list(&self) -> Result<Vec<Summary>> {
         let req = self.client.list_graphs_request();
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         let mut out = Vec::new();
         for s in reply.get()?.get_graphs()? {
             out.push(summary(s)?);
@@ -123,7 +134,11 @@ impl ControlClient {
     pub async fn remove(&self, id: &str) -> Result<Summary> {
         let mut req = self.client.remove_graph_request();
         req.get().set_id(id);
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         summary(reply.get()?.get_removed()?)
     }
 
@@ -131,7 +146,11 @@ impl ControlClient {
         let mut req = self.client.list_events_request();
         req.get().set_since_seq(since);
         req.get().set_limit(limit);
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         let mut out = Vec::new();
         for e in reply.get()?.get_events()? {
             out.push(Event::decode(e)?);
@@ -146,7 +165,11 @@ impl ControlClient {
         req.get().set_since_seq(since);
         req.get()
             .set_sink(capnp_rpc::new_client(EventPrinter { json }));
-        let reply = req.send().promise.await.map_err(|e| remote(&self.addr, e))?;
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
         // Holding the subscription keeps the feed open.
         let _subscription = reply.get()?.get_subscription()?;
         let _ = self.connection.await;
@@ -155,9 +178,9 @@ impl ControlClient {
 
     /// Resolves a graph name to its id; ids pass through.
     pub async fn resolve(&self, id_or_name: &str) -> Result<String> {
-        let is_id = id_or_name.strip_prefix('g').is_some_and(|n| {
-            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-        });
+        let is_id = id_or_name
+            .strip_prefix('g')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         if is_id {
             return Ok(id_or_name.to_string());
         }
@@ -193,7 +216,6 @@ impl event_sink::Server for EventPrinter {
     ) -> Result<(), capnp::Error> {
         let e = Event::decode(params.get()?.get_event()?)
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        crate::output::print_event(&e, self.json)
-            .map_err(|e| capnp::Error::failed(e.to_string()))
+        crate::output::print_event(&e, self.json).map_err(|e| capnp::Error::failed(e.to_string()))
     }
 }

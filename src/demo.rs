@@ -148,7 +148,10 @@ async fn walk_through(bin: &Path, data_dir: &Path) -> Result<()> {
         }
         // The control node checks again, whatever the client did.
         if let SubmitOutcome::Rejected(p) = client.submit(&f.graph).await? {
-            println!("  control node agrees: {} problem(s), nothing stored", p.len());
+            println!(
+                "  control node agrees: {} problem(s), nothing stored",
+                p.len()
+            );
         } else {
             bail!("the control node accepted {name}");
         }
@@ -164,7 +167,10 @@ async fn walk_through(bin: &Path, data_dir: &Path) -> Result<()> {
         );
     }
 
-    step(5, "kill -9 the control node and restart it on the same data");
+    step(
+        5,
+        "kill -9 the control node and restart it on the same data",
+    );
     let before: Vec<_> = {
         let mut v = Vec::new();
         for s in client.list().await? {

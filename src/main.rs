@@ -16,7 +16,12 @@ use std::process::ExitCode;
 #[command(version, propagate_version = true)]
 struct Cli {
     /// The control node's API address.
-    #[arg(long, global = true, env = "PRESCIENT_CONTROL", default_value = "127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "PRESCIENT_CONTROL",
+        default_value = "127.0.0.1:7400"
+    )]
     control: String,
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(code) => code,

@@ -123,9 +123,7 @@ impl control::Server for Control {
             }
         };
         let graph = validated.into_graph();
-        let submitted = self
-            .blocking(move |r| r.submit(graph, now_ms()))
-            .await?;
+        let submitted = self.blocking(move |r| r.submit(graph, now_ms())).await?;
         self.publish(submitted.event);
         let mut res = results.get().init_result();
         res.set_created(submitted.created);
@@ -301,8 +299,7 @@ pub async fn serve(listener: TcpListener, control: Control, limits: Limits) {
         };
         let _ = stream.set_nodelay(true);
         debug!(%peer, "client connected");
-        let (reader, writer) =
-            tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
         let network = twoparty::VatNetwork::new(
             futures::io::BufReader::new(reader),
             futures::io::BufWriter::new(writer),

@@ -92,7 +92,8 @@ impl Event {
     }
 
     fn from_bytes(bytes: &[u8]) -> Result<Event, DecodeError> {
-        let reader = capnp::serialize::read_message_from_flat_slice(
+        let reader = capnp::serialize::read_message(
+            // Copies into aligned segments: stored bytes (e.g. from redb) need not be aligned.
             &mut &bytes[..],
             capnp::message::ReaderOptions::new(),
         )?;
@@ -138,7 +139,9 @@ impl Registry {
         let submitted = {
             let mut names = tx.open_table(NAMES)?;
             let mut graphs = tx.open_table(GRAPHS)?;
-            let existing_id = names.get(graph.name.as_str())?.map(|v| v.value().to_string());
+            let existing_id = names
+                .get(graph.name.as_str())?
+                .map(|v| v.value().to_string());
             let previous = match &existing_id {
                 Some(id) => match graphs.get(id.as_str())? {
                     Some(bytes) => Some(codec::record_from_bytes(bytes.value())?),
@@ -352,14 +355,27 @@ estimate = "1ms"
         assert_eq!((b.record.id.as_str(), b.record.version), ("g1", 2));
         assert_eq!(reg.get_version("g1", 1).unwrap().graph, example());
         reg.remove("g1", 4).unwrap();
-        assert!(matches!(reg.get("g1"), Err(StoreError::Removed { at_ms: 4, .. })));
+        assert!(matches!(
+            reg.get("g1"),
+            Err(StoreError::Removed { at_ms: 4, .. })
+        ));
         assert!(matches!(reg.get("g9"), Err(StoreError::UnknownGraph(_))));
         let c = reg.submit(example(), 5).unwrap();
         assert_eq!(c.record.id, "g2", "a removed name gets a fresh id");
-        let kinds: Vec<String> = reg.events(0, 100).unwrap().into_iter().map(|e| e.kind).collect();
+        let kinds: Vec<String> = reg
+            .events(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
         assert_eq!(
             kinds,
-            ["graph-submitted", "graph-submitted", "graph-removed", "graph-submitted"]
+            [
+                "graph-submitted",
+                "graph-submitted",
+                "graph-removed",
+                "graph-submitted"
+            ]
         );
         assert_eq!(reg.events(2, 1).unwrap()[0].seq, 3);
         drop(reg);

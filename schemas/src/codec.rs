@@ -60,7 +60,10 @@ pub fn encode_task(t: &Task, mut b: wire::task::Builder<'_>) {
     b.set_estimated_execution_time_ns(t.estimated_execution_time_ns);
     encode_code(&t.code, b.reborrow().init_code());
     encode_ports(&t.inputs, b.reborrow().init_inputs(t.inputs.len() as u32));
-    encode_ports(&t.outputs, b.reborrow().init_outputs(t.outputs.len() as u32));
+    encode_ports(
+        &t.outputs,
+        b.reborrow().init_outputs(t.outputs.len() as u32),
+    );
     let mut r = b.init_resources();
     r.set_cpu_millicores(t.resources.cpu_millicores);
     r.set_memory_bytes(t.resources.memory_bytes);
@@ -226,7 +229,10 @@ fn decode_ports(
     let mut out = Vec::with_capacity(l.len() as usize);
     for p in l {
         let t = p.get_type()?;
-        let ty = match t.which().map_err(|_| DecodeError::NotInSchema("port type"))? {
+        let ty = match t
+            .which()
+            .map_err(|_| DecodeError::NotInSchema("port type"))?
+        {
             Which::Any(()) => PortType::Any,
             Which::Bytes(()) => PortType::Bytes,
             Which::Text(()) => PortType::Text,
@@ -285,7 +291,8 @@ pub fn record_to_bytes(rec: &GraphRecord) -> Vec<u8> {
 }
 
 pub fn record_from_bytes(bytes: &[u8]) -> Result<GraphRecord, DecodeError> {
-    let reader = capnp::serialize::read_message_from_flat_slice(
+    let reader = capnp::serialize::read_message(
+        // Copies into aligned segments: stored bytes (e.g. from redb) need not be aligned.
         &mut &bytes[..],
         capnp::message::ReaderOptions::new(),
     )?;
@@ -343,7 +350,13 @@ mod tests {
             prop::collection::vec(port(), 0..4),
             prop::collection::vec(port(), 0..4),
             any::<u64>(),
-            (any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+            ),
         )
             .prop_map(|(id, code, inputs, outputs, est, r)| Task {
                 id,
@@ -373,11 +386,12 @@ mod tests {
                 0..6,
             ),
             prop::option::of(
-                (0.0f64..100.0, any::<u64>())
-                    .prop_map(|(percentile, target_ns)| LatencyObjective {
+                (0.0f64..100.0, any::<u64>()).prop_map(|(percentile, target_ns)| {
+                    LatencyObjective {
                         percentile,
                         target_ns,
-                    }),
+                    }
+                }),
             ),
         )
             .prop_map(|(name, tasks, edges, objective)| TaskGraph {

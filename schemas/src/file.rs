@@ -485,7 +485,9 @@ to = "b.y"
         let e = parse("chain.toml", &broken).unwrap_err().to_string();
         assert!(e.starts_with("chain.toml:17:"), "{e}");
 
-        let e = parse("x.toml", "name = \"x\"\n[[task]\n").unwrap_err().to_string();
+        let e = parse("x.toml", "name = \"x\"\n[[task]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("x.toml:2:"), "{e}");
     }
 
@@ -495,7 +497,10 @@ to = "b.y"
         let f = parse("chain.toml", &broken).unwrap();
         let problems = ValidatedGraph::new(f.graph.clone()).unwrap_err();
         let msg = f.source.describe(&problems[0]);
-        assert!(msg.starts_with("chain.toml:20:1: edge #0 (a.y -> c.y): unknown task \"c\""), "{msg}");
+        assert!(
+            msg.starts_with("chain.toml:20:1: edge #0 (a.y -> c.y): unknown task \"c\""),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -302,10 +302,7 @@ impl FromStr for PortType {
                     dims.push(if d == "?" {
                         -1
                     } else {
-                        d.parse::<i64>()
-                            .ok()
-                            .filter(|v| *v >= 0)
-                            .ok_or_else(err)?
+                        d.parse::<i64>().ok().filter(|v| *v >= 0).ok_or_else(err)?
                     });
                 }
             }
@@ -418,7 +415,13 @@ mod tests {
 
     #[test]
     fn port_types_parse_and_print() {
-        for s in ["any", "bytes", "tensor<f32>[?,3,224,224]", "tensor<u8>", "tensor<i64>[]"] {
+        for s in [
+            "any",
+            "bytes",
+            "tensor<f32>[?,3,224,224]",
+            "tensor<u8>",
+            "tensor<i64>[]",
+        ] {
             let t: PortType = s.parse().unwrap();
             assert_eq!(t.to_string(), s);
         }

@@ -93,7 +93,8 @@ pub fn parse_bits_per_sec(s: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError {
         what: "bandwidth",
         input: s.into(),
-        hint: "expected bits per second with an optional unit: Kbit, Mbit, Gbit (or Kbps, Mbps, Gbps)",
+        hint:
+            "expected bits per second with an optional unit: Kbit, Mbit, Gbit (or Kbps, Mbps, Gbps)",
     };
     let (value, unit) = split_number(s).ok_or_else(err)?;
     let scale = match unit {

@@ -69,7 +69,10 @@ pub enum Problem {
         from_type: PortType,
         to_type: PortType,
     },
-    #[error("task {task:?}: input port {port:?} is fed by more than one edge (#{})", join(edges))]
+    #[error(
+        "task {task:?}: input port {port:?} is fed by more than one edge (#{})",
+        join(edges)
+    )]
     PortFedTwice {
         task: String,
         port: String,
@@ -214,7 +217,11 @@ impl ValidatedGraph {
         let mut dag = DiGraph::with_capacity(graph.tasks.len(), graph.edges.len());
         let nodes: Vec<NodeIndex> = (0..graph.tasks.len()).map(|i| dag.add_node(i)).collect();
         for (e, edge) in graph.edges.iter().enumerate() {
-            dag.add_edge(nodes[index[&edge.from.task]], nodes[index[&edge.to.task]], e);
+            dag.add_edge(
+                nodes[index[&edge.from.task]],
+                nodes[index[&edge.to.task]],
+                e,
+            );
         }
         let cycles = find_cycles(&graph, &dag);
         if !cycles.is_empty() {
@@ -225,11 +232,8 @@ impl ValidatedGraph {
             .into_iter()
             .map(|n| dag[n])
             .collect();
-        let chains = enumerate_chains(&dag, &topo).ok_or_else(|| {
-            vec![Problem::TooManyChains {
-                limit: MAX_CHAINS,
-            }]
-        })?;
+        let chains = enumerate_chains(&dag, &topo)
+            .ok_or_else(|| vec![Problem::TooManyChains { limit: MAX_CHAINS }])?;
         Ok(ValidatedGraph {
             graph,
             dag,
@@ -443,10 +447,18 @@ fn check_tasks(graph: &TaskGraph, problems: &mut Vec<Problem>) {
             });
         }
         let limits: [(&'static str, u64, u64); 5] = [
-            ("cpu (millicores)", r.cpu_millicores.into(), MAX_CPU_MILLICORES.into()),
+            (
+                "cpu (millicores)",
+                r.cpu_millicores.into(),
+                MAX_CPU_MILLICORES.into(),
+            ),
             ("memory (bytes)", r.memory_bytes, MAX_MEMORY_BYTES),
             ("gpus", r.gpus.into(), MAX_GPUS.into()),
-            ("gpu memory (bytes)", r.gpu_memory_bytes, MAX_GPU_MEMORY_BYTES),
+            (
+                "gpu memory (bytes)",
+                r.gpu_memory_bytes,
+                MAX_GPU_MEMORY_BYTES,
+            ),
             ("network (bit/s)", r.network_bits_per_sec, MAX_NETWORK_BITS),
         ];
         for (what, value, limit) in limits {

@@ -2,7 +2,10 @@
 //!
 //! `cargo xtask codegen [--check]`  regenerate (or verify) the committed Cap'n Proto code
 //! `cargo xtask deps`               install what the other tasks need (Debian's `capnproto`)
-//! `cargo xtask ci`                 everything CI runs: fmt, clippy, codegen check, tests
+//! `cargo xtask demo`               build the binaries and run `prescient demo` (the main job)
+//! `cargo xtask test`               the whole test suite (the README's test command)
+//! `cargo xtask lint`               fmt check, codegen check, clippy with warnings as errors
+//! `cargo xtask ci`                 lint, then test: what `.ci/run` runs
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -16,15 +19,19 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("codegen") => codegen(rest.contains(&"--check")),
         Some("deps") => deps(),
-        Some("ci") => ci(),
+        Some("ci") => lint().and_then(|()| test()),
+        Some("lint") => lint(),
         Some("test") => test(),
+        Some("demo") => demo(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <codegen [--check] | deps | test | ci>\n\
+                "usage: cargo xtask <codegen [--check] | deps | demo | test | lint | ci>\n\
                  codegen  regenerate schemas/src/generated from schemas/capnp (--check: fail if stale)\n\
                  deps     install prerequisites (capnproto) through apt-get when missing\n\
+                 demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
-                 ci       fmt check, clippy, codegen check, then the test suite"
+                 lint     fmt check, codegen check, clippy with warnings as errors\n\
+                 ci       lint, then test"
             );
             bail!("no task given")
         }
@@ -136,7 +143,14 @@ fn test() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))
 }
 
-fn ci() -> Result<()> {
+fn demo(args: &[&str]) -> Result<()> {
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    run(Command::new(root().join("target/release/prescient"))
+        .arg("demo")
+        .args(args))
+}
+
+fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     codegen(true)?;
     run(cargo().args([
@@ -146,6 +160,5 @@ fn ci() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))?;
-    test()
+    ]))
 }

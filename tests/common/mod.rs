@@ -1,0 +1,133 @@
+//! Helpers for integration tests: real `prescient-control` processes and CLI runs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const CONTROL: &str = env!("CARGO_BIN_EXE_prescient-control");
+pub const CLI: &str = env!("CARGO_BIN_EXE_prescient");
+
+/// A fresh directory under the system temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "prescient-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A control node running as a child process on an ephemeral loopback port.
+pub struct Control {
+    child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Control {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Control {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log =
+            data_dir.with_extension(format!("control-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let mut child = Command::new(CONTROL)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("PRESCIENT_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting prescient-control");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("prescient-control listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "control node did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_string();
+        Control { child, addr, log }
+    }
+
+    /// SIGKILL: no chance to flush or shut down cleanly.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.addr, args)
+    }
+
+    /// Runs the CLI and returns stdout, failing the test if it exits non-zero.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "prescient {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.cli_ok(&all)).unwrap()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn cli(addr: &str, args: &[&str]) -> Output {
+    Command::new(CLI)
+        .arg("--control")
+        .arg(addr)
+        .args(args)
+        .output()
+        .expect("running prescient")
+}
+
+pub fn repo_path(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
+}
