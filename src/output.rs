@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(format_time_ms(0), "1970-01-01 00:00:00Z");
-        assert_eq!(format_time_ms(1_795_824_000_000), "2026-11-27 00:00:00Z");
+        assert_eq!(format_time_ms(1_795_737_600_000), "2026-11-27 00:00:00Z");
     }
 
     #[test]

@@ -140,7 +140,13 @@ fn cargo() -> Command {
 
 fn test() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=2",
+    ]))
 }
 
 fn demo(args: &[&str]) -> Result<()> {
