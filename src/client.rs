@@ -158,6 +158,55 @@ impl ControlClient {
         Ok(out)
     }
 
+    pub async fn agents(&self) -> Result<Vec<AgentRow>> {
+        let req = self.client.list_agents_request();
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let mut out = Vec::new();
+        for a in reply.get()?.get_agents()? {
+            let h = a.get_host()?;
+            out.push(AgentRow {
+                name: text(a.get_name())?,
+                state: text(a.get_state())?,
+                cpus: h.get_cpus(),
+                memory_bytes: h.get_memory_bytes(),
+                cpu_millicores_free: a.get_cpu_millicores_free(),
+                memory_bytes_free: a.get_memory_bytes_free(),
+                replicas: a.get_replicas(),
+                ingress: text(h.get_ingress_addr())?,
+                provisioner: text(h.get_provisioner())?,
+                last_heartbeat_ms: a.get_last_heartbeat_ms(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The replicas of a graph and its routing-table epoch.
+    pub async fn replicas(&self, graph_id: &str) -> Result<(u64, Vec<ReplicaRow>)> {
+        let mut req = self.client.list_replicas_request();
+        req.get().set_graph_id(graph_id);
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let r = reply.get()?;
+        let mut out = Vec::new();
+        for x in r.get_replicas()? {
+            out.push(ReplicaRow {
+                replica: text(x.get_replica())?,
+                task: text(x.get_task())?,
+                host: text(x.get_host())?,
+                addr: text(x.get_data_plane_addr())?,
+                state: text(x.get_state())?,
+            });
+        }
+        Ok((r.get_epoch(), out))
+    }
+
     /// Prints every event after `since`, then each new one as it happens, until the
     /// connection ends.
     pub async fn follow_events(self, since: u64, json: bool) -> Result<()> {
@@ -191,6 +240,29 @@ impl ControlClient {
             .map(|s| s.id)
             .ok_or_else(|| anyhow!("no graph with id or name {id_or_name:?}"))
     }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRow {
+    pub name: String,
+    pub state: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub cpu_millicores_free: u32,
+    pub memory_bytes_free: u64,
+    pub replicas: u32,
+    pub ingress: String,
+    pub provisioner: String,
+    pub last_heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaRow {
+    pub replica: String,
+    pub task: String,
+    pub host: String,
+    pub addr: String,
+    pub state: String,
 }
 
 fn summary(s: prescient_schemas::api_capnp::graph_summary::Reader<'_>) -> Result<Summary> {

@@ -1,7 +1,10 @@
 //! `prescient`: the command-line interface for pipeline owners.
 
+mod bench;
 mod client;
 mod demo;
+mod load;
+mod local;
 mod output;
 
 use anyhow::{bail, Context, Result};
@@ -55,6 +58,55 @@ enum Command {
         /// Keep printing events as they happen.
         #[arg(long)]
         follow: bool,
+    },
+    /// List the host agents: state, capacity, free resources, replicas, ingress address.
+    Agents,
+    /// List a graph's replicas and its routing-table epoch.
+    Replicas { graph: String },
+    /// Invoke a graph once and print its outputs.
+    Invoke {
+        graph: String,
+        /// An input, `task.port=TEXT` or `task.port=@FILE`; a lone `=TEXT` feeds a graph's only input.
+        #[arg(long = "input", short = 'i')]
+        inputs: Vec<String>,
+        /// Fail the invocation after this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u32,
+        /// An agent ingress to send to (default: the first ready agent's).
+        #[arg(long)]
+        ingress: Option<String>,
+    },
+    /// Send load to a graph and report throughput and latency percentiles.
+    Load {
+        graph: String,
+        /// Open loop: Poisson arrivals at this many invocations per second.
+        #[arg(long, conflicts_with_all = ["concurrency", "trace"])]
+        rate: Option<f64>,
+        /// Closed loop: keep this many invocations in flight.
+        #[arg(long, conflicts_with = "trace")]
+        concurrency: Option<usize>,
+        /// Replay a trace (see `../shared/traces/`): per-request timestamps or per-minute counts.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Compress the trace's time by this factor.
+        #[arg(long, default_value_t = 1.0)]
+        speedup: f64,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes of payload per invocation.
+        #[arg(long, default_value_t = 64)]
+        payload_bytes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u32,
+        /// Agent ingresses to spread the load over (default: every ready agent's).
+        #[arg(long)]
+        ingress: Vec<String>,
+    },
+    /// Benchmarks that start their own cluster on this machine and print JSON.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
     },
     /// Start a control node on this machine as a real process and walk through what it does.
     Demo {
@@ -146,6 +198,87 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { keep } => demo::run(keep).await,
+        Command::Bench { which } => bench::run(which).await,
+        Command::Agents => {
+            let c = ControlClient::connect(&cli.control).await?;
+            let agents = c.agents().await?;
+            if json {
+                output::print_json(&agents)?;
+            } else {
+                print!("{}", output::agents_table(&agents));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replicas { graph } => {
+            let c = ControlClient::connect(&cli.control).await?;
+            let id = c.resolve(&graph).await?;
+            let (epoch, replicas) = c.replicas(&id).await?;
+            if json {
+                output::print_json(
+                    &serde_json::json!({ "graph": id, "epoch": epoch, "replicas": replicas }),
+                )?;
+            } else {
+                println!("graph {id}, routing-table epoch {epoch}");
+                print!("{}", output::replicas_table(&replicas));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke {
+            graph,
+            inputs,
+            deadline_ms,
+            ingress,
+        } => invoke(&cli.control, &graph, &inputs, deadline_ms, ingress, json).await,
+        Command::Load {
+            graph,
+            rate,
+            concurrency,
+            trace,
+            speedup,
+            duration,
+            payload_bytes,
+            deadline_ms,
+            ingress,
+        } => {
+            let ingresses = if ingress.is_empty() {
+                ready_ingresses(&cli.control).await?
+            } else {
+                ingress
+            };
+            let duration = std::time::Duration::from_secs_f64(duration);
+            let mode = match (rate, concurrency, trace) {
+                (Some(rate), _, _) => load::Mode::Open { rate },
+                (_, Some(c), _) => load::Mode::Closed {
+                    concurrency: c.max(1),
+                },
+                (_, _, Some(path)) => load::Mode::Trace {
+                    arrivals: load::read_trace(&path, speedup, duration)?,
+                },
+                _ => load::Mode::Closed { concurrency: 1 },
+            };
+            let report = load::run(
+                load::Spec {
+                    graph,
+                    mode,
+                    duration,
+                    payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
+                    deadline_ms,
+                    ingresses,
+                },
+                !json,
+            )
+            .await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", output::load_report(&report));
+            }
+            Ok(if report.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 
@@ -265,4 +398,68 @@ async fn submit(
             )
         }
     }
+}
+
+async fn ready_ingresses(control: &str) -> Result<Vec<String>> {
+    let c = ControlClient::connect(control).await?;
+    let list: Vec<String> = c
+        .agents()
+        .await?
+        .into_iter()
+        .filter(|a| a.state == "ready")
+        .map(|a| a.ingress)
+        .collect();
+    if list.is_empty() {
+        bail!("no ready agent is registered with the control node at {control}");
+    }
+    Ok(list)
+}
+
+async fn invoke(
+    control: &str,
+    graph: &str,
+    inputs: &[String],
+    deadline_ms: u32,
+    ingress: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut values = Vec::new();
+    for i in inputs {
+        let (name, value) = i
+            .split_once('=')
+            .with_context(|| format!("input {i:?}: expected task.port=VALUE or task.port=@FILE"))?;
+        let bytes = match value.strip_prefix('@') {
+            Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
+            None => value.as_bytes().to_vec(),
+        };
+        values.push((name.to_string(), bytes::Bytes::from(bytes)));
+    }
+    let addr = match ingress {
+        Some(a) => a,
+        None => ready_ingresses(control).await?.remove(0),
+    };
+    let conn = prescient_agent::dataplane::IngressConn::connect(&addr)
+        .await
+        .with_context(|| format!("connecting to the ingress at {addr}"))?;
+    let started = std::time::Instant::now();
+    let outputs = conn
+        .invoke(graph, values, deadline_ms)
+        .await
+        .map_err(|e| anyhow::anyhow!("invocation failed: {e}"))?;
+    let took = started.elapsed();
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), output::bytes_json(v)))
+            .collect();
+        output::print_json(
+            &serde_json::json!({ "outputs": map, "micros": took.as_micros() as u64 }),
+        )?;
+    } else {
+        for (k, v) in &outputs {
+            println!("{k} = {}", output::bytes_text(v));
+        }
+        eprintln!("({} us)", took.as_micros());
+    }
+    Ok(ExitCode::SUCCESS)
 }

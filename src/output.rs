@@ -157,6 +157,105 @@ pub fn graph_detail(rec: &GraphRecord) -> String {
     out
 }
 
+pub fn agents_table(agents: &[crate::client::AgentRow]) -> String {
+    if agents.is_empty() {
+        return "no agents\n".into();
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.state.clone(),
+                format!("{}m/{}m", a.cpu_millicores_free, a.cpus * 1000),
+                format!(
+                    "{}/{}",
+                    format_bytes(a.memory_bytes_free),
+                    format_bytes(a.memory_bytes)
+                ),
+                a.replicas.to_string(),
+                a.provisioner.clone(),
+                a.ingress.clone(),
+                format_time_ms(a.last_heartbeat_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AGENT",
+            "STATE",
+            "CPU FREE",
+            "MEMORY FREE",
+            "REPLICAS",
+            "PROVISIONER",
+            "INGRESS",
+            "LAST HEARTBEAT",
+        ],
+        &rows,
+    )
+}
+
+pub fn replicas_table(replicas: &[crate::client::ReplicaRow]) -> String {
+    let rows: Vec<Vec<String>> = replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.replica.clone(),
+                r.task.clone(),
+                r.host.clone(),
+                r.state.clone(),
+                r.addr.clone(),
+            ]
+        })
+        .collect();
+    table(&["REPLICA", "TASK", "HOST", "STATE", "DATA PLANE"], &rows)
+}
+
+pub fn load_report(r: &crate::load::Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "mode        {}", r.mode);
+    let _ = writeln!(
+        out,
+        "invocations {} sent, {} ok, {} failed in {:.2}s",
+        r.sent, r.ok, r.errors, r.seconds
+    );
+    let _ = writeln!(out, "throughput  {:.0} invocations/s", r.rps);
+    let _ = writeln!(
+        out,
+        "latency     p50 {} us, p90 {} us, p99 {} us, p99.9 {} us, max {} us, mean {:.0} us",
+        r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us, r.mean_us
+    );
+    for e in &r.error_samples {
+        let _ = writeln!(out, "error       {e}");
+    }
+    out
+}
+
+/// Text if the bytes are UTF-8, else their length and first bytes in hex.
+pub fn bytes_text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!(
+            "<{} bytes: {}{}>",
+            b.len(),
+            b.iter()
+                .take(32)
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>(),
+            if b.len() > 32 { "..." } else { "" }
+        ),
+    }
+}
+
+pub fn bytes_json(b: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => serde_json::json!({ "text": s }),
+        Err(_) => {
+            serde_json::json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() })
+        }
+    }
+}
+
 pub fn print_event(e: &Event, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {

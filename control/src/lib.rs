@@ -3,9 +3,13 @@
 //! Later issues add the monitoring service, the replication controller and the forecaster here;
 //! their decision code stays pure (`(snapshot, config, now) -> actions`).
 
+pub mod cluster;
+pub mod events;
+pub mod placement;
 pub mod server;
 pub mod store;
 
+pub use cluster::{Cluster, ClusterConfig};
 pub use server::{serve, Control, Limits};
 pub use store::{Event, Registry, StoreError};
 
@@ -20,6 +24,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    pub cluster: ClusterConfig,
 }
 
 /// Why the control node could not start.
@@ -41,6 +46,7 @@ pub struct ControlNode {
     pub local_addr: SocketAddr,
     listener: tokio::net::TcpListener,
     control: Control,
+    cluster: std::rc::Rc<Cluster>,
     limits: Limits,
 }
 
@@ -65,16 +71,21 @@ impl ControlNode {
             addr: config.listen,
             source,
         })?;
+        let registry = Arc::new(registry);
+        let events = events::EventLog::new(registry.clone());
+        let cluster = Cluster::new(config.cluster, registry.clone(), events.clone());
         Ok(ControlNode {
             local_addr,
             listener,
-            control: Control::new(Arc::new(registry)),
+            control: Control::new(registry, events, cluster.clone()),
+            cluster,
             limits: config.limits,
         })
     }
 
     /// Serves until the future is dropped. Must run inside a `tokio::task::LocalSet`.
     pub async fn run(self) {
+        tokio::task::spawn_local(self.cluster.run());
         serve(self.listener, self.control, self.limits).await
     }
 }

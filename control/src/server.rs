@@ -5,13 +5,16 @@
 //! API boundary: `api.capnp`'s `Control` interface. Every graph is validated here again,
 //! whatever the client checked, since clients are not trusted.
 
+use crate::cluster::{AgentState, Cluster, RegistryCap};
+use crate::events::EventLog;
 use crate::store::{Event, Registry, StoreError};
-use capnp::capability::Rc;
+use capnp::capability::Rc as CapRc;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures::AsyncReadExt;
 use prescient_schemas::api_capnp::{control, event_sink, subscription};
 use prescient_schemas::codec;
 use prescient_schemas::ValidatedGraph;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
@@ -55,17 +58,21 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Shared state of the API: the registry and the live event feed.
+/// Shared state of the API: the registry, the event log and the live cluster.
 #[derive(Clone)]
 pub struct Control {
     registry: Arc<Registry>,
-    events: broadcast::Sender<Event>,
+    events: EventLog,
+    cluster: Rc<Cluster>,
 }
 
 impl Control {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        let (events, _) = broadcast::channel(1024);
-        Control { registry, events }
+    pub fn new(registry: Arc<Registry>, events: EventLog, cluster: Rc<Cluster>) -> Self {
+        Control {
+            registry,
+            events,
+            cluster,
+        }
     }
 
     /// Runs a registry call on the blocking pool.
@@ -82,11 +89,8 @@ impl Control {
     }
 
     fn publish(&self, event: Option<Event>) {
-        if let Some(e) = event {
-            info!(seq = e.seq, kind = %e.kind, subject = %e.subject, reason = %e.reason, "event");
-            // No receivers is fine: watchers catch up from the store.
-            let _ = self.events.send(e);
-        }
+        self.events.publish(event);
+        self.cluster.reconcile_soon();
     }
 }
 
@@ -97,7 +101,7 @@ fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Erro
 
 impl control::Server for Control {
     async fn submit_graph(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::SubmitGraphParams,
         mut results: control::SubmitGraphResults,
     ) -> Result<(), capnp::Error> {
@@ -132,7 +136,7 @@ impl control::Server for Control {
     }
 
     async fn get_graph(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::GetGraphParams,
         mut results: control::GetGraphResults,
     ) -> Result<(), capnp::Error> {
@@ -143,7 +147,7 @@ impl control::Server for Control {
     }
 
     async fn list_graphs(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         _: control::ListGraphsParams,
         mut results: control::ListGraphsResults,
     ) -> Result<(), capnp::Error> {
@@ -162,7 +166,7 @@ impl control::Server for Control {
     }
 
     async fn remove_graph(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::RemoveGraphParams,
         mut results: control::RemoveGraphResults,
     ) -> Result<(), capnp::Error> {
@@ -180,20 +184,20 @@ impl control::Server for Control {
     }
 
     async fn invoke(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::InvokeParams,
         _: control::InvokeResults,
     ) -> Result<(), capnp::Error> {
         let id = text(params.get()?.get_graph_id())?;
         let rec = self.blocking(move |r| r.get(&id)).await?;
         Err(capnp::Error::failed(format!(
-            "graph {} ({:?}) has no running replicas: no host agent is registered with this control node",
+            "graph {} ({:?}): invocations go to an agent's ingress, not the control node (see `prescient agents`)",
             rec.id, rec.graph.name
         )))
     }
 
     async fn list_events(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::ListEventsParams,
         mut results: control::ListEventsResults,
     ) -> Result<(), capnp::Error> {
@@ -207,8 +211,87 @@ impl control::Server for Control {
         Ok(())
     }
 
+    async fn agents(
+        self: CapRc<Self>,
+        _: control::AgentsParams,
+        mut results: control::AgentsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_registry(capnp_rpc::new_client(RegistryCap(self.cluster.clone())));
+        Ok(())
+    }
+
+    async fn list_agents(
+        self: CapRc<Self>,
+        _: control::ListAgentsParams,
+        mut results: control::ListAgentsResults,
+    ) -> Result<(), capnp::Error> {
+        let agents = self.cluster.agents.borrow();
+        let deployments = self.cluster.deployments.borrow();
+        let mut list = results.get().init_agents(agents.len() as u32);
+        for (i, a) in agents.values().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_name(a.name.as_str());
+            b.set_state(match a.state {
+                AgentState::Ready => "ready",
+                AgentState::Lost => "lost",
+            });
+            b.set_last_heartbeat_ms(a.last_heartbeat_unix_ms);
+            let (mut cpu, mut mem, mut n) = (u64::from(a.cpus) * 1000, a.memory_bytes, 0);
+            for d in deployments.values() {
+                for r in d.replicas.iter().filter(|r| r.host == a.name) {
+                    n += 1;
+                    if let Some(t) = d.record.graph.task(&r.task) {
+                        cpu = cpu.saturating_sub(t.resources.cpu_millicores.into());
+                        mem = mem.saturating_sub(t.resources.memory_bytes);
+                    }
+                }
+            }
+            b.set_replicas(n);
+            b.set_cpu_millicores_free(cpu as u32);
+            b.set_memory_bytes_free(mem);
+            let mut h = b.init_host();
+            h.set_name(a.name.as_str());
+            h.set_hostname(a.hostname.as_str());
+            h.set_cpus(a.cpus);
+            h.set_memory_bytes(a.memory_bytes);
+            h.set_ingress_addr(a.ingress_addr.as_str());
+            h.set_provisioner(a.provisioner.as_str());
+        }
+        Ok(())
+    }
+
+    async fn list_replicas(
+        self: CapRc<Self>,
+        params: control::ListReplicasParams,
+        mut results: control::ListReplicasResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_graph_id())?;
+        let deployments = self.cluster.deployments.borrow();
+        let Some(d) = deployments.get(&id) else {
+            results.get().init_replicas(0);
+            return Ok(());
+        };
+        let mut r = results.get();
+        r.set_epoch(d.epoch);
+        let mut list = r.init_replicas(d.replicas.len() as u32);
+        for (i, rep) in d.replicas.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_replica(rep.id.as_str());
+            b.set_task(rep.task.as_str());
+            b.set_host(rep.host.as_str());
+            b.set_data_plane_addr(rep.addr.as_str());
+            b.set_state(match rep.state {
+                crate::cluster::ReplicaState::Ready => "ready",
+                crate::cluster::ReplicaState::Provisioning => "provisioning",
+            });
+        }
+        Ok(())
+    }
+
     async fn watch_events(
-        self: Rc<Self>,
+        self: CapRc<Self>,
         params: control::WatchEventsParams,
         mut results: control::WatchEventsResults,
     ) -> Result<(), capnp::Error> {

@@ -1,5 +1,6 @@
 @0xbcb545aa398e7841;
 # The agent <-> control protocol and telemetry batches.
+# Evolve by adding fields only; never renumber or change a field's type.
 
 using Graph = import "graph.capnp";
 
@@ -23,8 +24,9 @@ struct HostInfo {
   gpus @3 :List(GpuInfo);
   nics @4 :List(NicInfo);
   provisioner @5 :Text;         # "process" or "qemu"
-  dataPlaneAddr @6 :Text;       # where other agents send request frames
+  ingressAddr @6 :Text;         # where clients send invocations to this agent
   agentVersion @7 :Text;
+  name @8 :Text;                # the agent's stable name (from config; defaults to hostname)
 }
 
 struct Span {
@@ -62,39 +64,60 @@ struct TelemetryBatch {
   droppedSpans @3 :UInt64;      # spans dropped by back-pressure since the last batch
 }
 
-struct Placement {
-  graphId @0 :Text;
-  epoch @1 :UInt64;
-  task @2 :Graph.Task;
-  replica @3 :Text;
+struct ReplicaSpec {
+  # One replica of one task: what control asks an agent to run.
+  replica @0 :Text;             # unique in the cluster, e.g. "g1.infer.r2"
+  graph @1 :Graph.GraphRecord;  # the whole graph, so the worker knows the edges
+  task @2 :Text;
+}
+
+struct ReplicaInfo {
+  # A replica an agent runs, as it reports it (on register, so a restarted control adopts it).
+  replica @0 :Text;
+  graphId @1 :Text;
+  version @2 :UInt32;
+  task @3 :Text;
+  dataPlaneAddr @4 :Text;
+  epoch @5 :UInt64;             # the newest routing-table epoch the agent holds for the graph
 }
 
 struct RouteEntry {
   task @0 :Text;
   replica @1 :Text;
-  hostId @2 :Text;
+  host @2 :Text;                # agent name: replicas on the same host are preferred
   dataPlaneAddr @3 :Text;
 }
 
 struct RoutingTable {
-  graphId @0 :Text;
-  epoch @1 :UInt64;             # monotonically increasing per graph
+  graph @0 :Graph.GraphRecord;
+  epoch @1 :UInt64;             # strictly increasing per graph
   entries @2 :List(RouteEntry);
+}
+
+struct WorkerCommand {
+  # Agent -> worker process, over the worker's stdin.
+  union {
+    deploy @0 :ReplicaSpec;
+    routes @1 :RoutingTable;
+    drain @2 :Void;
+  }
 }
 
 interface Agent {
   # Commands control sends to an agent.
-  provision @0 (placement :Placement) -> ();
-  retire @1 (graphId :Text, replica :Text) -> ();
+  provision @0 (spec :ReplicaSpec) -> (dataPlaneAddr :Text);  # returns once deployed and warm
+  retire @1 (replica :Text) -> ();
   setRoutes @2 (table :RoutingTable) -> ();
+  removeGraph @3 (graphId :Text) -> ();
 }
 
 interface AgentSession {
   heartbeat @0 (seq :UInt64) -> (ok :Bool);
-  telemetry @1 (batch :TelemetryBatch) -> ();
+  replicaDown @1 (replica :Text, reason :Text) -> ();
+  telemetry @2 (batch :TelemetryBatch) -> ();
 }
 
 interface Registry {
-  # Bootstrap interface offered to agents.
-  register @0 (host :HostInfo, agent :Agent) -> (hostId :Text, session :AgentSession);
+  # Offered to agents through Control.agents().
+  register @0 (host :HostInfo, agent :Agent, replicas :List(ReplicaInfo)) -> (hostId :Text, session :AgentSession);
 }

@@ -2,6 +2,7 @@
 # The user API served by prescient-control.
 
 using Graph = import "graph.capnp";
+using Agent = import "agent.capnp";
 
 struct Problem {
   # One thing wrong with a submitted graph.
@@ -59,4 +60,25 @@ interface Control {
   invoke @4 (graphId :Text, inputs :List(NamedValue), deadlineMs :UInt32) -> (outputs :List(NamedValue));
   watchEvents @5 (sinceSeq :UInt64, sink :EventSink) -> (subscription :Subscription);
   listEvents @6 (sinceSeq :UInt64, limit :UInt32) -> (events :List(Event));
+  agents @7 () -> (registry :Agent.Registry);   # for host agents
+  listAgents @8 () -> (agents :List(AgentSummary));
+  listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
+}
+
+struct AgentSummary {
+  name @0 :Text;
+  host @1 :Agent.HostInfo;
+  state @2 :Text;               # "ready" or "lost"
+  lastHeartbeatMs @3 :UInt64;
+  replicas @4 :UInt32;
+  cpuMillicoresFree @5 :UInt32;
+  memoryBytesFree @6 :UInt64;
+}
+
+struct ReplicaSummary {
+  replica @0 :Text;
+  task @1 :Text;
+  host @2 :Text;
+  dataPlaneAddr @3 :Text;
+  state @4 :Text;               # "provisioning", "ready", "lost"
 }

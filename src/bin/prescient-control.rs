@@ -23,6 +23,12 @@ struct Args {
     /// Most API connections served at once.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// Declare an agent lost after this many milliseconds without a heartbeat.
+    #[arg(long, default_value_t = 3000)]
+    heartbeat_timeout_ms: u64,
+    /// After start, wait this long for agents to report their replicas before placing any.
+    #[arg(long, default_value_t = 3000)]
+    startup_grace_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -42,6 +48,11 @@ fn main() -> Result<()> {
             max_message_bytes: args.max_message_bytes,
             max_connections: args.max_connections,
             ..Limits::default()
+        },
+        cluster: prescient_control::ClusterConfig {
+            heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+            startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
+            ..Default::default()
         },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -1,0 +1,404 @@
+//! The agent process: its session with the control node (register, heartbeat, reconnect with
+//! backoff), the `Agent` capability control drives it through, and the workers it runs.
+//!
+//! Architecture invariant: losing the control node changes nothing on the request path. Workers
+//! keep their routing tables and keep serving; on reconnect the agent reports the replicas it
+//! runs so a restarted control node adopts them instead of provisioning new ones.
+
+use crate::dataplane::{self, PeerPool};
+use crate::host::HostInventory;
+use crate::ingress::Ingress;
+use crate::provisioner::{ProcessProvisioner, Provisioner, VmSpec};
+use crate::routes::GraphRoutes;
+use capnp::capability::Rc as CapRc;
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::AsyncReadExt as _;
+use prescient_schemas::agent_capnp::{agent, agent_session, worker_command};
+use prescient_schemas::api_capnp::control;
+use prescient_schemas::codec;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable name of this agent (defaults to the hostname).
+    pub name: String,
+    /// The control node's API address.
+    pub control: String,
+    /// The ingress (data plane) address clients send invocations to.
+    pub listen: SocketAddr,
+    pub cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub heartbeat: Duration,
+    /// The binary that runs workers (`<exe> worker ...`).
+    pub worker_exe: std::path::PathBuf,
+}
+
+struct Replica {
+    graph_id: String,
+    version: u32,
+    task: String,
+    addr: String,
+    commands: mpsc::UnboundedSender<Rc<Vec<u8>>>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+pub struct AgentNode {
+    config: AgentConfig,
+    inventory: HostInventory,
+    ingress: Rc<Ingress>,
+    ingress_addr: String,
+    provisioner: ProcessProvisioner,
+    replicas: RefCell<HashMap<String, Replica>>,
+    /// Latest routing table per graph, encoded as a worker command, with its epoch.
+    tables: RefCell<HashMap<String, (u64, Rc<Vec<u8>>)>>,
+    session: RefCell<Option<agent_session::Client>>,
+}
+
+impl AgentNode {
+    /// Binds the ingress and prepares the provisioner. Must run in a `LocalSet`.
+    pub async fn start(config: AgentConfig) -> std::io::Result<Rc<AgentNode>> {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let ingress_addr = listener.local_addr()?.to_string();
+        let (pool, lost) = PeerPool::new();
+        let ingress = Ingress::new(&config.name, &ingress_addr, pool);
+        tokio::task::spawn_local(dataplane::serve(listener, ingress.clone()));
+        tokio::task::spawn_local(ingress.clone().handle_lost(lost));
+        let inventory = HostInventory::read(config.cpus, config.memory_bytes);
+        let provisioner = ProcessProvisioner::new(
+            config.worker_exe.clone(),
+            config.name.clone(),
+            config.listen.ip(),
+        );
+        Ok(Rc::new(AgentNode {
+            config,
+            inventory,
+            ingress,
+            ingress_addr,
+            provisioner,
+            replicas: RefCell::default(),
+            tables: RefCell::default(),
+            session: RefCell::default(),
+        }))
+    }
+
+    pub fn ingress_addr(&self) -> &str {
+        &self.ingress_addr
+    }
+
+    /// Keeps a session with the control node for as long as the agent runs.
+    pub async fn run(self: Rc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.clone().session_once().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    warn!(control = %self.config.control, "lost the control node; reconnecting");
+                }
+                Err(e) => warn!(
+                    control = %self.config.control,
+                    "cannot register with the control node: {e}; retrying in {backoff:?}"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session_once(self: Rc<Self>) -> Result<(), String> {
+        let stream = tokio::net::TcpStream::connect(&self.config.control)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r),
+            futures::io::BufWriter::new(w),
+            rpc_twoparty_capnp::Side::Client,
+            Default::default(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let control: control::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let mut connection = tokio::task::spawn_local(rpc);
+        let e = |e: capnp::Error| e.to_string();
+        let registry = control
+            .agents_request()
+            .send()
+            .promise
+            .await
+            .map_err(e)?
+            .get()
+            .map_err(e)?
+            .get_registry()
+            .map_err(e)?;
+        let mut req = registry.register_request();
+        {
+            let mut p = req.get();
+            self.inventory.encode(
+                &self.config.name,
+                self.provisioner.kind(),
+                &self.ingress_addr,
+                p.reborrow().init_host(),
+            );
+            p.set_agent(capnp_rpc::new_client(AgentCap { node: self.clone() }));
+            let replicas = self.replicas.borrow();
+            let tables = self.tables.borrow();
+            let mut list = p.init_replicas(replicas.len() as u32);
+            for (i, (name, r)) in replicas.iter().enumerate() {
+                let mut b = list.reborrow().get(i as u32);
+                b.set_replica(name.as_str());
+                b.set_graph_id(r.graph_id.as_str());
+                b.set_version(r.version);
+                b.set_task(r.task.as_str());
+                b.set_data_plane_addr(r.addr.as_str());
+                b.set_epoch(tables.get(&r.graph_id).map_or(0, |(e, _)| *e));
+            }
+        }
+        let reply = req.send().promise.await.map_err(e)?;
+        let reply = reply.get().map_err(e)?;
+        let session = reply.get_session().map_err(e)?;
+        let host_id = reply
+            .get_host_id()
+            .map_err(e)?
+            .to_string()
+            .map_err(|x| x.to_string())?;
+        info!(%host_id, ingress = %self.ingress_addr, "registered with the control node");
+        *self.session.borrow_mut() = Some(session.clone());
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(self.config.heartbeat);
+        let result = loop {
+            tokio::select! {
+                _ = &mut connection => break Ok(()),
+                _ = tick.tick() => {
+                    seq += 1;
+                    let mut hb = session.heartbeat_request();
+                    hb.get().set_seq(seq);
+                    match tokio::time::timeout(self.config.heartbeat * 3, hb.send().promise).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => break if seq == 1 { Err(err.to_string()) } else { Ok(()) },
+                        Err(_) => break Ok(()),
+                    }
+                }
+            }
+        };
+        *self.session.borrow_mut() = None;
+        connection.abort();
+        result
+    }
+
+    async fn provision(
+        self: &Rc<Self>,
+        spec: prescient_schemas::agent_capnp::replica_spec::Reader<'_>,
+    ) -> Result<String, String> {
+        let s = |e: capnp::Error| e.to_string();
+        let replica = spec
+            .get_replica()
+            .map_err(s)?
+            .to_string()
+            .map_err(|e| e.to_string())?;
+        let task = spec
+            .get_task()
+            .map_err(s)?
+            .to_string()
+            .map_err(|e| e.to_string())?;
+        if let Some(r) = self.replicas.borrow().get(&replica) {
+            return Ok(r.addr.clone());
+        }
+        let record =
+            codec::decode_record(spec.get_graph().map_err(s)?).map_err(|e| e.to_string())?;
+        let t = record
+            .graph
+            .task(&task)
+            .ok_or_else(|| format!("graph {} has no task {task:?}", record.id))?;
+        let mut msg = capnp::message::Builder::new_default();
+        msg.init_root::<worker_command::Builder<'_>>()
+            .set_deploy(spec)
+            .map_err(s)?;
+        let deploy = capnp::serialize::write_message_to_words(&msg);
+        let started = std::time::Instant::now();
+        let vm = self
+            .provisioner
+            .provision(VmSpec {
+                replica: replica.clone(),
+                resources: t.resources,
+                deploy,
+            })
+            .await
+            .map_err(|e| format!("replica {replica} on {}: {e}", self.config.name))?;
+        info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), "replica ready");
+        let crate::provisioner::Vm {
+            data_plane_addr,
+            mut child,
+            mut stdin,
+            cgroup,
+            ..
+        } = vm;
+        let (commands, mut command_rx) = mpsc::unbounded_channel::<Rc<Vec<u8>>>();
+        tokio::task::spawn_local(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(bytes) = command_rx.recv().await {
+                if stdin.write_all(&bytes).await.is_err() || stdin.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        if let Some((_, table)) = self.tables.borrow().get(&record.id) {
+            let _ = commands.send(table.clone());
+        }
+        let (kill, kill_rx) = oneshot::channel();
+        self.replicas.borrow_mut().insert(
+            replica.clone(),
+            Replica {
+                graph_id: record.id.clone(),
+                version: record.version,
+                task,
+                addr: data_plane_addr.clone(),
+                commands,
+                kill: Some(kill),
+            },
+        );
+        let node = self.clone();
+        tokio::task::spawn_local(async move {
+            let reason = tokio::select! {
+                status = child.wait() => match status {
+                    Ok(s) => format!("worker exited: {s}"),
+                    Err(e) => format!("worker lost: {e}"),
+                },
+                _ = kill_rx => {
+                    let _ = child.kill().await;
+                    drop(cgroup);
+                    return;
+                }
+            };
+            drop(cgroup);
+            node.replica_exited(&replica, reason).await;
+        });
+        Ok(data_plane_addr)
+    }
+
+    async fn replica_exited(&self, replica: &str, reason: String) {
+        warn!(%replica, "{reason}");
+        self.replicas.borrow_mut().remove(replica);
+        let session = self.session.borrow().clone();
+        if let Some(session) = session {
+            let mut req = session.replica_down_request();
+            req.get().set_replica(replica);
+            req.get().set_reason(reason.as_str());
+            if let Err(e) = req.send().promise.await {
+                warn!(%replica, "could not report the lost replica: {e}");
+            }
+        }
+    }
+
+    fn retire(&self, replica: &str) {
+        if let Some(mut r) = self.replicas.borrow_mut().remove(replica) {
+            info!(%replica, "retiring replica");
+            if let Some(k) = r.kill.take() {
+                let _ = k.send(());
+            }
+        }
+    }
+
+    fn set_routes(
+        &self,
+        table: prescient_schemas::agent_capnp::routing_table::Reader<'_>,
+    ) -> Result<(), String> {
+        let routes = GraphRoutes::decode(table)?;
+        let graph_id = routes.graph_id.to_string();
+        let epoch = routes.epoch;
+        if self
+            .tables
+            .borrow()
+            .get(&graph_id)
+            .is_some_and(|(e, _)| *e >= epoch)
+        {
+            return Ok(()); // never step back to an older table
+        }
+        self.ingress.install(routes);
+        let mut msg = capnp::message::Builder::new_default();
+        msg.init_root::<worker_command::Builder<'_>>()
+            .set_routes(table)
+            .map_err(|e| e.to_string())?;
+        let bytes = Rc::new(capnp::serialize::write_message_to_words(&msg));
+        for r in self.replicas.borrow().values() {
+            if r.graph_id == graph_id {
+                let _ = r.commands.send(bytes.clone());
+            }
+        }
+        info!(graph = %graph_id, epoch, "routing table installed");
+        self.tables.borrow_mut().insert(graph_id, (epoch, bytes));
+        Ok(())
+    }
+
+    fn remove_graph(&self, graph_id: &str) {
+        let names: Vec<String> = self
+            .replicas
+            .borrow()
+            .iter()
+            .filter(|(_, r)| r.graph_id == graph_id)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            self.retire(&n);
+        }
+        self.tables.borrow_mut().remove(graph_id);
+        self.ingress.remove_graph(graph_id);
+    }
+}
+
+/// The capability control drives this agent through.
+struct AgentCap {
+    node: Rc<AgentNode>,
+}
+
+impl agent::Server for AgentCap {
+    async fn provision(
+        self: CapRc<Self>,
+        params: agent::ProvisionParams,
+        mut results: agent::ProvisionResults,
+    ) -> Result<(), capnp::Error> {
+        let spec = params.get()?.get_spec()?;
+        let addr = self
+            .node
+            .provision(spec)
+            .await
+            .map_err(capnp::Error::failed)?;
+        results.get().set_data_plane_addr(addr.as_str());
+        Ok(())
+    }
+
+    async fn retire(
+        self: CapRc<Self>,
+        params: agent::RetireParams,
+        _: agent::RetireResults,
+    ) -> Result<(), capnp::Error> {
+        let replica = params.get()?.get_replica()?.to_str()?.to_string();
+        self.node.retire(&replica);
+        Ok(())
+    }
+
+    async fn set_routes(
+        self: CapRc<Self>,
+        params: agent::SetRoutesParams,
+        _: agent::SetRoutesResults,
+    ) -> Result<(), capnp::Error> {
+        self.node
+            .set_routes(params.get()?.get_table()?)
+            .map_err(capnp::Error::failed)
+    }
+
+    async fn remove_graph(
+        self: CapRc<Self>,
+        params: agent::RemoveGraphParams,
+        _: agent::RemoveGraphResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_graph_id()?.to_str()?.to_string();
+        self.node.remove_graph(&id);
+        Ok(())
+    }
+}

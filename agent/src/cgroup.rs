@@ -1,0 +1,169 @@
+//! CPU and memory limits for worker processes through cgroups, v2 or v1, whichever the host has
+//! writable; without either, workers run unlimited (logged once by the caller).
+
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// A cgroup operation that failed.
+#[derive(Debug, Error)]
+#[error("cgroup {path}: {source}")]
+pub struct CgroupError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Which cgroup hierarchy this host offers for CPU and memory control.
+#[derive(Debug, Clone)]
+pub enum Hierarchy {
+    /// Unified hierarchy; `root` is Prescient's parent group.
+    V2 { root: PathBuf },
+    /// Separate `cpu` and `memory` hierarchies, each with a Prescient parent group.
+    V1 { cpu: PathBuf, memory: PathBuf },
+}
+
+impl Hierarchy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hierarchy::V2 { .. } => "v2",
+            Hierarchy::V1 { .. } => "v1",
+        }
+    }
+
+    /// Finds a writable hierarchy with CPU and memory controllers under `mount` (normally
+    /// `/sys/fs/cgroup`), creating Prescient's parent group `group` in it. `Err` says why none.
+    pub fn detect(mount: &Path, group: &str) -> Result<Hierarchy, String> {
+        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).ok();
+        if let Some(c) = controllers {
+            let has = |name: &str| c.split_whitespace().any(|x| x == name);
+            if has("cpu") && has("memory") {
+                let root = mount.join(group);
+                let setup = std::fs::create_dir_all(&root)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        // Children of `root` need the controllers delegated to them.
+                        let _ =
+                            std::fs::write(mount.join("cgroup.subtree_control"), "+cpu +memory");
+                        std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
+                            .map_err(|e| e.to_string())
+                    });
+                return match setup {
+                    Ok(()) => Ok(Hierarchy::V2 { root }),
+                    Err(e) => Err(format!(
+                        "cgroup v2 at {} is not writable: {e}",
+                        mount.display()
+                    )),
+                };
+            }
+        }
+        let (cpu, memory) = (mount.join("cpu"), mount.join("memory"));
+        if cpu.join("cpu.cfs_quota_us").exists() && memory.join("memory.limit_in_bytes").exists() {
+            let (cpu, memory) = (cpu.join(group), memory.join(group));
+            return match std::fs::create_dir_all(&cpu)
+                .and_then(|()| std::fs::create_dir_all(&memory))
+            {
+                Ok(()) => Ok(Hierarchy::V1 { cpu, memory }),
+                Err(e) => Err(format!(
+                    "cgroup v1 at {} is not writable: {e}",
+                    mount.display()
+                )),
+            };
+        }
+        Err(format!(
+            "no cgroup hierarchy with cpu and memory controllers under {}",
+            mount.display()
+        ))
+    }
+
+    /// Creates the group `name` with a CPU quota and a memory limit.
+    pub fn create(
+        &self,
+        name: &str,
+        cpu_millicores: u32,
+        memory_bytes: u64,
+    ) -> Result<Cgroup, CgroupError> {
+        const PERIOD_US: u64 = 100_000;
+        let quota = (u64::from(cpu_millicores) * PERIOD_US / 1000).max(1000);
+        let dirs = match self {
+            Hierarchy::V2 { root } => vec![root.join(name)],
+            Hierarchy::V1 { cpu, memory } => vec![cpu.join(name), memory.join(name)],
+        };
+        for d in &dirs {
+            std::fs::create_dir_all(d).map_err(|source| CgroupError {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        match self {
+            Hierarchy::V2 { .. } => {
+                write(&dirs[0].join("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
+                write(&dirs[0].join("memory.max"), &memory_bytes.to_string())?;
+            }
+            Hierarchy::V1 { .. } => {
+                write(&dirs[0].join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+                write(&dirs[0].join("cpu.cfs_quota_us"), &quota.to_string())?;
+                write(
+                    &dirs[1].join("memory.limit_in_bytes"),
+                    &memory_bytes.to_string(),
+                )?;
+            }
+        }
+        Ok(Cgroup { dirs })
+    }
+}
+
+/// One worker's group (one directory per hierarchy it spans).
+#[derive(Debug)]
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// The CPU limit as written, in millicores (for tests and `status`).
+    pub fn cpu_millicores(&self) -> Option<u64> {
+        let d = &self.dirs[0];
+        if let Ok(s) = std::fs::read_to_string(d.join("cpu.max")) {
+            let mut it = s.split_whitespace();
+            let quota: u64 = it.next()?.parse().ok()?;
+            let period: u64 = it.next()?.parse().ok()?;
+            return Some(quota * 1000 / period);
+        }
+        let quota: u64 = std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let period: u64 = std::fs::read_to_string(d.join("cpu.cfs_period_us"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(quota * 1000 / period)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Fails while processes remain; the caller drops it after the worker has exited.
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}

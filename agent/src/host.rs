@@ -1,0 +1,83 @@
+//! What a host offers: CPUs, memory, network interfaces, GPUs. Read from procfs and sysfs.
+
+use prescient_schemas::agent_capnp::host_info;
+
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub name: String,
+    pub speed_bits_per_sec: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostInventory {
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub nics: Vec<Nic>,
+}
+
+impl HostInventory {
+    /// Reads this host; `cpus` and `memory_bytes` override what is found (to give an agent a
+    /// share of a machine, as tests and the demo do).
+    pub fn read(cpus: Option<u32>, memory_bytes: Option<u64>) -> HostInventory {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let found_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let found_memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024);
+        let mut nics = Vec::new();
+        if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let speed = std::fs::read_to_string(e.path().join("speed"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i64>().ok())
+                    .filter(|s| *s > 0)
+                    .map_or(0, |mbit| mbit as u64 * 1_000_000);
+                nics.push(Nic {
+                    name,
+                    speed_bits_per_sec: speed,
+                });
+            }
+        }
+        nics.sort_by(|a, b| a.name.cmp(&b.name));
+        HostInventory {
+            hostname,
+            cpus: cpus.unwrap_or(found_cpus),
+            memory_bytes: memory_bytes.unwrap_or(found_memory),
+            nics,
+        }
+    }
+
+    pub fn encode(
+        &self,
+        name: &str,
+        provisioner: &str,
+        ingress: &str,
+        mut b: host_info::Builder<'_>,
+    ) {
+        b.set_name(name);
+        b.set_hostname(self.hostname.as_str());
+        b.set_cpus(self.cpus);
+        b.set_memory_bytes(self.memory_bytes);
+        b.set_provisioner(provisioner);
+        b.set_ingress_addr(ingress);
+        b.set_agent_version(env!("CARGO_PKG_VERSION"));
+        // GPUs come from NVML with the telemetry issue; a host without NVML reports none.
+        b.reborrow().init_gpus(0);
+        let mut nics = b.init_nics(self.nics.len() as u32);
+        for (i, n) in self.nics.iter().enumerate() {
+            let mut nb = nics.reborrow().get(i as u32);
+            nb.set_name(n.name.as_str());
+            nb.set_speed_bits_per_sec(n.speed_bits_per_sec);
+        }
+    }
+}

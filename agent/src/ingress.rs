@@ -1,0 +1,234 @@
+//! The ingress: where invocations enter the data plane. It sends the inputs to the entry tasks'
+//! replicas, collects the graph's outputs as the sinks send them back, and enforces deadlines.
+
+use crate::dataplane::{
+    self, encode_acks, now_unix_us, Hop, InvokeMsg, OutputMsg, ReplyMsg, Sender,
+};
+use crate::forward::Forwarder;
+use crate::routes::GraphRoutes;
+use bytes::Bytes;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Deadline when an invocation names none.
+pub const DEFAULT_DEADLINE_MS: u32 = 10_000;
+
+struct Pending {
+    outputs: Vec<Option<Bytes>>,
+    names: Rc<[String]>,
+    tx: oneshot::Sender<Result<Vec<(String, Bytes)>, String>>,
+}
+
+pub struct Ingress {
+    fwd: Forwarder,
+    /// Where sinks send outputs: this ingress's own data-plane address.
+    reply_to: Rc<str>,
+    pending: RefCell<HashMap<u64, Pending>>,
+    next: Cell<u64>,
+}
+
+impl Ingress {
+    pub fn new(host: &str, reply_to: &str, pool: Rc<dataplane::PeerPool>) -> Rc<Ingress> {
+        Rc::new(Ingress {
+            fwd: Forwarder::new(host, pool),
+            reply_to: reply_to.into(),
+            pending: RefCell::default(),
+            next: Cell::new(1),
+        })
+    }
+
+    pub fn install(&self, table: GraphRoutes) -> bool {
+        self.fwd.install(table)
+    }
+
+    pub fn remove_graph(&self, graph_id: &str) {
+        self.fwd.remove_graph(graph_id)
+    }
+
+    /// The newest epoch held for each graph.
+    pub fn epochs(&self) -> Vec<(String, u64)> {
+        self.fwd
+            .routes
+            .borrow()
+            .values()
+            .map(|r| (r.graph_id.to_string(), r.epoch))
+            .collect()
+    }
+
+    /// Retries requests lost with a connection; run once per ingress.
+    pub async fn handle_lost(
+        self: Rc<Self>,
+        mut lost: tokio::sync::mpsc::UnboundedReceiver<dataplane::Lost>,
+    ) {
+        while let Some(l) = lost.recv().await {
+            self.fwd.retry(l);
+        }
+    }
+
+    fn lookup(&self, graph: &str) -> Option<Rc<GraphRoutes>> {
+        self.fwd.routes(graph).or_else(|| {
+            self.fwd
+                .routes
+                .borrow()
+                .values()
+                .find(|r| r.record.graph.name == graph)
+                .cloned()
+        })
+    }
+
+    /// Invokes `graph` (id or name) and waits for all of its outputs, or the deadline.
+    pub async fn call(
+        self: &Rc<Self>,
+        graph: &str,
+        mut inputs: Vec<(String, Bytes)>,
+        deadline_ms: u32,
+    ) -> Result<Vec<(String, Bytes)>, String> {
+        let Some(routes) = self.lookup(graph) else {
+            return Err(format!(
+                "graph {graph:?} is not deployed (no routing table at host {})",
+                self.fwd.host
+            ));
+        };
+        let entry_names: Vec<String> = routes.graph_inputs.iter().map(|e| e.to_string()).collect();
+        // A single unnamed input feeds a graph with a single input.
+        if inputs.len() == 1 && entry_names.len() == 1 && inputs[0].0.is_empty() {
+            inputs[0].0 = entry_names[0].clone();
+        }
+        for (name, _) in &inputs {
+            if !entry_names.contains(name) {
+                return Err(format!(
+                    "graph {} has no input {name:?} (its inputs: {})",
+                    routes.graph_id,
+                    entry_names.join(", ")
+                ));
+            }
+        }
+        let mut missing = entry_names
+            .iter()
+            .filter(|n| !inputs.iter().any(|(k, _)| k == *n))
+            .peekable();
+        if missing.peek().is_some() {
+            return Err(format!(
+                "graph {}: missing input(s) {}",
+                routes.graph_id,
+                missing.cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let deadline_ms = if deadline_ms == 0 {
+            DEFAULT_DEADLINE_MS
+        } else {
+            deadline_ms
+        };
+        let invocation = self.next.get();
+        self.next.set(invocation + 1);
+        let names: Rc<[String]> = routes.graph_outputs.iter().map(|e| e.to_string()).collect();
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(
+            invocation,
+            Pending {
+                outputs: vec![None; names.len()],
+                names: names.clone(),
+                tx,
+            },
+        );
+        let deadline_unix_us = now_unix_us() + u64::from(deadline_ms) * 1000;
+        for (name, value) in inputs {
+            let (task, port) = name
+                .rsplit_once('.')
+                .expect("checked against the entry names");
+            self.fwd.send(Hop {
+                invocation,
+                graph_id: routes.graph_id.clone(),
+                epoch: routes.epoch,
+                task: task.into(),
+                port: port.into(),
+                payload: value,
+                deadline_unix_us,
+                reply_to: self.reply_to.clone(),
+                attempt: 0,
+                sent_unix_ns: 0,
+            });
+        }
+        match tokio::time::timeout(Duration::from_millis(deadline_ms.into()), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the ingress dropped the invocation".into()),
+            Err(_) => {
+                let pending = self.pending.borrow_mut().remove(&invocation);
+                let waiting: Vec<String> = pending
+                    .map(|p| {
+                        p.names
+                            .iter()
+                            .zip(&p.outputs)
+                            .filter(|(_, o)| o.is_none())
+                            .map(|(n, _)| n.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Err(format!(
+                    "deadline of {deadline_ms} ms exceeded in graph {}; still waiting for {}",
+                    routes.graph_id,
+                    waiting.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+impl dataplane::Handler for Ingress {
+    fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
+        from.send(encode_acks(&[seq]));
+        self.fwd
+            .fail(&hop, "requests are not served at an ingress".into());
+    }
+
+    fn output(self: Rc<Self>, out: OutputMsg) {
+        let mut pending = self.pending.borrow_mut();
+        let Some(p) = pending.get_mut(&out.invocation) else {
+            return; // already answered (a retried duplicate) or timed out
+        };
+        if !out.error.is_empty() {
+            if let Some(p) = pending.remove(&out.invocation) {
+                let _ = p.tx.send(Err(out.error));
+            }
+            return;
+        }
+        let name = format!("{}.{}", out.task, out.port);
+        if let Some(i) = p.names.iter().position(|n| *n == name) {
+            p.outputs[i].get_or_insert(out.payload);
+        }
+        if p.outputs.iter().all(Option::is_some) {
+            if let Some(p) = pending.remove(&out.invocation) {
+                let result = p
+                    .names
+                    .iter()
+                    .cloned()
+                    .zip(p.outputs.into_iter().map(|o| o.expect("all present")))
+                    .collect();
+                let _ = p.tx.send(Ok(result));
+            }
+        }
+    }
+
+    fn invoke(self: Rc<Self>, inv: InvokeMsg, from: &Sender) {
+        let from = from.clone();
+        tokio::task::spawn_local(async move {
+            let result = self.call(&inv.graph, inv.inputs, inv.deadline_ms).await;
+            let reply = match result {
+                Ok(outputs) => ReplyMsg {
+                    id: inv.id,
+                    outputs,
+                    error: String::new(),
+                },
+                Err(error) => ReplyMsg {
+                    id: inv.id,
+                    outputs: vec![],
+                    error,
+                },
+            };
+            from.send(dataplane::encode_reply(&reply));
+        });
+    }
+}

@@ -1,0 +1,169 @@
+//! Provisioners turn "run a replica of this task with these resources" into a running, warm
+//! worker. The `process` backend (the embedded default) starts a worker process in its own cgroup;
+//! the KVM backend (its own issue) boots a microVM running the same worker.
+//!
+//! The trait is shaped for VMs: provisioning takes seconds and is awaited; resources are given
+//! whole at creation; the worker is told what to run after it boots and answers when warm.
+
+use crate::cgroup::{Cgroup, Hierarchy};
+use prescient_schemas::Resources;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tracing::{info, warn};
+
+/// Why a replica could not be provisioned.
+#[derive(Debug, Error)]
+pub enum ProvisionError {
+    /// The worker could not be started.
+    #[error("starting the worker: {0}")]
+    Spawn(std::io::Error),
+    /// The worker did not report ready in time.
+    #[error("the worker did not become ready within {0:?}")]
+    Timeout(Duration),
+    /// The worker refused the task (e.g. unknown kernel) or exited during start-up.
+    #[error("the worker failed to start the task: {0}")]
+    Refused(String),
+    /// The worker could not be reached after starting.
+    #[error("talking to the worker: {0}")]
+    Io(std::io::Error),
+}
+
+/// What one replica needs.
+pub struct VmSpec {
+    pub replica: String,
+    pub resources: Resources,
+    /// An encoded `WorkerCommand` (deploy) for the worker.
+    pub deploy: Vec<u8>,
+}
+
+/// A running, warm worker.
+pub struct Vm {
+    pub replica: String,
+    pub data_plane_addr: String,
+    pub child: Child,
+    /// Encoded `WorkerCommand` messages go here.
+    pub stdin: ChildStdin,
+    pub cgroup: Option<Cgroup>,
+}
+
+pub trait Provisioner {
+    /// `process` or `qemu`, reported to control.
+    fn kind(&self) -> &'static str;
+    /// Starts a VM for one replica, deploys the task, and returns once it is warm.
+    fn provision(
+        &self,
+        spec: VmSpec,
+    ) -> impl std::future::Future<Output = Result<Vm, ProvisionError>>;
+}
+
+/// Worker processes in cgroups on this host.
+pub struct ProcessProvisioner {
+    /// The binary with the `worker` subcommand (the agent itself).
+    pub exe: PathBuf,
+    pub host: String,
+    /// Address workers bind their data plane on (port 0).
+    pub bind_ip: std::net::IpAddr,
+    pub cgroups: Option<Hierarchy>,
+    pub ready_timeout: Duration,
+}
+
+impl ProcessProvisioner {
+    pub fn new(exe: PathBuf, host: String, bind_ip: std::net::IpAddr) -> ProcessProvisioner {
+        let cgroups = match Hierarchy::detect(std::path::Path::new("/sys/fs/cgroup"), "prescient") {
+            Ok(h) => {
+                info!(
+                    hierarchy = h.name(),
+                    "workers get cgroup CPU and memory limits"
+                );
+                Some(h)
+            }
+            Err(why) => {
+                warn!("workers run without CPU or memory limits: {why}");
+                None
+            }
+        };
+        ProcessProvisioner {
+            exe,
+            host,
+            bind_ip,
+            cgroups,
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Provisioner for ProcessProvisioner {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn provision(&self, spec: VmSpec) -> Result<Vm, ProvisionError> {
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("worker")
+            .args(["--host", &self.host])
+            .arg("--listen")
+            .arg(format!("{}:0", self.bind_ip))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(ProvisionError::Spawn)?;
+        let cgroup = match (&self.cgroups, child.id()) {
+            (Some(h), Some(pid)) => {
+                let name = spec.replica.replace(['/', ' '], "_");
+                match h
+                    .create(
+                        &name,
+                        spec.resources.cpu_millicores,
+                        spec.resources.memory_bytes,
+                    )
+                    .and_then(|cg| cg.add(pid).map(|()| cg))
+                {
+                    Ok(cg) => Some(cg),
+                    Err(e) => {
+                        warn!(replica = %spec.replica, "running without limits: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        stdin
+            .write_all(&spec.deploy)
+            .await
+            .map_err(ProvisionError::Io)?;
+        stdin.flush().await.map_err(ProvisionError::Io)?;
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        match tokio::time::timeout(self.ready_timeout, reader.read_line(&mut line)).await {
+            Err(_) => return Err(ProvisionError::Timeout(self.ready_timeout)),
+            Ok(Err(e)) => return Err(ProvisionError::Io(e)),
+            Ok(Ok(_)) => {}
+        }
+        let line = line.trim();
+        let Some(addr) = line.strip_prefix("prescient-worker ready ") else {
+            let why =
+                line.strip_prefix("prescient-worker failed: ")
+                    .unwrap_or(if line.is_empty() {
+                        "exited before it was ready"
+                    } else {
+                        line
+                    });
+            return Err(ProvisionError::Refused(why.to_string()));
+        };
+        Ok(Vm {
+            replica: spec.replica,
+            data_plane_addr: addr.to_string(),
+            child,
+            stdin,
+            cgroup,
+        })
+    }
+}

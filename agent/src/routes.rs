@@ -1,0 +1,317 @@
+//! Routing tables: which replicas serve each task, and the choice of one per request.
+//!
+//! Choice: a task with several inputs (a join) needs every input of one invocation at the same
+//! replica, so it is chosen by rendezvous hashing on the invocation; any other task is chosen by
+//! power of two choices on outstanding requests, among replicas on the same host when there are
+//! any (chain affinity keeps a chain local).
+
+use crate::dataplane::PeerPool;
+use prescient_schemas::agent_capnp::routing_table;
+use prescient_schemas::{codec, Endpoint, GraphRecord};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub replica: Rc<str>,
+    pub host: Rc<str>,
+    pub addr: Rc<str>,
+}
+
+/// One graph's routing table, indexed for the request path.
+#[derive(Debug)]
+pub struct GraphRoutes {
+    pub graph_id: Rc<str>,
+    pub epoch: u64,
+    pub record: GraphRecord,
+    replicas: HashMap<String, Vec<Route>>,
+    /// (task, output port) -> the input ports it feeds.
+    targets: HashMap<(String, String), Vec<(Rc<str>, Rc<str>)>>,
+    /// task -> its input port names, in declaration order.
+    pub inputs: HashMap<String, Vec<String>>,
+    pub graph_inputs: Vec<Endpoint>,
+    pub graph_outputs: Vec<Endpoint>,
+}
+
+impl GraphRoutes {
+    pub fn decode(r: routing_table::Reader<'_>) -> Result<GraphRoutes, String> {
+        let record = codec::decode_record(r.get_graph().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let mut replicas: HashMap<String, Vec<Route>> = HashMap::new();
+        let entries = r.get_entries().map_err(|e| e.to_string())?;
+        for e in entries {
+            let t = |x: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, String> {
+                x.map_err(|e| e.to_string())?
+                    .to_string()
+                    .map_err(|e| e.to_string())
+            };
+            replicas.entry(t(e.get_task())?).or_default().push(Route {
+                replica: t(e.get_replica())?.into(),
+                host: t(e.get_host())?.into(),
+                addr: t(e.get_data_plane_addr())?.into(),
+            });
+        }
+        Ok(GraphRoutes::new(record, r.get_epoch(), replicas))
+    }
+
+    pub fn new(record: GraphRecord, epoch: u64, replicas: HashMap<String, Vec<Route>>) -> Self {
+        let g = &record.graph;
+        let mut targets: HashMap<(String, String), Vec<(Rc<str>, Rc<str>)>> = HashMap::new();
+        for e in &g.edges {
+            targets
+                .entry((e.from.task.clone(), e.from.port.clone()))
+                .or_default()
+                .push((e.to.task.as_str().into(), e.to.port.as_str().into()));
+        }
+        let inputs = g
+            .tasks
+            .iter()
+            .map(|t| {
+                (
+                    t.id.clone(),
+                    t.inputs.iter().map(|p| p.name.clone()).collect(),
+                )
+            })
+            .collect();
+        let fed: std::collections::HashSet<_> = g.edges.iter().map(|e| e.to.clone()).collect();
+        let used: std::collections::HashSet<_> = g.edges.iter().map(|e| e.from.clone()).collect();
+        let mut graph_inputs = Vec::new();
+        let mut graph_outputs = Vec::new();
+        for t in &g.tasks {
+            for p in &t.inputs {
+                let ep = Endpoint {
+                    task: t.id.clone(),
+                    port: p.name.clone(),
+                };
+                if !fed.contains(&ep) {
+                    graph_inputs.push(ep);
+                }
+            }
+            for p in &t.outputs {
+                let ep = Endpoint {
+                    task: t.id.clone(),
+                    port: p.name.clone(),
+                };
+                if !used.contains(&ep) {
+                    graph_outputs.push(ep);
+                }
+            }
+        }
+        GraphRoutes {
+            graph_id: record.id.as_str().into(),
+            epoch,
+            record,
+            replicas,
+            targets,
+            inputs,
+            graph_inputs,
+            graph_outputs,
+        }
+    }
+
+    /// The input ports an output port feeds; empty for a graph output.
+    pub fn targets(&self, task: &str, port: &str) -> &[(Rc<str>, Rc<str>)] {
+        self.targets
+            .get(&(task.to_string(), port.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn replicas(&self, task: &str) -> &[Route] {
+        self.replicas.get(task).map_or(&[], Vec::as_slice)
+    }
+
+    /// Picks the replica of `task` for this request, skipping `exclude`d addresses.
+    pub fn choose(
+        &self,
+        task: &str,
+        invocation: u64,
+        local_host: &str,
+        pool: &PeerPool,
+        exclude: &[Rc<str>],
+        rng: &Rng,
+    ) -> Option<&Route> {
+        let all: Vec<&Route> = self
+            .replicas(task)
+            .iter()
+            .filter(|r| !exclude.iter().any(|x| **x == *r.addr))
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        let joins = self.inputs.get(task).is_some_and(|i| i.len() > 1);
+        if joins {
+            return all
+                .into_iter()
+                .max_by_key(|r| rendezvous(invocation, &r.replica));
+        }
+        let local: Vec<&Route> = all
+            .iter()
+            .copied()
+            .filter(|r| *r.host == *local_host)
+            .collect();
+        let pool_of = if local.is_empty() { all } else { local };
+        if pool_of.len() == 1 {
+            return Some(pool_of[0]);
+        }
+        let a = rng.below(pool_of.len());
+        let mut b = rng.below(pool_of.len() - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (ra, rb) = (pool_of[a], pool_of[b]);
+        Some(if pool.outstanding(&rb.addr) < pool.outstanding(&ra.addr) {
+            rb
+        } else {
+            ra
+        })
+    }
+}
+
+fn rendezvous(invocation: u64, replica: &str) -> u64 {
+    // FNV-1a over the replica name, mixed with the invocation (splitmix64 finaliser).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in replica.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let mut z = h ^ invocation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A small, fast, non-cryptographic generator (xorshift64*), one per thread of execution.
+pub struct Rng(Cell<u64>);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(Cell::new(seed | 1))
+    }
+    pub fn from_entropy() -> Rng {
+        let t = crate::dataplane::now_unix_ns();
+        Rng::new(t ^ (u64::from(std::process::id()) << 32))
+    }
+    pub fn next_u64(&self) -> u64 {
+        let mut x = self.0.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Uniform in (0, 1].
+    pub fn unit(&self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&self) -> f64 {
+        let (u1, u2) = (self.unit(), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prescient_schemas::file;
+
+    fn routes(replicas: &[(&str, &str, &str, &str)]) -> GraphRoutes {
+        let g = file::parse(
+            "t.toml",
+            r#"
+name = "t"
+[[task]]
+id = "a"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "1ms"
+[[task]]
+id = "j"
+code = { builtin = "identity" }
+inputs = { l = "bytes", r = "bytes" }
+outputs = { z = "bytes" }
+estimate = "1ms"
+[[edge]]
+from = "a.y"
+to = "j.l"
+"#,
+        )
+        .unwrap()
+        .graph;
+        let record = GraphRecord {
+            id: "g1".into(),
+            version: 1,
+            submitted_at_ms: 0,
+            digest: codec::graph_digest(&g),
+            graph: g,
+        };
+        let mut map: HashMap<String, Vec<Route>> = HashMap::new();
+        for (task, replica, host, addr) in replicas {
+            map.entry(task.to_string()).or_default().push(Route {
+                replica: (*replica).into(),
+                host: (*host).into(),
+                addr: (*addr).into(),
+            });
+        }
+        GraphRoutes::new(record, 1, map)
+    }
+
+    #[test]
+    fn ports_and_targets() {
+        let r = routes(&[]);
+        assert_eq!(r.targets("a", "y").len(), 1);
+        assert!(r.targets("j", "z").is_empty());
+        assert_eq!(r.graph_inputs.len(), 2, "a.x and j.r are unfed");
+        assert_eq!(r.graph_outputs[0].to_string(), "j.z");
+    }
+
+    #[test]
+    fn affinity_prefers_the_local_host() {
+        let r = routes(&[("a", "r1", "h1", "1:1"), ("a", "r2", "h2", "2:2")]);
+        let (pool, _lost) = PeerPool::new();
+        let rng = Rng::new(7);
+        for i in 0..50 {
+            assert_eq!(
+                &*r.choose("a", i, "h2", &pool, &[], &rng).unwrap().replica,
+                "r2"
+            );
+        }
+        // Excluding the local replica falls back to the remote one.
+        let ex: Rc<str> = "2:2".into();
+        assert_eq!(
+            &*r.choose("a", 1, "h2", &pool, &[ex], &rng).unwrap().replica,
+            "r1"
+        );
+    }
+
+    #[test]
+    fn joins_are_sticky_per_invocation_and_spread_across_invocations() {
+        let r = routes(&[
+            ("j", "r1", "h1", "1:1"),
+            ("j", "r2", "h1", "2:2"),
+            ("j", "r3", "h1", "3:3"),
+        ]);
+        let (pool, _lost) = PeerPool::new();
+        let rng = Rng::new(7);
+        let mut seen = std::collections::HashSet::new();
+        for inv in 0..100 {
+            let first = r
+                .choose("j", inv, "h1", &pool, &[], &rng)
+                .unwrap()
+                .replica
+                .clone();
+            for _ in 0..3 {
+                assert_eq!(
+                    r.choose("j", inv, "h1", &pool, &[], &rng).unwrap().replica,
+                    first
+                );
+            }
+            seen.insert(first);
+        }
+        assert_eq!(seen.len(), 3);
+    }
+}

@@ -1,0 +1,381 @@
+//! The worker: runs one task replica inside its "VM" (a process slot or a microVM), receiving
+//! requests on its own data-plane address and sending its outputs straight to the next
+//! replicas, so neither the agent nor the control node sits on the request path.
+//!
+//! It is driven by its agent through [`Command`]s (Cap'n Proto `WorkerCommand` messages on
+//! stdin); it exits when that stream ends, so a worker never outlives its agent.
+
+use crate::dataplane::{self, encode_acks, encode_output, now_unix_us, Hop, OutputMsg, Sender};
+use crate::forward::Forwarder;
+use crate::kernels::Kernel;
+use crate::routes::GraphRoutes;
+use bytes::Bytes;
+use prescient_schemas::agent_capnp::worker_command;
+use prescient_schemas::{codec, GraphRecord};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// What an agent tells its worker.
+pub enum Command {
+    Deploy {
+        replica: String,
+        record: GraphRecord,
+        task: String,
+    },
+    Routes(GraphRoutes),
+    Drain,
+}
+
+impl Command {
+    pub fn decode(r: worker_command::Reader<'_>) -> Result<Command, String> {
+        let s = |e: capnp::Error| e.to_string();
+        Ok(match r.which().map_err(|e| e.to_string())? {
+            worker_command::Deploy(spec) => {
+                let spec = spec.map_err(s)?;
+                Command::Deploy {
+                    replica: spec
+                        .get_replica()
+                        .map_err(s)?
+                        .to_string()
+                        .map_err(|e| e.to_string())?,
+                    record: codec::decode_record(spec.get_graph().map_err(s)?)
+                        .map_err(|e| e.to_string())?,
+                    task: spec
+                        .get_task()
+                        .map_err(s)?
+                        .to_string()
+                        .map_err(|e| e.to_string())?,
+                }
+            }
+            worker_command::Routes(t) => Command::Routes(GraphRoutes::decode(t.map_err(s)?)?),
+            worker_command::Drain(()) => Command::Drain,
+        })
+    }
+}
+
+type Message = capnp::message::Reader<capnp::serialize::OwnedSegments>;
+
+/// Reads command messages from a blocking reader (the worker's stdin) on a thread of its own;
+/// they are decoded on the worker's thread.
+pub fn read_commands(
+    mut input: impl std::io::Read + Send + 'static,
+) -> mpsc::UnboundedReceiver<Message> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut options = capnp::message::ReaderOptions::new();
+        options.traversal_limit_in_words(Some(64 << 20));
+        loop {
+            let msg = match capnp::serialize::read_message(&mut input, options) {
+                Ok(m) => m,
+                Err(_) => return, // the agent is gone
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn decode_command(msg: &Message) -> Result<Command, String> {
+    msg.get_root::<worker_command::Reader<'_>>()
+        .map_err(|e| e.to_string())
+        .and_then(Command::decode)
+}
+
+struct Deployed {
+    graph_id: Rc<str>,
+    task: Rc<str>,
+    kernel: Kernel,
+    inputs: Vec<String>,
+    outputs: Vec<Rc<str>>,
+}
+
+/// Inputs of a join task arriving for one invocation.
+struct Join {
+    hop: Hop,
+    parts: Vec<Option<Bytes>>,
+    acks: Vec<(Sender, u64)>,
+}
+
+pub struct Worker {
+    replica: RefCell<Rc<str>>,
+    fwd: Forwarder,
+    task: RefCell<Option<Rc<Deployed>>>,
+    joins: RefCell<HashMap<(Rc<str>, u64), Join>>,
+}
+
+fn ack(acks: &[(Sender, u64)]) {
+    for (s, seq) in acks {
+        s.send(encode_acks(&[*seq]));
+    }
+}
+
+impl Worker {
+    /// Applies a command; `Ok(false)` means stop serving.
+    fn apply(&self, cmd: Command) -> Result<bool, String> {
+        match cmd {
+            Command::Deploy {
+                replica,
+                record,
+                task,
+            } => {
+                let t = record
+                    .graph
+                    .task(&task)
+                    .ok_or_else(|| format!("graph {} has no task {task:?}", record.id))?;
+                let kernel = Kernel::from_code(&t.code).map_err(|e| format!("task {task}: {e}"))?;
+                info!(%replica, %task, graph = %record.id, "task deployed");
+                *self.replica.borrow_mut() = replica.into();
+                *self.task.borrow_mut() = Some(Rc::new(Deployed {
+                    graph_id: record.id.as_str().into(),
+                    task: task.as_str().into(),
+                    kernel,
+                    inputs: t.inputs.iter().map(|p| p.name.clone()).collect(),
+                    outputs: t.outputs.iter().map(|p| p.name.as_str().into()).collect(),
+                }));
+            }
+            Command::Routes(table) => {
+                self.fwd.install(table);
+            }
+            Command::Drain => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn execute(
+        self: Rc<Self>,
+        d: Rc<Deployed>,
+        hop: Hop,
+        inputs: Vec<Bytes>,
+        acks: Vec<(Sender, u64)>,
+    ) {
+        tokio::task::spawn_local(async move {
+            let result = d.kernel.run(&inputs, &self.fwd.rng).await;
+            match result {
+                Err(e) => {
+                    let replica = self.replica.borrow().clone();
+                    self.fwd.fail(
+                        &hop,
+                        format!("task {} failed on replica {replica}: {e}", d.task),
+                    );
+                }
+                Ok(out) => self.forward(&d, &hop, out),
+            }
+            ack(&acks);
+        });
+    }
+
+    fn forward(&self, d: &Deployed, hop: &Hop, out: Bytes) {
+        let Some(routes) = self.fwd.routes(&d.graph_id) else {
+            let replica = self.replica.borrow().clone();
+            return self.fwd.fail(
+                hop,
+                format!(
+                    "replica {replica} has no routing table for graph {}",
+                    d.graph_id
+                ),
+            );
+        };
+        for port in &d.outputs {
+            let targets = routes.targets(&d.task, port);
+            if targets.is_empty() {
+                let o = OutputMsg {
+                    invocation: hop.invocation,
+                    task: d.task.to_string(),
+                    port: port.to_string(),
+                    payload: out.clone(),
+                    error: String::new(),
+                };
+                self.fwd.pool.send_frame(&hop.reply_to, encode_output(&o));
+                continue;
+            }
+            for (task, in_port) in targets {
+                self.fwd.send(Hop {
+                    invocation: hop.invocation,
+                    graph_id: hop.graph_id.clone(),
+                    epoch: hop.epoch.max(routes.epoch),
+                    task: task.clone(),
+                    port: in_port.clone(),
+                    payload: out.clone(),
+                    deadline_unix_us: hop.deadline_unix_us,
+                    reply_to: hop.reply_to.clone(),
+                    attempt: 0,
+                    sent_unix_ns: 0,
+                });
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let now = now_unix_us();
+        self.fwd.sweep(now);
+        let expired: Vec<Join> = {
+            let mut joins = self.joins.borrow_mut();
+            let keys: Vec<_> = joins
+                .iter()
+                .filter(|(_, j)| j.hop.deadline_unix_us < now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter().filter_map(|k| joins.remove(&k)).collect()
+        };
+        for j in expired {
+            self.fwd.fail(
+                &j.hop,
+                format!(
+                    "task {}: deadline passed while waiting for all of its inputs",
+                    j.hop.task
+                ),
+            );
+            ack(&j.acks);
+        }
+    }
+}
+
+impl dataplane::Handler for Worker {
+    fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
+        let acks = vec![(from.clone(), seq)];
+        let replica = self.replica.borrow().clone();
+        let Some(d) = self.task.borrow().clone() else {
+            self.fwd
+                .fail(&hop, format!("replica {replica} has no task deployed"));
+            return ack(&acks);
+        };
+        if hop.task != d.task {
+            self.fwd.fail(
+                &hop,
+                format!("replica {replica} runs task {}, not {}", d.task, hop.task),
+            );
+            return ack(&acks);
+        }
+        if now_unix_us() > hop.deadline_unix_us {
+            self.fwd.fail(
+                &hop,
+                format!(
+                    "task {}: deadline passed before it ran on replica {replica}",
+                    d.task
+                ),
+            );
+            return ack(&acks);
+        }
+        if d.inputs.len() <= 1 {
+            let payload = hop.payload.clone();
+            return self.execute(d, hop, vec![payload], acks);
+        }
+        let Some(slot) = d.inputs.iter().position(|p| **p == *hop.port) else {
+            self.fwd.fail(
+                &hop,
+                format!("task {} has no input port {}", d.task, hop.port),
+            );
+            return ack(&acks);
+        };
+        let key = (hop.reply_to.clone(), hop.invocation);
+        let complete = {
+            let mut joins = self.joins.borrow_mut();
+            let j = joins.entry(key.clone()).or_insert_with(|| Join {
+                hop: hop.clone(),
+                parts: vec![None; d.inputs.len()],
+                acks: Vec::new(),
+            });
+            j.parts[slot] = Some(hop.payload.clone());
+            j.acks.extend(acks);
+            if j.parts.iter().all(Option::is_some) {
+                joins.remove(&key)
+            } else {
+                None
+            }
+        };
+        if let Some(j) = complete {
+            let inputs = j
+                .parts
+                .into_iter()
+                .map(|p| p.expect("all present"))
+                .collect();
+            self.execute(d, j.hop, inputs, j.acks);
+        }
+    }
+
+    fn output(self: Rc<Self>, out: OutputMsg) {
+        warn!(
+            invocation = out.invocation,
+            "a worker received an output frame; dropped"
+        );
+    }
+
+    fn invoke(self: Rc<Self>, inv: crate::dataplane::InvokeMsg, from: &Sender) {
+        from.send(crate::dataplane::encode_reply(
+            &crate::dataplane::ReplyMsg {
+                id: inv.id,
+                outputs: vec![],
+                error:
+                    "this is a worker's data-plane address; send invocations to an agent's ingress"
+                        .into(),
+            },
+        ));
+    }
+}
+
+/// The worker process: reads its task from stdin, warms it, binds its data plane, says
+/// `prescient-worker ready ADDR` on stdout, then serves until stdin ends or it is drained.
+/// Must run in a `LocalSet`.
+pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::Write;
+    let mut commands = read_commands(std::io::stdin());
+    let (pool, mut lost) = dataplane::PeerPool::new();
+    let worker = Rc::new(Worker {
+        replica: RefCell::new("unassigned".into()),
+        fwd: Forwarder::new(host, pool),
+        task: RefCell::default(),
+        joins: RefCell::default(),
+    });
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let first = commands
+        .recv()
+        .await
+        .ok_or("the agent closed stdin before deploying a task")?;
+    let first = decode_command(&first)?;
+    if !matches!(first, Command::Deploy { .. }) {
+        return Err("the first command must deploy a task".into());
+    }
+    if let Err(e) = worker.apply(first) {
+        say(format!("prescient-worker failed: {e}"));
+        return Err(e);
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("binding the data plane on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    say(format!("prescient-worker ready {addr}"));
+    let server = tokio::task::spawn_local(dataplane::serve(listener, worker.clone()));
+    let w = worker.clone();
+    let retries = tokio::task::spawn_local(async move {
+        while let Some(l) = lost.recv().await {
+            w.fwd.retry(l);
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(c) => match decode_command(&c).and_then(|c| worker.apply(c)) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => warn!("command refused: {e}"),
+                },
+                None => break,
+            },
+            _ = tick.tick() => worker.sweep(),
+        }
+    }
+    server.abort();
+    retries.abort();
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! The event log as the running node uses it: durable first, then fanned out to watchers.
+
+use crate::store::{Event, Registry};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+#[derive(Clone)]
+pub struct EventLog {
+    registry: Arc<Registry>,
+    tx: broadcast::Sender<Event>,
+}
+
+impl EventLog {
+    pub fn new(registry: Arc<Registry>) -> EventLog {
+        let (tx, _) = broadcast::channel(1024);
+        EventLog { registry, tx }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Announces an event already stored (in the same transaction as the change it records).
+    pub fn publish(&self, event: Option<Event>) {
+        if let Some(e) = event {
+            info!(seq = e.seq, kind = %e.kind, subject = %e.subject, reason = %e.reason, "event");
+            // No receivers is fine: watchers catch up from the store.
+            let _ = self.tx.send(e);
+        }
+    }
+
+    /// Stores a decision with its reason, then announces it.
+    pub async fn record(&self, kind: &str, subject: &str, reason: String) {
+        let (registry, kind_s, subject_s) =
+            (self.registry.clone(), kind.to_string(), subject.to_string());
+        let stored = tokio::task::spawn_blocking(move || {
+            registry.record_event(crate::server::now_ms(), &kind_s, &subject_s, reason)
+        })
+        .await;
+        match stored {
+            Ok(Ok(e)) => self.publish(Some(e)),
+            Ok(Err(e)) => warn!(%kind, %subject, "event not stored: {e}"),
+            Err(e) => warn!(%kind, %subject, "event not stored: {e}"),
+        }
+    }
+}

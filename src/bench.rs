@@ -1,0 +1,117 @@
+//! `prescient bench`: benchmarks that start their own cluster of real processes on this machine
+//! and print JSON, so figures are measured side by side in one run.
+
+use crate::client::{ControlClient, SubmitOutcome};
+use crate::local::{wait_deployed, LocalCluster};
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use prescient_schemas::file;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Subcommand, Debug)]
+pub enum Which {
+    /// A chain of no-op (identity) stages, one stage per agent, closed-loop load.
+    Chain {
+        #[arg(long, default_value_t = 3)]
+        stages: usize,
+        /// Invocations in flight; a comma-separated list runs each in turn.
+        #[arg(long, default_value = "1,16", value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// Seconds measured per concurrency (after a one-second warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 64)]
+        payload_bytes: usize,
+    },
+}
+
+/// A chain graph of `stages` identity tasks.
+pub fn chain_graph(stages: usize) -> String {
+    let mut g = format!("name = \"bench-chain-{stages}\"\n");
+    for i in 1..=stages {
+        g.push_str(&format!(
+            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"identity\" }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"10us\"\nresources = {{ cpu = \"100m\", memory = \"64MiB\" }}\n"
+        ));
+    }
+    for i in 1..stages {
+        g.push_str(&format!(
+            "\n[[edge]]\nfrom = \"s{i}.y\"\nto = \"s{}.x\"\n",
+            i + 1
+        ));
+    }
+    g
+}
+
+pub async fn run(which: Which) -> Result<ExitCode> {
+    let Which::Chain {
+        stages,
+        concurrency,
+        duration,
+        payload_bytes,
+    } = which;
+    if stages == 0 {
+        bail!("--stages must be at least 1");
+    }
+    let dir = std::env::temp_dir().join(format!("prescient-bench-{}", std::process::id()));
+    let cluster = LocalCluster::start(&dir, stages, 2)?;
+    let result = async {
+        let client = ControlClient::connect(&cluster.control.addr).await?;
+        let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
+        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+            bail!("the bench graph was rejected");
+        };
+        wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
+        let (_, replicas) = client.replicas(&record.id).await?;
+        let placement: Vec<String> = replicas
+            .iter()
+            .map(|r| format!("{}@{}", r.task, r.host))
+            .collect();
+        // Enter where the chain starts, as a client near its first stage would.
+        let first_host = replicas
+            .iter()
+            .find(|r| r.task == "s1")
+            .map(|r| r.host.clone());
+        let ingress = cluster
+            .agents
+            .iter()
+            .find(|a| Some(&a.name) == first_host.as_ref())
+            .map_or(cluster.agents[0].addr.clone(), |a| a.addr.clone());
+        let mut results = Vec::new();
+        for c in &concurrency {
+            let spec = |secs: f64| crate::load::Spec {
+                graph: record.id.clone(),
+                mode: crate::load::Mode::Closed { concurrency: *c },
+                duration: Duration::from_secs_f64(secs),
+                payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
+                deadline_ms: 10_000,
+                ingresses: vec![ingress.clone()],
+            };
+            crate::load::run(spec(1.0), false).await?;
+            let r = crate::load::run(spec(duration), false).await?;
+            results.push(serde_json::json!({
+                "concurrency": c,
+                "rps": r.rps.round(),
+                "p50_us": r.p50_us,
+                "p99_us": r.p99_us,
+                "p999_us": r.p999_us,
+                "ok": r.ok,
+                "errors": r.errors,
+            }));
+        }
+        Ok(serde_json::json!({
+            "bench": "chain",
+            "stages": stages,
+            "processes": format!("1 control, {stages} agents, {stages} workers, 1 client"),
+            "placement": placement,
+            "payload_bytes": payload_bytes,
+            "seconds_per_point": duration,
+            "results": results,
+        }))
+    }
+    .await;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::output::print_json(&result?)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,111 @@
+//! `prescient-agent`: the host agent (one per host), and, as `prescient-agent worker`, the
+//! worker process it starts for each task replica.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use prescient_agent::agent::{AgentConfig, AgentNode};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Runs the Prescient host agent: registers this host, runs task replicas, serves invocations.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The control node's API address.
+    #[arg(long, env = "PRESCIENT_CONTROL", default_value = "127.0.0.1:7400")]
+    control: Option<String>,
+    /// Address of this agent's ingress, where clients send invocations (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    listen: Option<SocketAddr>,
+    /// Directory for the agent's state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This agent's name (defaults to the hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// CPUs offered to replicas (defaults to all of this host's).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory offered to replicas, e.g. 4GiB (defaults to all of this host's).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// A worker process (started by the agent, one per replica; not for direct use).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PRESCIENT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    if let Some(Sub::Worker { host, listen }) = args.command {
+        return local
+            .block_on(&runtime, prescient_agent::worker::run(&host, listen))
+            .map_err(anyhow::Error::msg);
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let memory_bytes = args
+        .memory
+        .as_deref()
+        .map(prescient_schemas::quantity::parse_bytes)
+        .transpose()
+        .context("--memory")?;
+    if let Some(dir) = &args.data_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let config = AgentConfig {
+        name: args.name.unwrap_or(hostname),
+        control: args.control.unwrap_or_else(|| "127.0.0.1:7400".into()),
+        listen: args
+            .listen
+            .unwrap_or_else(|| "127.0.0.1:7500".parse().expect("a valid default")),
+        cpus: args.cpus,
+        memory_bytes,
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+        worker_exe: std::env::current_exe()?,
+    };
+    local.block_on(&runtime, async move {
+        let node = AgentNode::start(config.clone())
+            .await
+            .with_context(|| format!("binding the ingress on {}", config.listen))?;
+        println!(
+            "prescient-agent {} ingress on {}",
+            config.name,
+            node.ingress_addr()
+        );
+        std::io::stdout().flush()?;
+        tokio::select! {
+            _ = node.run() => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        }
+        Ok(())
+    })
+}

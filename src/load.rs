@@ -1,0 +1,378 @@
+//! The load generator: open loop (Poisson arrivals at a rate), closed loop (a fixed number of
+//! invocations in flight), or a replayed trace; latencies in an HDR histogram.
+//!
+//! Open-loop and trace latencies are measured from each invocation's scheduled start, so a
+//! slow system cannot hide its queueing (no coordinated omission).
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use prescient_agent::dataplane::IngressConn;
+use prescient_agent::routes::Rng;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Open {
+        rate: f64,
+    },
+    Closed {
+        concurrency: usize,
+    },
+    /// Arrival offsets from the trace's start, already divided by the speed-up.
+    Trace {
+        arrivals: Vec<Duration>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub graph: String,
+    pub mode: Mode,
+    pub duration: Duration,
+    pub payload: Bytes,
+    pub deadline_ms: u32,
+    pub ingresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+    /// Up to five distinct error messages.
+    pub error_samples: Vec<String>,
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    samples: Vec<String>,
+}
+
+impl Stats {
+    fn record(&mut self, started: Instant, result: Result<Vec<(String, Bytes)>, String>) {
+        let us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(_) => {
+                self.ok += 1;
+                let _ = self.hist.record(us.max(1));
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.samples.len() < 5 && !self.samples.contains(&e) {
+                    self.samples.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the load and reports. Must run in a `LocalSet`.
+pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
+    if spec.ingresses.is_empty() {
+        bail!("no ingress to send to: no agent is registered");
+    }
+    let mut conns = Vec::new();
+    for addr in &spec.ingresses {
+        conns.push(Rc::new(
+            IngressConn::connect(addr)
+                .await
+                .with_context(|| format!("connecting to the ingress at {addr}"))?,
+        ));
+    }
+    let stats = Rc::new(RefCell::new(Stats {
+        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+        ok: 0,
+        errors: 0,
+        samples: Vec::new(),
+    }));
+    let start = Instant::now();
+    let end = start + spec.duration;
+    let invoke = {
+        let spec = spec.clone();
+        move |conn: Rc<IngressConn>| {
+            let graph = spec.graph.clone();
+            let payload = spec.payload.clone();
+            let deadline = spec.deadline_ms;
+            async move {
+                conn.invoke(&graph, vec![(String::new(), payload)], deadline)
+                    .await
+            }
+        }
+    };
+    let ticker = progress.then(|| {
+        let stats = stats.clone();
+        tokio::task::spawn_local(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = stats.borrow();
+                let done = s.ok + s.errors;
+                eprintln!(
+                    "  {:>5.1}s  {:>8} req/s  p50 {:>7} us  p99 {:>8} us  errors {}",
+                    start.elapsed().as_secs_f64(),
+                    done - last,
+                    s.hist.value_at_quantile(0.5),
+                    s.hist.value_at_quantile(0.99),
+                    s.errors
+                );
+                last = done;
+            }
+        })
+    });
+    let mut sent = 0u64;
+    let mode_name;
+    match &spec.mode {
+        Mode::Closed { concurrency } => {
+            mode_name = format!("closed, concurrency {concurrency}");
+            let mut workers = Vec::new();
+            for i in 0..*concurrency {
+                let conn = conns[i % conns.len()].clone();
+                let stats = stats.clone();
+                let invoke = invoke.clone();
+                workers.push(tokio::task::spawn_local(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let r = invoke(conn.clone()).await;
+                        stats.borrow_mut().record(t, r);
+                        n += 1;
+                        if conn.is_closed() {
+                            break;
+                        }
+                    }
+                    n
+                }));
+            }
+            for w in workers {
+                sent += w.await.unwrap_or(0);
+            }
+        }
+        Mode::Open { .. } | Mode::Trace { .. } => {
+            let rng = Rng::from_entropy();
+            let mut schedule: Box<dyn Iterator<Item = Duration>> = match &spec.mode {
+                Mode::Open { rate } => {
+                    mode_name = format!("open, Poisson at {rate}/s");
+                    let rate = *rate;
+                    let mut at = 0.0f64;
+                    Box::new(std::iter::from_fn(move || {
+                        at += -rng.unit().ln() / rate;
+                        Some(Duration::from_secs_f64(at))
+                    }))
+                }
+                Mode::Trace { arrivals } => {
+                    mode_name = format!("trace replay, {} arrivals", arrivals.len());
+                    Box::new(arrivals.clone().into_iter())
+                }
+                Mode::Closed { .. } => unreachable!(),
+            };
+            let mut inflight = Vec::new();
+            for offset in schedule.by_ref() {
+                let at = start + offset;
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let conn = conns[(sent as usize) % conns.len()].clone();
+                let stats = stats.clone();
+                let invoke = invoke.clone();
+                inflight.push(tokio::task::spawn_local(async move {
+                    let r = invoke(conn).await;
+                    stats.borrow_mut().record(at, r);
+                }));
+                sent += 1;
+                if inflight.len() > 4096 {
+                    inflight.retain(|h| !h.is_finished());
+                }
+            }
+            for h in inflight {
+                let _ = h.await;
+            }
+        }
+    }
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let s = stats.borrow();
+    let q = |p: f64| {
+        if s.hist.is_empty() {
+            0
+        } else {
+            s.hist.value_at_quantile(p)
+        }
+    };
+    Ok(Report {
+        mode: mode_name,
+        sent,
+        ok: s.ok,
+        errors: s.errors,
+        seconds,
+        rps: s.ok as f64 / seconds,
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: s.hist.max(),
+        mean_us: s.hist.mean(),
+        error_samples: s.samples.clone(),
+    })
+}
+
+/// Reads a trace into arrival offsets, compressed by `speedup`.
+///
+/// Formats (by header): one row per request with a timestamp in the first column
+/// (`TIMESTAMP,...` Azure LLM, `gmt_create,...` Alibaba); per-minute counts in the second
+/// column (`minute_start_edt,requests` NASA, `minute_index,events` Twitter), with arrivals
+/// inside each minute synthesised as a Poisson process; or whitespace-separated per-second
+/// counts (the `workload.txt` files), likewise Poisson inside each second.
+pub fn read_trace(path: &Path, speedup: f64, limit: Duration) -> Result<Vec<Duration>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rng = Rng::new(0x5eed);
+    let mut arrivals = Vec::new();
+    let first = text.lines().next().unwrap_or("");
+    let per_bucket = |counts: Vec<f64>, bucket_s: f64, arrivals: &mut Vec<Duration>| {
+        for (i, c) in counts.into_iter().enumerate() {
+            let begin = i as f64 * bucket_s;
+            if begin / speedup > limit.as_secs_f64() {
+                break;
+            }
+            if c <= 0.0 {
+                continue;
+            }
+            let mut t = begin;
+            loop {
+                t += -rng.unit().ln() * bucket_s / c;
+                if t >= begin + bucket_s {
+                    break;
+                }
+                arrivals.push(Duration::from_secs_f64(t / speedup));
+            }
+        }
+    };
+    if first.contains(',') {
+        let header: Vec<&str> = first.split(',').collect();
+        let lower = header[0].to_ascii_lowercase();
+        if lower.contains("minute") {
+            let counts = text
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    l.split(',')
+                        .nth(1)
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                })
+                .collect();
+            per_bucket(counts, 60.0, &mut arrivals);
+        } else if lower.contains("timestamp") || lower.contains("gmt_create") {
+            let mut times = Vec::new();
+            for (n, l) in text.lines().enumerate().skip(1) {
+                let field = l.split(',').next().unwrap_or("").trim();
+                let t = parse_timestamp(field).with_context(|| {
+                    format!("{}:{}: bad timestamp {field:?}", path.display(), n + 1)
+                })?;
+                times.push(t);
+            }
+            times.sort_by(f64::total_cmp);
+            let t0 = times.first().copied().unwrap_or(0.0);
+            for t in times {
+                let d = (t - t0) / speedup;
+                if d > limit.as_secs_f64() {
+                    break;
+                }
+                arrivals.push(Duration::from_secs_f64(d));
+            }
+        } else {
+            bail!(
+                "{}: unknown trace format (header {first:?}); expected per-request timestamps or per-minute counts",
+                path.display()
+            );
+        }
+    } else {
+        let counts: Vec<f64> = text
+            .split_whitespace()
+            .map(|v| v.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!(
+                    "{}: expected whitespace-separated per-second counts",
+                    path.display()
+                )
+            })?;
+        per_bucket(counts, 1.0, &mut arrivals);
+    }
+    Ok(arrivals)
+}
+
+/// Seconds since the epoch of `YYYY-MM-DD HH:MM:SS[.ffffff][+00:00]` (the time zone is ignored:
+/// only differences matter).
+fn parse_timestamp(s: &str) -> Option<f64> {
+    let s = s.trim_matches('"');
+    let (date, time) = s.split_once([' ', 'T'])?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let time = time.split(['+', 'Z']).next()?;
+    let mut t = time.split(':');
+    let (h, mi) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let sec = t.next().map_or(Some(0.0), |x| x.parse::<f64>().ok())?;
+    // Days from civil (Howard Hinnant).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + sec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        let a = parse_timestamp("2023-11-16 18:15:46.6805900").unwrap();
+        let b = parse_timestamp("2023-11-16 18:16:46.6805900").unwrap();
+        assert!((b - a - 60.0).abs() < 1e-6);
+        assert_eq!(parse_timestamp("1970-01-02 00:00:00").unwrap(), 86_400.0);
+    }
+
+    #[test]
+    fn per_minute_counts_become_poisson_arrivals() {
+        let dir = std::env::temp_dir().join(format!("prescient-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.csv");
+        std::fs::write(&p, "minute_index,events\n0,600\n1,0\n2,1200\n").unwrap();
+        let a = read_trace(&p, 60.0, Duration::from_secs(3600)).unwrap();
+        // 1800 expected; Poisson noise stays well within 10%.
+        assert!((1600..2000).contains(&a.len()), "{}", a.len());
+        assert!(a.iter().all(|d| d.as_secs_f64() < 3.0));
+        assert!(
+            !a.iter().any(|d| (1.0..2.0).contains(&d.as_secs_f64())),
+            "minute 1 is empty"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
