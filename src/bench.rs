@@ -31,7 +31,7 @@ pub fn chain_graph(stages: usize) -> String {
     let mut g = format!("name = \"bench-chain-{stages}\"\n");
     for i in 1..=stages {
         g.push_str(&format!(
-            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"identity\" }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"10us\"\nresources = {{ cpu = \"100m\", memory = \"64MiB\" }}\n"
+            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"identity\" }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"10us\"\nresources = {{ cpu = \"1\", memory = \"64MiB\" }}\n"
         ));
     }
     for i in 1..stages {
