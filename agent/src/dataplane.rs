@@ -14,16 +14,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 /// Largest frame accepted (a payload plus its envelope).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
-/// Frames are coalesced into writes of up to this many bytes.
-const WRITE_BATCH_BYTES: usize = 64 << 10;
 
 pub fn now_unix_us() -> u64 {
     SystemTime::now()
@@ -100,7 +96,9 @@ fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
         .map_err(|e| capnp::Error::failed(e.to_string()))
 }
 
-fn decode(msg: &capnp::message::Reader<capnp::serialize::OwnedSegments>) -> capnp::Result<Inbound> {
+fn decode<S: capnp::message::ReaderSegments>(
+    msg: &capnp::message::Reader<S>,
+) -> capnp::Result<Inbound> {
     let f: frame::Reader<'_> = msg.get_root()?;
     Ok(match f.which()? {
         frame::Request(r) => {
@@ -249,66 +247,194 @@ pub fn encode_reply(r: &ReplyMsg) -> Vec<u8> {
     finish(msg)
 }
 
-/// The sending side of a connection: frames queued here leave in batched writes.
+/// The sending side of a connection. When the connection has been quiet for a while, a frame is
+/// written straight to the socket (no task switch on the request path: what latency at low load
+/// needs); when frames come close together, they join a buffer that a writer task flushes in one
+/// write after the current task yields (batched writes: what throughput under load needs).
 #[derive(Clone)]
-pub struct Sender {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+pub struct Sender(Rc<Out>);
+
+/// Frames closer together than this are batched instead of written one by one.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// How long acknowledgements wait to be sent together.
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
+struct Out {
+    stream: Rc<TcpStream>,
+    pending: RefCell<Vec<u8>>,
+    last_write: Cell<std::time::Instant>,
+    acks: RefCell<Vec<u64>>,
+    closed: Cell<bool>,
+    wake: tokio::sync::Notify,
 }
 
 impl Sender {
+    fn new(stream: Rc<TcpStream>) -> Sender {
+        let out = Rc::new(Out {
+            stream,
+            pending: RefCell::new(Vec::new()),
+            last_write: Cell::new(std::time::Instant::now() - BATCH_WINDOW),
+            acks: RefCell::new(Vec::new()),
+            closed: Cell::new(false),
+            wake: tokio::sync::Notify::new(),
+        });
+        let o = out.clone();
+        tokio::task::spawn_local(async move {
+            // Ends when every Sender is gone (the only other owner is this task).
+            while Rc::strong_count(&o) > 1 && !o.closed.get() {
+                if o.pending.borrow().is_empty() {
+                    o.wake.notified().await;
+                    continue;
+                }
+                if o.stream.writable().await.is_err() {
+                    o.closed.set(true);
+                    break;
+                }
+                let mut pending = o.pending.borrow_mut();
+                match o.stream.try_write(&pending) {
+                    Ok(n) => {
+                        pending.drain(..n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => o.closed.set(true),
+                }
+            }
+        });
+        Sender(out)
+    }
+
     /// Queues a frame; false when the connection is gone.
     pub fn send(&self, frame: Vec<u8>) -> bool {
-        self.tx.send(frame).is_ok()
+        let o = &self.0;
+        if o.closed.get() {
+            return false;
+        }
+        let mut pending = o.pending.borrow_mut();
+        let now = std::time::Instant::now();
+        let quiet = now.duration_since(o.last_write.replace(now)) >= BATCH_WINDOW;
+        if pending.is_empty() && quiet {
+            match o.stream.try_write(&frame) {
+                Ok(n) if n == frame.len() => return true,
+                Ok(n) => pending.extend_from_slice(&frame[n..]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    pending.extend_from_slice(&frame)
+                }
+                Err(_) => {
+                    o.closed.set(true);
+                    return false;
+                }
+            }
+        } else {
+            pending.extend_from_slice(&frame);
+        }
+        drop(pending);
+        o.wake.notify_one();
+        true
+    }
+
+    /// Acknowledges a request. Acks are gathered for up to a millisecond and sent as one frame:
+    /// they feed load estimates and retries, neither of which needs them sooner, and sending
+    /// each alone would cost the sender a wake-up per request.
+    pub fn ack(&self, seq: u64) {
+        let mut acks = self.0.acks.borrow_mut();
+        acks.push(seq);
+        if acks.len() == 1 {
+            let this = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(ACK_DELAY).await;
+                let seqs = std::mem::take(&mut *this.0.acks.borrow_mut());
+                this.send(encode_acks(&seqs));
+            });
+        }
+    }
+
+    /// Stops writing; the writer task ends.
+    pub fn close(&self) {
+        self.0.closed.set(true);
+        self.0.wake.notify_one();
     }
 }
 
-fn spawn_writer(mut w: OwnedWriteHalf) -> (Sender, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let task = tokio::task::spawn_local(async move {
-        let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
-        while let Some(first) = rx.recv().await {
-            if first.len() >= WRITE_BATCH_BYTES {
-                w.write_all(&first).await?;
-                continue;
-            }
-            batch.extend_from_slice(&first);
-            while batch.len() < WRITE_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(f) if f.len() >= WRITE_BATCH_BYTES => {
-                        w.write_all(&batch).await?;
-                        batch.clear();
-                        w.write_all(&f).await?;
-                    }
-                    Ok(f) => batch.extend_from_slice(&f),
-                    Err(_) => break,
-                }
-            }
-            if !batch.is_empty() {
-                w.write_all(&batch).await?;
-                batch.clear();
-            }
-        }
-        w.shutdown().await
-    });
-    (Sender { tx }, task)
+/// Bytes a frame occupies, once its segment table is readable; `Err` for a frame over limits.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let segments = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize + 1;
+    if segments > 512 {
+        return Err(format!("frame has {segments} segments"));
+    }
+    let header = (4 + 4 * segments).div_ceil(8) * 8;
+    if buf.len() < 4 + 4 * segments {
+        return Ok(None);
+    }
+    let mut words = 0usize;
+    for i in 0..segments {
+        let at = 4 + 4 * i;
+        words += u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+    }
+    let total = header + words * 8;
+    if total > MAX_FRAME_BYTES {
+        return Err(format!(
+            "frame of {total} bytes is over the {MAX_FRAME_BYTES}-byte limit"
+        ));
+    }
+    Ok(Some(total))
 }
 
 /// Reads frames from a connection until it ends; returns the reason it ended.
 async fn read_frames(
-    r: tokio::net::tcp::OwnedReadHalf,
+    stream: Rc<TcpStream>,
     mut on_frame: impl FnMut(Inbound),
 ) -> Result<(), String> {
-    let mut r = futures::io::BufReader::with_capacity(
-        64 << 10,
-        tokio_util::compat::TokioAsyncReadCompatExt::compat(r),
-    );
+    // Words, not bytes: frames start 8-byte aligned, so they are read in place.
+    let mut words: Vec<capnp::Word> = capnp::Word::allocate_zeroed_vec(8 << 10);
+    let (mut start, mut end) = (0usize, 0usize);
     loop {
-        match capnp_futures::serialize::try_read_message(&mut r, reader_options()).await {
-            Ok(Some(msg)) => match decode(&msg) {
-                Ok(f) => on_frame(f),
-                Err(e) => return Err(format!("malformed frame: {e}")),
-            },
-            Ok(None) => return Ok(()),
+        loop {
+            let buf = &capnp::Word::words_to_bytes(&words)[start..end];
+            let Some(len) = frame_len(buf)? else { break };
+            if buf.len() < len {
+                break;
+            }
+            let frame = {
+                let mut slice = &buf[..len];
+                let msg =
+                    capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())
+                        .map_err(|e| format!("malformed frame: {e}"))?;
+                decode(&msg).map_err(|e| format!("malformed frame: {e}"))?
+            };
+            start += len;
+            on_frame(frame);
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+        }
+        let capacity = words.len() * 8;
+        let need = frame_len(&capnp::Word::words_to_bytes(&words)[start..end])?.unwrap_or(64);
+        if start > 0 && (end == capacity || start + need > capacity) {
+            let bytes = capnp::Word::words_to_bytes_mut(&mut words);
+            bytes.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        if need > capacity {
+            words.resize(need.div_ceil(8), capnp::word(0, 0, 0, 0, 0, 0, 0, 0));
+        }
+        stream.readable().await.map_err(|e| e.to_string())?;
+        let bytes = capnp::Word::words_to_bytes_mut(&mut words);
+        match stream.try_read(&mut bytes[end..]) {
+            Ok(0) => {
+                return if start == end {
+                    Ok(())
+                } else {
+                    Err("connection closed in the middle of a frame".into())
+                }
+            }
+            Ok(n) => end += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -335,9 +461,9 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Rc<H>) {
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::task::spawn_local(async move {
-            let (r, w) = stream.into_split();
-            let (sender, _writer) = spawn_writer(w);
-            let result = read_frames(r, |f| match f {
+            let stream = Rc::new(stream);
+            let sender = Sender::new(stream.clone());
+            let result = read_frames(stream, |f| match f {
                 Inbound::Request { seq, hop } => handler.clone().request(seq, hop, &sender),
                 Inbound::Output(o) => handler.clone().output(o),
                 Inbound::Invoke(i) => handler.clone().invoke(i, &sender),
@@ -346,6 +472,7 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Rc<H>) {
                 }
             })
             .await;
+            sender.close();
             if let Err(e) = result {
                 debug!(%peer, "data plane connection ended: {e}");
             }
@@ -361,9 +488,23 @@ pub struct Lost {
     pub reason: String,
 }
 
+enum PeerSender {
+    Connecting(mpsc::UnboundedSender<Vec<u8>>),
+    Connected(Sender),
+}
+
+impl PeerSender {
+    fn send(&self, frame: Vec<u8>) -> bool {
+        match self {
+            PeerSender::Connecting(tx) => tx.send(frame).is_ok(),
+            PeerSender::Connected(s) => s.send(frame),
+        }
+    }
+}
+
 /// An outbound connection to one replica's data-plane address.
 struct Peer {
-    sender: Sender,
+    sender: RefCell<PeerSender>,
     next_seq: Cell<u64>,
     unacked: RefCell<HashMap<u64, Hop>>,
     dead: Cell<bool>,
@@ -403,9 +544,10 @@ impl PeerPool {
                 return p.clone();
             }
         }
+        // Frames queue here until the connection is up, then go straight to the socket.
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let peer = Rc::new(Peer {
-            sender: Sender { tx },
+            sender: RefCell::new(PeerSender::Connecting(tx)),
             next_seq: Cell::new(1),
             unacked: RefCell::new(HashMap::new()),
             dead: Cell::new(false),
@@ -417,18 +559,15 @@ impl PeerPool {
                 Err(e) => format!("connect failed: {e}"),
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    let (r, w) = stream.into_split();
-                    let (sender, writer) = spawn_writer(w);
-                    // Forward what was queued while connecting, then keep forwarding.
-                    let forward = tokio::task::spawn_local(async move {
-                        while let Some(f) = rx.recv().await {
-                            if !sender.send(f) {
-                                break;
-                            }
-                        }
-                    });
+                    let stream = Rc::new(stream);
+                    let sender = Sender::new(stream.clone());
+                    rx.close();
+                    while let Ok(f) = rx.try_recv() {
+                        sender.send(f);
+                    }
+                    *p.sender.borrow_mut() = PeerSender::Connected(sender.clone());
                     let p2 = p.clone();
-                    let result = read_frames(r, |f| {
+                    let result = read_frames(stream, |f| {
                         if let Inbound::Acks(seqs) = f {
                             let mut unacked = p2.unacked.borrow_mut();
                             for s in seqs {
@@ -437,8 +576,7 @@ impl PeerPool {
                         }
                     })
                     .await;
-                    forward.abort();
-                    writer.abort();
+                    sender.close();
                     match result {
                         Ok(()) => "connection closed by the replica".to_string(),
                         Err(e) => e,
@@ -478,7 +616,7 @@ impl PeerPool {
         peer.next_seq.set(seq + 1);
         let frame = encode_request(seq, &hop);
         peer.unacked.borrow_mut().insert(seq, hop);
-        if !peer.sender.send(frame) {
+        if !peer.sender.borrow().send(frame) {
             let hop = peer.unacked.borrow_mut().remove(&seq);
             if let Some(hop) = hop {
                 let _ = self.lost.send(Lost {
@@ -493,7 +631,7 @@ impl PeerPool {
     /// Sends a frame that needs no acknowledgement (outputs on their way to an ingress).
     pub fn send_frame(self: &Rc<Self>, addr: &Rc<str>, frame: Vec<u8>) {
         let peer = self.peer(addr);
-        let _ = peer.sender.send(frame);
+        let _ = peer.sender.borrow().send(frame);
     }
 }
 
@@ -505,18 +643,24 @@ pub struct IngressConn {
     closed: Rc<Cell<bool>>,
 }
 
+impl Drop for IngressConn {
+    fn drop(&mut self) {
+        self.sender.close();
+    }
+}
+
 impl IngressConn {
     pub async fn connect(addr: &str) -> std::io::Result<IngressConn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (r, w) = stream.into_split();
-        let (sender, _writer) = spawn_writer(w);
+        let stream = Rc::new(stream);
+        let sender = Sender::new(stream.clone());
         let pending: Rc<RefCell<HashMap<u64, tokio::sync::oneshot::Sender<ReplyMsg>>>> =
             Rc::default();
         let closed = Rc::new(Cell::new(false));
         let (p, c) = (pending.clone(), closed.clone());
         tokio::task::spawn_local(async move {
-            let _ = read_frames(r, |f| {
+            let _ = read_frames(stream, |f| {
                 if let Inbound::Reply(reply) = f {
                     if let Some(tx) = p.borrow_mut().remove(&reply.id) {
                         let _ = tx.send(reply);

@@ -1,9 +1,7 @@
 //! The ingress: where invocations enter the data plane. It sends the inputs to the entry tasks'
 //! replicas, collects the graph's outputs as the sinks send them back, and enforces deadlines.
 
-use crate::dataplane::{
-    self, encode_acks, now_unix_us, Hop, InvokeMsg, OutputMsg, ReplyMsg, Sender,
-};
+use crate::dataplane::{self, now_unix_us, Hop, InvokeMsg, OutputMsg, ReplyMsg, Sender};
 use crate::forward::Forwarder;
 use crate::routes::GraphRoutes;
 use bytes::Bytes;
@@ -179,7 +177,7 @@ impl Ingress {
 
 impl dataplane::Handler for Ingress {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
-        from.send(encode_acks(&[seq]));
+        from.ack(seq);
         self.fwd
             .fail(&hop, "requests are not served at an ingress".into());
     }

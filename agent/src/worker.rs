@@ -5,7 +5,7 @@
 //! It is driven by its agent through [`Command`]s (Cap'n Proto `WorkerCommand` messages on
 //! stdin); it exits when that stream ends, so a worker never outlives its agent.
 
-use crate::dataplane::{self, encode_acks, encode_output, now_unix_us, Hop, OutputMsg, Sender};
+use crate::dataplane::{self, encode_output, now_unix_us, Hop, OutputMsg, Sender};
 use crate::forward::Forwarder;
 use crate::kernels::Kernel;
 use crate::routes::GraphRoutes;
@@ -111,7 +111,7 @@ pub struct Worker {
 
 fn ack(acks: &[(Sender, u64)]) {
     for (s, seq) in acks {
-        s.send(encode_acks(&[*seq]));
+        s.ack(*seq);
     }
 }
 
