@@ -105,6 +105,8 @@ impl Provisioner for ProcessProvisioner {
         let mut child = tokio::process::Command::new(&self.exe)
             .arg("worker")
             .args(["--host", &self.host])
+            // Named on the command line so operators can find a replica's process.
+            .args(["--replica", &spec.replica])
             .arg("--listen")
             .arg(format!("{}:0", self.bind_ip))
             .stdin(Stdio::piped())

@@ -45,6 +45,9 @@ enum Sub {
     Worker {
         #[arg(long)]
         host: String,
+        /// The replica this worker runs (for `ps`; the task itself arrives on stdin).
+        #[arg(long)]
+        replica: Option<String>,
         #[arg(long)]
         listen: SocketAddr,
     },
@@ -64,7 +67,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    if let Some(Sub::Worker { host, listen }) = args.command {
+    if let Some(Sub::Worker { host, listen, .. }) = args.command {
         return local
             .block_on(&runtime, prescient_agent::worker::run(&host, listen))
             .map_err(anyhow::Error::msg);

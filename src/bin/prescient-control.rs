@@ -29,6 +29,9 @@ struct Args {
     /// After start, wait this long for agents to report their replicas before placing any.
     #[arg(long, default_value_t = 3000)]
     startup_grace_ms: u64,
+    /// Replicas every task gets at least (the policy minimum).
+    #[arg(long, default_value_t = 1)]
+    min_replicas: usize,
 }
 
 fn main() -> Result<()> {
@@ -52,7 +55,7 @@ fn main() -> Result<()> {
         cluster: prescient_control::ClusterConfig {
             heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
             startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
-            ..Default::default()
+            min_replicas: args.min_replicas.max(1),
         },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

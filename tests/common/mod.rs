@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub const CONTROL: &str = env!("CARGO_BIN_EXE_prescient-control");
 pub const CLI: &str = env!("CARGO_BIN_EXE_prescient");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_prescient-agent");
 
 /// A fresh directory under the system temp dir, removed when dropped.
 pub struct TempDir(pub PathBuf);
@@ -44,11 +45,16 @@ pub struct Control {
 
 impl Control {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Control {
+        Self::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts on a given address: a restarted node must come back where agents look for it.
+    pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Control {
         static N: AtomicU32 = AtomicU32::new(0);
         let log =
             data_dir.with_extension(format!("control-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let mut child = Command::new(CONTROL)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("PRESCIENT_LOG", "info")
@@ -130,4 +136,110 @@ pub fn repo_path(rel: &str) -> String {
         .join(rel)
         .display()
         .to_string()
+}
+
+/// A host agent running as a child process.
+pub struct Agent {
+    child: Child,
+    pub name: String,
+    pub ingress: String,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(control: &str, name: &str, cpus: u32, log_dir: &Path) -> Agent {
+        let log = log_dir.join(format!("agent-{name}.log"));
+        let mut child = Command::new(AGENT)
+            .args([
+                "--control",
+                control,
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                name,
+            ])
+            .args([
+                "--cpus",
+                &cpus.to_string(),
+                "--memory",
+                "4GiB",
+                "--heartbeat-ms",
+                "200",
+            ])
+            .env("PRESCIENT_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting prescient-agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ingress = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|_| line.starts_with("prescient-agent "))
+            .unwrap_or_else(|| panic!("agent did not start: {line:?}"))
+            .to_string();
+        Agent {
+            child,
+            name: name.to_string(),
+            ingress,
+            log,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until every task of `graph` has `per_task` ready replicas; returns the replicas JSON.
+pub fn wait_deployed(
+    control: &Control,
+    graph: &str,
+    tasks: usize,
+    per_task: usize,
+) -> serde_json::Value {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = control.cli_json(&["replicas", graph]);
+        let ready = v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "ready")
+            .count();
+        if ready >= tasks * per_task && v["epoch"].as_u64().unwrap_or(0) > 0 {
+            // Give the newest routing table a moment to reach every agent.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            return control.cli_json(&["replicas", graph]);
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "graph {graph} not deployed: {v}\n{}",
+            control.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Event kinds and subjects, in order.
+pub fn events(control: &Control) -> Vec<(String, String, String)> {
+    control
+        .cli_ok(&["events", "--json"])
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["subject"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
