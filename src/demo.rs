@@ -1,13 +1,15 @@
-//! `prescient demo`: starts a control node on this machine as a real process and walks through
-//! what Prescient does today, printing each step.
+//! `prescient demo`: a control node and three agents on this machine as real processes; the
+//! example pipelines deployed on them; a slice of a real trace replayed through them, with the
+//! control node killed and restarted mid-replay; a summary of what happened and why.
 
 use crate::client::{ControlClient, SubmitOutcome};
-use crate::output;
+use crate::local::{wait_deployed, LocalCluster};
+use crate::{load, output};
 use anyhow::{bail, Context, Result};
 use prescient_schemas::{file, ValidatedGraph};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
+use std::time::Duration;
 
 const EXAMPLES: &[(&str, &str)] = &[
     (
@@ -19,198 +21,199 @@ const EXAMPLES: &[(&str, &str)] = &[
         include_str!("../examples/fan-out-fan-in.toml"),
     ),
 ];
-const INVALID: &[(&str, &str)] = &[
-    (
-        "cycle.toml",
-        include_str!("../tests/data/invalid/cycle.toml"),
-    ),
-    (
-        "type-mismatch.toml",
-        include_str!("../tests/data/invalid/type-mismatch.toml"),
-    ),
-];
-
-/// A control node started as a child process.
-struct ControlProcess {
-    child: Child,
-    addr: String,
-}
-
-impl ControlProcess {
-    fn start(bin: &Path, data_dir: &Path) -> Result<ControlProcess> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("control.log"))?;
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir.join("registry"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("control stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(addr) = line.trim().strip_prefix("prescient-control listening on ") else {
-            let _ = child.kill();
-            bail!(
-                "control node did not start; see {}",
-                data_dir.join("control.log").display()
-            );
-        };
-        Ok(ControlProcess {
-            addr: addr.to_string(),
-            child,
-        })
-    }
-}
-
-impl Drop for ControlProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+const INVALID: (&str, &str) = (
+    "type-mismatch.toml",
+    include_str!("../tests/data/invalid/type-mismatch.toml"),
+);
+/// The trace replayed, relative to a `shared/traces` directory.
+const TRACE: &str = "azure_llm_2023/AzureLLMInferenceTrace_code.csv";
 
 fn step(n: u32, title: &str) {
     println!("\n== {n}. {title}");
 }
 
-pub async fn run(keep: bool) -> Result<ExitCode> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("prescient-control");
-    if !bin.exists() {
-        bail!(
-            "{} is missing: build every binary first (`cargo build --release --bins`, or run `cargo xtask demo`)",
-            bin.display()
-        );
+/// Finds `shared/traces` beside the checkout (`../shared/traces`) or inside it.
+fn traces_dir() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("PRESCIENT_TRACES") {
+        return Some(PathBuf::from(p));
     }
-    let data_dir: PathBuf =
-        std::env::temp_dir().join(format!("prescient-demo-{}", std::process::id()));
-    std::fs::create_dir_all(data_dir.join("examples"))?;
-    let result = walk_through(&bin, &data_dir).await;
+    let mut dir = std::env::current_dir().ok()?;
+    loop {
+        for candidate in [dir.join("shared/traces"), dir.join("../shared/traces")] {
+            if candidate.join(TRACE).exists() {
+                return Some(candidate);
+            }
+        }
+        if !dir.pop() {
+            return None;
+        }
+    }
+}
+
+pub async fn run(keep: bool) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("prescient-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = walk_through(&dir).await;
     if keep {
-        println!("\ndata kept in {}", data_dir.display());
+        println!("\nlogs and data kept in {}", dir.display());
     } else {
-        let _ = std::fs::remove_dir_all(&data_dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
     result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn walk_through(bin: &Path, data_dir: &Path) -> Result<()> {
-    step(1, "start a control node (a real process, registry on disk)");
-    let control = ControlProcess::start(bin, data_dir)?;
-    println!(
-        "prescient-control pid {} listening on {}",
-        control.child.id(),
-        control.addr
+async fn walk_through(dir: &Path) -> Result<()> {
+    step(
+        1,
+        "start a control node and three host agents (real processes)",
     );
-    let client = ControlClient::connect(&control.addr).await?;
+    let mut cluster = LocalCluster::start(dir, 3, 2)?;
+    println!(
+        "prescient-control pid {} on {}",
+        cluster.control.child.id(),
+        cluster.control.addr
+    );
+    for a in &cluster.agents {
+        println!(
+            "prescient-agent {} pid {} ingress {} (offers 2 CPUs, 4GiB)",
+            a.name,
+            a.child.id(),
+            a.addr
+        );
+    }
+    let client = ControlClient::connect(&cluster.control.addr).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    step(2, "submit the example graphs over Cap'n Proto");
+    step(
+        2,
+        "submit the example pipelines; control places and provisions them",
+    );
+    let mut ids = Vec::new();
     for (name, text) in EXAMPLES {
-        let path = data_dir.join("examples").join(name);
+        let path = dir.join(name);
         std::fs::write(&path, text)?;
         let f = file::read(&path)?;
-        let v = ValidatedGraph::new(f.graph.clone())
-            .map_err(|p| anyhow::anyhow!("example {name} is invalid: {p:?}"))?;
+        let tasks = f.graph.tasks.len();
         match client.submit(&f.graph).await? {
-            SubmitOutcome::Accepted { record, .. } => println!(
-                "{name}: accepted as {} version {} ({} tasks, {} chains: {})",
-                record.id,
-                record.version,
-                record.graph.tasks.len(),
-                v.chains().len(),
-                v.chains()
-                    .iter()
-                    .map(|c| c.join("->"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            SubmitOutcome::Accepted { record, .. } => {
+                println!("{name}: accepted as {} ({tasks} tasks)", record.id);
+                ids.push((record.id, tasks));
+            }
             SubmitOutcome::Rejected(p) => bail!("example {name} was rejected: {p:?}"),
         }
     }
-    print!("\n{}", output::graphs_table(&client.list().await?));
-    let first = client.get("g1").await?;
-    print!("\n{}", output::graph_detail(&first));
+    for (id, tasks) in &ids {
+        let epoch = wait_deployed(&client, id, *tasks, Duration::from_secs(60)).await?;
+        let (_, replicas) = client.replicas(id).await?;
+        println!("\n{id}: routing-table epoch {epoch}");
+        print!("{}", output::replicas_table(&replicas));
+    }
+    print!("\n{}", output::agents_table(&client.agents().await?));
 
-    step(3, "invalid graphs are refused with the culprit named");
-    for (name, text) in INVALID {
-        let f = file::parse(name, text)?;
-        match ValidatedGraph::new(f.graph.clone()) {
-            Ok(_) => bail!("{name} should be invalid"),
-            Err(problems) => {
-                for p in &problems {
-                    println!("{}", f.source.describe(p));
-                }
-            }
-        }
-        // The control node checks again, whatever the client did.
-        if let SubmitOutcome::Rejected(p) = client.submit(&f.graph).await? {
+    step(3, "invoke each pipeline once");
+    let conn = prescient_agent::dataplane::IngressConn::connect(&cluster.agents[0].addr).await?;
+    for (id, _) in &ids {
+        let started = std::time::Instant::now();
+        let out = conn
+            .invoke(
+                id,
+                vec![(String::new(), bytes::Bytes::from_static(b"hello"))],
+                5000,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        for (k, v) in out {
             println!(
-                "  control node agrees: {} problem(s), nothing stored",
-                p.len()
+                "{id} {k} = {}  ({} us)",
+                output::bytes_text(&v),
+                started.elapsed().as_micros()
             );
-        } else {
-            bail!("the control node accepted {name}");
         }
     }
 
-    step(4, "resubmitting a changed graph makes a new version");
-    let mut changed = first.graph.clone();
-    changed.tasks[0].estimated_execution_time_ns *= 2;
-    if let SubmitOutcome::Accepted { record, created } = client.submit(&changed).await? {
-        println!(
-            "{:?}: {} version {} (new version: {created})",
-            record.graph.name, record.id, record.version
-        );
+    step(4, "an invalid graph is refused, naming the culprit");
+    let f = file::parse(INVALID.0, INVALID.1)?;
+    if let Err(problems) = ValidatedGraph::new(f.graph.clone()) {
+        for p in &problems {
+            println!("{}", f.source.describe(p));
+        }
     }
 
     step(
         5,
-        "kill -9 the control node and restart it on the same data",
+        "replay a real trace slice; kill -9 the control node midway and restart it",
     );
-    let before: Vec<_> = {
-        let mut v = Vec::new();
-        for s in client.list().await? {
-            v.push(client.get(&s.id).await?);
+    let (graph, _) = &ids[1];
+    let duration = Duration::from_secs(12);
+    let mode = match traces_dir() {
+        Some(d) => {
+            let path = d.join(TRACE);
+            let arrivals = load::read_trace(&path, 30.0, duration)
+                .with_context(|| format!("reading {}", path.display()))?;
+            println!(
+                "{}: Azure LLM coding requests, 30x faster, first {} minutes: {} invocations",
+                path.display(),
+                duration.as_secs() * 30 / 60,
+                arrivals.len()
+            );
+            load::Mode::Trace { arrivals }
         }
-        v
+        None => {
+            println!(
+                "shared/traces not found (set PRESCIENT_TRACES): Poisson arrivals at 200/s instead"
+            );
+            load::Mode::Open { rate: 200.0 }
+        }
     };
-    drop(client);
-    let pid = control.child.id();
-    drop(control); // SIGKILL, then reap
-    println!("killed pid {pid} with SIGKILL");
-    let control = ControlProcess::start(bin, data_dir)?;
-    println!(
-        "restarted: pid {} listening on {}",
-        control.child.id(),
-        control.addr
+    let spec = load::Spec {
+        graph: graph.clone(),
+        mode,
+        duration,
+        payload: bytes::Bytes::from(vec![b'x'; 256]),
+        deadline_ms: 5000,
+        ingresses: cluster.agents.iter().map(|a| a.addr.clone()).collect(),
+    };
+    let control_addr = cluster.control.addr.clone();
+    let replay = tokio::task::spawn_local(load::run(spec, true));
+    // In the trace's first burst, so the restart happens under load.
+    tokio::time::sleep(Duration::from_millis(6300)).await;
+    let pid = cluster.control.child.id();
+    let _ = cluster.control.child.kill();
+    let _ = cluster.control.child.wait();
+    eprintln!("  -- killed the control node (pid {pid}) with SIGKILL");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.control = restart_control(dir, &control_addr)?;
+    eprintln!(
+        "  -- restarted it (pid {}) on the same data directory and address",
+        cluster.control.child.id()
     );
-    let client = ControlClient::connect(&control.addr).await?;
-    let mut same = 0;
-    for rec in &before {
-        if client.get(&rec.id).await? == *rec {
-            same += 1;
-        }
-    }
-    println!(
-        "{same} of {} graphs came back unchanged (same id, version, digest and content)",
-        before.len()
-    );
-    if same != before.len() {
-        bail!("the registry lost or changed graphs across a restart");
-    }
+    let report = replay.await??;
+    print!("\n{}", output::load_report(&report));
 
-    step(6, "every decision is in the event log, with its reason");
-    for e in client.events(0, 100).await? {
+    step(6, "what the control node decided, and why");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = ControlClient::connect(&cluster.control.addr).await?;
+    for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
     println!(
-        "\nNext: host agents, deployment and load replay (see the README's roadmap). \
-         Try `prescient --control {} graphs` while a node runs.",
-        control.addr
+        "\nsummary: {} invocations replayed, {} failed, p50 {} us, p99 {} us; \
+         the control node restart interrupted {} of them",
+        report.sent, report.errors, report.p50_us, report.p99_us, report.errors
     );
     Ok(())
+}
+
+fn restart_control(dir: &Path, addr: &str) -> Result<crate::local::Proc> {
+    let exe = std::env::current_exe()?.with_file_name("prescient-control");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--listen", addr, "--data-dir"])
+        .arg(dir.join("control"))
+        .args(["--startup-grace-ms", "3000"]);
+    crate::local::start(
+        cmd,
+        &dir.join("control.log"),
+        "prescient-control listening on ",
+        "control",
+    )
 }

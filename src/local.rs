@@ -32,7 +32,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn start(mut cmd: Command, log: &Path, prefix: &str, name: &str) -> Result<Proc> {
+pub fn start(mut cmd: Command, log: &Path, prefix: &str, name: &str) -> Result<Proc> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -57,7 +57,6 @@ fn start(mut cmd: Command, log: &Path, prefix: &str, name: &str) -> Result<Proc>
 }
 
 pub struct LocalCluster {
-    pub dir: PathBuf,
     pub control: Proc,
     pub agents: Vec<Proc>,
 }
@@ -116,14 +115,9 @@ impl LocalCluster {
             )?);
         }
         Ok(LocalCluster {
-            dir: dir.to_path_buf(),
             control,
             agents: procs,
         })
-    }
-
-    pub fn ingresses(&self) -> Vec<String> {
-        self.agents.iter().map(|a| a.addr.clone()).collect()
     }
 }
 

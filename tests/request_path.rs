@@ -247,7 +247,7 @@ fn killing_a_worker_mid_run_neither_hangs_nor_loses_invocations_silently() {
 fn restarting_the_control_node_does_not_interrupt_invocations() {
     let dir = TempDir::new("restart-control");
     let data = dir.path().join("control");
-    let control = Control::start(&data, &["--startup-grace-ms", "1000"]);
+    let control = Control::start(&data, &["--startup-grace-ms", "3000"]);
     let addr = control.addr.clone();
     let _agents: Vec<Agent> = (1..=2)
         .map(|i| Agent::start(&addr, &format!("a{i}"), 2, dir.path()))
@@ -259,13 +259,13 @@ fn restarting_the_control_node_does_not_interrupt_invocations() {
     std::thread::sleep(Duration::from_millis(1000));
     control.kill9();
     std::thread::sleep(Duration::from_millis(1000));
-    let control = Control::start_on(&data, &addr, &["--startup-grace-ms", "1000"]);
+    let control = Control::start_on(&data, &addr, &["--startup-grace-ms", "3000"]);
     let report = load_report(load);
     assert_eq!(report["errors"], 0, "{report}");
     assert!(report["ok"].as_u64().unwrap() > 500, "{report}");
 
     // The restarted node adopted the running replicas instead of starting new ones.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(3500));
     let after = control.cli_json(&["replicas", "g1"]);
     let ids = |v: &serde_json::Value| {
         let mut ids: Vec<String> = v["replicas"]

@@ -24,6 +24,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+/// Longest wait between attempts to reach the control node. A restarted control node waits
+/// its start-up grace (longer than this plus a heartbeat) for agents before placing anything.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Stable name of this agent (defaults to the hostname).
@@ -106,7 +110,7 @@ impl AgentNode {
                 ),
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

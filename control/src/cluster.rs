@@ -632,12 +632,13 @@ impl Cluster {
     async fn publish_changed(&self) {
         let mut changed = Vec::new();
         for (id, d) in self.deployments.borrow_mut().iter_mut() {
-            let ready: Vec<String> = d
+            let mut ready: Vec<String> = d
                 .replicas
                 .iter()
                 .filter(|r| r.state == ReplicaState::Ready)
                 .map(|r| format!("{}@{}", r.id, r.host))
                 .collect();
+            ready.sort();
             let signature = ready.join(",");
             if d.published > 0 && d.epoch == d.published && d.signature == signature {
                 continue;
