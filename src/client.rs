@@ -207,6 +207,30 @@ impl ControlClient {
         Ok((r.get_epoch(), out))
     }
 
+    /// Uploads an artifact in 1 MiB chunks; returns its digest, size, and whether it was new.
+    pub async fn upload(&self, bytes: &[u8]) -> Result<(prescient_schemas::Digest, u64, bool)> {
+        let e = |e: capnp::Error| remote(&self.addr, e);
+        let reply = self
+            .client
+            .upload_artifact_request()
+            .send()
+            .promise
+            .await
+            .map_err(e)?;
+        let upload = reply.get()?.get_upload()?;
+        for chunk in bytes.chunks(1 << 20) {
+            let mut w = upload.write_request();
+            w.get().set_chunk(chunk);
+            w.send().promise.await.map_err(e)?;
+        }
+        let done = upload.commit_request().send().promise.await.map_err(e)?;
+        let r = done.get()?;
+        let digest = <[u8; 32]>::try_from(r.get_sha256()?)
+            .map(prescient_schemas::Digest)
+            .map_err(|_| anyhow!("the control node returned a malformed digest"))?;
+        Ok((digest, r.get_size(), r.get_created()))
+    }
+
     /// Prints every event after `since`, then each new one as it happens, until the
     /// connection ends.
     pub async fn follow_events(self, since: u64, json: bool) -> Result<()> {

@@ -42,6 +42,8 @@ enum Command {
         #[arg(long, hide = true)]
         no_local_check: bool,
     },
+    /// Upload an executable or model; prints the digest to name it by in a graph file.
+    Upload { file: PathBuf },
     /// Check a graph file without submitting it.
     Validate { file: PathBuf },
     /// List the graphs the control node holds.
@@ -198,6 +200,23 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { keep } => demo::run(keep).await,
+        Command::Upload { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let c = ControlClient::connect(&cli.control).await?;
+            let (digest, size, created) = c.upload(&bytes).await?;
+            if json {
+                output::print_json(&serde_json::json!({
+                    "sha256": digest.to_string(), "size": size, "created": created,
+                }))?;
+            } else {
+                println!(
+                    "{digest}  ({size} bytes{})",
+                    if created { "" } else { ", already stored" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { which } => bench::run(which).await,
         Command::Agents => {
             let c = ControlClient::connect(&cli.control).await?;

@@ -41,7 +41,12 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// The binary that runs workers (`<exe> worker ...`).
     pub worker_exe: std::path::PathBuf,
+    /// Where the agent keeps its state (the artifact cache).
+    pub data_dir: std::path::PathBuf,
 }
+
+/// A routing table's epoch and its encoding as a worker command.
+type EncodedTable = (u64, Rc<Vec<u8>>);
 
 struct Replica {
     graph_id: String,
@@ -60,8 +65,9 @@ pub struct AgentNode {
     provisioner: ProcessProvisioner,
     replicas: RefCell<HashMap<String, Replica>>,
     /// Latest routing table per graph, encoded as a worker command, with its epoch.
-    tables: RefCell<HashMap<String, (u64, Rc<Vec<u8>>)>>,
+    tables: RefCell<HashMap<String, EncodedTable>>,
     session: RefCell<Option<agent_session::Client>>,
+    control: RefCell<Option<control::Client>>,
 }
 
 impl AgentNode {
@@ -88,6 +94,7 @@ impl AgentNode {
             replicas: RefCell::default(),
             tables: RefCell::default(),
             session: RefCell::default(),
+            control: RefCell::default(),
         }))
     }
 
@@ -173,6 +180,7 @@ impl AgentNode {
             .map_err(|x| x.to_string())?;
         info!(%host_id, ingress = %self.ingress_addr, "registered with the control node");
         *self.session.borrow_mut() = Some(session.clone());
+        *self.control.borrow_mut() = Some(control.clone());
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(self.config.heartbeat);
         let result = loop {
@@ -191,6 +199,7 @@ impl AgentNode {
             }
         };
         *self.session.borrow_mut() = None;
+        *self.control.borrow_mut() = None;
         connection.abort();
         result
     }
@@ -219,10 +228,21 @@ impl AgentNode {
             .graph
             .task(&task)
             .ok_or_else(|| format!("graph {} has no task {task:?}", record.id))?;
+        let artifact_path = match &t.code.kind {
+            prescient_schemas::CodeKind::Exec { sha256, .. }
+            | prescient_schemas::CodeKind::Onnx { sha256, .. } => {
+                self.fetch_artifact(sha256).await?.display().to_string()
+            }
+            _ => String::new(),
+        };
         let mut msg = capnp::message::Builder::new_default();
-        msg.init_root::<worker_command::Builder<'_>>()
-            .set_deploy(spec)
-            .map_err(s)?;
+        {
+            let mut d = msg.init_root::<worker_command::Builder<'_>>().init_deploy();
+            d.set_replica(replica.as_str());
+            d.set_task(task.as_str());
+            d.set_graph(spec.get_graph().map_err(s)?).map_err(s)?;
+            d.set_artifact_path(artifact_path.as_str());
+        }
         let deploy = capnp::serialize::write_message_to_words(&msg);
         let started = std::time::Instant::now();
         let vm = self
@@ -283,6 +303,52 @@ impl AgentNode {
             node.replica_exited(&replica, reason).await;
         });
         Ok(data_plane_addr)
+    }
+
+    /// A verified local copy of an artifact, fetched from the control node when missing.
+    async fn fetch_artifact(
+        &self,
+        digest: &prescient_schemas::Digest,
+    ) -> Result<std::path::PathBuf, String> {
+        let dir = self.config.data_dir.join("artifacts");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let path = dir.join(digest.hex());
+        if path.exists() && crate::exec::verify(&path, digest).is_ok() {
+            return Ok(path);
+        }
+        let control = self
+            .control
+            .borrow()
+            .clone()
+            .ok_or("not connected to the control node, which holds the artifacts")?;
+        let tmp = dir.join(format!(".fetch-{}", digest.hex()));
+        let mut out = Vec::new();
+        loop {
+            let mut req = control.read_artifact_request();
+            req.get().set_sha256(&digest.0);
+            req.get().set_offset(out.len() as u64);
+            req.get().set_length(4 << 20);
+            let reply = req.send().promise.await.map_err(|e| e.extra)?;
+            let r = reply.get().map_err(|e| e.to_string())?;
+            let chunk = r.get_data().map_err(|e| e.to_string())?;
+            out.extend_from_slice(chunk);
+            if chunk.is_empty() || out.len() as u64 >= r.get_size() {
+                break;
+            }
+        }
+        std::fs::write(&tmp, &out).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        if let Err(e) = crate::exec::verify(&tmp, digest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))
+                .map_err(|e| format!("making {} executable: {e}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| format!("storing {}: {e}", path.display()))?;
+        info!(artifact = %digest, bytes = out.len(), "artifact fetched and verified");
+        Ok(path)
     }
 
     async fn replica_exited(&self, replica: &str, reason: String) {

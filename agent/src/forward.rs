@@ -14,13 +14,16 @@ use tracing::debug;
 /// Attempts per hop, the first included.
 pub const MAX_ATTEMPTS: u32 = 3;
 
+/// An invocation's deadline and the addresses one of its hops already failed on.
+type FailedOn = (u64, Vec<Rc<str>>);
+
 pub struct Forwarder {
     pub host: Rc<str>,
     pub pool: Rc<PeerPool>,
     pub routes: RefCell<HashMap<Rc<str>, Rc<GraphRoutes>>>,
     pub rng: Rng,
     /// Addresses each in-flight (invocation, task) has already failed on, until its deadline.
-    failed: RefCell<HashMap<(u64, Rc<str>), (u64, Vec<Rc<str>>)>>,
+    failed: RefCell<HashMap<(u64, Rc<str>), FailedOn>>,
 }
 
 impl Forwarder {

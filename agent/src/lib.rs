@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod dataplane;
+pub mod exec;
 pub mod forward;
 pub mod host;
 pub mod ingress;

@@ -12,6 +12,9 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// A (task, input port) an output feeds.
+pub type InputPort = (Rc<str>, Rc<str>);
+
 #[derive(Debug, Clone)]
 pub struct Route {
     pub replica: Rc<str>,
@@ -27,7 +30,7 @@ pub struct GraphRoutes {
     pub record: GraphRecord,
     replicas: HashMap<String, Vec<Route>>,
     /// (task, output port) -> the input ports it feeds.
-    targets: HashMap<(String, String), Vec<(Rc<str>, Rc<str>)>>,
+    targets: HashMap<(String, String), Vec<InputPort>>,
     /// task -> its input port names, in declaration order.
     pub inputs: HashMap<String, Vec<String>>,
     pub graph_inputs: Vec<Endpoint>,
@@ -57,7 +60,7 @@ impl GraphRoutes {
 
     pub fn new(record: GraphRecord, epoch: u64, replicas: HashMap<String, Vec<Route>>) -> Self {
         let g = &record.graph;
-        let mut targets: HashMap<(String, String), Vec<(Rc<str>, Rc<str>)>> = HashMap::new();
+        let mut targets: HashMap<(String, String), Vec<InputPort>> = HashMap::new();
         for e in &g.edges {
             targets
                 .entry((e.from.task.clone(), e.from.port.clone()))
@@ -111,7 +114,7 @@ impl GraphRoutes {
     }
 
     /// The input ports an output port feeds; empty for a graph output.
-    pub fn targets(&self, task: &str, port: &str) -> &[(Rc<str>, Rc<str>)] {
+    pub fn targets(&self, task: &str, port: &str) -> &[InputPort] {
         self.targets
             .get(&(task.to_string(), port.to_string()))
             .map_or(&[], Vec::as_slice)

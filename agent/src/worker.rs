@@ -25,6 +25,8 @@ pub enum Command {
         replica: String,
         record: GraphRecord,
         task: String,
+        /// The agent's verified local copy of the task's artifact, if it has one.
+        artifact_path: String,
     },
     Routes(GraphRoutes),
     Drain,
@@ -46,6 +48,11 @@ impl Command {
                         .map_err(|e| e.to_string())?,
                     task: spec
                         .get_task()
+                        .map_err(s)?
+                        .to_string()
+                        .map_err(|e| e.to_string())?,
+                    artifact_path: spec
+                        .get_artifact_path()
                         .map_err(s)?
                         .to_string()
                         .map_err(|e| e.to_string())?,
@@ -87,10 +94,25 @@ fn decode_command(msg: &Message) -> Result<Command, String> {
         .and_then(Command::decode)
 }
 
+/// What runs a task: a builtin kernel, or an artifact subprocess.
+enum Runner {
+    Builtin(Kernel),
+    Exec(Rc<crate::exec::ExecProcess>),
+}
+
+impl Runner {
+    async fn run(&self, inputs: &[Bytes], rng: &crate::routes::Rng) -> Result<Bytes, String> {
+        match self {
+            Runner::Builtin(k) => k.run(inputs, rng).await,
+            Runner::Exec(p) => p.run(inputs).await,
+        }
+    }
+}
+
 struct Deployed {
     graph_id: Rc<str>,
     task: Rc<str>,
-    kernel: Kernel,
+    kernel: Runner,
     inputs: Vec<String>,
     outputs: Vec<Rc<str>>,
 }
@@ -123,12 +145,22 @@ impl Worker {
                 replica,
                 record,
                 task,
+                artifact_path,
             } => {
                 let t = record
                     .graph
                     .task(&task)
                     .ok_or_else(|| format!("graph {} has no task {task:?}", record.id))?;
-                let kernel = Kernel::from_code(&t.code).map_err(|e| format!("task {task}: {e}"))?;
+                let kernel = match &t.code.kind {
+                    prescient_schemas::CodeKind::Exec { sha256, args } => {
+                        let path = std::path::Path::new(&artifact_path);
+                        crate::exec::verify(path, sha256)?;
+                        Runner::Exec(crate::exec::ExecProcess::start(path, args)?)
+                    }
+                    _ => Runner::Builtin(
+                        Kernel::from_code(&t.code).map_err(|e| format!("task {task}: {e}"))?,
+                    ),
+                };
                 info!(%replica, %task, graph = %record.id, "task deployed");
                 *self.replica.borrow_mut() = replica.into();
                 *self.task.borrow_mut() = Some(Rc::new(Deployed {

@@ -86,6 +86,9 @@ pub struct Deployment {
     unplaceable: HashMap<String, String>,
     /// The ready replicas of the last published table, to tell when a new epoch is due.
     signature: String,
+    /// Tasks whose provisioning failed: failures in a row and when to try again (backoff
+    /// doubling from 2 s to 2 min, so a bad artifact does not flood the event log).
+    backoff: HashMap<String, (u32, Instant)>,
 }
 
 pub struct Cluster {
@@ -283,6 +286,7 @@ impl Cluster {
                     published: 0,
                     unplaceable: HashMap::new(),
                     signature: String::new(),
+                    backoff: HashMap::new(),
                 });
             d.epoch = d.epoch.max(r.get_epoch());
             d.published = d.published.max(r.get_epoch());
@@ -483,6 +487,7 @@ impl Cluster {
                         published: d.published,
                         unplaceable: HashMap::new(),
                         signature: String::new(),
+                        backoff: HashMap::new(),
                     },
                 );
             }
@@ -500,11 +505,18 @@ impl Cluster {
                 published: 0,
                 unplaceable: HashMap::new(),
                 signature: String::new(),
+                backoff: HashMap::new(),
             });
             let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
                 continue;
             };
             for task in v.topological_order() {
+                if d.backoff
+                    .get(task)
+                    .is_some_and(|(_, at)| *at > Instant::now())
+                {
+                    continue;
+                }
                 let have: Vec<&Replica> = d.replicas.iter().filter(|r| r.task == task).collect();
                 if have.len() < self.config.min_replicas {
                     let t = record
@@ -601,30 +613,35 @@ impl Cluster {
                 }
             }
         };
-        let mut deployments = self.deployments.borrow_mut();
-        let Some(d) = deployments.get_mut(&record.id) else {
-            return;
-        };
-        match result {
-            Ok(addr) => {
-                if let Some(r) = d.replicas.iter_mut().find(|r| r.id == id) {
-                    r.addr = addr;
-                    r.state = ReplicaState::Ready;
+        let failed = {
+            let mut deployments = self.deployments.borrow_mut();
+            let Some(d) = deployments.get_mut(&record.id) else {
+                return;
+            };
+            match result {
+                Ok(addr) => {
+                    d.backoff.remove(&task);
+                    if let Some(r) = d.replicas.iter_mut().find(|r| r.id == id) {
+                        r.addr = addr;
+                        r.state = ReplicaState::Ready;
+                    }
+                    None
                 }
-                drop(deployments);
-                info!(replica = %id, %host, "replica ready");
+                Err(e) => {
+                    d.replicas.retain(|r| r.id != id);
+                    let failures = d.backoff.get(&task).map_or(0, |(n, _)| *n) + 1;
+                    let wait = Duration::from_secs(2u64.saturating_pow(failures).min(120));
+                    d.backoff
+                        .insert(task.clone(), (failures, Instant::now() + wait));
+                    Some(format!(
+                        "provisioning on {host} failed: {e} (attempt {failures}; next in {wait:?})"
+                    ))
+                }
             }
-            Err(e) => {
-                d.replicas.retain(|r| r.id != id);
-                drop(deployments);
-                self.events
-                    .record(
-                        "replica-failed",
-                        &id,
-                        format!("provisioning on {host} failed: {e}"),
-                    )
-                    .await;
-            }
+        };
+        match failed {
+            None => info!(replica = %id, %host, "replica ready"),
+            Some(reason) => self.events.record("replica-failed", &id, reason).await,
         }
     }
 

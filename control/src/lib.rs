@@ -3,6 +3,7 @@
 //! Later issues add the monitoring service, the replication controller and the forecaster here;
 //! their decision code stays pure (`(snapshot, config, now) -> actions`).
 
+pub mod artifacts;
 pub mod cluster;
 pub mod events;
 pub mod placement;
@@ -33,6 +34,9 @@ pub enum StartError {
     /// The registry under the data directory could not be opened.
     #[error("opening the registry in {dir}: {source}")]
     Registry { dir: PathBuf, source: StoreError },
+    /// The artifact store under the data directory could not be opened.
+    #[error("opening the artifact store: {0}")]
+    Artifacts(artifacts::ArtifactError),
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Listen {
@@ -71,13 +75,15 @@ impl ControlNode {
             addr: config.listen,
             source,
         })?;
+        let artifacts =
+            artifacts::ArtifactStore::open(&config.data_dir).map_err(StartError::Artifacts)?;
         let registry = Arc::new(registry);
         let events = events::EventLog::new(registry.clone());
         let cluster = Cluster::new(config.cluster, registry.clone(), events.clone());
         Ok(ControlNode {
             local_addr,
             listener,
-            control: Control::new(registry, events, cluster.clone()),
+            control: Control::new(registry, events, cluster.clone(), artifacts),
             cluster,
             limits: config.limits,
         })

@@ -5,15 +5,18 @@
 //! API boundary: `api.capnp`'s `Control` interface. Every graph is validated here again,
 //! whatever the client checked, since clients are not trusted.
 
+use crate::artifacts::{ArtifactStore, Upload};
 use crate::cluster::{AgentState, Cluster, RegistryCap};
 use crate::events::EventLog;
 use crate::store::{Event, Registry, StoreError};
 use capnp::capability::Rc as CapRc;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures::AsyncReadExt;
+use prescient_schemas::api_capnp::artifact_upload;
 use prescient_schemas::api_capnp::{control, event_sink, subscription};
 use prescient_schemas::codec;
 use prescient_schemas::ValidatedGraph;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -64,14 +67,21 @@ pub struct Control {
     registry: Arc<Registry>,
     events: EventLog,
     cluster: Rc<Cluster>,
+    artifacts: ArtifactStore,
 }
 
 impl Control {
-    pub fn new(registry: Arc<Registry>, events: EventLog, cluster: Rc<Cluster>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        events: EventLog,
+        cluster: Rc<Cluster>,
+        artifacts: ArtifactStore,
+    ) -> Self {
         Control {
             registry,
             events,
             cluster,
+            artifacts,
         }
     }
 
@@ -290,6 +300,44 @@ impl control::Server for Control {
         Ok(())
     }
 
+    async fn upload_artifact(
+        self: CapRc<Self>,
+        _: control::UploadArtifactParams,
+        mut results: control::UploadArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.artifacts.clone();
+        let upload = tokio::task::spawn_blocking(move || store.begin())
+            .await
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        results.get().set_upload(capnp_rpc::new_client(UploadCap {
+            upload: RefCell::new(Some(upload)),
+            events: self.events.clone(),
+        }));
+        Ok(())
+    }
+
+    async fn read_artifact(
+        self: CapRc<Self>,
+        params: control::ReadArtifactParams,
+        mut results: control::ReadArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let digest = <[u8; 32]>::try_from(p.get_sha256()?)
+            .map(prescient_schemas::Digest)
+            .map_err(|_| capnp::Error::failed("sha256 must be 32 bytes".into()))?;
+        let (offset, len) = (p.get_offset(), p.get_length().min(8 << 20) as usize);
+        let store = self.artifacts.clone();
+        let (data, size) = tokio::task::spawn_blocking(move || store.read(&digest, offset, len))
+            .await
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_size(size);
+        Ok(())
+    }
+
     async fn watch_events(
         self: CapRc<Self>,
         params: control::WatchEventsParams,
@@ -349,6 +397,66 @@ impl Control {
                 }
             }
         }
+    }
+}
+
+/// One upload in progress; dropping the capability before `commit` discards it.
+struct UploadCap {
+    upload: RefCell<Option<Upload>>,
+    events: EventLog,
+}
+
+impl UploadCap {
+    fn take(&self) -> Result<Upload, capnp::Error> {
+        self.upload.borrow_mut().take().ok_or_else(|| {
+            capnp::Error::failed("this upload was already committed or failed".into())
+        })
+    }
+}
+
+impl artifact_upload::Server for UploadCap {
+    async fn write(
+        self: CapRc<Self>,
+        params: artifact_upload::WriteParams,
+        _: artifact_upload::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        let chunk = params.get()?.get_chunk()?.to_vec();
+        let mut upload = self.take()?;
+        let (upload, result) = tokio::task::spawn_blocking(move || {
+            let r = upload.write(&chunk);
+            (upload, r)
+        })
+        .await
+        .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        result.map_err(|e| capnp::Error::failed(e.to_string()))?;
+        *self.upload.borrow_mut() = Some(upload);
+        Ok(())
+    }
+
+    async fn commit(
+        self: CapRc<Self>,
+        _: artifact_upload::CommitParams,
+        mut results: artifact_upload::CommitResults,
+    ) -> Result<(), capnp::Error> {
+        let upload = self.take()?;
+        let (digest, size, created) = tokio::task::spawn_blocking(move || upload.commit())
+            .await
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        if created {
+            self.events
+                .record(
+                    "artifact-uploaded",
+                    &digest.to_string(),
+                    format!("{size} bytes stored"),
+                )
+                .await;
+        }
+        let mut r = results.get();
+        r.set_sha256(&digest.0);
+        r.set_size(size);
+        r.set_created(created);
+        Ok(())
     }
 }
 

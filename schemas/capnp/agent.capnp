@@ -69,6 +69,7 @@ struct ReplicaSpec {
   replica @0 :Text;             # unique in the cluster, e.g. "g1.infer.r2"
   graph @1 :Graph.GraphRecord;  # the whole graph, so the worker knows the edges
   task @2 :Text;
+  artifactPath @3 :Text;        # set by the agent for its worker: the verified local copy
 }
 
 struct ReplicaInfo {

@@ -63,6 +63,14 @@ interface Control {
   agents @7 () -> (registry :Agent.Registry);   # for host agents
   listAgents @8 () -> (agents :List(AgentSummary));
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
+  uploadArtifact @10 () -> (upload :ArtifactUpload);
+  readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
+}
+
+interface ArtifactUpload {
+  # Chunks in order; `commit` stores the artifact under its sha256 (durably) and returns it.
+  write @0 (chunk :Data) -> ();
+  commit @1 () -> (sha256 :Data, size :UInt64, created :Bool);
 }
 
 struct AgentSummary {

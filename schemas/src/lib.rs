@@ -9,9 +9,10 @@ pub mod generated {
     pub mod agent_capnp;
     pub mod api_capnp;
     pub mod dataplane_capnp;
+    pub mod exec_capnp;
     pub mod graph_capnp;
 }
-pub use generated::{agent_capnp, api_capnp, dataplane_capnp, graph_capnp};
+pub use generated::{agent_capnp, api_capnp, dataplane_capnp, exec_capnp, graph_capnp};
 
 pub mod codec;
 pub mod file;

@@ -85,7 +85,7 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let config = AgentConfig {
-        name: args.name.unwrap_or(hostname),
+        name: args.name.clone().unwrap_or(hostname),
         control: args.control.unwrap_or_else(|| "127.0.0.1:7400".into()),
         listen: args
             .listen
@@ -94,6 +94,9 @@ fn main() -> Result<()> {
         memory_bytes,
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
         worker_exe: std::env::current_exe()?,
+        data_dir: args.data_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("prescient-agent-{}", std::process::id()))
+        }),
     };
     local.block_on(&runtime, async move {
         let node = AgentNode::start(config.clone())

@@ -11,7 +11,13 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SCHEMAS: &[&str] = &["graph.capnp", "api.capnp", "agent.capnp", "dataplane.capnp"];
+const SCHEMAS: &[&str] = &[
+    "graph.capnp",
+    "api.capnp",
+    "agent.capnp",
+    "dataplane.capnp",
+    "exec.capnp",
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

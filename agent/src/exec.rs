@@ -1,0 +1,137 @@
+//! `exec` task code: an uploaded executable run as a long-lived subprocess of the worker,
+//! speaking `exec.capnp` (requests on its stdin, responses on its stdout, paired by id).
+//!
+//! Architecture invariant: an artifact is only ever run from a local copy whose sha256 was
+//! checked against the digest in the graph just before use.
+
+use bytes::Bytes;
+use prescient_schemas::exec_capnp::{exec_request, exec_response};
+use prescient_schemas::Digest;
+use sha2::Digest as _;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+/// Checks that the file at `path` has the sha256 `expected`.
+pub fn verify(path: &Path, expected: &Digest) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let actual = Digest(sha2::Sha256::digest(&bytes).into());
+    if actual != *expected {
+        return Err(format!(
+            "artifact digest mismatch: the graph names {expected} but the bytes hash to {actual}; refusing to run it"
+        ));
+    }
+    Ok(())
+}
+
+type Pending = RefCell<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>;
+
+/// A running artifact.
+pub struct ExecProcess {
+    requests: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Rc<Pending>,
+    next: Cell<u64>,
+    _child: tokio::process::Child,
+}
+
+impl ExecProcess {
+    /// Starts the artifact. If it exits, the worker exits too, so the agent reports the
+    /// replica lost and the control node replaces it.
+    pub fn start(path: &Path, args: &[String]) -> Result<Rc<ExecProcess>, String> {
+        let mut child = tokio::process::Command::new(path)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", path.display()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let (requests, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::task::spawn_local(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(frame) = rx.recv().await {
+                if stdin.write_all(&frame).await.is_err() || stdin.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let pending: Rc<Pending> = Rc::default();
+        let p = pending.clone();
+        let shown = path.display().to_string();
+        tokio::task::spawn_local(async move {
+            let mut reader = futures::io::BufReader::new(
+                tokio_util::compat::TokioAsyncReadCompatExt::compat(stdout),
+            );
+            let why = loop {
+                let msg = match capnp_futures::serialize::try_read_message(
+                    &mut reader,
+                    capnp::message::ReaderOptions::new(),
+                )
+                .await
+                {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break "it exited".to_string(),
+                    Err(e) => break format!("it wrote a malformed response: {e}"),
+                };
+                let decoded = msg.get_root::<exec_response::Reader<'_>>().and_then(|r| {
+                    let error = r.get_error()?.to_str()?.to_string();
+                    Ok((r.get_id(), Bytes::copy_from_slice(r.get_output()?), error))
+                });
+                match decoded {
+                    Ok((id, output, error)) => {
+                        if let Some(tx) = p.borrow_mut().remove(&id) {
+                            let _ = tx.send(if error.is_empty() {
+                                Ok(output)
+                            } else {
+                                Err(error)
+                            });
+                        }
+                    }
+                    Err(e) => break format!("it wrote a malformed response: {e}"),
+                }
+            };
+            error!(artifact = %shown, "exec artifact stopped serving: {why}; the worker exits");
+            for (_, tx) in p.borrow_mut().drain() {
+                let _ = tx.send(Err(format!("the exec artifact stopped: {why}")));
+            }
+            std::process::exit(3);
+        });
+        Ok(Rc::new(ExecProcess {
+            requests,
+            pending,
+            next: Cell::new(1),
+            _child: child,
+        }))
+    }
+
+    pub async fn run(&self, inputs: &[Bytes]) -> Result<Bytes, String> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let mut msg = capnp::message::Builder::new_default();
+        {
+            let mut r = msg.init_root::<exec_request::Builder<'_>>();
+            r.set_id(id);
+            let mut l = r.init_inputs(inputs.len() as u32);
+            for (i, input) in inputs.iter().enumerate() {
+                l.set(i as u32, input);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, tx);
+        if self
+            .requests
+            .send(capnp::serialize::write_message_to_words(&msg))
+            .is_err()
+        {
+            self.pending.borrow_mut().remove(&id);
+            return Err("the exec artifact is not running".into());
+        }
+        rx.await
+            .map_err(|_| "the exec artifact stopped".to_string())?
+    }
+}
