@@ -23,6 +23,19 @@ pub enum Which {
         duration: f64,
         #[arg(long, default_value_t = 64)]
         payload_bytes: usize,
+        /// How the workers drive their sockets: epoll, io_uring or auto.
+        #[arg(long, default_value = "auto")]
+        data_plane: String,
+    },
+    /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
+    /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
+    Transfer {
+        #[arg(long, default_value = "1GiB")]
+        bytes: String,
+        #[arg(long, default_value = "1MiB")]
+        payload: String,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
     },
 }
 
@@ -43,18 +56,110 @@ pub fn chain_graph(stages: usize) -> String {
     g
 }
 
+fn transfer_once(mode: &str, bytes: u64, payload: u64) -> Result<f64> {
+    use std::io::BufRead;
+    let agent = std::env::current_exe()?.with_file_name("prescient-agent");
+    let mut sink = std::process::Command::new(&agent)
+        .args([
+            "bench-sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-plane",
+            mode,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(sink.stdout.take().expect("piped")).read_line(&mut line)?;
+    let result = (|| {
+        let addr = line
+            .trim()
+            .strip_prefix("prescient-sink ready ")
+            .ok_or_else(|| anyhow::anyhow!("the {mode} sink did not start: {line:?}"))?;
+        let out = std::process::Command::new(&agent)
+            .args(["bench-source", "--to", addr, "--data-plane", mode])
+            .args([
+                "--bytes",
+                &bytes.to_string(),
+                "--payload",
+                &payload.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{mode} source failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()?)
+    })();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    result
+}
+
+fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Value> {
+    use prescient_schemas::quantity::parse_bytes;
+    let bytes = parse_bytes(bytes)?;
+    let payload = parse_bytes(payload)?;
+    let modes = ["raw", "epoll", "io_uring"];
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for _ in 0..repeat.max(1) {
+        for (i, m) in modes.iter().enumerate() {
+            secs[i].push(transfer_once(m, bytes, payload)?);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let raw = median(&mut secs[0].clone());
+    let rows: Vec<serde_json::Value> = modes
+        .iter()
+        .zip(secs.iter_mut())
+        .map(|(m, v)| {
+            let s = median(v);
+            serde_json::json!({
+                "transport": m,
+                "median_seconds": (s * 1000.0).round() / 1000.0,
+                "gib_per_s": ((bytes as f64 / s / (1u64 << 30) as f64) * 100.0).round() / 100.0,
+                "vs_raw_tcp": ((raw / s) * 100.0).round() / 100.0,
+                "runs_seconds": v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "bench": "transfer",
+        "bytes": bytes,
+        "payload_bytes": payload,
+        "what": "one process streams request frames to another over loopback through the data plane, acknowledged, 64 MiB window; raw = plain blocking TCP writes, no framing",
+        "results": rows,
+    }))
+}
+
 pub async fn run(which: Which) -> Result<ExitCode> {
-    let Which::Chain {
-        stages,
-        concurrency,
-        duration,
-        payload_bytes,
-    } = which;
+    let (stages, concurrency, duration, payload_bytes, data_plane) = match which {
+        Which::Transfer {
+            bytes,
+            payload,
+            repeat,
+        } => {
+            crate::output::print_json(&transfer(&bytes, &payload, repeat)?)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Which::Chain {
+            stages,
+            concurrency,
+            duration,
+            payload_bytes,
+            data_plane,
+        } => (stages, concurrency, duration, payload_bytes, data_plane),
+    };
     if stages == 0 {
         bail!("--stages must be at least 1");
     }
     let dir = std::env::temp_dir().join(format!("prescient-bench-{}", std::process::id()));
-    let cluster = LocalCluster::start(&dir, stages, 2)?;
+    let cluster = LocalCluster::start(&dir, stages, 2, &data_plane)?;
     let result = async {
         let client = ControlClient::connect(&cluster.control.addr).await?;
         let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
@@ -105,6 +210,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             "processes": format!("1 control, {stages} agents, {stages} workers, 1 client"),
             "placement": placement,
             "payload_bytes": payload_bytes,
+            "data_plane": data_plane,
             "seconds_per_point": duration,
             "results": results,
         }))

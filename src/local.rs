@@ -75,24 +75,31 @@ impl LocalCluster {
         )
     }
 
-    pub fn start_agent(dir: &Path, control: &str, name: &str, cpus: u32) -> Result<Proc> {
+    pub fn start_agent(
+        dir: &Path,
+        control: &str,
+        name: &str,
+        cpus: u32,
+        data_plane: &str,
+    ) -> Result<Proc> {
         let mut cmd = Command::new(sibling("prescient-agent")?);
-        cmd.args([
-            "--control",
-            control,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-        ])
-        .args([
-            "--cpus",
-            &cpus.to_string(),
-            "--memory",
-            "4GiB",
-            "--data-dir",
-        ])
-        .arg(dir.join(name));
+        cmd.args(["--data-plane", data_plane])
+            .args([
+                "--control",
+                control,
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                name,
+            ])
+            .args([
+                "--cpus",
+                &cpus.to_string(),
+                "--memory",
+                "4GiB",
+                "--data-dir",
+            ])
+            .arg(dir.join(name));
         start(
             cmd,
             &dir.join(format!("{name}.log")),
@@ -101,8 +108,9 @@ impl LocalCluster {
         )
     }
 
-    /// Starts a control node and `agents` agents named a1, a2, ... each offering `cpus` CPUs.
-    pub fn start(dir: &Path, agents: usize, cpus: u32) -> Result<LocalCluster> {
+    /// Starts a control node and `agents` agents named a1, a2, ... each offering `cpus` CPUs,
+    /// their workers on `data_plane` (auto, epoll or io_uring).
+    pub fn start(dir: &Path, agents: usize, cpus: u32, data_plane: &str) -> Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let control = Self::start_control(dir, 300)?;
         let mut procs = Vec::new();
@@ -112,6 +120,7 @@ impl LocalCluster {
                 &control.addr,
                 &format!("a{i}"),
                 cpus,
+                data_plane,
             )?);
         }
         Ok(LocalCluster {

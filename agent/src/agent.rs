@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub worker_exe: std::path::PathBuf,
     /// Where the agent keeps its state (the artifact cache).
     pub data_dir: std::path::PathBuf,
+    /// How workers drive their data-plane sockets.
+    pub data_plane: crate::dataplane::Transport,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -77,14 +79,19 @@ impl AgentNode {
         let ingress_addr = listener.local_addr()?.to_string();
         let (pool, lost) = PeerPool::new();
         let ingress = Ingress::new(&config.name, &ingress_addr, pool);
-        tokio::task::spawn_local(dataplane::serve(listener, ingress.clone()));
+        // The ingress always uses epoll: it also serves plain clients, and it is one hop of many.
+        tokio::task::spawn_local(dataplane::serve(
+            dataplane::Listener::Epoll(listener),
+            ingress.clone(),
+        ));
         tokio::task::spawn_local(ingress.clone().handle_lost(lost));
         let inventory = HostInventory::read(config.cpus, config.memory_bytes);
-        let provisioner = ProcessProvisioner::new(
+        let mut provisioner = ProcessProvisioner::new(
             config.worker_exe.clone(),
             config.name.clone(),
             config.listen.ip(),
         );
+        provisioner.data_plane = config.data_plane;
         Ok(Rc::new(AgentNode {
             config,
             inventory,

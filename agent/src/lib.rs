@@ -13,4 +13,5 @@ pub mod ingress;
 pub mod kernels;
 pub mod provisioner;
 pub mod routes;
+pub mod transfer;
 pub mod worker;

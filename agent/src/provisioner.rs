@@ -69,6 +69,7 @@ pub struct ProcessProvisioner {
     pub bind_ip: std::net::IpAddr,
     pub cgroups: Option<Hierarchy>,
     pub ready_timeout: Duration,
+    pub data_plane: crate::dataplane::Transport,
 }
 
 impl ProcessProvisioner {
@@ -92,6 +93,7 @@ impl ProcessProvisioner {
             bind_ip,
             cgroups,
             ready_timeout: Duration::from_secs(20),
+            data_plane: crate::dataplane::Transport::Epoll,
         }
     }
 }
@@ -107,6 +109,7 @@ impl Provisioner for ProcessProvisioner {
             .args(["--host", &self.host])
             // Named on the command line so operators can find a replica's process.
             .args(["--replica", &spec.replica])
+            .args(["--data-plane", self.data_plane.name()])
             .arg("--listen")
             .arg(format!("{}:0", self.bind_ip))
             .stdin(Stdio::piped())

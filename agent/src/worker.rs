@@ -381,7 +381,7 @@ pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String>
         say(format!("prescient-worker failed: {e}"));
         return Err(e);
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = dataplane::Listener::bind(listen)
         .await
         .map_err(|e| format!("binding the data plane on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

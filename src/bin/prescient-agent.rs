@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use prescient_agent::agent::{AgentConfig, AgentNode};
+use prescient_agent::dataplane::Transport;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ struct Args {
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// How workers drive data-plane sockets: auto (io_uring where the kernel allows), epoll,
+    /// or io_uring.
+    #[arg(long, default_value = "auto")]
+    data_plane: String,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -50,6 +55,32 @@ enum Sub {
         replica: Option<String>,
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long, default_value = "epoll")]
+        data_plane: String,
+    },
+    /// One end of the transfer benchmark: acknowledges and drops what it receives.
+    #[command(hide = true)]
+    BenchSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// epoll, io_uring, or raw (plain TCP, no framing).
+        #[arg(long)]
+        data_plane: String,
+    },
+    /// The other end: streams `--bytes` to a sink in `--payload`-byte requests; prints seconds.
+    #[command(hide = true)]
+    BenchSource {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        data_plane: String,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        payload: usize,
+        /// Unacknowledged bytes allowed in flight.
+        #[arg(long, default_value_t = 64 << 20)]
+        window: usize,
     },
 }
 
@@ -63,15 +94,60 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    match args.command {
+        Some(Sub::Worker {
+            host,
+            listen,
+            data_plane,
+            ..
+        }) => {
+            let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
+            return on_transport(transport, async move {
+                prescient_agent::worker::run(&host, listen).await
+            })?
+            .map_err(anyhow::Error::msg);
+        }
+        Some(Sub::BenchSink { listen, data_plane }) => {
+            if data_plane == "raw" {
+                return Ok(prescient_agent::transfer::raw_sink(listen)?);
+            }
+            let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
+            return Ok(on_transport(
+                transport,
+                prescient_agent::transfer::sink(listen),
+            )??);
+        }
+        Some(Sub::BenchSource {
+            to,
+            data_plane,
+            bytes,
+            payload,
+            window,
+        }) => {
+            let seconds = if data_plane == "raw" {
+                prescient_agent::transfer::raw_source(&to, bytes, payload)?
+            } else {
+                let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
+                on_transport(transport, async move {
+                    prescient_agent::transfer::source(&to, bytes, payload, window).await
+                })?
+                .map_err(anyhow::Error::msg)?
+            };
+            println!("{seconds}");
+            return Ok(());
+        }
+        None => {}
+    }
+    let (transport, why) = Transport::choose(&args.data_plane).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        data_plane = transport.name(),
+        "workers use {}: {why}",
+        transport.name()
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    if let Some(Sub::Worker { host, listen, .. }) = args.command {
-        return local
-            .block_on(&runtime, prescient_agent::worker::run(&host, listen))
-            .map_err(anyhow::Error::msg);
-    }
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -94,6 +170,7 @@ fn main() -> Result<()> {
         memory_bytes,
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
         worker_exe: std::env::current_exe()?,
+        data_plane: transport,
         data_dir: args.data_dir.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!("prescient-agent-{}", std::process::id()))
         }),
@@ -114,4 +191,21 @@ fn main() -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Runs a `!Send` future on a single-threaded runtime driven by `transport`.
+fn on_transport<F: std::future::Future + 'static>(
+    transport: Transport,
+    fut: F,
+) -> Result<F::Output> {
+    prescient_agent::dataplane::set_transport(transport);
+    match transport {
+        Transport::IoUring => Ok(tokio_uring::start(fut)),
+        Transport::Epoll => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(tokio::task::LocalSet::new().block_on(&runtime, fut))
+        }
+    }
 }
