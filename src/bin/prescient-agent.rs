@@ -2,7 +2,10 @@
 //! worker process it starts for each task replica.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[path = "../config_args.rs"]
+mod config_args;
 use prescient_agent::agent::{AgentConfig, AgentNode};
 use prescient_agent::dataplane::Transport;
 use std::io::Write;
@@ -12,8 +15,11 @@ use std::time::Duration;
 
 /// Runs the Prescient host agent: registers this host, runs task replicas, serves invocations.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
+    /// A TOML file whose keys are these flags' names (`max_message_bytes = 1048576`); flags win.
+    #[arg(long, env = "PRESCIENT_CONFIG")]
+    config: Option<PathBuf>,
     /// The control node's API address.
     #[arg(long, env = "PRESCIENT_CONTROL", default_value = "127.0.0.1:7400")]
     control: Option<String>,
@@ -93,7 +99,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let args = parse_args()?;
     match args.command {
         Some(Sub::Worker {
             host,
@@ -208,4 +214,12 @@ fn on_transport<F: std::future::Future + 'static>(
             Ok(tokio::task::LocalSet::new().block_on(&runtime, fut))
         }
     }
+}
+
+/// Parses the command line with the `--config` file's settings underneath it.
+fn parse_args() -> Result<Args> {
+    let cmd = Args::command();
+    let argv = config_args::with_config_file(&cmd, std::env::args_os().collect())?;
+    let matches = cmd.get_matches_from(argv);
+    Ok(Args::from_arg_matches(&matches)?)
 }

@@ -1,7 +1,10 @@
 //! `prescient-control`: the control node binary (one per cluster).
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+#[path = "../config_args.rs"]
+mod config_args;
 use prescient_control::{Config, ControlNode, Limits};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,8 +12,11 @@ use std::path::PathBuf;
 
 /// Runs the Prescient control node: graph registry, API, and (later) the control loops.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
+    /// A TOML file whose keys are these flags' names (`max_message_bytes = 1048576`); flags win.
+    #[arg(long, env = "PRESCIENT_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to serve the Cap'n Proto API on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7400", env = "PRESCIENT_LISTEN")]
     listen: SocketAddr,
@@ -43,7 +49,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let args = parse_args()?;
     let config = Config {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -83,4 +89,12 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Parses the command line with the `--config` file's settings underneath it.
+fn parse_args() -> Result<Args> {
+    let cmd = Args::command();
+    let argv = config_args::with_config_file(&cmd, std::env::args_os().collect())?;
+    let matches = cmd.get_matches_from(argv);
+    Ok(Args::from_arg_matches(&matches)?)
 }
