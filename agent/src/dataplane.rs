@@ -170,6 +170,70 @@ unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
     unsafe fn set_init(&mut self, _pos: usize) {}
 }
 
+/// What one edge (graph, task, input port) carried into this process: the monitoring service
+/// consumes these (bytes, and transfer time from the sender's write to this process's read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EdgeTransfer {
+    pub frames: u64,
+    pub bytes: u64,
+    pub transfer_ns_sum: u64,
+    pub transfer_ns_max: u64,
+}
+
+type EdgeKey = (Rc<str>, Rc<str>, Rc<str>);
+
+thread_local! {
+    static TRANSFERS: RefCell<HashMap<EdgeKey, EdgeTransfer>> = RefCell::new(HashMap::new());
+    static IO_BYTES: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Records a request's arrival on its edge.
+pub fn record_transfer(hop: &Hop) {
+    let ns = now_unix_ns().saturating_sub(hop.sent_unix_ns);
+    TRANSFERS.with(|t| {
+        let mut t = t.borrow_mut();
+        let e = t
+            .entry((hop.graph_id.clone(), hop.task.clone(), hop.port.clone()))
+            .or_default();
+        e.frames += 1;
+        e.bytes += hop.payload.len() as u64;
+        e.transfer_ns_sum += ns;
+        e.transfer_ns_max = e.transfer_ns_max.max(ns);
+    });
+}
+
+/// Per-edge transfers recorded by this thread so far: ((graph, task, port), totals).
+pub fn transfers() -> Vec<((String, String, String), EdgeTransfer)> {
+    TRANSFERS.with(|t| {
+        t.borrow()
+            .iter()
+            .map(|((g, task, p), e)| ((g.to_string(), task.to_string(), p.to_string()), e.clone()))
+            .collect()
+    })
+}
+
+/// Data-plane bytes (read, written) by this thread's connections.
+pub fn io_bytes() -> (u64, u64) {
+    IO_BYTES.with(Cell::get)
+}
+
+fn count_io(read: usize, written: usize) {
+    IO_BYTES.with(|c| {
+        let (r, w) = c.get();
+        c.set((r + read as u64, w + written as u64));
+    });
+}
+
+/// Decodes one whole frame (for tools and benchmarks; connections decode in place).
+pub fn decode_frame(bytes: &[u8]) -> Result<Inbound, String> {
+    let mut words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
+    capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
+    let mut slice = &capnp::Word::words_to_bytes(&words)[..bytes.len()];
+    let msg = capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())
+        .map_err(|e| e.to_string())?;
+    decode(&msg).map_err(|e| e.to_string())
+}
+
 /// Largest frame accepted (a payload plus its envelope).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
@@ -455,7 +519,10 @@ impl Sender {
                             stream.try_write_vectored(&slices)
                         };
                         match result {
-                            Ok(n) => pending.advance(n),
+                            Ok(n) => {
+                                count_io(0, n);
+                                pending.advance(n)
+                            }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                             Err(_) => o.closed.set(true),
                         }
@@ -465,6 +532,7 @@ impl Sender {
                         let chunks = o.pending.borrow_mut().take_all();
                         o.writing.set(true);
                         for chunk in chunks {
+                            count_io(0, chunk.len());
                             let (result, _) = stream.write_all(chunk).await;
                             if result.is_err() {
                                 o.closed.set(true);
@@ -497,6 +565,9 @@ impl Sender {
             _ => None,
         };
         if let Some(result) = direct {
+            if let Ok(n) = &result {
+                count_io(0, *n);
+            }
             match result {
                 Ok(n) if n == frame.len() => return true,
                 Ok(n) => pending.push_partly_written(frame, n),
@@ -723,6 +794,7 @@ async fn read_frames(stream: Conn, mut on_frame: impl FnMut(Inbound)) -> Result<
                 result.map_err(|e| e.to_string())?
             }
         };
+        count_io(n, 0);
         if n == 0 {
             return if start == end {
                 Ok(())
@@ -1010,5 +1082,71 @@ impl IngressConn {
             Ok(r) => Err(r.error),
             Err(_) => Err("connection to the ingress closed before the reply".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(payload: &'static [u8]) -> Hop {
+        Hop {
+            invocation: 7,
+            graph_id: "g1".into(),
+            epoch: 3,
+            task: "t".into(),
+            port: "in".into(),
+            payload: Bytes::from_static(payload),
+            deadline_unix_us: 99,
+            reply_to: "127.0.0.1:1".into(),
+            attempt: 1,
+            sent_unix_ns: 0,
+        }
+    }
+
+    #[test]
+    fn request_frames_round_trip_and_transfers_are_recorded() {
+        let frame = encode_request(42, &hop(b"payload"));
+        assert_eq!(frame_len(&frame), Ok(Some(frame.len())));
+        assert_eq!(frame_len(&frame[..3]), Ok(None));
+        let Ok(Inbound::Request { seq, hop: back }) = decode_frame(&frame) else {
+            panic!("not a request");
+        };
+        assert_eq!(seq, 42);
+        assert_eq!(
+            (&*back.task, &back.payload[..], back.epoch, back.attempt),
+            ("t", &b"payload"[..], 3, 1)
+        );
+        assert!(back.sent_unix_ns > 0);
+        record_transfer(&back);
+        record_transfer(&back);
+        let t = transfers();
+        let (_, e) = t.iter().find(|(k, _)| k.1 == "t").unwrap();
+        assert_eq!((e.frames, e.bytes), (2, 14));
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        let mut huge = vec![0u8; 8];
+        huge[4..8].copy_from_slice(&(u32::MAX).to_le_bytes());
+        assert!(frame_len(&huge).is_err());
+        let garbage = b"GET / HTTP/1.1\r\n";
+        assert!(frame_len(garbage).is_err());
+    }
+
+    #[test]
+    fn the_out_queue_coalesces_small_frames_and_keeps_large_ones_whole() {
+        let mut q = OutQueue::default();
+        q.push(vec![1; 10]);
+        q.push(vec![2; 10]);
+        q.push(vec![3; 100 << 10]);
+        q.push(vec![4; 10]);
+        assert_eq!(q.chunks.len(), 3);
+        assert_eq!(q.chunks[0].len(), 20);
+        q.advance(25);
+        assert_eq!((q.chunks.len(), q.head), (2, 5));
+        let all = q.take_all();
+        assert_eq!(all[0].len(), (100 << 10) - 5);
+        assert!(q.is_empty());
     }
 }

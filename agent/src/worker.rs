@@ -270,6 +270,7 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
+        dataplane::record_transfer(&hop);
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
         let Some(d) = self.task.borrow().clone() else {

@@ -1,0 +1,105 @@
+//! In-process costs on the request path: frame encoding and decoding, replica choice, and the
+//! validation a submit pays. The multi-process figures come from `prescient bench chain` and
+//! `prescient bench transfer`.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prescient_agent::dataplane::{decode_frame, encode_request, Hop, PeerPool};
+use prescient_agent::routes::{GraphRoutes, Rng, Route};
+use prescient_schemas::{codec, file, GraphRecord, ValidatedGraph};
+use std::collections::HashMap;
+use std::hint::black_box;
+
+fn hop(size: usize) -> Hop {
+    Hop {
+        invocation: 1,
+        graph_id: "g1".into(),
+        epoch: 1,
+        task: "infer".into(),
+        port: "features".into(),
+        payload: Bytes::from(vec![7u8; size]),
+        deadline_unix_us: u64::MAX,
+        reply_to: "127.0.0.1:7500".into(),
+        attempt: 0,
+        sent_unix_ns: 0,
+    }
+}
+
+fn frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    for size in [64usize, 64 << 10, 1 << 20] {
+        let h = hop(size);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("encode", size), &h, |b, h| {
+            b.iter(|| black_box(encode_request(1, h)))
+        });
+        let frame = encode_request(1, &h);
+        g.bench_with_input(BenchmarkId::new("decode", size), &frame, |b, f| {
+            b.iter(|| black_box(decode_frame(f).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+fn example(name: &str) -> GraphRecord {
+    let text =
+        std::fs::read_to_string(format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let graph = file::parse(name, &text).unwrap().graph;
+    GraphRecord {
+        id: "g1".into(),
+        version: 1,
+        submitted_at_ms: 0,
+        digest: codec::graph_digest(&graph),
+        graph,
+    }
+}
+
+fn routing(c: &mut Criterion) {
+    let record = example("fan-out-fan-in.toml");
+    let mut replicas: HashMap<String, Vec<Route>> = HashMap::new();
+    for t in &record.graph.tasks {
+        for r in 0..4 {
+            replicas.entry(t.id.clone()).or_default().push(Route {
+                replica: format!("g1.{}.r{r}", t.id).into(),
+                host: format!("h{}", r % 2).into(),
+                addr: format!("127.0.0.1:{}", 9000 + r).into(),
+            });
+        }
+    }
+    let routes = GraphRoutes::new(record, 1, replicas);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let _guard = local.enter();
+    let _rt = rt.enter();
+    let (pool, _lost) = PeerPool::new();
+    let rng = Rng::new(1);
+    let mut inv = 0u64;
+    c.bench_function("choose/p2c-with-affinity", |b| {
+        b.iter(|| {
+            inv += 1;
+            black_box(
+                routes
+                    .choose("detect", inv, "h1", &pool, &[], &rng)
+                    .unwrap(),
+            );
+        })
+    });
+    c.bench_function("choose/join-rendezvous", |b| {
+        b.iter(|| {
+            inv += 1;
+            black_box(routes.choose("merge", inv, "h1", &pool, &[], &rng).unwrap());
+        })
+    });
+}
+
+fn validation(c: &mut Criterion) {
+    let record = example("fan-out-fan-in.toml");
+    c.bench_function("validate/fan-out-fan-in", |b| {
+        b.iter(|| black_box(ValidatedGraph::new(record.graph.clone()).unwrap()))
+    });
+}
+
+criterion_group!(benches, frames, routing, validation);
+criterion_main!(benches);
