@@ -11,6 +11,7 @@ pub mod forward;
 pub mod host;
 pub mod ingress;
 pub mod kernels;
+pub mod onnx;
 pub mod provisioner;
 pub mod routes;
 pub mod transfer;

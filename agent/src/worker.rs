@@ -98,6 +98,7 @@ fn decode_command(msg: &Message) -> Result<Command, String> {
 enum Runner {
     Builtin(Kernel),
     Exec(Rc<crate::exec::ExecProcess>),
+    Onnx(Rc<crate::onnx::OnnxModel>),
 }
 
 impl Runner {
@@ -105,6 +106,7 @@ impl Runner {
         match self {
             Runner::Builtin(k) => k.run(inputs, rng).await,
             Runner::Exec(p) => p.run(inputs).await,
+            Runner::Onnx(m) => m.run(inputs),
         }
     }
 }
@@ -156,6 +158,12 @@ impl Worker {
                         let path = std::path::Path::new(&artifact_path);
                         crate::exec::verify(path, sha256)?;
                         Runner::Exec(crate::exec::ExecProcess::start(path, args)?)
+                    }
+                    prescient_schemas::CodeKind::Onnx { sha256, .. } => {
+                        let path = std::path::Path::new(&artifact_path);
+                        crate::exec::verify(path, sha256)?;
+                        let model = crate::onnx::OnnxModel::load(path, t)?;
+                        Runner::Onnx(Rc::new(model))
                     }
                     _ => Runner::Builtin(
                         Kernel::from_code(&t.code).map_err(|e| format!("task {task}: {e}"))?,

@@ -25,6 +25,9 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("codegen") => codegen(rest.contains(&"--check")),
         Some("deps") => deps(),
+        Some("onnxruntime") => {
+            onnxruntime().map(|p| eprintln!("xtask: ONNX Runtime at {}", p.display()))
+        }
         Some("ci") => lint().and_then(|()| test()),
         Some("lint") => lint(),
         Some("test") => test(),
@@ -34,6 +37,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <codegen [--check] | deps | demo | test | lint | ci>\n\
                  codegen  regenerate schemas/src/generated from schemas/capnp (--check: fail if stale)\n\
                  deps     install prerequisites (capnproto) through apt-get when missing\n\
+                 onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
                  lint     fmt check, codegen check, clippy with warnings as errors\n\
@@ -140,11 +144,63 @@ fn codegen(check: bool) -> Result<()> {
     Ok(())
 }
 
+/// The ONNX Runtime version fetched; agents load any 1.19 or newer.
+const ONNXRUNTIME_VERSION: &str = "1.22.1";
+
+/// Fetches `libonnxruntime.so` from the `onnxruntime` wheel on PyPI (the Python package is not
+/// installed; only its shared library is used) into `target/onnxruntime/lib/`.
+fn onnxruntime() -> Result<PathBuf> {
+    let dir = root().join("target/onnxruntime");
+    let lib = dir.join("lib/libonnxruntime.so");
+    if lib.exists() {
+        return Ok(lib);
+    }
+    let wheels = dir.join("wheel");
+    std::fs::create_dir_all(&wheels)?;
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .args([
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--python-version",
+            "3.11",
+        ])
+        .arg(format!("onnxruntime=={ONNXRUNTIME_VERSION}"))
+        .arg("-d")
+        .arg(&wheels))?;
+    let wheel = std::fs::read_dir(&wheels)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip downloaded no wheel")?;
+    let script = format!(
+        "import zipfile,shutil,os\n\
+         z=zipfile.ZipFile({wheel:?})\n\
+         os.makedirs({lib_dir:?},exist_ok=True)\n\
+         name=[n for n in z.namelist() if n.startswith('onnxruntime/capi/libonnxruntime.so')][0]\n\
+         shutil.copyfileobj(z.open(name),open({lib:?}+'.tmp','wb'))\n\
+         os.replace({lib:?}+'.tmp',{lib:?})\n",
+        wheel = wheel.display().to_string(),
+        lib_dir = dir.join("lib").display().to_string(),
+        lib = lib.display().to_string(),
+    );
+    run(Command::new("python3").args(["-c", &script]))?;
+    Ok(lib)
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
 fn test() -> Result<()> {
+    onnxruntime()?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo().args([
         "test",
@@ -156,6 +212,7 @@ fn test() -> Result<()> {
 }
 
 fn demo(args: &[&str]) -> Result<()> {
+    onnxruntime()?;
     run(cargo().args(["build", "--release", "--bins"]))?;
     run(Command::new(root().join("target/release/prescient"))
         .arg("demo")
