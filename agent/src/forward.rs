@@ -22,6 +22,9 @@ pub struct Forwarder {
     pub pool: Rc<PeerPool>,
     pub routes: RefCell<HashMap<Rc<str>, Rc<GraphRoutes>>>,
     pub rng: Rng,
+    /// Requests admitted under a newer routing table than this process holds yet, waiting
+    /// for it (an agent never routes on a table older than a request's).
+    parked: RefCell<Vec<Hop>>,
     /// Addresses each in-flight (invocation, task) has already failed on, until its deadline.
     failed: RefCell<HashMap<(u64, Rc<str>), FailedOn>>,
 }
@@ -33,6 +36,7 @@ impl Forwarder {
             pool,
             routes: RefCell::default(),
             rng: Rng::from_entropy(),
+            parked: RefCell::default(),
             failed: RefCell::default(),
         }
     }
@@ -41,16 +45,28 @@ impl Forwarder {
         self.routes.borrow().get(graph_id).cloned()
     }
 
-    /// Installs a table unless an equal or newer epoch is already installed.
+    /// Installs a table unless an equal or newer epoch is already installed, then sends the
+    /// requests that were waiting for it.
     pub fn install(&self, table: GraphRoutes) -> bool {
-        let mut routes = self.routes.borrow_mut();
-        if routes
-            .get(&table.graph_id)
-            .is_some_and(|t| t.epoch >= table.epoch)
+        let (graph, epoch) = (table.graph_id.clone(), table.epoch);
         {
-            return false;
+            let mut routes = self.routes.borrow_mut();
+            if routes.get(&graph).is_some_and(|t| t.epoch >= epoch) {
+                return false;
+            }
+            routes.insert(graph.clone(), Rc::new(table));
         }
-        routes.insert(table.graph_id.clone(), Rc::new(table));
+        let ready: Vec<Hop> = {
+            let mut parked = self.parked.borrow_mut();
+            let (ready, wait) = parked
+                .drain(..)
+                .partition(|h| h.graph_id == graph && h.epoch <= epoch);
+            *parked = wait;
+            ready
+        };
+        for hop in ready {
+            self.send(hop);
+        }
         true
     }
 
@@ -60,12 +76,10 @@ impl Forwarder {
 
     /// Sends `hop` to a replica of `hop.task`; on no replica, reports an error output.
     pub fn send(&self, hop: Hop) {
-        let Some(routes) = self.routes(&hop.graph_id) else {
-            let msg = format!(
-                "no routing table for graph {} at host {}",
-                hop.graph_id, self.host
-            );
-            return self.fail(&hop, msg);
+        let routes = match self.routes(&hop.graph_id) {
+            Some(r) if r.epoch >= hop.epoch => r,
+            // The table this request was admitted under has not reached this process yet.
+            _ => return self.parked.borrow_mut().push(hop),
         };
         let key = (hop.invocation, hop.task.clone());
         let exclude = self
@@ -152,10 +166,110 @@ impl Forwarder {
         self.pool.send_frame(&hop.reply_to, encode_output(&out));
     }
 
-    /// Forgets retry state of invocations past their deadline.
+    /// Forgets retry state of invocations past their deadline, and fails requests that waited
+    /// for a routing table until their deadline.
     pub fn sweep(&self, now_unix_us: u64) {
         self.failed
             .borrow_mut()
             .retain(|_, (deadline, _)| *deadline >= now_unix_us);
+        let expired: Vec<Hop> = {
+            let mut parked = self.parked.borrow_mut();
+            let (expired, keep) = parked
+                .drain(..)
+                .partition(|h| h.deadline_unix_us < now_unix_us);
+            *parked = keep;
+            expired
+        };
+        for hop in expired {
+            let have = self.routes(&hop.graph_id).map_or(0, |r| r.epoch);
+            let msg = format!(
+                "task {}: routing table epoch {} for graph {} never reached host {} (it has {have})",
+                hop.task, hop.epoch, hop.graph_id, self.host
+            );
+            self.fail(&hop, msg);
+        }
+    }
+
+    /// Requests waiting for a newer routing table.
+    pub fn parked(&self) -> usize {
+        self.parked.borrow().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::Route;
+    use prescient_schemas::{codec, file, GraphRecord};
+
+    fn table(epoch: u64, replicas: &[(&str, &str)]) -> GraphRoutes {
+        let graph = file::parse(
+            "t.toml",
+            "name = \"t\"\n[[task]]\nid = \"a\"\ncode = { builtin = \"identity\" }\ninputs = { x = \"bytes\" }\nestimate = \"1ms\"\n",
+        )
+        .unwrap()
+        .graph;
+        let record = GraphRecord {
+            id: "g1".into(),
+            version: 1,
+            submitted_at_ms: 0,
+            digest: codec::graph_digest(&graph),
+            graph,
+        };
+        let mut map = std::collections::HashMap::new();
+        for (task, addr) in replicas {
+            map.entry(task.to_string())
+                .or_insert_with(Vec::new)
+                .push(Route {
+                    replica: format!("g1.{task}.r1").into(),
+                    host: "h".into(),
+                    addr: (*addr).into(),
+                });
+        }
+        GraphRoutes::new(record, epoch, map)
+    }
+
+    fn hop(epoch: u64, deadline: u64) -> Hop {
+        Hop {
+            invocation: 1,
+            graph_id: "g1".into(),
+            epoch,
+            task: "a".into(),
+            port: "x".into(),
+            payload: bytes::Bytes::new(),
+            deadline_unix_us: deadline,
+            reply_to: "127.0.0.1:9".into(),
+            attempt: 0,
+            sent_unix_ns: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_the_table_they_were_admitted_under() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (pool, _lost) = PeerPool::new();
+                let f = Forwarder::new("h", pool.clone());
+                assert!(f.install(table(1, &[("a", "127.0.0.1:1")])));
+                f.send(hop(2, u64::MAX));
+                assert_eq!(f.parked(), 1, "epoch 2 must not be routed on table 1");
+                assert_eq!(pool.outstanding("127.0.0.1:1"), 0);
+                assert!(
+                    !f.install(table(1, &[("a", "127.0.0.1:1")])),
+                    "tables never go back"
+                );
+                assert!(f.install(table(2, &[("a", "127.0.0.1:2")])));
+                assert_eq!(f.parked(), 0);
+                assert_eq!(pool.outstanding("127.0.0.1:2"), 1, "sent on the new table");
+
+                f.send(hop(5, 0));
+                f.sweep(1);
+                assert_eq!(
+                    f.parked(),
+                    0,
+                    "past its deadline it fails instead of waiting"
+                );
+            })
+            .await;
     }
 }

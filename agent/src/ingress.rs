@@ -56,13 +56,20 @@ impl Ingress {
             .collect()
     }
 
-    /// Retries requests lost with a connection; run once per ingress.
+    /// Retries requests lost with a connection and expires waiting ones; run once per ingress.
     pub async fn handle_lost(
         self: Rc<Self>,
         mut lost: tokio::sync::mpsc::UnboundedReceiver<dataplane::Lost>,
     ) {
-        while let Some(l) = lost.recv().await {
-            self.fwd.retry(l);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                l = lost.recv() => match l {
+                    Some(l) => self.fwd.retry(l),
+                    None => return,
+                },
+                _ = tick.tick() => self.fwd.sweep(now_unix_us()),
+            }
         }
     }
 
