@@ -24,7 +24,7 @@ pub enum Which {
         #[arg(long, default_value_t = 64)]
         payload_bytes: usize,
         /// How the workers drive their sockets: epoll, io_uring or auto.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "epoll")]
         data_plane: String,
     },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
