@@ -8,12 +8,42 @@ pub struct Nic {
     pub speed_bits_per_sec: u64,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpu {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct HostInventory {
     pub hostname: String,
     pub cpus: u32,
     pub memory_bytes: u64,
     pub nics: Vec<Nic>,
+    pub gpus: Vec<Gpu>,
+}
+
+/// The GPUs NVML reports, or why there are none (no driver, no device, no permission).
+pub fn read_gpus() -> Result<Vec<Gpu>, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("NVML device count: {e}"))?;
+    let mut gpus = Vec::new();
+    for index in 0..count {
+        let d = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("NVML device {index}: {e}"))?;
+        gpus.push(Gpu {
+            index,
+            name: d.name().unwrap_or_default(),
+            uuid: d.uuid().unwrap_or_default(),
+            memory_bytes: d.memory_info().map_or(0, |m| m.total),
+        });
+    }
+    Ok(gpus)
 }
 
 impl HostInventory {
@@ -49,11 +79,22 @@ impl HostInventory {
             }
         }
         nics.sort_by(|a, b| a.name.cmp(&b.name));
+        let gpus = match read_gpus() {
+            Ok(g) => {
+                tracing::info!(gpus = g.len(), "GPUs found through NVML");
+                g
+            }
+            Err(why) => {
+                tracing::info!("this host reports no GPUs: {why}");
+                Vec::new()
+            }
+        };
         HostInventory {
             hostname,
             cpus: cpus.unwrap_or(found_cpus),
             memory_bytes: memory_bytes.unwrap_or(found_memory),
             nics,
+            gpus,
         }
     }
 
@@ -71,13 +112,37 @@ impl HostInventory {
         b.set_provisioner(provisioner);
         b.set_ingress_addr(ingress);
         b.set_agent_version(env!("CARGO_PKG_VERSION"));
-        // GPUs come from NVML with the telemetry issue; a host without NVML reports none.
-        b.reborrow().init_gpus(0);
+        let mut gpus = b.reborrow().init_gpus(self.gpus.len() as u32);
+        for (i, g) in self.gpus.iter().enumerate() {
+            let mut gb = gpus.reborrow().get(i as u32);
+            gb.set_index(g.index);
+            gb.set_name(g.name.as_str());
+            gb.set_uuid(g.uuid.as_str());
+            gb.set_memory_bytes(g.memory_bytes);
+        }
         let mut nics = b.init_nics(self.nics.len() as u32);
         for (i, n) in self.nics.iter().enumerate() {
             let mut nb = nics.reborrow().get(i as u32);
             nb.set_name(n.name.as_str());
             nb.set_speed_bits_per_sec(n.speed_bits_per_sec);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_reads_this_host_and_overrides_win() {
+        let h = HostInventory::read(Some(3), Some(1 << 30));
+        assert_eq!((h.cpus, h.memory_bytes), (3, 1 << 30));
+        assert!(!h.hostname.is_empty());
+        assert!(h.nics.iter().any(|n| n.name == "lo"), "{:?}", h.nics);
+        // Without a GPU driver this is an explanation, never a panic.
+        match read_gpus() {
+            Ok(g) => assert_eq!(g, h.gpus),
+            Err(why) => assert!(why.contains("NVML"), "{why}"),
         }
     }
 }

@@ -51,6 +51,7 @@ pub struct AgentEntry {
     pub hostname: String,
     pub cpus: u32,
     pub memory_bytes: u64,
+    pub gpus: u32,
     pub ingress_addr: String,
     pub provisioner: String,
     pub state: AgentState,
@@ -225,6 +226,7 @@ impl Cluster {
             hostname: text(host.get_hostname())?,
             cpus: host.get_cpus(),
             memory_bytes: host.get_memory_bytes(),
+            gpus: host.get_gpus().map_or(0, |g| g.len()),
             ingress_addr: text(host.get_ingress_addr())?,
             provisioner: text(host.get_provisioner())?,
             state: AgentState::Ready,
@@ -234,9 +236,10 @@ impl Cluster {
             client,
         };
         let summary = format!(
-            "{} CPUs, {}, {} provisioner, ingress {}",
+            "{} CPUs, {}, {} GPUs, {} provisioner, ingress {}",
             entry.cpus,
             prescient_schemas::quantity::format_bytes(entry.memory_bytes),
+            entry.gpus,
             entry.provisioner,
             entry.ingress_addr
         );
@@ -402,12 +405,14 @@ impl Cluster {
             .map(|a| {
                 let mut cpu = u64::from(a.cpus) * 1000;
                 let mut mem = a.memory_bytes;
+                let mut gpus = a.gpus;
                 let mut n = 0;
                 for d in deployments.values() {
                     for r in d.replicas.iter().filter(|r| r.host == a.name) {
                         if let Some(t) = d.record.graph.task(&r.task) {
                             cpu = cpu.saturating_sub(u64::from(t.resources.cpu_millicores));
                             mem = mem.saturating_sub(t.resources.memory_bytes);
+                            gpus = gpus.saturating_sub(t.resources.gpus);
                         }
                         n += 1;
                     }
@@ -416,7 +421,7 @@ impl Cluster {
                     name: a.name.clone(),
                     cpu_free_millicores: cpu,
                     memory_free_bytes: mem,
-                    gpus_free: 0,
+                    gpus_free: gpus,
                     replicas: n,
                 }
             })
