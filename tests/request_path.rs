@@ -285,3 +285,76 @@ fn restarting_the_control_node_does_not_interrupt_invocations() {
         "{ev:#?}"
     );
 }
+
+#[test]
+fn updating_a_graph_switches_versions_without_failing_invocations() {
+    let dir = TempDir::new("update");
+    let control = Control::start(
+        dir.path(),
+        &["--startup-grace-ms", "0", "--drain-ms", "1000"],
+    );
+    let _agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::start(&control.addr, &format!("a{i}"), 4, dir.path()))
+        .collect();
+    let path = write_chain(dir.path());
+    control.cli_ok(&["submit", &path]);
+    let v1 = wait_deployed(&control, "g1", 3, 1);
+
+    let load = start_load(&control, 5, 2000);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Version 2: the last stage now passes its input through instead of hashing it.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("builtin = \"sha256\"", "builtin = \"identity\""),
+    )
+    .unwrap();
+    let out = control.cli_json(&["submit", &path]);
+    assert_eq!(
+        (out["id"].as_str(), out["version"].as_u64()),
+        (Some("g1"), Some(2))
+    );
+    let report = load_report(load);
+    assert_eq!(report["errors"], 0, "{report}");
+
+    // Only version 2's replicas remain, and they answer as version 2 does.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ev = events(&control);
+        if ev.iter().any(|(k, _, _)| k == "replicas-retired") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "old replicas never retired: {ev:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v2 = control.cli_json(&["replicas", "g1"]);
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["replica"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&v2).len(), 3);
+    assert!(
+        ids(&v2).iter().all(|id| !ids(&v1).contains(id)),
+        "{v1} {v2}"
+    );
+    let out = control.cli_json(&["invoke", "g1", "--input", "=abc"]);
+    assert_eq!(out["outputs"]["s3.h"]["text"], "abc", "{out}");
+    // The agents' worker processes: only version 2's are left.
+    let parents: Vec<String> = _agents.iter().map(|a| a.pid().to_string()).collect();
+    let running = std::process::Command::new("pgrep")
+        .args(["-c", "-P", &parents.join(",")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&running.stdout).trim(),
+        "3",
+        "old workers still run"
+    );
+}

@@ -113,6 +113,7 @@ impl Runner {
 
 struct Deployed {
     graph_id: Rc<str>,
+    version: u32,
     task: Rc<str>,
     kernel: Runner,
     inputs: Vec<String>,
@@ -173,6 +174,7 @@ impl Worker {
                 *self.replica.borrow_mut() = replica.into();
                 *self.task.borrow_mut() = Some(Rc::new(Deployed {
                     graph_id: record.id.as_str().into(),
+                    version: record.version,
                     task: task.as_str().into(),
                     kernel,
                     inputs: t.inputs.iter().map(|p| p.name.clone()).collect(),
@@ -180,7 +182,16 @@ impl Worker {
                 }));
             }
             Command::Routes(table) => {
-                self.fwd.install(table);
+                // During an update the old version's replicas keep the old version's table,
+                // so invocations already on their way finish on the version they started on.
+                let same_version = self
+                    .task
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|d| d.version == table.record.version);
+                if same_version {
+                    self.fwd.install(table);
+                }
             }
             Command::Drain => return Ok(false),
         }

@@ -28,6 +28,9 @@ pub struct ClusterConfig {
     pub startup_grace: Duration,
     /// Replicas of every task (the policy minimum).
     pub min_replicas: usize,
+    /// After a new version's routing table is out, how long the old version's replicas keep
+    /// serving the invocations already on their way before they are retired.
+    pub drain: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -36,6 +39,7 @@ impl Default for ClusterConfig {
             heartbeat_timeout: Duration::from_secs(3),
             startup_grace: Duration::from_secs(3),
             min_replicas: 1,
+            drain: Duration::from_secs(2),
         }
     }
 }
@@ -80,6 +84,10 @@ pub struct Deployment {
     pub record: GraphRecord,
     pub epoch: u64,
     pub replicas: Vec<Replica>,
+    /// Replicas of a replaced version: serving until the new version is ready, then drained.
+    pub retiring: Vec<Replica>,
+    /// Whether the retiring replicas' drain has started.
+    draining: bool,
     next_replica: u64,
     /// The epoch last pushed to agents.
     published: u64,
@@ -285,6 +293,8 @@ impl Cluster {
                     record: record.clone(),
                     epoch: 0,
                     replicas: Vec::new(),
+                    retiring: Vec::new(),
+                    draining: false,
                     next_replica: 1,
                     published: 0,
                     unplaceable: HashMap::new(),
@@ -408,7 +418,15 @@ impl Cluster {
                 let mut gpus = a.gpus;
                 let mut n = 0;
                 for d in deployments.values() {
-                    for r in d.replicas.iter().filter(|r| r.host == a.name) {
+                    // Retiring replicas hold their resources until they are gone. (They may be of
+                    // an older version whose task is gone from the record; those count as the
+                    // defaults.)
+                    for r in d
+                        .replicas
+                        .iter()
+                        .chain(&d.retiring)
+                        .filter(|r| r.host == a.name)
+                    {
                         if let Some(t) = d.record.graph.task(&r.task) {
                             cpu = cpu.saturating_sub(u64::from(t.resources.cpu_millicores));
                             mem = mem.saturating_sub(t.resources.memory_bytes);
@@ -451,6 +469,32 @@ impl Cluster {
             })
             .collect();
         for (graph_id, removed) in stale {
+            if !removed {
+                // A new version: start its replicas beside the old ones, switch the routing
+                // table once every task has one, then drain and retire the old ones.
+                let (old, new, moved) = {
+                    let mut deployments = self.deployments.borrow_mut();
+                    let d = deployments.get_mut(&graph_id).expect("listed as stale");
+                    let old = d.record.version;
+                    let moved = d.replicas.len();
+                    d.retiring.append(&mut d.replicas);
+                    d.draining = false;
+                    d.record = wanted[&graph_id].clone();
+                    d.unplaceable.clear();
+                    d.backoff.clear();
+                    (old, d.record.version, moved)
+                };
+                self.events
+                    .record(
+                        "graph-updating",
+                        &graph_id,
+                        format!(
+                            "version {new} replaces {old}: starting its replicas; the {moved} of version {old} serve until they are ready"
+                        ),
+                    )
+                    .await;
+                continue;
+            }
             let Some(d) = self.deployments.borrow_mut().remove(&graph_id) else {
                 continue;
             };
@@ -465,37 +509,16 @@ impl Cluster {
                 req.get().set_graph_id(graph_id.as_str());
                 let _ = req.send().promise.await;
             }
-            let why = if removed {
-                "graph removed".to_string()
-            } else {
-                format!(
-                    "version {} replaced by {}",
-                    d.record.version, wanted[&graph_id].version
-                )
-            };
             self.events
                 .record(
                     "graph-undeployed",
                     &graph_id,
-                    format!("{why}: retired {} replicas", d.replicas.len()),
+                    format!(
+                        "graph removed: retired {} replicas",
+                        d.replicas.len() + d.retiring.len()
+                    ),
                 )
                 .await;
-            if !removed {
-                // Keep epochs growing across versions of the same graph.
-                self.deployments.borrow_mut().insert(
-                    graph_id.clone(),
-                    Deployment {
-                        record: wanted[&graph_id].clone(),
-                        epoch: d.epoch,
-                        replicas: Vec::new(),
-                        next_replica: d.next_replica,
-                        published: d.published,
-                        unplaceable: HashMap::new(),
-                        signature: String::new(),
-                        backoff: HashMap::new(),
-                    },
-                );
-            }
         }
 
         // What is missing, in topological order per graph.
@@ -506,6 +529,8 @@ impl Cluster {
                 record: record.clone(),
                 epoch: 0,
                 replicas: Vec::new(),
+                retiring: Vec::new(),
+                draining: false,
                 next_replica: 1,
                 published: 0,
                 unplaceable: HashMap::new(),
@@ -650,8 +675,57 @@ impl Cluster {
         }
     }
 
+    /// Retires, after the drain period, the replaced version's replicas of a graph whose new
+    /// table is out.
+    fn retire_replaced(self: &Rc<Self>, graph_id: &str) {
+        let (replicas, version) = {
+            let mut deployments = self.deployments.borrow_mut();
+            let Some(d) = deployments.get_mut(graph_id) else {
+                return;
+            };
+            if d.retiring.is_empty() || d.draining {
+                return;
+            }
+            d.draining = true;
+            (d.retiring.clone(), d.record.version)
+        };
+        let this = self.clone();
+        let graph_id = graph_id.to_string();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(this.config.drain).await;
+            for r in &replicas {
+                let client = this.agents.borrow().get(&r.host).map(|a| a.client.clone());
+                if let Some(c) = client {
+                    let mut req = c.retire_request();
+                    req.get().set_replica(r.id.as_str());
+                    let _ = req.send().promise.await;
+                }
+            }
+            if let Some(d) = this.deployments.borrow_mut().get_mut(&graph_id) {
+                d.retiring
+                    .retain(|x| !replicas.iter().any(|r| r.id == x.id));
+                d.draining = false;
+            }
+            this.events
+                .record(
+                    "replicas-retired",
+                    &graph_id,
+                    format!(
+                        "replaced by version {version}; drained for {:?}: {}",
+                        this.config.drain,
+                        replicas
+                            .iter()
+                            .map(|r| r.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+                .await;
+        });
+    }
+
     /// Bumps the epoch of every graph whose ready replicas changed and pushes its table.
-    async fn publish_changed(&self) {
+    async fn publish_changed(self: &Rc<Self>) {
         let mut changed = Vec::new();
         for (id, d) in self.deployments.borrow_mut().iter_mut() {
             let mut ready: Vec<String> = d
@@ -661,6 +735,16 @@ impl Cluster {
                 .map(|r| format!("{}@{}", r.id, r.host))
                 .collect();
             ready.sort();
+            if !d.retiring.is_empty() {
+                let complete = d.record.graph.tasks.iter().all(|t| {
+                    d.replicas
+                        .iter()
+                        .any(|r| r.task == t.id && r.state == ReplicaState::Ready)
+                });
+                if !complete {
+                    continue; // the old version keeps serving meanwhile
+                }
+            }
             let signature = ready.join(",");
             if d.published > 0 && d.epoch == d.published && d.signature == signature {
                 continue;
@@ -702,6 +786,7 @@ impl Cluster {
                     ),
                 )
                 .await;
+            self.retire_replaced(&graph_id);
         }
     }
 }

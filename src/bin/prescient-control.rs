@@ -38,6 +38,10 @@ struct Args {
     /// Replicas every task gets at least (the policy minimum).
     #[arg(long, default_value_t = 1)]
     min_replicas: usize,
+    /// When a graph is updated, how long the old version's replicas keep serving invocations
+    /// already on their way after the new version takes over.
+    #[arg(long, default_value_t = 2000)]
+    drain_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -62,6 +66,7 @@ fn main() -> Result<()> {
             heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
             startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
             min_replicas: args.min_replicas.max(1),
+            drain: std::time::Duration::from_millis(args.drain_ms),
         },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -191,6 +191,12 @@ impl Agent {
     }
 }
 
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
