@@ -6,8 +6,10 @@
 pub mod artifacts;
 pub mod cluster;
 pub mod events;
+pub mod monitor;
 pub mod placement;
 pub mod server;
+pub mod sketch;
 pub mod store;
 
 pub use cluster::{Cluster, ClusterConfig};

@@ -1,0 +1,180 @@
+//! The monitoring service's store: per-second windows of mergeable sketches per task, rolled up
+//! over any window on query. Pure data: fed spans, asked for statistics; no I/O.
+
+use crate::sketch::Sketch;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Seconds of per-second windows kept (roll-ups of 1 s, 10 s and 1 min are merges of these).
+pub const RETENTION_S: u64 = 600;
+
+/// One task execution as measured by its worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanView {
+    pub graph_id: String,
+    pub task: String,
+    pub replica: String,
+    pub start_unix_ns: u64,
+    pub queue_ns: u64,
+    pub exec_ns: u64,
+    pub transfer_ns: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Second {
+    exec: Sketch,
+    queue: Sketch,
+    transfer: Sketch,
+    errors: u64,
+    input_bytes: u64,
+    output_bytes: u64,
+}
+
+/// Statistics of one task over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStats {
+    pub task: String,
+    pub count: u64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub exec_p50_ns: u64,
+    pub exec_p90_ns: u64,
+    pub exec_p99_ns: u64,
+    pub exec_mean_ns: u64,
+    pub queue_p50_ns: u64,
+    pub queue_p99_ns: u64,
+    pub transfer_p50_ns: u64,
+    pub transfer_p99_ns: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Monitor {
+    tasks: HashMap<(String, String), VecDeque<(u64, Second)>>,
+    /// Spans workers dropped under back-pressure, per host.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+impl Monitor {
+    pub fn record(&mut self, s: &SpanView) {
+        let second = s.start_unix_ns / 1_000_000_000;
+        let series = self
+            .tasks
+            .entry((s.graph_id.clone(), s.task.clone()))
+            .or_default();
+        // Spans arrive nearly in order; look back a few seconds for a late one.
+        let slot = match series.iter_mut().rev().take(8).find(|(t, _)| *t == second) {
+            Some((_, w)) => w,
+            None => {
+                let at = series.partition_point(|(t, _)| *t < second);
+                series.insert(at, (second, Second::default()));
+                &mut series[at].1
+            }
+        };
+        slot.exec.record(s.exec_ns as f64);
+        slot.queue.record(s.queue_ns as f64);
+        slot.transfer.record(s.transfer_ns as f64);
+        slot.input_bytes += s.input_bytes;
+        slot.output_bytes += s.output_bytes;
+        if !s.ok {
+            slot.errors += 1;
+        }
+        while series
+            .front()
+            .is_some_and(|(t, _)| *t + RETENTION_S < second)
+        {
+            series.pop_front();
+        }
+    }
+
+    /// Per-task statistics of `graph_id` over the `window_s` seconds up to and including `now_s`.
+    pub fn task_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<TaskStats> {
+        let from = (now_s + 1).saturating_sub(window_s.max(1));
+        let mut out: Vec<TaskStats> = self
+            .tasks
+            .iter()
+            .filter(|((g, _), _)| g == graph_id)
+            .map(|((_, task), series)| {
+                let mut m = Second::default();
+                for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                    m.exec.merge(&w.exec);
+                    m.queue.merge(&w.queue);
+                    m.transfer.merge(&w.transfer);
+                    m.errors += w.errors;
+                    m.input_bytes += w.input_bytes;
+                    m.output_bytes += w.output_bytes;
+                }
+                let q = |s: &Sketch, p: f64| s.quantile(p).round() as u64;
+                TaskStats {
+                    task: task.clone(),
+                    count: m.exec.count(),
+                    per_second: m.exec.count() as f64 / window_s.max(1) as f64,
+                    errors: m.errors,
+                    exec_p50_ns: q(&m.exec, 0.5),
+                    exec_p90_ns: q(&m.exec, 0.9),
+                    exec_p99_ns: q(&m.exec, 0.99),
+                    exec_mean_ns: m.exec.mean().round() as u64,
+                    queue_p50_ns: q(&m.queue, 0.5),
+                    queue_p99_ns: q(&m.queue, 0.99),
+                    transfer_p50_ns: q(&m.transfer, 0.5),
+                    transfer_p99_ns: q(&m.transfer, 0.99),
+                    input_bytes: m.input_bytes,
+                    output_bytes: m.output_bytes,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.task.cmp(&b.task));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(task: &str, second: u64, exec_ms: u64, ok: bool) -> SpanView {
+        SpanView {
+            graph_id: "g1".into(),
+            task: task.into(),
+            replica: "r".into(),
+            start_unix_ns: second * 1_000_000_000,
+            queue_ns: 1000,
+            exec_ns: exec_ms * 1_000_000,
+            transfer_ns: 50_000,
+            input_bytes: 10,
+            output_bytes: 20,
+            ok,
+        }
+    }
+
+    #[test]
+    fn windows_roll_up_and_expire() {
+        let mut m = Monitor::default();
+        for s in 0..20 {
+            for k in 1..=10 {
+                m.record(&span("a", 1000 + s, k, k != 10));
+            }
+        }
+        let last10 = m.task_stats("g1", 10, 1019);
+        assert_eq!(last10[0].count, 100);
+        assert_eq!(last10[0].per_second, 10.0);
+        assert_eq!(last10[0].errors, 10);
+        // 1..=10 ms, ten of each: the median rank holds 6 ms.
+        assert!(
+            (last10[0].exec_p50_ns as f64 - 6e6).abs() / 6e6 < 0.02,
+            "{:?}",
+            last10[0]
+        );
+        assert_eq!(m.task_stats("g1", 60, 1019)[0].count, 200);
+        assert!(m.task_stats("g2", 60, 1019).is_empty());
+        m.record(&span("a", 1000 + RETENTION_S + 30, 1, true));
+        assert_eq!(
+            m.task_stats("g1", 10_000, 5000)[0].count,
+            1,
+            "old seconds expired"
+        );
+    }
+}
