@@ -207,6 +207,39 @@ impl ControlClient {
         Ok((r.get_epoch(), out))
     }
 
+    /// Per-task statistics of a graph over the last `window` seconds.
+    pub async fn stats(&self, graph_id: &str, window: u32) -> Result<(Vec<TaskStatsRow>, u64)> {
+        let mut req = self.client.stats_request();
+        req.get().set_graph_id(graph_id);
+        req.get().set_window_sec(window);
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let r = reply.get()?;
+        let mut out = Vec::new();
+        for t in r.get_tasks()? {
+            out.push(TaskStatsRow {
+                task: text(t.get_task())?,
+                count: t.get_count(),
+                per_second: t.get_per_second(),
+                errors: t.get_errors(),
+                exec_p50_us: t.get_exec_p50_ns() as f64 / 1e3,
+                exec_p90_us: t.get_exec_p90_ns() as f64 / 1e3,
+                exec_p99_us: t.get_exec_p99_ns() as f64 / 1e3,
+                exec_mean_us: t.get_exec_mean_ns() as f64 / 1e3,
+                queue_p50_us: t.get_queue_p50_ns() as f64 / 1e3,
+                queue_p99_us: t.get_queue_p99_ns() as f64 / 1e3,
+                transfer_p50_us: t.get_transfer_p50_ns() as f64 / 1e3,
+                transfer_p99_us: t.get_transfer_p99_ns() as f64 / 1e3,
+                input_bytes: t.get_input_bytes(),
+                output_bytes: t.get_output_bytes(),
+            });
+        }
+        Ok((out, r.get_dropped_spans()))
+    }
+
     /// Uploads an artifact in 1 MiB chunks; returns its digest, size, and whether it was new.
     pub async fn upload(&self, bytes: &[u8]) -> Result<(prescient_schemas::Digest, u64, bool)> {
         let e = |e: capnp::Error| remote(&self.addr, e);
@@ -278,6 +311,24 @@ pub struct AgentRow {
     pub ingress: String,
     pub provisioner: String,
     pub last_heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskStatsRow {
+    pub task: String,
+    pub count: u64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub exec_p50_us: f64,
+    pub exec_p90_us: f64,
+    pub exec_p99_us: f64,
+    pub exec_mean_us: f64,
+    pub queue_p50_us: f64,
+    pub queue_p99_us: f64,
+    pub transfer_p50_us: f64,
+    pub transfer_p99_us: f64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

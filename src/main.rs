@@ -65,6 +65,14 @@ enum Command {
     Agents,
     /// List a graph's replicas and its routing-table epoch.
     Replicas { graph: String },
+    /// Per-task statistics from the workers' spans: rate, errors, execution, queueing and
+    /// transfer time percentiles.
+    Stats {
+        graph: String,
+        /// Window in seconds (1 to 600).
+        #[arg(long, default_value_t = 10)]
+        window: u32,
+    },
     /// Invoke a graph once and print its outputs.
     Invoke {
         graph: String,
@@ -218,6 +226,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which } => bench::run(which).await,
+        Command::Stats { graph, window } => {
+            let c = ControlClient::connect(&cli.control).await?;
+            let id = c.resolve(&graph).await?;
+            let (tasks, dropped) = c.stats(&id, window).await?;
+            if json {
+                output::print_json(&serde_json::json!({
+                    "graph": id, "window_seconds": window, "tasks": tasks, "dropped_spans": dropped,
+                }))?;
+            } else {
+                println!(
+                    "graph {id}, last {window} s (spans dropped under back-pressure: {dropped})"
+                );
+                print!("{}", output::stats_table(&tasks));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agents => {
             let c = ControlClient::connect(&cli.control).await?;
             let agents = c.agents().await?;

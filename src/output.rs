@@ -211,6 +211,44 @@ pub fn replicas_table(replicas: &[crate::client::ReplicaRow]) -> String {
     table(&["REPLICA", "TASK", "HOST", "STATE", "DATA PLANE"], &rows)
 }
 
+pub fn stats_table(tasks: &[crate::client::TaskStatsRow]) -> String {
+    if tasks.is_empty() {
+        return "no spans in this window\n".into();
+    }
+    let us = |v: f64| format!("{v:.0}");
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.task.clone(),
+                t.count.to_string(),
+                format!("{:.1}", t.per_second),
+                t.errors.to_string(),
+                format!(
+                    "{}/{}/{}",
+                    us(t.exec_p50_us),
+                    us(t.exec_p90_us),
+                    us(t.exec_p99_us)
+                ),
+                format!("{}/{}", us(t.queue_p50_us), us(t.queue_p99_us)),
+                format!("{}/{}", us(t.transfer_p50_us), us(t.transfer_p99_us)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TASK",
+            "COUNT",
+            "PER S",
+            "ERRORS",
+            "EXEC p50/p90/p99 us",
+            "QUEUE p50/p99 us",
+            "TRANSFER p50/p99 us",
+        ],
+        &rows,
+    )
+}
+
 pub fn load_report(r: &crate::load::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "mode        {}", r.mode);

@@ -70,7 +70,15 @@ pub struct AgentNode {
     tables: RefCell<HashMap<String, EncodedTable>>,
     session: RefCell<Option<agent_session::Client>>,
     control: RefCell<Option<control::Client>>,
+    /// Workers' telemetry batches waiting to go to the control node (bounded; oldest dropped).
+    telemetry: RefCell<std::collections::VecDeque<TelemetryMessage>>,
+    telemetry_dropped: std::cell::Cell<u64>,
 }
+
+type TelemetryMessage = capnp::message::Reader<capnp::serialize::OwnedSegments>;
+
+/// Worker batches held while the control node is slow or away.
+const MAX_QUEUED_BATCHES: usize = 256;
 
 impl AgentNode {
     /// Binds the ingress and prepares the provisioner. Must run in a `LocalSet`.
@@ -102,7 +110,44 @@ impl AgentNode {
             tables: RefCell::default(),
             session: RefCell::default(),
             control: RefCell::default(),
+            telemetry: RefCell::default(),
+            telemetry_dropped: Default::default(),
         }))
+    }
+
+    /// Forwards workers' telemetry batches to the control node once a second.
+    pub async fn forward_telemetry(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(session) = self.session.borrow().clone() else {
+                continue;
+            };
+            let batches: Vec<TelemetryMessage> = self.telemetry.borrow_mut().drain(..).collect();
+            for msg in batches {
+                let mut req = session.telemetry_request();
+                let Ok(root) =
+                    msg.get_root::<prescient_schemas::agent_capnp::telemetry_batch::Reader<'_>>()
+                else {
+                    continue;
+                };
+                if req.get().set_batch(root).is_err() {
+                    continue;
+                }
+                if req.send().promise.await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn queue_telemetry(&self, msg: TelemetryMessage) {
+        let mut q = self.telemetry.borrow_mut();
+        if q.len() >= MAX_QUEUED_BATCHES {
+            q.pop_front();
+            self.telemetry_dropped.set(self.telemetry_dropped.get() + 1);
+        }
+        q.push_back(msg);
     }
 
     pub fn ingress_addr(&self) -> &str {
@@ -267,8 +312,20 @@ impl AgentNode {
             mut child,
             mut stdin,
             cgroup,
+            telemetry,
             ..
         } = vm;
+        let node = self.clone();
+        tokio::task::spawn_local(async move {
+            let mut r = tokio_util::compat::TokioAsyncReadCompatExt::compat(telemetry);
+            let mut options = capnp::message::ReaderOptions::new();
+            options.traversal_limit_in_words(Some(64 << 20));
+            while let Ok(Some(msg)) =
+                capnp_futures::serialize::try_read_message(&mut r, options).await
+            {
+                node.queue_telemetry(msg);
+            }
+        });
         let (commands, mut command_rx) = mpsc::unbounded_channel::<Rc<Vec<u8>>>();
         tokio::task::spawn_local(async move {
             use tokio::io::AsyncWriteExt;

@@ -14,5 +14,6 @@ pub mod kernels;
 pub mod onnx;
 pub mod provisioner;
 pub mod routes;
+pub mod telemetry;
 pub mod transfer;
 pub mod worker;

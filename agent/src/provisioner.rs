@@ -47,6 +47,8 @@ pub struct Vm {
     pub child: Child,
     /// Encoded `WorkerCommand` messages go here.
     pub stdin: ChildStdin,
+    /// The worker's telemetry batches (`TelemetryBatch` messages) come from here.
+    pub telemetry: BufReader<tokio::process::ChildStdout>,
     pub cgroup: Option<Cgroup>,
 }
 
@@ -168,6 +170,7 @@ impl Provisioner for ProcessProvisioner {
             data_plane_addr: addr.to_string(),
             child,
             stdin,
+            telemetry: reader,
             cgroup,
         })
     }

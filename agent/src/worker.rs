@@ -123,12 +123,15 @@ struct Deployed {
 /// Inputs of a join task arriving for one invocation.
 struct Join {
     hop: Hop,
+    /// When the first input arrived: queueing is counted from there.
+    received_ns: u64,
     parts: Vec<Option<Bytes>>,
     acks: Vec<(Sender, u64)>,
 }
 
 pub struct Worker {
     replica: RefCell<Rc<str>>,
+    spans: crate::telemetry::SpanBuffer,
     fwd: Forwarder,
     task: RefCell<Option<Rc<Deployed>>>,
     joins: RefCell<HashMap<(Rc<str>, u64), Join>>,
@@ -204,9 +207,25 @@ impl Worker {
         hop: Hop,
         inputs: Vec<Bytes>,
         acks: Vec<(Sender, u64)>,
+        received_ns: u64,
     ) {
         tokio::task::spawn_local(async move {
+            let start_ns = dataplane::now_unix_ns();
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
+            let end_ns = dataplane::now_unix_ns();
+            self.spans.record(crate::telemetry::SpanRec {
+                graph_id: d.graph_id.clone(),
+                task: d.task.clone(),
+                replica: self.replica.borrow().clone(),
+                invocation: hop.invocation,
+                queue_ns: start_ns.saturating_sub(received_ns),
+                exec_ns: end_ns.saturating_sub(start_ns),
+                input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
+                output_bytes: result.as_ref().map_or(0, |o| o.len() as u64),
+                transfer_ns: received_ns.saturating_sub(hop.sent_unix_ns),
+                start_unix_ns: start_ns,
+                ok: result.is_ok(),
+            });
             match result {
                 Err(e) => {
                     let replica = self.replica.borrow().clone();
@@ -289,6 +308,7 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
+        let received_ns = dataplane::now_unix_ns();
         dataplane::record_transfer(&hop);
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
@@ -316,7 +336,7 @@ impl dataplane::Handler for Worker {
         }
         if d.inputs.len() <= 1 {
             let payload = hop.payload.clone();
-            return self.execute(d, hop, vec![payload], acks);
+            return self.execute(d, hop, vec![payload], acks, received_ns);
         }
         let Some(slot) = d.inputs.iter().position(|p| **p == *hop.port) else {
             self.fwd.fail(
@@ -330,6 +350,7 @@ impl dataplane::Handler for Worker {
             let mut joins = self.joins.borrow_mut();
             let j = joins.entry(key.clone()).or_insert_with(|| Join {
                 hop: hop.clone(),
+                received_ns,
                 parts: vec![None; d.inputs.len()],
                 acks: Vec::new(),
             });
@@ -347,7 +368,7 @@ impl dataplane::Handler for Worker {
                 .into_iter()
                 .map(|p| p.expect("all present"))
                 .collect();
-            self.execute(d, j.hop, inputs, j.acks);
+            self.execute(d, j.hop, inputs, j.acks, j.received_ns);
         }
     }
 
@@ -380,6 +401,7 @@ pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String>
     let (pool, mut lost) = dataplane::PeerPool::new();
     let worker = Rc::new(Worker {
         replica: RefCell::new("unassigned".into()),
+        spans: Default::default(),
         fwd: Forwarder::new(host, pool),
         task: RefCell::default(),
         joins: RefCell::default(),
@@ -414,8 +436,18 @@ pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String>
         }
     });
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    // After the ready line, stdout carries telemetry batches to the agent.
+    let batches = crate::telemetry::BatchWriter::new(std::io::stdout());
     loop {
         tokio::select! {
+            _ = flush.tick() => {
+                if let Some((batch, n)) = worker.spans.take_batch(host) {
+                    if !batches.send(batch) {
+                        worker.spans.lost(n);
+                    }
+                }
+            }
             cmd = commands.recv() => match cmd {
                 Some(c) => match decode_command(&c).and_then(|c| worker.apply(c)) {
                     Ok(true) => {}

@@ -106,6 +106,7 @@ pub struct Cluster {
     events: EventLog,
     pub agents: RefCell<BTreeMap<String, AgentEntry>>,
     pub deployments: RefCell<BTreeMap<String, Deployment>>,
+    pub monitor: RefCell<crate::monitor::Monitor>,
     started: Instant,
     generation: Cell<u64>,
     kick: Notify,
@@ -123,6 +124,7 @@ impl Cluster {
             events,
             agents: RefCell::default(),
             deployments: RefCell::default(),
+            monitor: RefCell::default(),
             started: Instant::now(),
             generation: Cell::new(0),
             kick: Notify::new(),
@@ -853,6 +855,34 @@ impl agent_session::Server for Session {
             )));
         }
         results.get().set_ok(true);
+        Ok(())
+    }
+
+    async fn telemetry(
+        self: CapRc<Self>,
+        params: agent_session::TelemetryParams,
+        _: agent_session::TelemetryResults,
+    ) -> Result<(), capnp::Error> {
+        let batch = params.get()?.get_batch()?;
+        let mut monitor = self.cluster.monitor.borrow_mut();
+        let dropped = batch.get_dropped_spans();
+        if dropped > 0 {
+            *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
+        }
+        for s in batch.get_spans()? {
+            monitor.record(&crate::monitor::SpanView {
+                graph_id: s.get_graph_id()?.to_str()?.to_string(),
+                task: s.get_task()?.to_str()?.to_string(),
+                replica: s.get_replica()?.to_str()?.to_string(),
+                start_unix_ns: s.get_start_unix_ns(),
+                queue_ns: s.get_queue_ns(),
+                exec_ns: s.get_exec_ns(),
+                transfer_ns: s.get_transfer_ns(),
+                input_bytes: s.get_input_bytes(),
+                output_bytes: s.get_output_bytes(),
+                ok: s.get_ok(),
+            });
+        }
         Ok(())
     }
 

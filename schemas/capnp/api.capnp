@@ -65,6 +65,25 @@ interface Control {
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
+  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64);
+}
+
+struct TaskStats {
+  # One task over a window, from its workers' spans.
+  task @0 :Text;
+  count @1 :UInt64;
+  perSecond @2 :Float64;
+  errors @3 :UInt64;
+  execP50Ns @4 :UInt64;
+  execP90Ns @5 :UInt64;
+  execP99Ns @6 :UInt64;
+  execMeanNs @7 :UInt64;
+  queueP50Ns @8 :UInt64;
+  queueP99Ns @9 :UInt64;
+  transferP50Ns @10 :UInt64;
+  transferP99Ns @11 :UInt64;
+  inputBytes @12 :UInt64;
+  outputBytes @13 :UInt64;
 }
 
 interface ArtifactUpload {

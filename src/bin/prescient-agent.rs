@@ -203,6 +203,7 @@ fn main() -> Result<()> {
             node.ingress_addr()
         );
         std::io::stdout().flush()?;
+        tokio::task::spawn_local(node.clone().forward_telemetry());
         tokio::select! {
             _ = node.run() => {}
             _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

@@ -1,0 +1,90 @@
+//! Per-request spans: workers measure every execution, agents forward them, the control node's
+//! monitoring service reports per-task statistics that match what was sent.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn every_execution_is_counted_and_timed() {
+    let dir = TempDir::new("telemetry");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    let graph = dir.path().join("timed.toml");
+    std::fs::write(
+        &graph,
+        r#"
+name = "timed"
+[[task]]
+id = "first"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "10us"
+[[task]]
+id = "slow"
+code = { builtin = "sleep", params = { mean = "3ms" } }
+inputs = { y = "bytes" }
+outputs = { z = "bytes" }
+estimate = "3ms"
+[[edge]]
+from = "first.y"
+to = "slow.y"
+"#,
+    )
+    .unwrap();
+    control.cli_ok(&["submit", graph.to_str().unwrap()]);
+    wait_deployed(&control, "g1", 2, 1);
+    let report = control.cli_json(&[
+        "load",
+        "timed",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2",
+        "--payload-bytes",
+        "100",
+    ]);
+    let sent = report["sent"].as_u64().unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(sent > 50, "{report}");
+
+    // Workers flush every second and agents forward every second.
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let s = control.cli_json(&["stats", "timed", "--window", "60"]);
+        let counts: Vec<u64> = s["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["count"].as_u64().unwrap())
+            .collect();
+        if counts.len() == 2 && counts.iter().all(|c| *c == sent) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "spans never all arrived ({sent} sent): {s}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let task = |name: &str| {
+        stats["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task"] == name)
+            .unwrap()
+            .clone()
+    };
+    let slow = task("slow");
+    let p50 = slow["exec_p50_us"].as_f64().unwrap();
+    assert!(
+        (2900.0..4500.0).contains(&p50),
+        "a 3 ms sleep measured {p50} us: {slow}"
+    );
+    assert!(task("first")["exec_p50_us"].as_f64().unwrap() < 500.0);
+    assert!(slow["transfer_p50_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(task("first")["input_bytes"].as_u64().unwrap(), sent * 100);
+    assert_eq!(stats["dropped_spans"], 0);
+}
