@@ -26,6 +26,10 @@ pub enum Which {
         /// How the workers drive their sockets: epoll, io_uring or auto.
         #[arg(long, default_value = "epoll")]
         data_plane: String,
+        /// Run with per-request telemetry on and off, alternating, `N` rounds each, and report
+        /// what telemetry costs (medians and their ratio).
+        #[arg(long, value_name = "N")]
+        compare_telemetry: Option<usize>,
     },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
@@ -138,7 +142,7 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
 }
 
 pub async fn run(which: Which) -> Result<ExitCode> {
-    let (stages, concurrency, duration, payload_bytes, data_plane) = match which {
+    let (stages, concurrency, duration, payload_bytes, data_plane, compare) = match which {
         Which::Transfer {
             bytes,
             payload,
@@ -153,13 +157,65 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             duration,
             payload_bytes,
             data_plane,
-        } => (stages, concurrency, duration, payload_bytes, data_plane),
+            compare_telemetry,
+        } => (stages, concurrency, duration, payload_bytes, data_plane, compare_telemetry),
     };
+    if let Some(rounds) = compare {
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for _ in 0..rounds.max(1) {
+            for (telemetry, into) in [(true, &mut on), (false, &mut off)] {
+                let r = chain(stages, &concurrency, duration, payload_bytes, &data_plane, telemetry).await?;
+                into.push(r);
+            }
+        }
+        let median = |runs: &[serde_json::Value], i: usize, key: &str| {
+            let mut v: Vec<f64> = runs.iter().map(|r| r["results"][i][key].as_f64().unwrap_or(0.0)).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let rows: Vec<serde_json::Value> = concurrency
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (ron, roff) = (median(&on, i, "rps"), median(&off, i, "rps"));
+                serde_json::json!({
+                    "concurrency": c,
+                    "rps_telemetry_on": ron,
+                    "rps_telemetry_off": roff,
+                    "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
+                    "p50_us_on": median(&on, i, "p50_us"),
+                    "p50_us_off": median(&off, i, "p50_us"),
+                })
+            })
+            .collect();
+        crate::output::print_json(&serde_json::json!({
+            "bench": "chain-telemetry-overhead",
+            "stages": stages,
+            "rounds": rounds,
+            "seconds_per_point": duration,
+            "results": rows,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = chain(stages, &concurrency, duration, payload_bytes, &data_plane, true).await?;
+    crate::output::print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn chain(
+    stages: usize,
+    concurrency: &[usize],
+    duration: f64,
+    payload_bytes: usize,
+    data_plane: &str,
+    telemetry: bool,
+) -> Result<serde_json::Value> {
     if stages == 0 {
         bail!("--stages must be at least 1");
     }
     let dir = std::env::temp_dir().join(format!("prescient-bench-{}", std::process::id()));
-    let cluster = LocalCluster::start(&dir, stages, 2, &data_plane)?;
+    let cluster = LocalCluster::start(&dir, stages, 2, data_plane, telemetry)?;
     let result = async {
         let client = ControlClient::connect(&cluster.control.addr).await?;
         let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
@@ -183,7 +239,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             .find(|a| Some(&a.name) == first_host.as_ref())
             .map_or(cluster.agents[0].addr.clone(), |a| a.addr.clone());
         let mut results = Vec::new();
-        for c in &concurrency {
+        for c in concurrency {
             let spec = |secs: f64| crate::load::Spec {
                 graph: record.id.clone(),
                 mode: crate::load::Mode::Closed { concurrency: *c },
@@ -211,6 +267,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             "placement": placement,
             "payload_bytes": payload_bytes,
             "data_plane": data_plane,
+            "telemetry": telemetry,
             "seconds_per_point": duration,
             "results": results,
         }))
@@ -218,6 +275,5 @@ pub async fn run(which: Which) -> Result<ExitCode> {
     .await;
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
-    crate::output::print_json(&result?)?;
-    Ok(ExitCode::SUCCESS)
+    result
 }

@@ -81,8 +81,12 @@ impl LocalCluster {
         name: &str,
         cpus: u32,
         data_plane: &str,
+        telemetry: bool,
     ) -> Result<Proc> {
         let mut cmd = Command::new(sibling("prescient-agent")?);
+        if !telemetry {
+            cmd.arg("--no-telemetry");
+        }
         cmd.args(["--data-plane", data_plane])
             .args([
                 "--control",
@@ -110,7 +114,13 @@ impl LocalCluster {
 
     /// Starts a control node and `agents` agents named a1, a2, ... each offering `cpus` CPUs,
     /// their workers on `data_plane` (auto, epoll or io_uring).
-    pub fn start(dir: &Path, agents: usize, cpus: u32, data_plane: &str) -> Result<LocalCluster> {
+    pub fn start(
+        dir: &Path,
+        agents: usize,
+        cpus: u32,
+        data_plane: &str,
+        telemetry: bool,
+    ) -> Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let control = Self::start_control(dir, 300)?;
         let mut procs = Vec::new();
@@ -121,6 +131,7 @@ impl LocalCluster {
                 &format!("a{i}"),
                 cpus,
                 data_plane,
+                telemetry,
             )?);
         }
         Ok(LocalCluster {

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub data_dir: std::path::PathBuf,
     /// How workers drive their data-plane sockets.
     pub data_plane: crate::dataplane::Transport,
+    /// Whether workers record per-request spans.
+    pub telemetry: bool,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -100,6 +102,7 @@ impl AgentNode {
             config.listen.ip(),
         );
         provisioner.data_plane = config.data_plane;
+        provisioner.telemetry = config.telemetry;
         Ok(Rc::new(AgentNode {
             config,
             inventory,

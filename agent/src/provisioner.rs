@@ -72,6 +72,8 @@ pub struct ProcessProvisioner {
     pub cgroups: Option<Hierarchy>,
     pub ready_timeout: Duration,
     pub data_plane: crate::dataplane::Transport,
+    /// Whether workers record per-request spans.
+    pub telemetry: bool,
 }
 
 impl ProcessProvisioner {
@@ -96,6 +98,7 @@ impl ProcessProvisioner {
             cgroups,
             ready_timeout: Duration::from_secs(20),
             data_plane: crate::dataplane::Transport::Epoll,
+            telemetry: true,
         }
     }
 }
@@ -112,6 +115,7 @@ impl Provisioner for ProcessProvisioner {
             // Named on the command line so operators can find a replica's process.
             .args(["--replica", &spec.replica])
             .args(["--data-plane", self.data_plane.name()])
+            .args(if self.telemetry { &[][..] } else { &["--no-telemetry"][..] })
             .arg("--listen")
             .arg(format!("{}:0", self.bind_ip))
             .stdin(Stdio::piped())

@@ -30,10 +30,23 @@ pub struct SpanRec {
 pub struct SpanBuffer {
     spans: RefCell<Vec<SpanRec>>,
     dropped: Cell<u64>,
+    off: Cell<bool>,
 }
 
 impl SpanBuffer {
+    /// Turns span recording off (for measuring telemetry's own cost).
+    pub fn disable(&self) {
+        self.off.set(true);
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.off.get()
+    }
+
     pub fn record(&self, s: SpanRec) {
+        if self.off.get() {
+            return;
+        }
         let mut spans = self.spans.borrow_mut();
         if spans.len() >= MAX_BUFFERED_SPANS {
             self.dropped.set(self.dropped.get() + 1);

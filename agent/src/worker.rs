@@ -210,9 +210,10 @@ impl Worker {
         received_ns: u64,
     ) {
         tokio::task::spawn_local(async move {
-            let start_ns = dataplane::now_unix_ns();
+            let timed = self.spans.enabled();
+            let start_ns = if timed { dataplane::now_unix_ns() } else { 0 };
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
-            let end_ns = dataplane::now_unix_ns();
+            let end_ns = if timed { dataplane::now_unix_ns() } else { 0 };
             self.spans.record(crate::telemetry::SpanRec {
                 graph_id: d.graph_id.clone(),
                 task: d.task.clone(),
@@ -308,8 +309,12 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
-        let received_ns = dataplane::now_unix_ns();
-        dataplane::record_transfer(&hop);
+        let received_ns = if self.spans.enabled() {
+            dataplane::record_transfer(&hop);
+            dataplane::now_unix_ns()
+        } else {
+            0
+        };
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
         let Some(d) = self.task.borrow().clone() else {
@@ -395,7 +400,7 @@ impl dataplane::Handler for Worker {
 /// The worker process: reads its task from stdin, warms it, binds its data plane, says
 /// `prescient-worker ready ADDR` on stdout, then serves until stdin ends or it is drained.
 /// Must run in a `LocalSet`.
-pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String> {
+pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> Result<(), String> {
     use std::io::Write;
     let mut commands = read_commands(std::io::stdin());
     let (pool, mut lost) = dataplane::PeerPool::new();
@@ -406,6 +411,9 @@ pub async fn run(host: &str, listen: std::net::SocketAddr) -> Result<(), String>
         task: RefCell::default(),
         joins: RefCell::default(),
     });
+    if !telemetry {
+        worker.spans.disable();
+    }
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");

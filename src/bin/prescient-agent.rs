@@ -45,6 +45,9 @@ struct Args {
     /// here), io_uring (best bulk transfer here), or auto (io_uring where the kernel allows).
     #[arg(long, default_value = "epoll")]
     data_plane: String,
+    /// Turn off per-request spans (to measure what telemetry costs).
+    #[arg(long)]
+    no_telemetry: bool,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -63,6 +66,8 @@ enum Sub {
         listen: SocketAddr,
         #[arg(long, default_value = "epoll")]
         data_plane: String,
+        #[arg(long)]
+        no_telemetry: bool,
     },
     /// One end of the transfer benchmark: acknowledges and drops what it receives.
     #[command(hide = true)]
@@ -117,11 +122,12 @@ fn main() -> Result<()> {
             host,
             listen,
             data_plane,
+            no_telemetry,
             ..
         }) => {
             let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
             return on_transport(transport, async move {
-                prescient_agent::worker::run(&host, listen).await
+                prescient_agent::worker::run(&host, listen, !no_telemetry).await
             })?
             .map_err(anyhow::Error::msg);
         }
@@ -189,6 +195,7 @@ fn main() -> Result<()> {
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
         worker_exe: std::env::current_exe()?,
         data_plane: transport,
+        telemetry: !args.no_telemetry,
         data_dir: args.data_dir.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!("prescient-agent-{}", std::process::id()))
         }),
