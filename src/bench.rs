@@ -158,19 +158,37 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             payload_bytes,
             data_plane,
             compare_telemetry,
-        } => (stages, concurrency, duration, payload_bytes, data_plane, compare_telemetry),
+        } => (
+            stages,
+            concurrency,
+            duration,
+            payload_bytes,
+            data_plane,
+            compare_telemetry,
+        ),
     };
     if let Some(rounds) = compare {
         let mut on = Vec::new();
         let mut off = Vec::new();
         for _ in 0..rounds.max(1) {
             for (telemetry, into) in [(true, &mut on), (false, &mut off)] {
-                let r = chain(stages, &concurrency, duration, payload_bytes, &data_plane, telemetry).await?;
+                let r = chain(
+                    stages,
+                    &concurrency,
+                    duration,
+                    payload_bytes,
+                    &data_plane,
+                    telemetry,
+                )
+                .await?;
                 into.push(r);
             }
         }
         let median = |runs: &[serde_json::Value], i: usize, key: &str| {
-            let mut v: Vec<f64> = runs.iter().map(|r| r["results"][i][key].as_f64().unwrap_or(0.0)).collect();
+            let mut v: Vec<f64> = runs
+                .iter()
+                .map(|r| r["results"][i][key].as_f64().unwrap_or(0.0))
+                .collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
@@ -198,7 +216,15 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let report = chain(stages, &concurrency, duration, payload_bytes, &data_plane, true).await?;
+    let report = chain(
+        stages,
+        &concurrency,
+        duration,
+        payload_bytes,
+        &data_plane,
+        true,
+    )
+    .await?;
     crate::output::print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }

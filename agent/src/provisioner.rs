@@ -115,7 +115,11 @@ impl Provisioner for ProcessProvisioner {
             // Named on the command line so operators can find a replica's process.
             .args(["--replica", &spec.replica])
             .args(["--data-plane", self.data_plane.name()])
-            .args(if self.telemetry { &[][..] } else { &["--no-telemetry"][..] })
+            .args(if self.telemetry {
+                &[][..]
+            } else {
+                &["--no-telemetry"][..]
+            })
             .arg("--listen")
             .arg(format!("{}:0", self.bind_ip))
             .stdin(Stdio::piped())

@@ -1,15 +1,20 @@
-//! Per-request spans: recorded by workers, batched (Cap'n Proto `TelemetryBatch`) to their
-//! agent every second over the worker's stdout, and forwarded by the agent to the control node.
+//! Per-request measurements: every execution is recorded by its worker into per-second windows
+//! of mergeable sketches, batched (Cap'n Proto `TelemetryBatch`) to the agent every second over
+//! the worker's stdout with a sample of individual spans, and forwarded to the control node.
 //!
-//! Architecture invariant: telemetry never blocks the request path. Buffers are bounded; when one
-//! is full, spans are dropped and counted, and the count travels with the next batch.
+//! Architecture invariant: telemetry never blocks the request path. Buffers are bounded; when a
+//! batch cannot be handed on, its executions are counted as dropped and the count travels with
+//! the next batch.
 
 use prescient_schemas::agent_capnp::telemetry_batch;
+use prescient_schemas::sketch::Sketch;
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
-/// Spans a worker holds between flushes.
-const MAX_BUFFERED_SPANS: usize = 100_000;
+/// Individual spans kept per second as a sample for tracing; every execution is counted in
+/// the per-second windows regardless.
+const SAMPLE_PER_SECOND: u32 = 32;
 
 #[derive(Debug, Clone)]
 pub struct SpanRec {
@@ -26,15 +31,33 @@ pub struct SpanRec {
     pub ok: bool,
 }
 
+/// One second of one replica's executions.
+struct Window {
+    graph_id: Rc<str>,
+    task: Rc<str>,
+    replica: Rc<str>,
+    errors: u64,
+    input_bytes: u64,
+    output_bytes: u64,
+    exec: Sketch,
+    queue: Sketch,
+    transfer: Sketch,
+}
+
+/// What a worker measured since its last flush: every execution, aggregated per second into
+/// mergeable sketches (so shipping it costs the same at 10 or 100,000 executions a second),
+/// plus a small sample of individual spans.
 #[derive(Default)]
 pub struct SpanBuffer {
-    spans: RefCell<Vec<SpanRec>>,
+    windows: RefCell<BTreeMap<u64, Window>>,
+    sample: RefCell<Vec<SpanRec>>,
+    sampled: Cell<(u64, u32)>,
     dropped: Cell<u64>,
     off: Cell<bool>,
 }
 
 impl SpanBuffer {
-    /// Turns span recording off (for measuring telemetry's own cost).
+    /// Turns recording off (for measuring telemetry's own cost).
     pub fn disable(&self) {
         self.off.set(true);
     }
@@ -47,26 +70,65 @@ impl SpanBuffer {
         if self.off.get() {
             return;
         }
-        let mut spans = self.spans.borrow_mut();
-        if spans.len() >= MAX_BUFFERED_SPANS {
-            self.dropped.set(self.dropped.get() + 1);
-        } else {
-            spans.push(s);
+        let second = s.start_unix_ns / 1_000_000_000;
+        {
+            let mut windows = self.windows.borrow_mut();
+            let w = windows.entry(second).or_insert_with(|| Window {
+                graph_id: s.graph_id.clone(),
+                task: s.task.clone(),
+                replica: s.replica.clone(),
+                errors: 0,
+                input_bytes: 0,
+                output_bytes: 0,
+                exec: Sketch::default(),
+                queue: Sketch::default(),
+                transfer: Sketch::default(),
+            });
+            w.exec.record(s.exec_ns as f64);
+            w.queue.record(s.queue_ns as f64);
+            w.transfer.record(s.transfer_ns as f64);
+            w.input_bytes += s.input_bytes;
+            w.output_bytes += s.output_bytes;
+            if !s.ok {
+                w.errors += 1;
+            }
+        }
+        let (at, n) = self.sampled.get();
+        let n = if at == second { n } else { 0 };
+        if n < SAMPLE_PER_SECOND {
+            self.sampled.set((second, n + 1));
+            self.sample.borrow_mut().push(s);
         }
     }
 
     /// Takes what was recorded as an encoded batch, or None when there is nothing to send.
     pub fn take_batch(&self, host: &str) -> Option<(Vec<u8>, usize)> {
-        let spans = std::mem::take(&mut *self.spans.borrow_mut());
+        let windows = std::mem::take(&mut *self.windows.borrow_mut());
+        let spans = std::mem::take(&mut *self.sample.borrow_mut());
         let dropped = self.dropped.replace(0);
-        if spans.is_empty() && dropped == 0 {
+        if windows.is_empty() && dropped == 0 {
             return None;
         }
+        let executions: u64 = windows.values().map(|w| w.exec.count()).sum();
         let mut msg = capnp::message::Builder::new_default();
         {
             let mut b = msg.init_root::<telemetry_batch::Builder<'_>>();
             b.set_host_id(host);
             b.set_dropped_spans(dropped);
+            let mut list = b.reborrow().init_windows(windows.len() as u32);
+            for (i, (second, w)) in windows.iter().enumerate() {
+                let mut x = list.reborrow().get(i as u32);
+                x.set_graph_id(&*w.graph_id);
+                x.set_task(&*w.task);
+                x.set_replica(&*w.replica);
+                x.set_second(*second);
+                x.set_errors(w.errors);
+                x.set_input_bytes(w.input_bytes);
+                x.set_output_bytes(w.output_bytes);
+                w.exec.encode(x.reborrow().init_exec_ns());
+                w.queue.encode(x.reborrow().init_queue_ns());
+                w.transfer.encode(x.init_transfer_ns());
+            }
             let mut list = b.init_spans(spans.len() as u32);
             for (i, s) in spans.iter().enumerate() {
                 let mut x = list.reborrow().get(i as u32);
@@ -84,10 +146,13 @@ impl SpanBuffer {
                 x.set_ok(s.ok);
             }
         }
-        Some((capnp::serialize::write_message_to_words(&msg), spans.len()))
+        Some((
+            capnp::serialize::write_message_to_words(&msg),
+            executions as usize,
+        ))
     }
 
-    /// Counts spans lost after they were batched (the writer was full).
+    /// Counts executions lost after they were batched (the writer was full).
     pub fn lost(&self, n: usize) {
         self.dropped.set(self.dropped.get() + n as u64);
     }

@@ -11,6 +11,7 @@ use crate::placement::{self, Decision, HostView, Need};
 use crate::store::Registry;
 use capnp::capability::Rc as CapRc;
 use prescient_schemas::agent_capnp::{agent, agent_session, registry, replica_spec, routing_table};
+use prescient_schemas::sketch::Sketch;
 use prescient_schemas::{codec, GraphRecord, ValidatedGraph};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -869,18 +870,18 @@ impl agent_session::Server for Session {
         if dropped > 0 {
             *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
         }
-        for s in batch.get_spans()? {
-            monitor.record(&crate::monitor::SpanView {
-                graph_id: s.get_graph_id()?.to_str()?.to_string(),
-                task: s.get_task()?.to_str()?.to_string(),
-                replica: s.get_replica()?.to_str()?.to_string(),
-                start_unix_ns: s.get_start_unix_ns(),
-                queue_ns: s.get_queue_ns(),
-                exec_ns: s.get_exec_ns(),
-                transfer_ns: s.get_transfer_ns(),
-                input_bytes: s.get_input_bytes(),
-                output_bytes: s.get_output_bytes(),
-                ok: s.get_ok(),
+        // Every execution arrives aggregated in windows; the span sample is for tracing.
+        for w in batch.get_windows()? {
+            monitor.record_window(&crate::monitor::WindowView {
+                graph_id: w.get_graph_id()?.to_str()?.to_string(),
+                task: w.get_task()?.to_str()?.to_string(),
+                second: w.get_second(),
+                errors: w.get_errors(),
+                input_bytes: w.get_input_bytes(),
+                output_bytes: w.get_output_bytes(),
+                exec: Sketch::decode(w.get_exec_ns()?)?,
+                queue: Sketch::decode(w.get_queue_ns()?)?,
+                transfer: Sketch::decode(w.get_transfer_ns()?)?,
             });
         }
         Ok(())

@@ -9,7 +9,6 @@ pub mod events;
 pub mod monitor;
 pub mod placement;
 pub mod server;
-pub mod sketch;
 pub mod store;
 
 pub use cluster::{Cluster, ClusterConfig};

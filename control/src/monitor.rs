@@ -1,7 +1,7 @@
 //! The monitoring service's store: per-second windows of mergeable sketches per task, rolled up
 //! over any window on query. Pure data: fed spans, asked for statistics; no I/O.
 
-use crate::sketch::Sketch;
+use prescient_schemas::sketch::Sketch;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Seconds of per-second windows kept (roll-ups of 1 s, 10 s and 1 min are merges of these).
@@ -20,6 +20,20 @@ pub struct SpanView {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub ok: bool,
+}
+
+/// A second of one replica's executions.
+#[derive(Debug, Clone, Default)]
+pub struct WindowView {
+    pub graph_id: String,
+    pub task: String,
+    pub second: u64,
+    pub errors: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub exec: Sketch,
+    pub queue: Sketch,
+    pub transfer: Sketch,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -59,21 +73,36 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn record(&mut self, s: &SpanView) {
-        let second = s.start_unix_ns / 1_000_000_000;
-        let series = self
-            .tasks
-            .entry((s.graph_id.clone(), s.task.clone()))
-            .or_default();
-        // Spans arrive nearly in order; look back a few seconds for a late one.
-        let slot = match series.iter_mut().rev().take(8).find(|(t, _)| *t == second) {
-            Some((_, w)) => w,
+    fn slot(&mut self, graph_id: &str, task: &str, second: u64) -> &mut Second {
+        let key = (graph_id.to_string(), task.to_string());
+        let series = self.tasks.entry(key).or_default();
+        while series
+            .front()
+            .is_some_and(|(t, _)| *t + RETENTION_S < second)
+        {
+            series.pop_front();
+        }
+        // Windows arrive nearly in order; look back a few seconds for a late one.
+        let found = series
+            .iter()
+            .rev()
+            .take(8)
+            .position(|(t, _)| *t == second)
+            .map(|back| series.len() - 1 - back);
+        let at = match found {
+            Some(i) => i,
             None => {
                 let at = series.partition_point(|(t, _)| *t < second);
                 series.insert(at, (second, Second::default()));
-                &mut series[at].1
+                at
             }
         };
+        &mut series[at].1
+    }
+
+    /// Adds one execution.
+    pub fn record(&mut self, s: &SpanView) {
+        let slot = self.slot(&s.graph_id, &s.task, s.start_unix_ns / 1_000_000_000);
         slot.exec.record(s.exec_ns as f64);
         slot.queue.record(s.queue_ns as f64);
         slot.transfer.record(s.transfer_ns as f64);
@@ -82,12 +111,17 @@ impl Monitor {
         if !s.ok {
             slot.errors += 1;
         }
-        while series
-            .front()
-            .is_some_and(|(t, _)| *t + RETENTION_S < second)
-        {
-            series.pop_front();
-        }
+    }
+
+    /// Adds a second of one replica's executions, aggregated where they ran.
+    pub fn record_window(&mut self, w: &WindowView) {
+        let slot = self.slot(&w.graph_id, &w.task, w.second);
+        slot.exec.merge(&w.exec);
+        slot.queue.merge(&w.queue);
+        slot.transfer.merge(&w.transfer);
+        slot.input_bytes += w.input_bytes;
+        slot.output_bytes += w.output_bytes;
+        slot.errors += w.errors;
     }
 
     /// Per-task statistics of `graph_id` over the `window_s` seconds up to and including `now_s`.

@@ -57,11 +57,37 @@ struct HostSample {
   gpuMemoryUsedBytes @8 :List(UInt64);
 }
 
+struct Sketch {
+  # A mergeable quantile sketch (logarithmic buckets, 1% relative accuracy).
+  count @0 :UInt64;
+  zeros @1 :UInt64;
+  sum @2 :Float64;
+  min @3 :Float64;
+  max @4 :Float64;
+  indices @5 :List(Int32);
+  counts @6 :List(UInt64);
+}
+
+struct TaskWindow {
+  # Every execution of one replica in one second, aggregated where it ran.
+  graphId @0 :Text;
+  task @1 :Text;
+  replica @2 :Text;
+  second @3 :UInt64;            # unix seconds
+  errors @4 :UInt64;
+  inputBytes @5 :UInt64;
+  outputBytes @6 :UInt64;
+  execNs @7 :Sketch;            # its count is the number of executions
+  queueNs @8 :Sketch;
+  transferNs @9 :Sketch;
+}
+
 struct TelemetryBatch {
   hostId @0 :Text;
-  spans @1 :List(Span);
+  spans @1 :List(Span);         # a sample of individual executions (for tracing)
   hosts @2 :List(HostSample);
   droppedSpans @3 :UInt64;      # spans dropped by back-pressure since the last batch
+  windows @4 :List(TaskWindow); # every execution, aggregated per second
 }
 
 struct ReplicaSpec {

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod file;
 pub mod model;
 pub mod quantity;
+pub mod sketch;
 pub mod validate;
 
 pub use model::*;

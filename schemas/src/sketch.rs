@@ -2,6 +2,7 @@
 //! DDSketch): every quantile it returns is within `ALPHA` of a value that was recorded at that
 //! rank, and two sketches merge by adding bucket counts, so windows roll up exactly.
 
+use crate::agent_capnp::sketch;
 use std::collections::BTreeMap;
 
 /// Relative accuracy of quantiles.
@@ -75,6 +76,46 @@ impl Sketch {
         self.max
     }
 
+    pub fn encode(&self, mut b: sketch::Builder<'_>) {
+        b.set_count(self.count);
+        b.set_zeros(self.zeros);
+        b.set_sum(self.sum);
+        b.set_min(self.min);
+        b.set_max(self.max);
+        let mut idx = b.reborrow().init_indices(self.buckets.len() as u32);
+        for (i, k) in self.buckets.keys().enumerate() {
+            idx.set(i as u32, *k);
+        }
+        let mut counts = b.init_counts(self.buckets.len() as u32);
+        for (i, c) in self.buckets.values().enumerate() {
+            counts.set(i as u32, *c);
+        }
+    }
+
+    pub fn decode(r: sketch::Reader<'_>) -> capnp::Result<Sketch> {
+        let (idx, counts) = (r.get_indices()?, r.get_counts()?);
+        if idx.len() != counts.len() {
+            return Err(capnp::Error::failed(
+                "sketch: indices and counts differ in length".into(),
+            ));
+        }
+        let buckets: BTreeMap<i32, u64> = idx.iter().zip(counts.iter()).collect();
+        let total: u64 = buckets.values().sum::<u64>() + r.get_zeros();
+        if total != r.get_count() {
+            return Err(capnp::Error::failed(
+                "sketch: bucket counts do not add up".into(),
+            ));
+        }
+        Ok(Sketch {
+            buckets,
+            zeros: r.get_zeros(),
+            count: r.get_count(),
+            sum: r.get_sum(),
+            min: r.get_min(),
+            max: r.get_max(),
+        })
+    }
+
     /// The value at quantile `q` (0..=1); 0 for an empty sketch.
     pub fn quantile(&self, q: f64) -> f64 {
         if self.count == 0 {
@@ -137,5 +178,17 @@ mod tests {
         assert_eq!(a.quantile(0.99), all.quantile(0.99));
         assert_eq!(a.count(), all.count());
         assert_eq!(Sketch::default().quantile(0.5), 0.0);
+    }
+
+    #[test]
+    fn sketches_round_trip_through_capnp() {
+        let mut s = Sketch::default();
+        for v in [0.0, 1.0, 5.5, 1e6, 3e9] {
+            s.record(v);
+        }
+        let mut msg = capnp::message::Builder::new_default();
+        s.encode(msg.init_root());
+        let back = Sketch::decode(msg.get_root_as_reader().unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 }
