@@ -153,6 +153,86 @@ impl AgentNode {
         q.push_back(msg);
     }
 
+    /// What this agent exposes on `/metrics` (Prometheus text format).
+    pub fn render_metrics(&self) -> String {
+        use prescient_schemas::prom::Exposition;
+        let mut e = Exposition::default();
+        let agent = self.config.name.as_str();
+        e.family(
+            "prescient_agent_connected",
+            "gauge",
+            "1 while the agent has a session with the control node.",
+        );
+        e.sample(
+            "prescient_agent_connected",
+            &[("agent", agent)],
+            if self.session.borrow().is_some() {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        e.family(
+            "prescient_agent_replicas",
+            "gauge",
+            "Replicas (worker processes) this agent runs, per graph.",
+        );
+        let mut per_graph: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in self.replicas.borrow().values() {
+            *per_graph.entry(r.graph_id.clone()).or_default() += 1;
+        }
+        for (g, n) in &per_graph {
+            e.sample(
+                "prescient_agent_replicas",
+                &[("agent", agent), ("graph", g)],
+                *n as f64,
+            );
+        }
+        let (read, written) = crate::dataplane::io_bytes();
+        e.family(
+            "prescient_ingress_bytes_total",
+            "counter",
+            "Data-plane bytes through this agent's ingress.",
+        );
+        e.sample(
+            "prescient_ingress_bytes_total",
+            &[("agent", agent), ("direction", "in")],
+            read as f64,
+        );
+        e.sample(
+            "prescient_ingress_bytes_total",
+            &[("agent", agent), ("direction", "out")],
+            written as f64,
+        );
+        e.family(
+            "prescient_agent_telemetry_batches_dropped_total",
+            "counter",
+            "Worker telemetry batches dropped because the control node was slow or away.",
+        );
+        e.sample(
+            "prescient_agent_telemetry_batches_dropped_total",
+            &[("agent", agent)],
+            self.telemetry_dropped.get() as f64,
+        );
+        e.family("prescient_agent_cpus", "gauge", "CPUs this agent offers.");
+        e.sample(
+            "prescient_agent_cpus",
+            &[("agent", agent)],
+            f64::from(self.inventory.cpus),
+        );
+        e.family(
+            "prescient_agent_gpus",
+            "gauge",
+            "GPUs NVML reports on this host.",
+        );
+        e.sample(
+            "prescient_agent_gpus",
+            &[("agent", agent)],
+            self.inventory.gpus.len() as f64,
+        );
+        e.finish()
+    }
+
     pub fn ingress_addr(&self) -> &str {
         &self.ingress_addr
     }

@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod cluster;
 pub mod events;
+pub mod metrics;
 pub mod monitor;
 pub mod placement;
 pub mod server;
@@ -88,6 +89,11 @@ impl ControlNode {
             cluster,
             limits: config.limits,
         })
+    }
+
+    /// The live cluster state (for `/metrics`).
+    pub fn cluster(&self) -> std::rc::Rc<Cluster> {
+        self.cluster.clone()
     }
 
     /// Serves until the future is dropped. Must run inside a `tokio::task::LocalSet`.

@@ -65,8 +65,17 @@ pub struct TaskStats {
     pub output_bytes: u64,
 }
 
+/// Totals since the control node started (Prometheus counters).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    pub executions: u64,
+    pub errors: u64,
+    pub exec_ns_sum: f64,
+}
+
 #[derive(Debug, Default)]
 pub struct Monitor {
+    pub totals: BTreeMap<(String, String), Totals>,
     tasks: HashMap<(String, String), VecDeque<(u64, Second)>>,
     /// Spans workers dropped under back-pressure, per host.
     pub dropped: BTreeMap<String, u64>,
@@ -100,8 +109,19 @@ impl Monitor {
         &mut series[at].1
     }
 
+    fn count(&mut self, graph_id: &str, task: &str, n: u64, errors: u64, exec_ns_sum: f64) {
+        let t = self
+            .totals
+            .entry((graph_id.to_string(), task.to_string()))
+            .or_default();
+        t.executions += n;
+        t.errors += errors;
+        t.exec_ns_sum += exec_ns_sum;
+    }
+
     /// Adds one execution.
     pub fn record(&mut self, s: &SpanView) {
+        self.count(&s.graph_id, &s.task, 1, u64::from(!s.ok), s.exec_ns as f64);
         let slot = self.slot(&s.graph_id, &s.task, s.start_unix_ns / 1_000_000_000);
         slot.exec.record(s.exec_ns as f64);
         slot.queue.record(s.queue_ns as f64);
@@ -115,6 +135,13 @@ impl Monitor {
 
     /// Adds a second of one replica's executions, aggregated where they ran.
     pub fn record_window(&mut self, w: &WindowView) {
+        self.count(
+            &w.graph_id,
+            &w.task,
+            w.exec.count(),
+            w.errors,
+            w.exec.mean() * w.exec.count() as f64,
+        );
         let slot = self.slot(&w.graph_id, &w.task, w.second);
         slot.exec.merge(&w.exec);
         slot.queue.merge(&w.queue);

@@ -17,6 +17,7 @@ pub use generated::{agent_capnp, api_capnp, dataplane_capnp, exec_capnp, graph_c
 pub mod codec;
 pub mod file;
 pub mod model;
+pub mod prom;
 pub mod quantity;
 pub mod sketch;
 pub mod validate;

@@ -6,6 +6,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[path = "../config_args.rs"]
 mod config_args;
+#[path = "../metrics_http.rs"]
+mod metrics_http;
 use prescient_agent::agent::{AgentConfig, AgentNode};
 use prescient_agent::dataplane::Transport;
 use std::io::Write;
@@ -48,6 +50,9 @@ struct Args {
     /// Turn off per-request spans (to measure what telemetry costs).
     #[arg(long)]
     no_telemetry: bool,
+    /// Serve Prometheus metrics on `GET /metrics` at this address (port 0 picks one).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -184,6 +189,7 @@ fn main() -> Result<()> {
     if let Some(dir) = &args.data_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let metrics_listen = args.metrics_listen;
     let config = AgentConfig {
         name: args.name.clone().unwrap_or(hostname),
         control: args.control.unwrap_or_else(|| "127.0.0.1:7400".into()),
@@ -209,6 +215,18 @@ fn main() -> Result<()> {
             config.name,
             node.ingress_addr()
         );
+        if let Some(addr) = metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            println!(
+                "prescient-agent {} metrics on {}",
+                config.name,
+                listener.local_addr()?
+            );
+            let n = node.clone();
+            let render: std::rc::Rc<dyn Fn() -> String> =
+                std::rc::Rc::new(move || n.render_metrics());
+            tokio::task::spawn_local(metrics_http::serve(listener, render));
+        }
         std::io::stdout().flush()?;
         tokio::task::spawn_local(node.clone().forward_telemetry());
         tokio::select! {

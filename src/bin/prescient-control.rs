@@ -5,6 +5,8 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 #[path = "../config_args.rs"]
 mod config_args;
+#[path = "../metrics_http.rs"]
+mod metrics_http;
 use prescient_control::{Config, ControlNode, Limits};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -42,6 +44,9 @@ struct Args {
     /// already on their way after the new version takes over.
     #[arg(long, default_value_t = 2000)]
     drain_ms: u64,
+    /// Serve Prometheus metrics on `GET /metrics` at this address (port 0 picks one).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -54,6 +59,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = parse_args()?;
+    let metrics_listen = args.metrics_listen;
     let config = Config {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -77,6 +83,18 @@ fn main() -> Result<()> {
         let node = ControlNode::bind(config).await?;
         // Scripts and tests read this line to learn the bound port.
         println!("prescient-control listening on {}", node.local_addr);
+        if let Some(addr) = metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            println!("prescient-control metrics on {}", listener.local_addr()?);
+            let cluster = node.cluster();
+            let render: std::rc::Rc<dyn Fn() -> String> = std::rc::Rc::new(move || {
+                prescient_control::metrics::render(
+                    &cluster,
+                    prescient_control::server::now_ms() / 1000,
+                )
+            });
+            tokio::task::spawn_local(metrics_http::serve(listener, render));
+        }
         std::io::stdout().flush()?;
         tracing::info!(addr = %node.local_addr, "control node ready");
         tokio::select! {

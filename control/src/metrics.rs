@@ -1,0 +1,141 @@
+//! What the control node exposes on `/metrics` (Prometheus text format).
+
+use crate::cluster::{AgentState, Cluster, ReplicaState};
+use prescient_schemas::prom::Exposition;
+
+/// Quantiles are over this many recent seconds; counters are since start.
+const SUMMARY_WINDOW_S: u64 = 60;
+
+pub fn render(cluster: &Cluster, now_s: u64) -> String {
+    let mut e = Exposition::default();
+    let agents = cluster.agents.borrow();
+    e.family(
+        "prescient_agents",
+        "gauge",
+        "Host agents known to the control node, by state.",
+    );
+    for state in ["ready", "lost"] {
+        let n = agents
+            .values()
+            .filter(|a| match a.state {
+                AgentState::Ready => state == "ready",
+                AgentState::Lost => state == "lost",
+            })
+            .count();
+        e.sample("prescient_agents", &[("state", state)], n as f64);
+    }
+    let deployments = cluster.deployments.borrow();
+    e.family(
+        "prescient_graphs_deployed",
+        "gauge",
+        "Graphs with a deployment.",
+    );
+    e.sample("prescient_graphs_deployed", &[], deployments.len() as f64);
+    e.family(
+        "prescient_routing_epoch",
+        "gauge",
+        "Routing-table epoch per graph.",
+    );
+    for (id, d) in deployments.iter() {
+        e.sample("prescient_routing_epoch", &[("graph", id)], d.epoch as f64);
+    }
+    e.family(
+        "prescient_replicas",
+        "gauge",
+        "Replicas per graph, task and state.",
+    );
+    for (id, d) in deployments.iter() {
+        for t in &d.record.graph.tasks {
+            for (state, want) in [
+                ("ready", ReplicaState::Ready),
+                ("provisioning", ReplicaState::Provisioning),
+            ] {
+                let n = d
+                    .replicas
+                    .iter()
+                    .filter(|r| r.task == t.id && r.state == want)
+                    .count();
+                e.sample(
+                    "prescient_replicas",
+                    &[("graph", id), ("task", &t.id), ("state", state)],
+                    n as f64,
+                );
+            }
+        }
+    }
+    let monitor = cluster.monitor.borrow();
+    e.family(
+        "prescient_task_executions_total",
+        "counter",
+        "Task executions reported by workers.",
+    );
+    for ((g, t), tot) in &monitor.totals {
+        e.sample(
+            "prescient_task_executions_total",
+            &[("graph", g), ("task", t)],
+            tot.executions as f64,
+        );
+    }
+    e.family(
+        "prescient_task_errors_total",
+        "counter",
+        "Task executions that failed.",
+    );
+    for ((g, t), tot) in &monitor.totals {
+        e.sample(
+            "prescient_task_errors_total",
+            &[("graph", g), ("task", t)],
+            tot.errors as f64,
+        );
+    }
+    e.family(
+        "prescient_task_execution_seconds",
+        "summary",
+        "Task execution time: quantiles over the last 60 s, sum and count since start.",
+    );
+    let graphs: std::collections::BTreeSet<&String> =
+        monitor.totals.keys().map(|(g, _)| g).collect();
+    for g in graphs {
+        for s in monitor.task_stats(g, SUMMARY_WINDOW_S, now_s) {
+            for (q, v) in [
+                ("0.5", s.exec_p50_ns),
+                ("0.9", s.exec_p90_ns),
+                ("0.99", s.exec_p99_ns),
+            ] {
+                e.sample(
+                    "prescient_task_execution_seconds",
+                    &[("graph", g), ("task", &s.task), ("quantile", q)],
+                    v as f64 / 1e9,
+                );
+            }
+            let tot = monitor
+                .totals
+                .get(&(g.clone(), s.task.clone()))
+                .cloned()
+                .unwrap_or_default();
+            e.sample(
+                "prescient_task_execution_seconds_sum",
+                &[("graph", g), ("task", &s.task)],
+                tot.exec_ns_sum / 1e9,
+            );
+            e.sample(
+                "prescient_task_execution_seconds_count",
+                &[("graph", g), ("task", &s.task)],
+                tot.executions as f64,
+            );
+        }
+    }
+    e.family(
+        "prescient_telemetry_dropped_total",
+        "counter",
+        "Executions workers could not report, per host.",
+    );
+    for (host, n) in &monitor.dropped {
+        e.sample(
+            "prescient_telemetry_dropped_total",
+            &[("host", host)],
+            *n as f64,
+        );
+    }
+    e.finish()
+}
