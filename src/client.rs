@@ -208,7 +208,11 @@ impl ControlClient {
     }
 
     /// Per-task statistics of a graph over the last `window` seconds.
-    pub async fn stats(&self, graph_id: &str, window: u32) -> Result<(Vec<TaskStatsRow>, u64)> {
+    pub async fn stats(
+        &self,
+        graph_id: &str,
+        window: u32,
+    ) -> Result<(Vec<TaskStatsRow>, u64, Option<TaskStatsRow>)> {
         let mut req = self.client.stats_request();
         req.get().set_graph_id(graph_id);
         req.get().set_window_sec(window);
@@ -220,24 +224,14 @@ impl ControlClient {
         let r = reply.get()?;
         let mut out = Vec::new();
         for t in r.get_tasks()? {
-            out.push(TaskStatsRow {
-                task: text(t.get_task())?,
-                count: t.get_count(),
-                per_second: t.get_per_second(),
-                errors: t.get_errors(),
-                exec_p50_us: t.get_exec_p50_ns() as f64 / 1e3,
-                exec_p90_us: t.get_exec_p90_ns() as f64 / 1e3,
-                exec_p99_us: t.get_exec_p99_ns() as f64 / 1e3,
-                exec_mean_us: t.get_exec_mean_ns() as f64 / 1e3,
-                queue_p50_us: t.get_queue_p50_ns() as f64 / 1e3,
-                queue_p99_us: t.get_queue_p99_ns() as f64 / 1e3,
-                transfer_p50_us: t.get_transfer_p50_ns() as f64 / 1e3,
-                transfer_p99_us: t.get_transfer_p99_ns() as f64 / 1e3,
-                input_bytes: t.get_input_bytes(),
-                output_bytes: t.get_output_bytes(),
-            });
+            out.push(task_stats_row(t)?);
         }
-        Ok((out, r.get_dropped_spans()))
+        let e2e = if r.get_has_end_to_end() {
+            Some(task_stats_row(r.get_end_to_end()?)?)
+        } else {
+            None
+        };
+        Ok((out, r.get_dropped_spans(), e2e))
     }
 
     /// Uploads an artifact in 1 MiB chunks; returns its digest, size, and whether it was new.
@@ -338,6 +332,25 @@ pub struct ReplicaRow {
     pub host: String,
     pub addr: String,
     pub state: String,
+}
+
+fn task_stats_row(t: prescient_schemas::api_capnp::task_stats::Reader<'_>) -> Result<TaskStatsRow> {
+    Ok(TaskStatsRow {
+        task: text(t.get_task())?,
+        count: t.get_count(),
+        per_second: t.get_per_second(),
+        errors: t.get_errors(),
+        exec_p50_us: t.get_exec_p50_ns() as f64 / 1e3,
+        exec_p90_us: t.get_exec_p90_ns() as f64 / 1e3,
+        exec_p99_us: t.get_exec_p99_ns() as f64 / 1e3,
+        exec_mean_us: t.get_exec_mean_ns() as f64 / 1e3,
+        queue_p50_us: t.get_queue_p50_ns() as f64 / 1e3,
+        queue_p99_us: t.get_queue_p99_ns() as f64 / 1e3,
+        transfer_p50_us: t.get_transfer_p50_ns() as f64 / 1e3,
+        transfer_p99_us: t.get_transfer_p99_ns() as f64 / 1e3,
+        input_bytes: t.get_input_bytes(),
+        output_bytes: t.get_output_bytes(),
+    })
 }
 
 fn summary(s: prescient_schemas::api_capnp::graph_summary::Reader<'_>) -> Result<Summary> {

@@ -229,15 +229,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;
-            let (tasks, dropped) = c.stats(&id, window).await?;
+            let (tasks, dropped, e2e) = c.stats(&id, window).await?;
             if json {
                 output::print_json(&serde_json::json!({
-                    "graph": id, "window_seconds": window, "tasks": tasks, "dropped_spans": dropped,
+                    "graph": id, "window_seconds": window, "tasks": tasks,
+                    "end_to_end": e2e, "dropped_spans": dropped,
                 }))?;
             } else {
-                println!(
-                    "graph {id}, last {window} s (spans dropped under back-pressure: {dropped})"
-                );
+                println!("graph {id}, last {window} s (executions not reported: {dropped})");
+                if let Some(e) = &e2e {
+                    println!(
+                        "end to end: {} invocations ({:.1}/s), {} failed, p50 {:.0} us, p90 {:.0} us, p99 {:.0} us",
+                        e.count, e.per_second, e.errors, e.exec_p50_us, e.exec_p90_us, e.exec_p99_us
+                    );
+                }
                 print!("{}", output::stats_table(&tasks));
             }
             Ok(ExitCode::SUCCESS)

@@ -88,3 +88,73 @@ to = "slow.y"
     assert_eq!(task("first")["input_bytes"].as_u64().unwrap(), sent * 100);
     assert_eq!(stats["dropped_spans"], 0);
 }
+
+#[test]
+fn monitoring_agrees_with_the_load_generator() {
+    let dir = TempDir::new("telemetry-agree");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    let graph = dir.path().join("one.toml");
+    std::fs::write(
+        &graph,
+        r#"
+name = "one"
+[[task]]
+id = "work"
+code = { builtin = "sleep", params = { dist = "uniform", min = "30ms", max = "50ms" } }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "40ms"
+"#,
+    )
+    .unwrap();
+    control.cli_ok(&["submit", graph.to_str().unwrap()]);
+    wait_deployed(&control, "g1", 1, 1);
+    // The task dominates the invocation (the hops add well under 5%), so the task's own
+    // percentiles must match what the client saw; end to end must match in any case.
+    let report = control.cli_json(&["load", "one", "--concurrency", "4", "--duration", "4"]);
+    let sent = report["sent"].as_u64().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let s = control.cli_json(&["stats", "one", "--window", "60"]);
+        if s["end_to_end"]["count"].as_u64() == Some(sent)
+            && s["tasks"][0]["count"].as_u64() == Some(sent)
+        {
+            break s;
+        }
+        assert!(std::time::Instant::now() < until, "incomplete: {s}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let close = |what: &str, ours: f64, theirs: f64| {
+        let diff = (ours - theirs).abs() / theirs;
+        assert!(
+            diff <= 0.05,
+            "{what}: monitoring {ours:.0} us vs load generator {theirs:.0} us ({:.1}%)",
+            diff * 100.0
+        );
+    };
+    let (p50, p99) = (
+        report["p50_us"].as_f64().unwrap(),
+        report["p99_us"].as_f64().unwrap(),
+    );
+    close(
+        "end-to-end p50",
+        stats["end_to_end"]["exec_p50_us"].as_f64().unwrap(),
+        p50,
+    );
+    close(
+        "end-to-end p99",
+        stats["end_to_end"]["exec_p99_us"].as_f64().unwrap(),
+        p99,
+    );
+    close(
+        "task p50",
+        stats["tasks"][0]["exec_p50_us"].as_f64().unwrap(),
+        p50,
+    );
+    close(
+        "task p99",
+        stats["tasks"][0]["exec_p99_us"].as_f64().unwrap(),
+        p99,
+    );
+}

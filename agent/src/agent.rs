@@ -126,6 +126,12 @@ impl AgentNode {
             let Some(session) = self.session.borrow().clone() else {
                 continue;
             };
+            if let Some(bytes) = self.ingress.take_latency_batch() {
+                if let Ok(msg) = capnp::serialize::read_message(&mut &bytes[..], Default::default())
+                {
+                    self.queue_telemetry(msg);
+                }
+            }
             let batches: Vec<TelemetryMessage> = self.telemetry.borrow_mut().drain(..).collect();
             for msg in batches {
                 let mut req = session.telemetry_request();

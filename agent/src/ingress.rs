@@ -22,6 +22,8 @@ struct Pending {
 
 pub struct Ingress {
     fwd: Forwarder,
+    /// End-to-end latency of every invocation admitted here, per graph and second.
+    latency: crate::telemetry::SpanBuffer,
     /// Where sinks send outputs: this ingress's own data-plane address.
     reply_to: Rc<str>,
     pending: RefCell<HashMap<u64, Pending>>,
@@ -32,6 +34,7 @@ impl Ingress {
     pub fn new(host: &str, reply_to: &str, pool: Rc<dataplane::PeerPool>) -> Rc<Ingress> {
         Rc::new(Ingress {
             fwd: Forwarder::new(host, pool),
+            latency: Default::default(),
             reply_to: reply_to.into(),
             pending: RefCell::default(),
             next: Cell::new(1),
@@ -157,6 +160,38 @@ impl Ingress {
                 sent_unix_ns: 0,
             });
         }
+        let admitted_ns = dataplane::now_unix_ns();
+        let result = self.wait(&routes, invocation, deadline_ms, rx).await;
+        self.latency.record(crate::telemetry::SpanRec {
+            graph_id: routes.graph_id.clone(),
+            task: "".into(),
+            replica: self.fwd.host.clone(),
+            invocation,
+            queue_ns: 0,
+            exec_ns: dataplane::now_unix_ns().saturating_sub(admitted_ns),
+            input_bytes: 0,
+            output_bytes: result
+                .as_ref()
+                .map_or(0, |o| o.iter().map(|(_, v)| v.len() as u64).sum()),
+            transfer_ns: 0,
+            start_unix_ns: admitted_ns,
+            ok: result.is_ok(),
+        });
+        result
+    }
+
+    /// End-to-end latencies measured here, as a telemetry batch (task "" = the whole graph).
+    pub fn take_latency_batch(&self) -> Option<Vec<u8>> {
+        self.latency.take_batch(&self.fwd.host).map(|(b, _)| b)
+    }
+
+    async fn wait(
+        &self,
+        routes: &GraphRoutes,
+        invocation: u64,
+        deadline_ms: u32,
+        rx: oneshot::Receiver<Result<Vec<(String, Bytes)>, String>>,
+    ) -> Result<Vec<(String, Bytes)>, String> {
         match tokio::time::timeout(Duration::from_millis(deadline_ms.into()), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the ingress dropped the invocation".into()),

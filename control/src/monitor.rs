@@ -157,7 +157,7 @@ impl Monitor {
         let mut out: Vec<TaskStats> = self
             .tasks
             .iter()
-            .filter(|((g, _), _)| g == graph_id)
+            .filter(|((g, t), _)| g == graph_id && !t.is_empty())
             .map(|((_, task), series)| {
                 let mut m = Second::default();
                 for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
@@ -189,6 +189,18 @@ impl Monitor {
             .collect();
         out.sort_by(|a, b| a.task.cmp(&b.task));
         out
+    }
+
+    /// End-to-end invocation latency of `graph_id` as its ingresses measured it (the "task" of
+    /// the result is empty), over the same window as [`Monitor::task_stats`].
+    pub fn graph_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Option<TaskStats> {
+        let mut one = Monitor::default();
+        let series = self.tasks.get(&(graph_id.to_string(), String::new()))?;
+        one.tasks
+            .insert((graph_id.to_string(), "e2e".into()), series.clone());
+        let mut s = one.task_stats(graph_id, window_s, now_s).pop()?;
+        s.task = String::new();
+        Some(s)
     }
 }
 

@@ -309,26 +309,17 @@ impl control::Server for Control {
         let id = text(p.get_graph_id())?;
         let window = u64::from(p.get_window_sec().clamp(1, 600));
         let monitor = self.cluster.monitor.borrow();
-        let stats = monitor.task_stats(&id, window, now_ms() / 1000);
+        let now_s = now_ms() / 1000;
+        let stats = monitor.task_stats(&id, window, now_s);
         let mut r = results.get();
         r.set_dropped_spans(monitor.dropped.values().sum());
+        if let Some(e2e) = monitor.graph_stats(&id, window, now_s) {
+            r.set_has_end_to_end(true);
+            encode_task_stats(&e2e, r.reborrow().init_end_to_end());
+        }
         let mut list = r.init_tasks(stats.len() as u32);
         for (i, t) in stats.iter().enumerate() {
-            let mut b = list.reborrow().get(i as u32);
-            b.set_task(t.task.as_str());
-            b.set_count(t.count);
-            b.set_per_second(t.per_second);
-            b.set_errors(t.errors);
-            b.set_exec_p50_ns(t.exec_p50_ns);
-            b.set_exec_p90_ns(t.exec_p90_ns);
-            b.set_exec_p99_ns(t.exec_p99_ns);
-            b.set_exec_mean_ns(t.exec_mean_ns);
-            b.set_queue_p50_ns(t.queue_p50_ns);
-            b.set_queue_p99_ns(t.queue_p99_ns);
-            b.set_transfer_p50_ns(t.transfer_p50_ns);
-            b.set_transfer_p99_ns(t.transfer_p99_ns);
-            b.set_input_bytes(t.input_bytes);
-            b.set_output_bytes(t.output_bytes);
+            encode_task_stats(t, list.reborrow().get(i as u32));
         }
         Ok(())
     }
@@ -431,6 +422,26 @@ impl Control {
             }
         }
     }
+}
+
+fn encode_task_stats(
+    t: &crate::monitor::TaskStats,
+    mut b: prescient_schemas::api_capnp::task_stats::Builder<'_>,
+) {
+    b.set_task(t.task.as_str());
+    b.set_count(t.count);
+    b.set_per_second(t.per_second);
+    b.set_errors(t.errors);
+    b.set_exec_p50_ns(t.exec_p50_ns);
+    b.set_exec_p90_ns(t.exec_p90_ns);
+    b.set_exec_p99_ns(t.exec_p99_ns);
+    b.set_exec_mean_ns(t.exec_mean_ns);
+    b.set_queue_p50_ns(t.queue_p50_ns);
+    b.set_queue_p99_ns(t.queue_p99_ns);
+    b.set_transfer_p50_ns(t.transfer_p50_ns);
+    b.set_transfer_p99_ns(t.transfer_p99_ns);
+    b.set_input_bytes(t.input_bytes);
+    b.set_output_bytes(t.output_bytes);
 }
 
 /// One upload in progress; dropping the capability before `commit` discards it.

@@ -69,7 +69,8 @@ struct Sketch {
 }
 
 struct TaskWindow {
-  # Every execution of one replica in one second, aggregated where it ran.
+  # Every execution of one replica in one second, aggregated where it ran. With `task` empty:
+  # the end-to-end latency of the graph's invocations admitted at one ingress.
   graphId @0 :Text;
   task @1 :Text;
   replica @2 :Text;

@@ -65,7 +65,7 @@ interface Control {
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
-  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64);
+  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool);
 }
 
 struct TaskStats {
