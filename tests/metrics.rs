@@ -149,6 +149,11 @@ fn metrics_parse_and_count_what_ran() {
         "a summary with three quantiles"
     );
 
+    let util = value(&c, "prescient_host_cpu_utilization", &[("host", "a1")])
+        .expect("host samples arrive");
+    assert!((0.0..=1.0).contains(&util), "{util}");
+    assert!(value(&c, "prescient_host_memory_used_bytes", &[("host", "a1")]).unwrap() > 0.0);
+
     let a = scrape(&agent_metrics);
     assert_eq!(
         value(&a, "prescient_agent_connected", &[("agent", "a1")]),

@@ -121,8 +121,23 @@ impl AgentNode {
     /// Forwards workers' telemetry batches to the control node once a second.
     pub async fn forward_telemetry(self: Rc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut sampler = crate::hostmon::HostSampler::default();
         loop {
             tick.tick().await;
+            if let Some(sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
+                let mut msg = capnp::message::Builder::new_default();
+                {
+                    let mut b = msg
+                        .init_root::<prescient_schemas::agent_capnp::telemetry_batch::Builder<'_>>(
+                        );
+                    b.set_host_id(self.config.name.as_str());
+                    sample.encode(b.init_hosts(1).get(0));
+                }
+                let bytes = capnp::serialize::write_message_to_words(&msg);
+                if let Ok(m) = capnp::serialize::read_message(&mut &bytes[..], Default::default()) {
+                    self.queue_telemetry(m);
+                }
+            }
             let Some(session) = self.session.borrow().clone() else {
                 continue;
             };

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod exec;
 pub mod forward;
 pub mod host;
+pub mod hostmon;
 pub mod ingress;
 pub mod kernels;
 pub mod onnx;

@@ -870,6 +870,23 @@ impl agent_session::Server for Session {
         if dropped > 0 {
             *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
         }
+        for h in batch.get_hosts()? {
+            monitor.record_host(
+                &self.name,
+                crate::monitor::HostPoint {
+                    at_unix_ms: h.get_at_unix_ms(),
+                    cpu_util: h.get_cpu_util(),
+                    cpu_steal: h.get_cpu_steal(),
+                    memory_used_bytes: h.get_memory_used_bytes(),
+                    memory_total_bytes: h.get_memory_total_bytes(),
+                    net_rx_bytes: h.get_net_rx_bytes(),
+                    net_tx_bytes: h.get_net_tx_bytes(),
+                    run_delay_ns: h.get_run_delay_ns(),
+                    gpu_util: h.get_gpu_util()?.iter().collect(),
+                    gpu_memory_used_bytes: h.get_gpu_memory_used_bytes()?.iter().collect(),
+                },
+            );
+        }
         // Every execution arrives aggregated in windows; the span sample is for tracing.
         for w in batch.get_windows()? {
             monitor.record_window(&crate::monitor::WindowView {

@@ -69,7 +69,7 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         "counter",
         "Task executions reported by workers.",
     );
-    for ((g, t), tot) in &monitor.totals {
+    for ((g, t), tot) in monitor.totals.iter().filter(|((_, t), _)| !t.is_empty()) {
         e.sample(
             "prescient_task_executions_total",
             &[("graph", g), ("task", t)],
@@ -81,7 +81,7 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         "counter",
         "Task executions that failed.",
     );
-    for ((g, t), tot) in &monitor.totals {
+    for ((g, t), tot) in monitor.totals.iter().filter(|((_, t), _)| !t.is_empty()) {
         e.sample(
             "prescient_task_errors_total",
             &[("graph", g), ("task", t)],
@@ -122,6 +122,113 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
                 "prescient_task_execution_seconds_count",
                 &[("graph", g), ("task", &s.task)],
                 tot.executions as f64,
+            );
+        }
+    }
+    e.family(
+        "prescient_invocation_seconds",
+        "summary",
+        "End-to-end invocation latency measured at the ingresses: quantiles over the last 60 s.",
+    );
+    let graphs: std::collections::BTreeSet<&String> =
+        monitor.totals.keys().map(|(g, _)| g).collect();
+    for g in graphs {
+        if let Some(s) = monitor.graph_stats(g, SUMMARY_WINDOW_S, now_s) {
+            for (q, v) in [
+                ("0.5", s.exec_p50_ns),
+                ("0.9", s.exec_p90_ns),
+                ("0.99", s.exec_p99_ns),
+            ] {
+                e.sample(
+                    "prescient_invocation_seconds",
+                    &[("graph", g), ("quantile", q)],
+                    v as f64 / 1e9,
+                );
+            }
+            let tot = monitor
+                .totals
+                .get(&(g.clone(), String::new()))
+                .cloned()
+                .unwrap_or_default();
+            e.sample(
+                "prescient_invocation_seconds_sum",
+                &[("graph", g)],
+                tot.exec_ns_sum / 1e9,
+            );
+            e.sample(
+                "prescient_invocation_seconds_count",
+                &[("graph", g)],
+                tot.executions as f64,
+            );
+        }
+    }
+    let latest: Vec<(&String, &crate::monitor::HostPoint)> = monitor
+        .hosts
+        .iter()
+        .filter_map(|(h, s)| s.back().map(|p| (h, p)))
+        .collect();
+    type Get = fn(&crate::monitor::HostPoint) -> f64;
+    let gauges: [(&str, &str, Get); 5] = [
+        (
+            "prescient_host_cpu_utilization",
+            "Share of the host's CPU time busy in the last second (0 to 1).",
+            |p| f64::from(p.cpu_util),
+        ),
+        (
+            "prescient_host_cpu_steal",
+            "Share of CPU time stolen by the hypervisor in the last second (0 to 1).",
+            |p| f64::from(p.cpu_steal),
+        ),
+        (
+            "prescient_host_memory_used_bytes",
+            "Memory in use on the host.",
+            |p| p.memory_used_bytes as f64,
+        ),
+        (
+            "prescient_host_memory_total_bytes",
+            "Memory on the host.",
+            |p| p.memory_total_bytes as f64,
+        ),
+        (
+            "prescient_host_run_delay_seconds_per_second",
+            "Time runnable tasks waited for a CPU, per second (contention).",
+            |p| p.run_delay_ns as f64 / 1e9,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        e.family(name, "gauge", help);
+        for (h, p) in &latest {
+            e.sample(name, &[("host", h)], get(p));
+        }
+    }
+    e.family(
+        "prescient_host_network_bytes_total",
+        "counter",
+        "Host network bytes (all interfaces but loopback) since the control node started.",
+    );
+    for (h, (rx, tx)) in &monitor.host_net_totals {
+        e.sample(
+            "prescient_host_network_bytes_total",
+            &[("host", h), ("direction", "rx")],
+            *rx as f64,
+        );
+        e.sample(
+            "prescient_host_network_bytes_total",
+            &[("host", h), ("direction", "tx")],
+            *tx as f64,
+        );
+    }
+    e.family(
+        "prescient_gpu_utilization",
+        "gauge",
+        "GPU utilisation in the last sample (0 to 1), from NVML.",
+    );
+    for (h, p) in &latest {
+        for (i, u) in p.gpu_util.iter().enumerate() {
+            e.sample(
+                "prescient_gpu_utilization",
+                &[("host", h), ("gpu", &i.to_string())],
+                f64::from(*u),
             );
         }
     }

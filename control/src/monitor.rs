@@ -73,8 +73,27 @@ pub struct Totals {
     pub exec_ns_sum: f64,
 }
 
+/// One second of one host, as its agent sampled it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostPoint {
+    pub at_unix_ms: u64,
+    pub cpu_util: f32,
+    pub cpu_steal: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub run_delay_ns: u64,
+    pub gpu_util: Vec<f32>,
+    pub gpu_memory_used_bytes: Vec<u64>,
+}
+
 #[derive(Debug, Default)]
 pub struct Monitor {
+    /// Recent samples per host, newest last (bounded by `RETENTION_S`).
+    pub hosts: BTreeMap<String, VecDeque<HostPoint>>,
+    /// Network bytes per host since the control node started (rx, tx).
+    pub host_net_totals: BTreeMap<String, (u64, u64)>,
     pub totals: BTreeMap<(String, String), Totals>,
     tasks: HashMap<(String, String), VecDeque<(u64, Second)>>,
     /// Spans workers dropped under back-pressure, per host.
@@ -117,6 +136,17 @@ impl Monitor {
         t.executions += n;
         t.errors += errors;
         t.exec_ns_sum += exec_ns_sum;
+    }
+
+    pub fn record_host(&mut self, host: &str, p: HostPoint) {
+        let totals = self.host_net_totals.entry(host.to_string()).or_default();
+        totals.0 += p.net_rx_bytes;
+        totals.1 += p.net_tx_bytes;
+        let series = self.hosts.entry(host.to_string()).or_default();
+        series.push_back(p);
+        while series.len() > RETENTION_S as usize {
+            series.pop_front();
+        }
     }
 
     /// Adds one execution.

@@ -55,6 +55,8 @@ struct HostSample {
   runQueueP99Ns @6 :UInt64;
   gpuUtil @7 :List(Float32);
   gpuMemoryUsedBytes @8 :List(UInt64);
+  runDelayNs @9 :UInt64;        # time runnable tasks waited for a CPU since the last sample (schedstat)
+  memoryTotalBytes @10 :UInt64;
 }
 
 struct Sketch {
