@@ -73,6 +73,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         window: u32,
     },
+    /// A live view of agents, graphs and tasks, refreshed every second.
+    Top {
+        /// Print one frame and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Statistics window in seconds.
+        #[arg(long, default_value_t = 10)]
+        window: u32,
+    },
     /// Invoke a graph once and print its outputs.
     Invoke {
         graph: String,
@@ -175,10 +184,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&id).await?;
             let record = c.get(&id).await?;
+            // Estimates calibrated from the last five minutes of measurements (median execution
+            // time, once a task has run at least 20 times).
+            let (stats, _, _) = c.stats(&id, 300).await.unwrap_or_default();
+            let calibrated: std::collections::BTreeMap<String, u64> = stats
+                .iter()
+                .filter(|t| t.count >= 20)
+                .map(|t| (t.task.clone(), (t.exec_p50_us * 1000.0).round() as u64))
+                .collect();
             if json {
-                output::print_json(&record)?;
+                let mut v = serde_json::to_value(&record)?;
+                if !calibrated.is_empty() {
+                    v["calibrated_execution_time_ns"] = serde_json::to_value(&calibrated)?;
+                }
+                output::print_json(&v)?;
             } else {
-                print!("{}", output::graph_detail(&record));
+                print!("{}", output::graph_detail(&record, &calibrated));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -246,6 +267,43 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 print!("{}", output::stats_table(&tasks));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Top { once, window } => {
+            let c = ControlClient::connect(&cli.control).await?;
+            loop {
+                let mut frame = String::new();
+                if !once {
+                    frame.push_str("\x1b[2J\x1b[H");
+                }
+                frame.push_str(&format!(
+                    "prescient top: control {}, last {window} s\n\n",
+                    cli.control
+                ));
+                frame.push_str(&output::agents_table(&c.agents().await?));
+                for g in c.list().await? {
+                    let (epoch, replicas) = c.replicas(&g.id).await?;
+                    let (tasks, _, e2e) = c.stats(&g.id, window).await?;
+                    frame.push_str(&format!(
+                        "\n{} {} v{}: {} replicas, routing epoch {epoch}\n",
+                        g.id,
+                        g.name,
+                        g.version,
+                        replicas.iter().filter(|r| r.state == "ready").count()
+                    ));
+                    if let Some(e) = e2e {
+                        frame.push_str(&format!(
+                            "end to end: {:.1}/s, {} failed, p50 {:.0} us, p99 {:.0} us\n",
+                            e.per_second, e.errors, e.exec_p50_us, e.exec_p99_us
+                        ));
+                    }
+                    frame.push_str(&output::stats_table(&tasks));
+                }
+                print!("{frame}");
+                if once {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
         }
         Command::Agents => {
             let c = ControlClient::connect(&cli.control).await?;

@@ -92,7 +92,10 @@ pub fn graphs_table(graphs: &[Summary]) -> String {
     )
 }
 
-pub fn graph_detail(rec: &GraphRecord) -> String {
+pub fn graph_detail(
+    rec: &GraphRecord,
+    calibrated: &std::collections::BTreeMap<String, u64>,
+) -> String {
     let g = &rec.graph;
     let mut out = String::new();
     let _ = writeln!(out, "graph     {} ({})", rec.id, g.name);
@@ -129,7 +132,14 @@ pub fn graph_detail(rec: &GraphRecord) -> String {
                 t.code.kind.to_string(),
                 ports(&t.inputs),
                 ports(&t.outputs),
-                format_duration_ns(t.estimated_execution_time_ns),
+                match calibrated.get(&t.id) {
+                    Some(ns) => format!(
+                        "{} (measured {})",
+                        format_duration_ns(t.estimated_execution_time_ns),
+                        format_duration_ns(*ns)
+                    ),
+                    None => format_duration_ns(t.estimated_execution_time_ns),
+                },
                 format!("{}m", r.cpu_millicores),
                 format_bytes(r.memory_bytes),
                 gpu,

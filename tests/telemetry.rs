@@ -87,6 +87,24 @@ to = "slow.y"
     assert!(slow["transfer_p50_us"].as_f64().unwrap() > 0.0);
     assert_eq!(task("first")["input_bytes"].as_u64().unwrap(), sent * 100);
     assert_eq!(stats["dropped_spans"], 0);
+
+    // The estimate is calibrated from what was measured, and shown with the graph.
+    let g = control.cli_json(&["graph", "timed"]);
+    let measured = g["calibrated_execution_time_ns"]["slow"].as_f64().unwrap();
+    assert!(
+        (p50 * 1000.0 - measured).abs() <= p50 * 1000.0 * 0.05,
+        "{g}"
+    );
+    let human = control.cli_ok(&["graph", "timed"]);
+    assert!(
+        human.contains("3ms (measured 3") || human.contains("3ms (measured 4"),
+        "{human}"
+    );
+    let top = control.cli_ok(&["top", "--once"]);
+    assert!(
+        top.contains("timed") && top.contains("slow") && top.contains("a1"),
+        "{top}"
+    );
 }
 
 #[test]
