@@ -234,6 +234,40 @@ impl ControlClient {
         Ok((out, r.get_dropped_spans(), e2e))
     }
 
+    /// Per-minute history of a task ("" for the graph's invocations) over the last `minutes`.
+    pub async fn history(
+        &self,
+        graph_id: &str,
+        task: &str,
+        minutes: u64,
+    ) -> Result<Vec<serde_json::Value>> {
+        let now_min = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        let mut req = self.client.history_request();
+        req.get().set_graph_id(graph_id);
+        req.get().set_task(task);
+        req.get().set_from_minute(now_min.saturating_sub(minutes));
+        req.get().set_to_minute(now_min);
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let mut out = Vec::new();
+        for p in reply.get()?.get_points()? {
+            out.push(serde_json::json!({
+                "minute": p.get_minute(),
+                "count": p.get_count(),
+                "errors": p.get_errors(),
+                "exec_p50_us": p.get_exec_p50_ns() as f64 / 1e3,
+                "exec_p99_us": p.get_exec_p99_ns() as f64 / 1e3,
+                "exec_mean_us": p.get_exec_mean_ns() as f64 / 1e3,
+            }));
+        }
+        Ok(out)
+    }
+
     /// Uploads an artifact in 1 MiB chunks; returns its digest, size, and whether it was new.
     pub async fn upload(&self, bytes: &[u8]) -> Result<(prescient_schemas::Digest, u64, bool)> {
         let e = |e: capnp::Error| remote(&self.addr, e);

@@ -73,6 +73,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         window: u32,
     },
+    /// Per-minute history (kept across restarts): invocations of the graph, or one task's.
+    History {
+        graph: String,
+        /// A task; without it, the graph's invocations (its arrival rate).
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+    },
     /// A live view of agents, graphs and tasks, refreshed every second.
     Top {
         /// Print one frame and exit (for scripts).
@@ -265,6 +274,38 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 print!("{}", output::stats_table(&tasks));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History {
+            graph,
+            task,
+            minutes,
+        } => {
+            let c = ControlClient::connect(&cli.control).await?;
+            let id = c.resolve(&graph).await?;
+            let points = c
+                .history(&id, task.as_deref().unwrap_or(""), minutes)
+                .await?;
+            if json {
+                output::print_json(&points)?;
+            } else {
+                let rows: Vec<Vec<String>> = points
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            output::format_time_ms(p["minute"].as_u64().unwrap_or(0) * 60_000),
+                            p["count"].to_string(),
+                            p["errors"].to_string(),
+                            format!("{:.0}", p["exec_p50_us"].as_f64().unwrap_or(0.0)),
+                            format!("{:.0}", p["exec_p99_us"].as_f64().unwrap_or(0.0)),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["MINUTE", "COUNT", "ERRORS", "P50 us", "P99 us"], &rows)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -176,3 +176,49 @@ estimate = "40ms"
         p99,
     );
 }
+
+#[test]
+fn history_survives_a_restart() {
+    let dir = TempDir::new("history");
+    let data = dir.path().join("control");
+    let control = Control::start(
+        &data,
+        &["--startup-grace-ms", "0", "--history-flush-ms", "300"],
+    );
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    control.cli_ok(&["submit", &repo_path("examples/three-stage-chain.toml")]);
+    wait_deployed(&control, "g1", 3, 1);
+    let report = control.cli_json(&[
+        "load",
+        "three-stage-chain",
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+    ]);
+    let sent = report["sent"].as_u64().unwrap();
+    let total = |c: &Control, extra: &[&str]| -> u64 {
+        let mut args = vec!["history", "g1"];
+        args.extend_from_slice(extra);
+        c.cli_json(&args)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["count"].as_u64().unwrap())
+            .sum()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while total(&control, &[]) != sent || total(&control, &["--task", "infer"]) != sent {
+        assert!(
+            std::time::Instant::now() < until,
+            "history never reached {sent}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = control.cli_json(&["history", "g1"]);
+    let addr = control.addr.clone();
+    control.kill9();
+    let control = Control::start_on(&data, &addr, &["--startup-grace-ms", "0"]);
+    assert_eq!(control.cli_json(&["history", "g1"]), before);
+    assert_eq!(total(&control, &["--task", "infer"]), sent);
+}

@@ -29,6 +29,8 @@ pub struct ClusterConfig {
     pub startup_grace: Duration,
     /// Replicas of every task (the policy minimum).
     pub min_replicas: usize,
+    /// How often per-minute roll-ups are written to the registry (the forecaster's history).
+    pub history_flush: Duration,
     /// After a new version's routing table is out, how long the old version's replicas keep
     /// serving the invocations already on their way before they are retired.
     pub drain: Duration,
@@ -40,6 +42,7 @@ impl Default for ClusterConfig {
             heartbeat_timeout: Duration::from_secs(3),
             startup_grace: Duration::from_secs(3),
             min_replicas: 1,
+            history_flush: Duration::from_secs(10),
             drain: Duration::from_secs(2),
         }
     }
@@ -145,6 +148,23 @@ impl Cluster {
             loop {
                 tick.tick().await;
                 monitor.check_heartbeats().await;
+            }
+        });
+        let history = self.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(history.config.history_flush);
+            // Each flush rewrites the minute still filling and the one before it.
+            loop {
+                tick.tick().await;
+                let now_s = crate::server::now_ms() / 1000;
+                let since = now_s.saturating_sub(history.config.history_flush.as_secs() + 60);
+                let rows = history.monitor.borrow().minute_rollups(since);
+                let reg = history.registry.clone();
+                match tokio::task::spawn_blocking(move || reg.put_history(&rows)).await {
+                    Ok(Err(e)) => warn!("writing history failed: {e}"),
+                    Err(e) => warn!("writing history failed: {e}"),
+                    Ok(Ok(())) => {}
+                }
             }
         });
         let remaining = self

@@ -181,6 +181,38 @@ impl Monitor {
         slot.errors += w.errors;
     }
 
+    /// Per-minute roll-ups of every series touched at or after `since_s` (task "" is end to end).
+    pub fn minute_rollups(
+        &self,
+        since_s: u64,
+    ) -> Vec<(String, String, crate::store::HistoryPoint)> {
+        let mut out = Vec::new();
+        for ((g, task), series) in &self.tasks {
+            let mut minutes: BTreeMap<u64, Second> = BTreeMap::new();
+            let first_minute = since_s / 60;
+            for (t, w) in series.iter().filter(|(t, _)| t / 60 >= first_minute) {
+                let m = minutes.entry(t / 60).or_default();
+                m.exec.merge(&w.exec);
+                m.errors += w.errors;
+            }
+            for (minute, m) in minutes {
+                out.push((
+                    g.clone(),
+                    task.clone(),
+                    crate::store::HistoryPoint {
+                        minute,
+                        count: m.exec.count(),
+                        errors: m.errors,
+                        exec_p50_ns: m.exec.quantile(0.5).round() as u64,
+                        exec_p99_ns: m.exec.quantile(0.99).round() as u64,
+                        exec_mean_ns: m.exec.mean().round() as u64,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
     /// Per-task statistics of `graph_id` over the `window_s` seconds up to and including `now_s`.
     pub fn task_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<TaskStats> {
         let from = (now_s + 1).saturating_sub(window_s.max(1));

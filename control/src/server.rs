@@ -324,6 +324,30 @@ impl control::Server for Control {
         Ok(())
     }
 
+    async fn history(
+        self: CapRc<Self>,
+        params: control::HistoryParams,
+        mut results: control::HistoryResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (graph, task) = (text(p.get_graph_id())?, text(p.get_task())?);
+        let (from, to) = (p.get_from_minute(), p.get_to_minute());
+        let points = self
+            .blocking(move |r| r.history(&graph, &task, from, to))
+            .await?;
+        let mut list = results.get().init_points(points.len() as u32);
+        for (i, h) in points.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_minute(h.minute);
+            b.set_count(h.count);
+            b.set_errors(h.errors);
+            b.set_exec_p50_ns(h.exec_p50_ns);
+            b.set_exec_p99_ns(h.exec_p99_ns);
+            b.set_exec_mean_ns(h.exec_mean_ns);
+        }
+        Ok(())
+    }
+
     async fn upload_artifact(
         self: CapRc<Self>,
         _: control::UploadArtifactParams,

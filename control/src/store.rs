@@ -21,6 +21,8 @@ const REMOVED: TableDefinition<&str, u64> = TableDefinition::new("graphs_removed
 /// seq -> Event message.
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (graph, task, unix minute) -> per-minute roll-up; task "" is end-to-end (arrivals).
+const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("history");
 const NEXT_GRAPH_ID: &str = "next_graph_id";
 
 /// A registry operation that failed.
@@ -127,6 +129,7 @@ impl Registry {
         tx.open_table(NAMES)?;
         tx.open_table(REMOVED)?;
         tx.open_table(META)?;
+        tx.open_table(HISTORY)?;
         tx.commit()?;
         Ok(Registry { db })
     }
@@ -291,6 +294,91 @@ impl Registry {
         for entry in table.range(since.saturating_add(1)..)?.take(limit) {
             let (_, bytes) = entry?;
             out.push(Event::from_bytes(bytes.value())?);
+        }
+        Ok(out)
+    }
+}
+
+/// One minute of one task (or, with `task` empty, of a graph's invocations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HistoryPoint {
+    pub minute: u64,
+    pub count: u64,
+    pub errors: u64,
+    pub exec_p50_ns: u64,
+    pub exec_p99_ns: u64,
+    pub exec_mean_ns: u64,
+}
+
+impl HistoryPoint {
+    fn to_bytes(self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        for (i, v) in [
+            self.count,
+            self.errors,
+            self.exec_p50_ns,
+            self.exec_p99_ns,
+            self.exec_mean_ns,
+        ]
+        .iter()
+        .enumerate()
+        {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn from_bytes(minute: u64, b: &[u8]) -> HistoryPoint {
+        let at = |i: usize| {
+            b.get(i * 8..i * 8 + 8)
+                .and_then(|x| x.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        HistoryPoint {
+            minute,
+            count: at(0),
+            errors: at(1),
+            exec_p50_ns: at(2),
+            exec_p99_ns: at(3),
+            exec_mean_ns: at(4),
+        }
+    }
+}
+
+impl Registry {
+    /// Writes (or rewrites, for a minute still filling) per-minute roll-ups.
+    pub fn put_history(&self, rows: &[(String, String, HistoryPoint)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HISTORY)?;
+            for (g, task, p) in rows {
+                t.insert(
+                    (g.as_str(), task.as_str(), p.minute),
+                    p.to_bytes().as_slice(),
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Roll-ups of one task (or "" for end to end) in `[from, to]` (unix minutes), oldest first.
+    pub fn history(
+        &self,
+        graph: &str,
+        task: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<HistoryPoint>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HISTORY)?;
+        let mut out = Vec::new();
+        for entry in t.range((graph, task, from)..=(graph, task, to))? {
+            let (k, v) = entry?;
+            out.push(HistoryPoint::from_bytes(k.value().2, v.value()));
         }
         Ok(out)
     }

@@ -66,6 +66,17 @@ interface Control {
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
   stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool);
+  history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64) -> (points :List(HistoryPoint));
+}
+
+struct HistoryPoint {
+  # One minute of one task; with task "" the graph's invocations (the arrival rate).
+  minute @0 :UInt64;            # unix minutes
+  count @1 :UInt64;
+  errors @2 :UInt64;
+  execP50Ns @3 :UInt64;
+  execP99Ns @4 :UInt64;
+  execMeanNs @5 :UInt64;
 }
 
 struct TaskStats {

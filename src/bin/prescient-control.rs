@@ -44,6 +44,9 @@ struct Args {
     /// already on their way after the new version takes over.
     #[arg(long, default_value_t = 2000)]
     drain_ms: u64,
+    /// How often per-minute roll-ups (the forecaster's history) are written to disk.
+    #[arg(long, default_value_t = 10_000)]
+    history_flush_ms: u64,
     /// Serve Prometheus metrics on `GET /metrics` at this address (port 0 picks one).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -73,6 +76,7 @@ fn main() -> Result<()> {
             startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
             min_replicas: args.min_replicas.max(1),
             drain: std::time::Duration::from_millis(args.drain_ms),
+            history_flush: std::time::Duration::from_millis(args.history_flush_ms.max(100)),
         },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
