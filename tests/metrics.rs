@@ -154,6 +154,27 @@ fn metrics_parse_and_count_what_ran() {
     assert!((0.0..=1.0).contains(&util), "{util}");
     assert!(value(&c, "prescient_host_memory_used_bytes", &[("host", "a1")]).unwrap() > 0.0);
 
+    // Each replica's VM: its cgroup's memory and its limits (this machine has writable cgroups).
+    let mem = value(&c, "prescient_replica_memory_bytes", &[("task", "infer")])
+        .expect("VM samples arrive");
+    assert!(mem > 0.0, "{mem}");
+    assert_eq!(
+        value(
+            &c,
+            "prescient_replica_cpu_limit_cores",
+            &[("task", "infer")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &c,
+            "prescient_replica_memory_limit_bytes",
+            &[("task", "infer")]
+        ),
+        Some((512u64 << 20) as f64)
+    );
+
     let a = scrape(&agent_metrics);
     assert_eq!(
         value(&a, "prescient_agent_connected", &[("agent", "a1")]),

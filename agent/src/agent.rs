@@ -53,6 +53,9 @@ pub struct AgentConfig {
 type EncodedTable = (u64, Rc<Vec<u8>>);
 
 struct Replica {
+    /// The worker's cgroup (shared with its supervisor, which drops it when the worker ends).
+    cgroup: Option<Rc<crate::cgroup::Cgroup>>,
+    limits: prescient_schemas::Resources,
     graph_id: String,
     version: u32,
     task: String,
@@ -122,16 +125,29 @@ impl AgentNode {
     pub async fn forward_telemetry(self: Rc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut sampler = crate::hostmon::HostSampler::default();
+        let mut vm_cpu: HashMap<String, (u64, std::time::Instant)> = HashMap::new();
         loop {
             tick.tick().await;
             if let Some(sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
+                let vms = self.sample_vms(&mut vm_cpu);
                 let mut msg = capnp::message::Builder::new_default();
                 {
                     let mut b = msg
                         .init_root::<prescient_schemas::agent_capnp::telemetry_batch::Builder<'_>>(
                         );
                     b.set_host_id(self.config.name.as_str());
-                    sample.encode(b.init_hosts(1).get(0));
+                    sample.encode(b.reborrow().init_hosts(1).get(0));
+                    let mut list = b.init_vms(vms.len() as u32);
+                    for (i, (replica, graph, task, cores, mem, limits)) in vms.iter().enumerate() {
+                        let mut v = list.reborrow().get(i as u32);
+                        v.set_replica(replica.as_str());
+                        v.set_graph_id(graph.as_str());
+                        v.set_task(task.as_str());
+                        v.set_cpu_cores(*cores);
+                        v.set_memory_bytes(*mem);
+                        v.set_cpu_limit_cores(limits.cpu_millicores as f32 / 1000.0);
+                        v.set_memory_limit_bytes(limits.memory_bytes);
+                    }
                 }
                 let bytes = capnp::serialize::write_message_to_words(&msg);
                 if let Ok(m) = capnp::serialize::read_message(&mut &bytes[..], Default::default()) {
@@ -163,6 +179,46 @@ impl AgentNode {
                 }
             }
         }
+    }
+
+    /// CPU (cores, over the last interval) and memory of each replica's cgroup.
+    #[allow(clippy::type_complexity)]
+    fn sample_vms(
+        &self,
+        prev: &mut HashMap<String, (u64, std::time::Instant)>,
+    ) -> Vec<(
+        String,
+        String,
+        String,
+        f32,
+        u64,
+        prescient_schemas::Resources,
+    )> {
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        let replicas = self.replicas.borrow();
+        prev.retain(|k, _| replicas.contains_key(k));
+        for (name, r) in replicas.iter() {
+            let Some((cpu_ns, mem)) = r.cgroup.as_ref().and_then(|c| c.usage()) else {
+                continue;
+            };
+            let cores = match prev.insert(name.clone(), (cpu_ns, now)) {
+                Some((p, at)) => {
+                    cpu_ns.saturating_sub(p) as f32
+                        / now.duration_since(at).as_nanos().max(1) as f32
+                }
+                None => 0.0,
+            };
+            out.push((
+                name.clone(),
+                r.graph_id.clone(),
+                r.task.clone(),
+                cores,
+                mem,
+                r.limits,
+            ));
+        }
+        out
     }
 
     fn queue_telemetry(&self, msg: TelemetryMessage) {
@@ -419,6 +475,7 @@ impl AgentNode {
             telemetry,
             ..
         } = vm;
+        let cgroup = cgroup.map(Rc::new);
         let node = self.clone();
         tokio::task::spawn_local(async move {
             let mut r = tokio_util::compat::TokioAsyncReadCompatExt::compat(telemetry);
@@ -446,6 +503,8 @@ impl AgentNode {
         self.replicas.borrow_mut().insert(
             replica.clone(),
             Replica {
+                cgroup: cgroup.clone(),
+                limits: t.resources,
                 graph_id: record.id.clone(),
                 version: record.version,
                 task,

@@ -24,8 +24,13 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
 pub enum Hierarchy {
     /// Unified hierarchy; `root` is Prescient's parent group.
     V2 { root: PathBuf },
-    /// Separate `cpu` and `memory` hierarchies, each with a Prescient parent group.
-    V1 { cpu: PathBuf, memory: PathBuf },
+    /// Separate `cpu` and `memory` hierarchies, each with a Prescient parent group, and
+    /// `cpuacct` (for CPU usage) where it is mounted apart from `cpu`.
+    V1 {
+        cpu: PathBuf,
+        memory: PathBuf,
+        cpuacct: Option<PathBuf>,
+    },
 }
 
 impl Hierarchy {
@@ -64,11 +69,23 @@ impl Hierarchy {
         }
         let (cpu, memory) = (mount.join("cpu"), mount.join("memory"));
         if cpu.join("cpu.cfs_quota_us").exists() && memory.join("memory.limit_in_bytes").exists() {
+            let cpuacct = if cpu.join("cpuacct.usage").exists() {
+                None // co-mounted: usage is read from the cpu group itself
+            } else {
+                let acct = mount.join("cpuacct");
+                (acct.join("cpuacct.usage").exists()
+                    && std::fs::create_dir_all(acct.join(group)).is_ok())
+                .then(|| acct.join(group))
+            };
             let (cpu, memory) = (cpu.join(group), memory.join(group));
             return match std::fs::create_dir_all(&cpu)
                 .and_then(|()| std::fs::create_dir_all(&memory))
             {
-                Ok(()) => Ok(Hierarchy::V1 { cpu, memory }),
+                Ok(()) => Ok(Hierarchy::V1 {
+                    cpu,
+                    memory,
+                    cpuacct,
+                }),
                 Err(e) => Err(format!(
                     "cgroup v1 at {} is not writable: {e}",
                     mount.display()
@@ -92,7 +109,17 @@ impl Hierarchy {
         let quota = (u64::from(cpu_millicores) * PERIOD_US / 1000).max(1000);
         let dirs = match self {
             Hierarchy::V2 { root } => vec![root.join(name)],
-            Hierarchy::V1 { cpu, memory } => vec![cpu.join(name), memory.join(name)],
+            Hierarchy::V1 {
+                cpu,
+                memory,
+                cpuacct,
+            } => {
+                let mut d = vec![cpu.join(name), memory.join(name)];
+                if let Some(a) = cpuacct {
+                    d.push(a.join(name));
+                }
+                d
+            }
         };
         for d in &dirs {
             std::fs::create_dir_all(d).map_err(|source| CgroupError {
@@ -114,7 +141,10 @@ impl Hierarchy {
                 )?;
             }
         }
-        Ok(Cgroup { dirs })
+        Ok(Cgroup {
+            dirs,
+            v2: matches!(self, Hierarchy::V2 { .. }),
+        })
     }
 }
 
@@ -122,6 +152,7 @@ impl Hierarchy {
 #[derive(Debug)]
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
+    v2: bool,
 }
 
 impl Cgroup {
@@ -134,6 +165,32 @@ impl Cgroup {
 
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+
+    /// CPU time used (ns, cumulative) and memory in use (bytes) by the group's processes.
+    pub fn usage(&self) -> Option<(u64, u64)> {
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+        if self.v2 {
+            let stat = read(self.dirs[0].join("cpu.stat"))?;
+            let usec: u64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            let mem: u64 = read(self.dirs[0].join("memory.current"))?
+                .trim()
+                .parse()
+                .ok()?;
+            return Some((usec * 1000, mem));
+        }
+        let acct = self.dirs.get(2).unwrap_or(&self.dirs[0]);
+        let cpu: u64 = read(acct.join("cpuacct.usage"))?.trim().parse().ok()?;
+        let mem: u64 = read(self.dirs[1].join("memory.usage_in_bytes"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((cpu, mem))
     }
 
     /// The CPU limit as written, in millicores (for tests and `status`).

@@ -907,6 +907,20 @@ impl agent_session::Server for Session {
                 },
             );
         }
+        for v in batch.get_vms()? {
+            monitor.vms.insert(
+                v.get_replica()?.to_str()?.to_string(),
+                crate::monitor::VmPoint {
+                    host: self.name.clone(),
+                    graph_id: v.get_graph_id()?.to_str()?.to_string(),
+                    task: v.get_task()?.to_str()?.to_string(),
+                    cpu_cores: v.get_cpu_cores(),
+                    memory_bytes: v.get_memory_bytes(),
+                    cpu_limit_cores: v.get_cpu_limit_cores(),
+                    memory_limit_bytes: v.get_memory_limit_bytes(),
+                },
+            );
+        }
         // Every execution arrives aggregated in windows; the span sample is for tracing.
         for w in batch.get_windows()? {
             monitor.record_window(&crate::monitor::WindowView {

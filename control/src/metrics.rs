@@ -232,6 +232,53 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
             );
         }
     }
+    // Replicas that still exist (a retired or lost one's last sample is not shown).
+    let live: std::collections::BTreeSet<&str> = deployments
+        .values()
+        .flat_map(|d| d.replicas.iter().chain(&d.retiring).map(|r| r.id.as_str()))
+        .collect();
+    type VmGet = fn(&crate::monitor::VmPoint) -> f64;
+    let vm_gauges: [(&str, &str, VmGet); 4] = [
+        (
+            "prescient_replica_cpu_cores",
+            "CPU a replica's VM used in the last second, in cores.",
+            |v| f64::from(v.cpu_cores),
+        ),
+        (
+            "prescient_replica_cpu_limit_cores",
+            "CPU limit of a replica's VM, in cores.",
+            |v| f64::from(v.cpu_limit_cores),
+        ),
+        (
+            "prescient_replica_memory_bytes",
+            "Memory a replica's VM uses.",
+            |v| v.memory_bytes as f64,
+        ),
+        (
+            "prescient_replica_memory_limit_bytes",
+            "Memory limit of a replica's VM.",
+            |v| v.memory_limit_bytes as f64,
+        ),
+    ];
+    for (name, help, get) in vm_gauges {
+        e.family(name, "gauge", help);
+        for (replica, v) in monitor
+            .vms
+            .iter()
+            .filter(|(r, _)| live.contains(r.as_str()))
+        {
+            e.sample(
+                name,
+                &[
+                    ("replica", replica),
+                    ("graph", &v.graph_id),
+                    ("task", &v.task),
+                    ("host", &v.host),
+                ],
+                get(v),
+            );
+        }
+    }
     e.family(
         "prescient_telemetry_dropped_total",
         "counter",

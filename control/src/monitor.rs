@@ -88,8 +88,22 @@ pub struct HostPoint {
     pub gpu_memory_used_bytes: Vec<u64>,
 }
 
+/// One replica's VM in the last interval.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmPoint {
+    pub host: String,
+    pub graph_id: String,
+    pub task: String,
+    pub cpu_cores: f32,
+    pub memory_bytes: u64,
+    pub cpu_limit_cores: f32,
+    pub memory_limit_bytes: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Monitor {
+    /// Latest sample per replica.
+    pub vms: BTreeMap<String, VmPoint>,
     /// Recent samples per host, newest last (bounded by `RETENTION_S`).
     pub hosts: BTreeMap<String, VecDeque<HostPoint>>,
     /// Network bytes per host since the control node started (rx, tx).

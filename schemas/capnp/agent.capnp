@@ -85,12 +85,24 @@ struct TaskWindow {
   transferNs @9 :Sketch;
 }
 
+struct VmSample {
+  # One replica's VM (process slot or microVM), from its cgroup.
+  replica @0 :Text;
+  graphId @1 :Text;
+  task @2 :Text;
+  cpuCores @3 :Float32;         # CPU used in the last interval, in cores
+  memoryBytes @4 :UInt64;
+  cpuLimitCores @5 :Float32;
+  memoryLimitBytes @6 :UInt64;
+}
+
 struct TelemetryBatch {
   hostId @0 :Text;
   spans @1 :List(Span);         # a sample of individual executions (for tracing)
   hosts @2 :List(HostSample);
   droppedSpans @3 :UInt64;      # spans dropped by back-pressure since the last batch
   windows @4 :List(TaskWindow); # every execution, aggregated per second
+  vms @5 :List(VmSample);
 }
 
 struct ReplicaSpec {
