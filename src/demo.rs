@@ -190,9 +190,23 @@ async fn walk_through(dir: &Path) -> Result<()> {
     let report = replay.await??;
     print!("\n{}", output::load_report(&report));
 
-    step(6, "what the control node decided, and why");
+    step(
+        6,
+        "what the monitoring service measured (since the restart)",
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let client = ControlClient::connect(&cluster.control.addr).await?;
+    let (tasks, dropped, e2e) = client.stats(graph, 60).await?;
+    if let Some(e) = e2e {
+        println!(
+            "{graph} end to end (at the ingresses): {} invocations, p50 {:.0} us, p99 {:.0} us",
+            e.count, e.exec_p50_us, e.exec_p99_us
+        );
+    }
+    print!("{}", output::stats_table(&tasks));
+    println!("executions not reported (back-pressure): {dropped}");
+
+    step(7, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
