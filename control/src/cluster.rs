@@ -104,6 +104,23 @@ pub struct Deployment {
     backoff: HashMap<String, (u32, Instant)>,
 }
 
+impl Deployment {
+    fn new(record: GraphRecord) -> Deployment {
+        Deployment {
+            record,
+            epoch: 0,
+            replicas: Vec::new(),
+            retiring: Vec::new(),
+            draining: false,
+            next_replica: 1,
+            published: 0,
+            unplaceable: HashMap::new(),
+            signature: String::new(),
+            backoff: HashMap::new(),
+        }
+    }
+}
+
 pub struct Cluster {
     config: ClusterConfig,
     registry: Arc<Registry>,
@@ -312,18 +329,7 @@ impl Cluster {
             let mut deployments = self.deployments.borrow_mut();
             let d = deployments
                 .entry(graph_id.clone())
-                .or_insert_with(|| Deployment {
-                    record: record.clone(),
-                    epoch: 0,
-                    replicas: Vec::new(),
-                    retiring: Vec::new(),
-                    draining: false,
-                    next_replica: 1,
-                    published: 0,
-                    unplaceable: HashMap::new(),
-                    signature: String::new(),
-                    backoff: HashMap::new(),
-                });
+                .or_insert_with(|| Deployment::new(record.clone()));
             d.epoch = d.epoch.max(r.get_epoch());
             d.published = d.published.max(r.get_epoch());
             if let Some(n) = replica
@@ -548,18 +554,9 @@ impl Cluster {
         let mut needs = Vec::new();
         for (id, record) in &wanted {
             let mut deployments = self.deployments.borrow_mut();
-            let d = deployments.entry(id.clone()).or_insert_with(|| Deployment {
-                record: record.clone(),
-                epoch: 0,
-                replicas: Vec::new(),
-                retiring: Vec::new(),
-                draining: false,
-                next_replica: 1,
-                published: 0,
-                unplaceable: HashMap::new(),
-                signature: String::new(),
-                backoff: HashMap::new(),
-            });
+            let d = deployments
+                .entry(id.clone())
+                .or_insert_with(|| Deployment::new(record.clone()));
             let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
                 continue;
             };

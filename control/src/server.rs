@@ -164,13 +164,7 @@ impl control::Server for Control {
         let records = self.blocking(|r| r.list()).await?;
         let mut list = results.get().init_graphs(records.len() as u32);
         for (i, rec) in records.iter().enumerate() {
-            let mut b = list.reborrow().get(i as u32);
-            b.set_id(rec.id.as_str());
-            b.set_name(rec.graph.name.as_str());
-            b.set_version(rec.version);
-            b.set_submitted_at_ms(rec.submitted_at_ms);
-            b.set_tasks(rec.graph.tasks.len() as u32);
-            b.set_edges(rec.graph.edges.len() as u32);
+            encode_summary(rec, list.reborrow().get(i as u32));
         }
         Ok(())
     }
@@ -183,13 +177,7 @@ impl control::Server for Control {
         let id = text(params.get()?.get_id())?;
         let (rec, event) = self.blocking(move |r| r.remove(&id, now_ms())).await?;
         self.publish(Some(event));
-        let mut b = results.get().init_removed();
-        b.set_id(rec.id.as_str());
-        b.set_name(rec.graph.name.as_str());
-        b.set_version(rec.version);
-        b.set_submitted_at_ms(rec.submitted_at_ms);
-        b.set_tasks(rec.graph.tasks.len() as u32);
-        b.set_edges(rec.graph.edges.len() as u32);
+        encode_summary(&rec, results.get().init_removed());
         Ok(())
     }
 
@@ -446,6 +434,18 @@ impl Control {
             }
         }
     }
+}
+
+fn encode_summary(
+    rec: &prescient_schemas::GraphRecord,
+    mut b: prescient_schemas::api_capnp::graph_summary::Builder<'_>,
+) {
+    b.set_id(rec.id.as_str());
+    b.set_name(rec.graph.name.as_str());
+    b.set_version(rec.version);
+    b.set_submitted_at_ms(rec.submitted_at_ms);
+    b.set_tasks(rec.graph.tasks.len() as u32);
+    b.set_edges(rec.graph.edges.len() as u32);
 }
 
 fn encode_task_stats(
