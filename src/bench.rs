@@ -170,8 +170,15 @@ pub async fn run(which: Which) -> Result<ExitCode> {
     if let Some(rounds) = compare {
         let mut on = Vec::new();
         let mut off = Vec::new();
-        for _ in 0..rounds.max(1) {
-            for (telemetry, into) in [(true, &mut on), (false, &mut off)] {
+        // Alternate which goes first (ABBA): the first cluster of a pair starts on a machine
+        // still tearing down the previous one, which skews a fixed order by several percent.
+        for round in 0..rounds.max(1) {
+            let order = if round % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for telemetry in order {
                 let r = chain(
                     stages,
                     &concurrency,
@@ -181,7 +188,11 @@ pub async fn run(which: Which) -> Result<ExitCode> {
                     telemetry,
                 )
                 .await?;
-                into.push(r);
+                if telemetry {
+                    on.push(r)
+                } else {
+                    off.push(r)
+                }
             }
         }
         let median = |runs: &[serde_json::Value], i: usize, key: &str| {

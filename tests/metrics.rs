@@ -7,8 +7,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills its process when dropped, so a failing assertion leaves nothing running.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `bin` with `args` and returns the child and the addresses of its first two lines.
-fn start(bin: &str, args: &[&str]) -> (Child, String, String) {
+fn start(bin: &str, args: &[&str]) -> (Killed, String, String) {
     let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
@@ -22,7 +32,7 @@ fn start(bin: &str, args: &[&str]) -> (Child, String, String) {
         l.trim().rsplit(' ').next().unwrap().to_string()
     };
     let (a, b) = (last(), last());
-    (child, a, b)
+    (Killed(child), a, b)
 }
 
 fn get(addr: &str, path: &str) -> (String, String) {
@@ -60,7 +70,7 @@ fn metrics_parse_and_count_what_ran() {
     let dir = TempDir::new("metrics");
     let data = dir.path().join("control");
     let data = data.to_str().unwrap();
-    let (mut control, api, control_metrics) = start(
+    let (_control, api, control_metrics) = start(
         CONTROL,
         &[
             "--listen",
@@ -73,7 +83,7 @@ fn metrics_parse_and_count_what_ran() {
             "127.0.0.1:0",
         ],
     );
-    let (mut agent, _ingress, agent_metrics) = start(
+    let (_agent, _ingress, agent_metrics) = start(
         AGENT,
         &[
             "--control",
@@ -188,8 +198,4 @@ fn metrics_parse_and_count_what_ran() {
 
     let (head, _) = get(&control_metrics, "/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
-    let _ = agent.kill();
-    let _ = control.kill();
-    let _ = agent.wait();
-    let _ = control.wait();
 }

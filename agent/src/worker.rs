@@ -309,8 +309,8 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
+        // Transfer time (sent -> received) and bytes go into the task's per-second window.
         let received_ns = if self.spans.enabled() {
-            dataplane::record_transfer(&hop);
             dataplane::now_unix_ns()
         } else {
             0
