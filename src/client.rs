@@ -234,6 +234,30 @@ impl ControlClient {
         Ok((out, r.get_dropped_spans(), e2e))
     }
 
+    /// Per-edge statistics (bytes, transfer time) of a graph over the last `window` seconds.
+    pub async fn edge_stats(&self, graph_id: &str, window: u32) -> Result<Vec<serde_json::Value>> {
+        let mut req = self.client.stats_request();
+        req.get().set_graph_id(graph_id);
+        req.get().set_window_sec(window);
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let mut out = Vec::new();
+        for e in reply.get()?.get_edges()? {
+            out.push(serde_json::json!({
+                "from": text(e.get_from())?,
+                "to": text(e.get_to())?,
+                "count": e.get_count(),
+                "bytes": e.get_bytes(),
+                "transfer_p50_us": e.get_transfer_p50_ns() as f64 / 1e3,
+                "transfer_p99_us": e.get_transfer_p99_ns() as f64 / 1e3,
+            }));
+        }
+        Ok(out)
+    }
+
     /// Per-minute history of a task ("" for the graph's invocations) over the last `minutes`.
     pub async fn history(
         &self,

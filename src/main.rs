@@ -260,10 +260,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;
             let (tasks, dropped, e2e) = c.stats(&id, window).await?;
+            let edges = c.edge_stats(&id, window).await?;
             if json {
                 output::print_json(&serde_json::json!({
                     "graph": id, "window_seconds": window, "tasks": tasks,
-                    "end_to_end": e2e, "dropped_spans": dropped,
+                    "end_to_end": e2e, "edges": edges, "dropped_spans": dropped,
                 }))?;
             } else {
                 println!("graph {id}, last {window} s (executions not reported: {dropped})");
@@ -274,6 +275,31 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 print!("{}", output::stats_table(&tasks));
+                let rows: Vec<Vec<String>> = edges
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            format!(
+                                "{} -> {}",
+                                e["from"].as_str().unwrap_or(""),
+                                e["to"].as_str().unwrap_or("")
+                            ),
+                            e["count"].to_string(),
+                            e["bytes"].to_string(),
+                            format!(
+                                "{:.0}/{:.0}",
+                                e["transfer_p50_us"].as_f64().unwrap_or(0.0),
+                                e["transfer_p99_us"].as_f64().unwrap_or(0.0)
+                            ),
+                        ]
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    print!(
+                        "\n{}",
+                        output::table(&["EDGE", "REQUESTS", "BYTES", "TRANSFER p50/p99 us"], &rows)
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -86,6 +86,22 @@ to = "slow.y"
     assert!(task("first")["exec_p50_us"].as_f64().unwrap() < 500.0);
     assert!(slow["transfer_p50_us"].as_f64().unwrap() > 0.0);
     assert_eq!(task("first")["input_bytes"].as_u64().unwrap(), sent * 100);
+    // Per edge, named by both ends; the entry edge comes from the ingress.
+    let edge = |to: &str| {
+        stats["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["to"] == to)
+            .unwrap_or_else(|| panic!("no edge into {to}: {stats}"))
+            .clone()
+    };
+    let inner = edge("slow.y");
+    assert_eq!(inner["from"], "first.y");
+    assert_eq!(inner["count"].as_u64().unwrap(), sent);
+    assert_eq!(inner["bytes"].as_u64().unwrap(), sent * 100);
+    assert!(inner["transfer_p50_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(edge("first.x")["from"], "ingress");
     assert_eq!(stats["dropped_spans"], 0);
 
     // The estimate is calibrated from what was measured, and shown with the graph.

@@ -47,9 +47,18 @@ struct Window {
 /// What a worker measured since its last flush: every execution, aggregated per second into
 /// mergeable sketches (so shipping it costs the same at 10 or 100,000 executions a second),
 /// plus a small sample of individual spans.
+/// One second of requests arriving on one input port.
+struct EdgeWin {
+    graph_id: Rc<str>,
+    task: Rc<str>,
+    bytes: u64,
+    transfer: Sketch,
+}
+
 #[derive(Default)]
 pub struct SpanBuffer {
     windows: RefCell<BTreeMap<u64, Window>>,
+    edges: RefCell<BTreeMap<(u64, Rc<str>), EdgeWin>>,
     sample: RefCell<Vec<SpanRec>>,
     sampled: Cell<(u64, u32)>,
     dropped: Cell<u64>,
@@ -64,6 +73,32 @@ impl SpanBuffer {
 
     pub fn enabled(&self) -> bool {
         !self.off.get()
+    }
+
+    /// Records a request's arrival on an input port (its edge): bytes and transfer time.
+    pub fn record_arrival(
+        &self,
+        graph_id: &Rc<str>,
+        task: &Rc<str>,
+        port: &Rc<str>,
+        received_unix_ns: u64,
+        transfer_ns: u64,
+        bytes: u64,
+    ) {
+        if self.off.get() {
+            return;
+        }
+        let mut edges = self.edges.borrow_mut();
+        let e = edges
+            .entry((received_unix_ns / 1_000_000_000, port.clone()))
+            .or_insert_with(|| EdgeWin {
+                graph_id: graph_id.clone(),
+                task: task.clone(),
+                bytes: 0,
+                transfer: Sketch::default(),
+            });
+        e.bytes += bytes;
+        e.transfer.record(transfer_ns as f64);
     }
 
     pub fn record(&self, s: SpanRec) {
@@ -104,9 +139,10 @@ impl SpanBuffer {
     /// Takes what was recorded as an encoded batch, or None when there is nothing to send.
     pub fn take_batch(&self, host: &str) -> Option<(Vec<u8>, usize)> {
         let windows = std::mem::take(&mut *self.windows.borrow_mut());
+        let edges = std::mem::take(&mut *self.edges.borrow_mut());
         let spans = std::mem::take(&mut *self.sample.borrow_mut());
         let dropped = self.dropped.replace(0);
-        if windows.is_empty() && dropped == 0 {
+        if windows.is_empty() && edges.is_empty() && dropped == 0 {
             return None;
         }
         let executions: u64 = windows.values().map(|w| w.exec.count()).sum();
@@ -128,6 +164,16 @@ impl SpanBuffer {
                 w.exec.encode(x.reborrow().init_exec_ns());
                 w.queue.encode(x.reborrow().init_queue_ns());
                 w.transfer.encode(x.init_transfer_ns());
+            }
+            let mut list = b.reborrow().init_edges(edges.len() as u32);
+            for (i, ((second, port), e)) in edges.iter().enumerate() {
+                let mut x = list.reborrow().get(i as u32);
+                x.set_graph_id(&*e.graph_id);
+                x.set_task(&*e.task);
+                x.set_port(&**port);
+                x.set_second(*second);
+                x.set_bytes(e.bytes);
+                e.transfer.encode(x.init_transfer_ns());
             }
             let mut list = b.init_spans(spans.len() as u32);
             for (i, s) in spans.iter().enumerate() {

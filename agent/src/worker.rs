@@ -309,12 +309,22 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
-        // Transfer time (sent -> received) and bytes go into the task's per-second window.
+        // Transfer time (sent -> received) and bytes go into per-second windows of the edge.
         let received_ns = if self.spans.enabled() {
             dataplane::now_unix_ns()
         } else {
             0
         };
+        if received_ns > 0 {
+            self.spans.record_arrival(
+                &hop.graph_id,
+                &hop.task,
+                &hop.port,
+                received_ns,
+                received_ns.saturating_sub(hop.sent_unix_ns),
+                hop.payload.len() as u64,
+            );
+        }
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
         let Some(d) = self.task.borrow().clone() else {

@@ -918,6 +918,16 @@ impl agent_session::Server for Session {
                 },
             );
         }
+        for e in batch.get_edges()? {
+            monitor.record_edge(
+                e.get_graph_id()?.to_str()?,
+                e.get_task()?.to_str()?,
+                e.get_port()?.to_str()?,
+                e.get_second(),
+                e.get_bytes(),
+                &Sketch::decode(e.get_transfer_ns()?)?,
+            );
+        }
         // Every execution arrives aggregated in windows; the span sample is for tracing.
         for w in batch.get_windows()? {
             monitor.record_window(&crate::monitor::WindowView {

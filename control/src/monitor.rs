@@ -100,8 +100,27 @@ pub struct VmPoint {
     pub memory_limit_bytes: u64,
 }
 
+/// One edge (identified by the input port it feeds) over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeStatsView {
+    pub task: String,
+    pub port: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub transfer_p50_ns: u64,
+    pub transfer_p99_ns: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct EdgeSecond {
+    transfer: Sketch,
+    bytes: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Monitor {
+    /// Per-second windows per edge, keyed by (graph, task, input port).
+    edges: HashMap<(String, String, String), VecDeque<(u64, EdgeSecond)>>,
     /// Latest sample per replica.
     pub vms: BTreeMap<String, VmPoint>,
     /// Recent samples per host, newest last (bounded by `RETENTION_S`).
@@ -150,6 +169,66 @@ impl Monitor {
         t.executions += n;
         t.errors += errors;
         t.exec_ns_sum += exec_ns_sum;
+    }
+
+    /// Adds a second of requests that arrived on one input port of one replica.
+    pub fn record_edge(
+        &mut self,
+        graph_id: &str,
+        task: &str,
+        port: &str,
+        second: u64,
+        bytes: u64,
+        transfer: &Sketch,
+    ) {
+        let series = self
+            .edges
+            .entry((graph_id.to_string(), task.to_string(), port.to_string()))
+            .or_default();
+        while series
+            .front()
+            .is_some_and(|(t, _)| *t + RETENTION_S < second)
+        {
+            series.pop_front();
+        }
+        let at = match series.iter().rposition(|(t, _)| *t == second) {
+            Some(i) => i,
+            None => {
+                let at = series.partition_point(|(t, _)| *t < second);
+                series.insert(at, (second, EdgeSecond::default()));
+                at
+            }
+        };
+        let slot = &mut series[at].1;
+        slot.transfer.merge(transfer);
+        slot.bytes += bytes;
+    }
+
+    /// Per-edge statistics of `graph_id` over the `window_s` seconds up to `now_s`.
+    pub fn edge_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<EdgeStatsView> {
+        let from = (now_s + 1).saturating_sub(window_s.max(1));
+        let mut out: Vec<EdgeStatsView> = self
+            .edges
+            .iter()
+            .filter(|((g, _, _), _)| g == graph_id)
+            .map(|((_, task, port), series)| {
+                let mut m = EdgeSecond::default();
+                for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                    m.transfer.merge(&w.transfer);
+                    m.bytes += w.bytes;
+                }
+                EdgeStatsView {
+                    task: task.clone(),
+                    port: port.clone(),
+                    count: m.transfer.count(),
+                    bytes: m.bytes,
+                    transfer_p50_ns: m.transfer.quantile(0.5).round() as u64,
+                    transfer_p99_ns: m.transfer.quantile(0.99).round() as u64,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.task, &a.port).cmp(&(&b.task, &b.port)));
+        out
     }
 
     pub fn record_host(&mut self, host: &str, p: HostPoint) {

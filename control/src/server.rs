@@ -305,6 +305,34 @@ impl control::Server for Control {
             r.set_has_end_to_end(true);
             encode_task_stats(&e2e, r.reborrow().init_end_to_end());
         }
+        let edges = monitor.edge_stats(&id, window, now_s);
+        let sources: std::collections::HashMap<(String, String), String> = self
+            .cluster
+            .deployments
+            .borrow()
+            .get(&id)
+            .map(|d| {
+                d.record
+                    .graph
+                    .edges
+                    .iter()
+                    .map(|e| ((e.to.task.clone(), e.to.port.clone()), e.from.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut list = r.reborrow().init_edges(edges.len() as u32);
+        for (i, e) in edges.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            let from = sources
+                .get(&(e.task.clone(), e.port.clone()))
+                .map_or("ingress", String::as_str);
+            b.set_from(from);
+            b.set_to(format!("{}.{}", e.task, e.port).as_str());
+            b.set_count(e.count);
+            b.set_bytes(e.bytes);
+            b.set_transfer_p50_ns(e.transfer_p50_ns);
+            b.set_transfer_p99_ns(e.transfer_p99_ns);
+        }
         let mut list = r.init_tasks(stats.len() as u32);
         for (i, t) in stats.iter().enumerate() {
             encode_task_stats(t, list.reborrow().get(i as u32));

@@ -96,6 +96,17 @@ struct VmSample {
   memoryLimitBytes @6 :UInt64;
 }
 
+struct EdgeWindow {
+  # Every request that arrived on one input port (one edge: a port is fed by one edge) of one
+  # replica in one second.
+  graphId @0 :Text;
+  task @1 :Text;
+  port @2 :Text;
+  second @3 :UInt64;
+  bytes @4 :UInt64;
+  transferNs @5 :Sketch;        # its count is the number of requests
+}
+
 struct TelemetryBatch {
   hostId @0 :Text;
   spans @1 :List(Span);         # a sample of individual executions (for tracing)
@@ -103,6 +114,7 @@ struct TelemetryBatch {
   droppedSpans @3 :UInt64;      # spans dropped by back-pressure since the last batch
   windows @4 :List(TaskWindow); # every execution, aggregated per second
   vms @5 :List(VmSample);
+  edges @6 :List(EdgeWindow);
 }
 
 struct ReplicaSpec {

@@ -65,8 +65,18 @@ interface Control {
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
-  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool);
+  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats));
   history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64) -> (points :List(HistoryPoint));
+}
+
+struct EdgeStats {
+  # One edge over a window, measured where its requests arrived.
+  from @0 :Text;                # "task.port" (output)
+  to @1 :Text;                  # "task.port" (input)
+  count @2 :UInt64;
+  bytes @3 :UInt64;
+  transferP50Ns @4 :UInt64;
+  transferP99Ns @5 :UInt64;
 }
 
 struct HistoryPoint {
