@@ -207,12 +207,8 @@ impl ControlClient {
         Ok((r.get_epoch(), out))
     }
 
-    /// Per-task statistics of a graph over the last `window` seconds.
-    pub async fn stats(
-        &self,
-        graph_id: &str,
-        window: u32,
-    ) -> Result<(Vec<TaskStatsRow>, u64, Option<TaskStatsRow>)> {
+    /// A graph's statistics over the last `window` seconds: per task, per edge, end to end.
+    pub async fn stats(&self, graph_id: &str, window: u32) -> Result<Stats> {
         let mut req = self.client.stats_request();
         req.get().set_graph_id(graph_id);
         req.get().set_window_sec(window);
@@ -222,40 +218,32 @@ impl ControlClient {
             .await
             .map_err(|e| remote(&self.addr, e))?;
         let r = reply.get()?;
-        let mut out = Vec::new();
+        let mut tasks = Vec::new();
         for t in r.get_tasks()? {
-            out.push(task_stats_row(t)?);
+            tasks.push(task_stats_row(t)?);
         }
-        let e2e = if r.get_has_end_to_end() {
+        let end_to_end = if r.get_has_end_to_end() {
             Some(task_stats_row(r.get_end_to_end()?)?)
         } else {
             None
         };
-        Ok((out, r.get_dropped_spans(), e2e))
-    }
-
-    /// Per-edge statistics (bytes, transfer time) of a graph over the last `window` seconds.
-    pub async fn edge_stats(&self, graph_id: &str, window: u32) -> Result<Vec<serde_json::Value>> {
-        let mut req = self.client.stats_request();
-        req.get().set_graph_id(graph_id);
-        req.get().set_window_sec(window);
-        let reply = req
-            .send()
-            .promise
-            .await
-            .map_err(|e| remote(&self.addr, e))?;
-        let mut out = Vec::new();
-        for e in reply.get()?.get_edges()? {
-            out.push(serde_json::json!({
-                "from": text(e.get_from())?,
-                "to": text(e.get_to())?,
-                "count": e.get_count(),
-                "bytes": e.get_bytes(),
-                "transfer_p50_us": e.get_transfer_p50_ns() as f64 / 1e3,
-                "transfer_p99_us": e.get_transfer_p99_ns() as f64 / 1e3,
-            }));
+        let mut edges = Vec::new();
+        for e in r.get_edges()? {
+            edges.push(EdgeStatsRow {
+                from: text(e.get_from())?,
+                to: text(e.get_to())?,
+                count: e.get_count(),
+                bytes: e.get_bytes(),
+                transfer_p50_us: e.get_transfer_p50_ns() as f64 / 1e3,
+                transfer_p99_us: e.get_transfer_p99_ns() as f64 / 1e3,
+            });
         }
-        Ok(out)
+        Ok(Stats {
+            tasks,
+            end_to_end,
+            edges,
+            dropped_spans: r.get_dropped_spans(),
+        })
     }
 
     /// Per-minute history of a task ("" for the graph's invocations) over the last `minutes`.
@@ -363,6 +351,25 @@ pub struct AgentRow {
     pub ingress: String,
     pub provisioner: String,
     pub last_heartbeat_ms: u64,
+}
+
+/// A graph's statistics over a window, as `stats` returns them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub tasks: Vec<TaskStatsRow>,
+    pub end_to_end: Option<TaskStatsRow>,
+    pub edges: Vec<EdgeStatsRow>,
+    pub dropped_spans: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeStatsRow {
+    pub from: String,
+    pub to: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub transfer_p50_us: f64,
+    pub transfer_p99_us: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]

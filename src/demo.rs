@@ -196,8 +196,9 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let client = ControlClient::connect(&cluster.control.addr).await?;
-    let (tasks, dropped, e2e) = client.stats(graph, 60).await?;
-    if let Some(e) = e2e {
+    let stats = client.stats(graph, 60).await?;
+    let (tasks, dropped) = (stats.tasks, stats.dropped_spans);
+    if let Some(e) = stats.end_to_end {
         println!(
             "{graph} end to end (at the ingresses): {} invocations, p50 {:.0} us, p99 {:.0} us",
             e.count, e.exec_p50_us, e.exec_p99_us

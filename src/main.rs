@@ -195,8 +195,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let record = c.get(&id).await?;
             // Estimates calibrated from the last five minutes of measurements (median execution
             // time, once a task has run at least 20 times).
-            let (stats, _, _) = c.stats(&id, 300).await.unwrap_or_default();
+            let stats = c.stats(&id, 300).await.unwrap_or_default();
             let calibrated: std::collections::BTreeMap<String, u64> = stats
+                .tasks
                 .iter()
                 .filter(|t| t.count >= 20)
                 .map(|t| (t.task.clone(), (t.exec_p50_us * 1000.0).round() as u64))
@@ -259,46 +260,27 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;
-            let (tasks, dropped, e2e) = c.stats(&id, window).await?;
-            let edges = c.edge_stats(&id, window).await?;
+            let stats = c.stats(&id, window).await?;
             if json {
                 output::print_json(&serde_json::json!({
-                    "graph": id, "window_seconds": window, "tasks": tasks,
-                    "end_to_end": e2e, "edges": edges, "dropped_spans": dropped,
+                    "graph": id, "window_seconds": window, "tasks": stats.tasks,
+                    "end_to_end": stats.end_to_end, "edges": stats.edges,
+                    "dropped_spans": stats.dropped_spans,
                 }))?;
             } else {
-                println!("graph {id}, last {window} s (executions not reported: {dropped})");
-                if let Some(e) = &e2e {
+                println!(
+                    "graph {id}, last {window} s (executions not reported: {})",
+                    stats.dropped_spans
+                );
+                if let Some(e) = &stats.end_to_end {
                     println!(
                         "end to end: {} invocations ({:.1}/s), {} failed, p50 {:.0} us, p90 {:.0} us, p99 {:.0} us",
                         e.count, e.per_second, e.errors, e.exec_p50_us, e.exec_p90_us, e.exec_p99_us
                     );
                 }
-                print!("{}", output::stats_table(&tasks));
-                let rows: Vec<Vec<String>> = edges
-                    .iter()
-                    .map(|e| {
-                        vec![
-                            format!(
-                                "{} -> {}",
-                                e["from"].as_str().unwrap_or(""),
-                                e["to"].as_str().unwrap_or("")
-                            ),
-                            e["count"].to_string(),
-                            e["bytes"].to_string(),
-                            format!(
-                                "{:.0}/{:.0}",
-                                e["transfer_p50_us"].as_f64().unwrap_or(0.0),
-                                e["transfer_p99_us"].as_f64().unwrap_or(0.0)
-                            ),
-                        ]
-                    })
-                    .collect();
-                if !rows.is_empty() {
-                    print!(
-                        "\n{}",
-                        output::table(&["EDGE", "REQUESTS", "BYTES", "TRANSFER p50/p99 us"], &rows)
-                    );
+                print!("{}", output::stats_table(&stats.tasks));
+                if !stats.edges.is_empty() {
+                    print!("\n{}", output::edges_table(&stats.edges));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -349,7 +331,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 frame.push_str(&output::agents_table(&c.agents().await?));
                 for g in c.list().await? {
                     let (epoch, replicas) = c.replicas(&g.id).await?;
-                    let (tasks, _, e2e) = c.stats(&g.id, window).await?;
+                    let stats = c.stats(&g.id, window).await?;
+                    let (tasks, e2e) = (stats.tasks, stats.end_to_end);
                     frame.push_str(&format!(
                         "\n{} {} v{}: {} replicas, routing epoch {epoch}\n",
                         g.id,

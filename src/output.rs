@@ -259,6 +259,21 @@ pub fn stats_table(tasks: &[crate::client::TaskStatsRow]) -> String {
     )
 }
 
+pub fn edges_table(edges: &[crate::client::EdgeStatsRow]) -> String {
+    let rows: Vec<Vec<String>> = edges
+        .iter()
+        .map(|e| {
+            vec![
+                format!("{} -> {}", e.from, e.to),
+                e.count.to_string(),
+                e.bytes.to_string(),
+                format!("{:.0}/{:.0}", e.transfer_p50_us, e.transfer_p99_us),
+            ]
+        })
+        .collect();
+    table(&["EDGE", "REQUESTS", "BYTES", "TRANSFER p50/p99 us"], &rows)
+}
+
 pub fn load_report(r: &crate::load::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "mode        {}", r.mode);
