@@ -81,13 +81,18 @@ impl Forwarder {
             // The table this request was admitted under has not reached this process yet.
             _ => return self.parked.borrow_mut().push(hop),
         };
-        let key = (hop.invocation, hop.task.clone());
-        let exclude = self
-            .failed
-            .borrow()
-            .get(&key)
-            .map(|(_, a)| a.clone())
-            .unwrap_or_default();
+        // Nearly always empty: only a request lost with a replica has addresses to avoid.
+        let exclude = {
+            let failed = self.failed.borrow();
+            if failed.is_empty() {
+                Vec::new()
+            } else {
+                failed
+                    .get(&(hop.invocation, hop.task.clone()))
+                    .map(|(_, a)| a.clone())
+                    .unwrap_or_default()
+            }
+        };
         match routes.choose(
             &hop.task,
             hop.invocation,
@@ -101,7 +106,9 @@ impl Forwarder {
                 self.pool.send_request(&addr, hop);
             }
             None => {
-                self.failed.borrow_mut().remove(&key);
+                self.failed
+                    .borrow_mut()
+                    .remove(&(hop.invocation, hop.task.clone()));
                 let msg = if exclude.is_empty() {
                     format!(
                         "task {}: no replica in routing table epoch {}",
