@@ -178,6 +178,15 @@ impl ControlClient {
                 replicas: a.get_replicas(),
                 ingress: text(h.get_ingress_addr())?,
                 provisioner: text(h.get_provisioner())?,
+                telemetry: text(h.get_telemetry())?,
+                cpu_util: a.get_has_load().then(|| a.get_cpu_util()),
+                memory_used_bytes: a.get_has_load().then(|| a.get_memory_used_bytes()),
+                run_delay_ms_per_sec: a
+                    .get_has_load()
+                    .then(|| a.get_run_delay_ns_per_sec() as f64 / 1e6),
+                run_queue_p99_us: a
+                    .get_probes()
+                    .then(|| a.get_run_queue_p99_ns() as f64 / 1000.0),
                 last_heartbeat_ms: a.get_last_heartbeat_ms(),
             });
         }
@@ -202,6 +211,13 @@ impl ControlClient {
                 host: text(x.get_host())?,
                 addr: text(x.get_data_plane_addr())?,
                 state: text(x.get_state())?,
+                cpu_cores: x.get_has_load().then(|| x.get_cpu_cores()),
+                memory_bytes: x.get_has_load().then(|| x.get_memory_bytes()),
+                run_queue_p99_us: x
+                    .get_probed()
+                    .then(|| x.get_run_queue_p99_ns() as f64 / 1000.0),
+                tcp_sent_bytes_per_sec: x.get_probed().then(|| x.get_tcp_sent_bytes()),
+                tcp_received_bytes_per_sec: x.get_probed().then(|| x.get_tcp_received_bytes()),
             });
         }
         Ok((r.get_epoch(), out))
@@ -350,6 +366,14 @@ pub struct AgentRow {
     pub replicas: u32,
     pub ingress: String,
     pub provisioner: String,
+    /// "ebpf: <probes>" or "off: <why>".
+    pub telemetry: String,
+    /// The host's latest sample (absent before the first).
+    pub cpu_util: Option<f32>,
+    pub memory_used_bytes: Option<u64>,
+    pub run_delay_ms_per_sec: Option<f64>,
+    /// From the eBPF probes, where the host runs them.
+    pub run_queue_p99_us: Option<f64>,
     pub last_heartbeat_ms: u64,
 }
 
@@ -397,6 +421,13 @@ pub struct ReplicaRow {
     pub host: String,
     pub addr: String,
     pub state: String,
+    /// Its VM's latest sample: CPU in cores, memory in bytes (absent before the first).
+    pub cpu_cores: Option<f32>,
+    pub memory_bytes: Option<u64>,
+    /// From the eBPF probes, where its host runs them.
+    pub run_queue_p99_us: Option<f64>,
+    pub tcp_sent_bytes_per_sec: Option<u64>,
+    pub tcp_received_bytes_per_sec: Option<u64>,
 }
 
 fn task_stats_row(t: prescient_schemas::api_capnp::task_stats::Reader<'_>) -> Result<TaskStatsRow> {

@@ -347,6 +347,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         ));
                     }
                     frame.push_str(&output::stats_table(&tasks));
+                    frame.push('\n');
+                    frame.push_str(&output::replicas_table(&replicas));
                 }
                 print!("{frame}");
                 if once {

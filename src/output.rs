@@ -184,7 +184,16 @@ pub fn agents_table(agents: &[crate::client::AgentRow]) -> String {
                     format_bytes(a.memory_bytes)
                 ),
                 a.replicas.to_string(),
+                a.cpu_util
+                    .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+                a.run_queue_p99_us
+                    .map_or("-".into(), |us| format!("{us:.0} us")),
                 a.provisioner.clone(),
+                a.telemetry
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
                 a.ingress.clone(),
                 format_time_ms(a.last_heartbeat_ms),
             ]
@@ -197,7 +206,10 @@ pub fn agents_table(agents: &[crate::client::AgentRow]) -> String {
             "CPU FREE",
             "MEMORY FREE",
             "REPLICAS",
+            "CPU",
+            "RUNQ P99",
             "PROVISIONER",
+            "PROBES",
             "INGRESS",
             "LAST HEARTBEAT",
         ],
@@ -214,11 +226,35 @@ pub fn replicas_table(replicas: &[crate::client::ReplicaRow]) -> String {
                 r.task.clone(),
                 r.host.clone(),
                 r.state.clone(),
+                r.cpu_cores
+                    .map_or("-".into(), |c| format!("{:.0}m", c * 1000.0)),
+                r.memory_bytes.map_or("-".into(), format_bytes),
+                r.run_queue_p99_us
+                    .map_or("-".into(), |us| format!("{us:.0} us")),
+                match (r.tcp_sent_bytes_per_sec, r.tcp_received_bytes_per_sec) {
+                    (Some(tx), Some(rx)) => {
+                        format!("{}/{}", format_bytes(tx), format_bytes(rx))
+                    }
+                    _ => "-".into(),
+                },
                 r.addr.clone(),
             ]
         })
         .collect();
-    table(&["REPLICA", "TASK", "HOST", "STATE", "DATA PLANE"], &rows)
+    table(
+        &[
+            "REPLICA",
+            "TASK",
+            "HOST",
+            "STATE",
+            "CPU",
+            "MEMORY",
+            "RUNQ P99",
+            "TCP OUT/IN /s",
+            "DATA PLANE",
+        ],
+        &rows,
+    )
 }
 
 pub fn stats_table(tasks: &[crate::client::TaskStatsRow]) -> String {

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub data_plane: crate::dataplane::Transport,
     /// Whether workers record per-request spans.
     pub telemetry: bool,
+    /// Whether to load the eBPF probes (without them, or without the rights, procfs alone).
+    pub probes: bool,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -55,6 +57,8 @@ type EncodedTable = (u64, Rc<Vec<u8>>);
 struct Replica {
     /// The worker's cgroup (shared with its supervisor, which drops it when the worker ends).
     cgroup: Option<Rc<crate::cgroup::Cgroup>>,
+    /// The worker process, which is the VM when there is no cgroup.
+    pid: Option<u32>,
     limits: prescient_schemas::Resources,
     graph_id: String,
     version: u32,
@@ -78,6 +82,26 @@ pub struct AgentNode {
     /// Workers' telemetry batches waiting to go to the control node (bounded; oldest dropped).
     telemetry: RefCell<std::collections::VecDeque<TelemetryMessage>>,
     telemetry_dropped: std::cell::Cell<u64>,
+    /// The eBPF probes, when they loaded; `probe_status` says so, or why not.
+    probes: Option<crate::probes::Probes>,
+    probe_status: String,
+    /// What the probes counted per replica and on the host since they loaded (for /metrics).
+    probe_totals: RefCell<ProbeTotals>,
+}
+
+struct ProbeTotals {
+    /// Per replica: graph, task and the sums.
+    vms: std::collections::BTreeMap<String, (String, String, crate::probes::ProbeUsage)>,
+    host_runq_hist: crate::probes::CpuHistogram,
+}
+
+impl Default for ProbeTotals {
+    fn default() -> Self {
+        ProbeTotals {
+            vms: Default::default(),
+            host_runq_hist: [0; prescient_probes_common::LATENCY_BUCKETS + 1],
+        }
+    }
 }
 
 type TelemetryMessage = capnp::message::Reader<capnp::serialize::OwnedSegments>;
@@ -106,6 +130,25 @@ impl AgentNode {
         );
         provisioner.data_plane = config.data_plane;
         provisioner.telemetry = config.telemetry;
+        let (probes, probe_status) = if config.probes {
+            match crate::probes::Probes::load() {
+                Ok(p) => {
+                    let status = format!(
+                        "ebpf: run-queue latency (tp_btf sched_wakeup/sched_switch), {} bytes (raw_tp sock_send_length/sock_recv_length)",
+                        if p.tcp_only { "TCP" } else { "inet" }
+                    );
+                    info!("probes: {status}");
+                    (Some(p), status)
+                }
+                Err(e) => {
+                    // Said once; the host and VM samples carry on from procfs and cgroups.
+                    warn!("eBPF probes off, using procfs and cgroups only: {e}");
+                    (None, format!("off: {e}"))
+                }
+            }
+        } else {
+            (None, "off: --no-probes".to_string())
+        };
         Ok(Rc::new(AgentNode {
             config,
             inventory,
@@ -118,6 +161,9 @@ impl AgentNode {
             control: RefCell::default(),
             telemetry: RefCell::default(),
             telemetry_dropped: Default::default(),
+            probes,
+            probe_status,
+            probe_totals: RefCell::default(),
         }))
     }
 
@@ -126,10 +172,13 @@ impl AgentNode {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut sampler = crate::hostmon::HostSampler::default();
         let mut vm_cpu: HashMap<String, (u64, std::time::Instant)> = HashMap::new();
+        let mut groups = crate::probes::GroupTracker::default();
+        let mut cpus = crate::probes::CpuTracker::default();
         loop {
             tick.tick().await;
-            if let Some(sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
+            if let Some(mut sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
                 let vms = self.sample_vms(&mut vm_cpu);
+                let probed = self.sample_probes(&mut groups, &mut cpus, &mut sample);
                 let mut msg = capnp::message::Builder::new_default();
                 {
                     let mut b = msg
@@ -147,6 +196,12 @@ impl AgentNode {
                         v.set_memory_bytes(*mem);
                         v.set_cpu_limit_cores(limits.cpu_millicores as f32 / 1000.0);
                         v.set_memory_limit_bytes(limits.memory_bytes);
+                        if let Some(u) = probed.get(replica) {
+                            v.set_probed(true);
+                            v.set_tcp_sent_bytes(u.tcp_sent_bytes);
+                            v.set_tcp_received_bytes(u.tcp_received_bytes);
+                            u.runq_sketch().encode(v.init_run_queue_latency_ns());
+                        }
                     }
                 }
                 let bytes = capnp::serialize::write_message_to_words(&msg);
@@ -179,6 +234,51 @@ impl AgentNode {
                 }
             }
         }
+    }
+
+    /// What the probes counted since the last call, per replica (its cgroup's processes, or
+    /// its worker without one) and on the host (into `host`). Empty without probes.
+    fn sample_probes(
+        &self,
+        groups: &mut crate::probes::GroupTracker,
+        cpus: &mut crate::probes::CpuTracker,
+        host: &mut crate::hostmon::HostSampleRec,
+    ) -> HashMap<String, crate::probes::ProbeUsage> {
+        let Some(probes) = &self.probes else {
+            return HashMap::new();
+        };
+        let members: Vec<(String, Vec<u32>)> = self
+            .replicas
+            .borrow()
+            .iter()
+            .map(|(name, r)| {
+                let procs = match &r.cgroup {
+                    Some(cg) => cg.processes(),
+                    None => r.pid.into_iter().collect(),
+                };
+                (name.clone(), procs)
+            })
+            .collect();
+        let grown = groups.update(&members, |tgid| probes.process(tgid));
+        let host_hist = cpus.update(probes.cpu_histograms());
+        host.runq_hist = Some(host_hist);
+        let mut totals = self.probe_totals.borrow_mut();
+        for (i, h) in totals.host_runq_hist.iter_mut().enumerate() {
+            *h += host_hist[i];
+        }
+        let replicas = self.replicas.borrow();
+        totals.vms.retain(|k, _| replicas.contains_key(k));
+        for (name, usage) in &grown {
+            if let Some(r) = replicas.get(name) {
+                totals
+                    .vms
+                    .entry(name.clone())
+                    .or_insert_with(|| (r.graph_id.clone(), r.task.clone(), Default::default()))
+                    .2
+                    .add(usage);
+            }
+        }
+        grown.into_iter().collect()
     }
 
     /// CPU (cores, over the last interval) and memory of each replica's cgroup.
@@ -291,6 +391,7 @@ impl AgentNode {
             &[("agent", agent)],
             self.telemetry_dropped.get() as f64,
         );
+        self.render_probe_metrics(&mut e);
         e.family("prescient_agent_cpus", "gauge", "CPUs this agent offers.");
         e.sample(
             "prescient_agent_cpus",
@@ -308,6 +409,97 @@ impl AgentNode {
             self.inventory.gpus.len() as f64,
         );
         e.finish()
+    }
+
+    /// The eBPF probes' counters, cumulative since they loaded.
+    fn render_probe_metrics(&self, e: &mut prescient_schemas::prom::Exposition) {
+        use prescient_probes_common::LATENCY_BUCKETS;
+        let agent = self.config.name.as_str();
+        e.family(
+            "prescient_agent_probes_loaded",
+            "gauge",
+            "1 when the eBPF probes run (run-queue latency, TCP bytes per VM); 0: procfs only.",
+        );
+        e.sample(
+            "prescient_agent_probes_loaded",
+            &[("agent", agent)],
+            if self.probes.is_some() { 1.0 } else { 0.0 },
+        );
+        if self.probes.is_none() {
+            return;
+        }
+        // Bucket i holds waits in [2^i, 2^(i+1)) ns; its upper bound, in seconds, is `le`.
+        let buckets = |hist: &[u64]| -> Vec<(f64, u64)> {
+            hist.iter()
+                .take(LATENCY_BUCKETS)
+                .enumerate()
+                .map(|(i, &n)| ((1u64 << (i + 1)) as f64 / 1e9, n))
+                .collect()
+        };
+        let totals = self.probe_totals.borrow();
+        e.family(
+            "prescient_host_runqueue_latency_seconds",
+            "histogram",
+            "How long runnable tasks waited for a CPU on this host (eBPF, sched_wakeup to sched_switch).",
+        );
+        e.histogram(
+            "prescient_host_runqueue_latency_seconds",
+            &[("agent", agent)],
+            &buckets(&totals.host_runq_hist),
+            totals.host_runq_hist[LATENCY_BUCKETS] as f64 / 1e9,
+        );
+        e.family(
+            "prescient_vm_runqueue_latency_seconds",
+            "histogram",
+            "How long a VM's runnable threads waited for a CPU (eBPF), per replica.",
+        );
+        for (replica, (graph, task, u)) in &totals.vms {
+            let labels = [
+                ("agent", agent),
+                ("graph", graph.as_str()),
+                ("task", task.as_str()),
+                ("replica", replica.as_str()),
+            ];
+            e.histogram(
+                "prescient_vm_runqueue_latency_seconds",
+                &labels,
+                &buckets(&u.runq_hist),
+                u.runq_wait_ns as f64 / 1e9,
+            );
+        }
+        type Get = fn(&crate::probes::ProbeUsage) -> f64;
+        let counters: [(&str, &str, Get); 3] = [
+            (
+                "prescient_vm_tcp_sent_bytes_total",
+                "TCP bytes a VM's processes sent (eBPF sock_send_length), per replica.",
+                |u| u.tcp_sent_bytes as f64,
+            ),
+            (
+                "prescient_vm_tcp_received_bytes_total",
+                "TCP bytes a VM's processes received (eBPF sock_recv_length), per replica.",
+                |u| u.tcp_received_bytes as f64,
+            ),
+            (
+                "prescient_vm_probe_cpu_seconds_total",
+                "CPU time a VM's threads ran, from context switches (eBPF), per replica.",
+                |u| u.cpu_ns as f64 / 1e9,
+            ),
+        ];
+        for (name, help, get) in counters {
+            e.family(name, "counter", help);
+            for (replica, (graph, task, u)) in &totals.vms {
+                e.sample(
+                    name,
+                    &[
+                        ("agent", agent),
+                        ("graph", graph.as_str()),
+                        ("task", task.as_str()),
+                        ("replica", replica.as_str()),
+                    ],
+                    get(u),
+                );
+            }
+        }
     }
 
     pub fn ingress_addr(&self) -> &str {
@@ -366,6 +558,7 @@ impl AgentNode {
                 &self.config.name,
                 self.provisioner.kind(),
                 &self.ingress_addr,
+                &self.probe_status,
                 p.reborrow().init_host(),
             );
             p.set_agent(capnp_rpc::new_client(AgentCap { node: self.clone() }));
@@ -467,6 +660,7 @@ impl AgentNode {
             .await
             .map_err(|e| format!("replica {replica} on {}: {e}", self.config.name))?;
         info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), "replica ready");
+        let pid = vm.child.id();
         let crate::provisioner::Vm {
             data_plane_addr,
             mut child,
@@ -504,6 +698,7 @@ impl AgentNode {
             replica.clone(),
             Replica {
                 cgroup: cgroup.clone(),
+                pid,
                 limits: t.resources,
                 graph_id: record.id.clone(),
                 version: record.version,

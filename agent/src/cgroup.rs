@@ -163,6 +163,13 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The processes (tgids) in the group now.
+    pub fn processes(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dirs[0].join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }

@@ -103,9 +103,11 @@ impl HostInventory {
         name: &str,
         provisioner: &str,
         ingress: &str,
+        telemetry: &str,
         mut b: host_info::Builder<'_>,
     ) {
         b.set_name(name);
+        b.set_telemetry(telemetry);
         b.set_hostname(self.hostname.as_str());
         b.set_cpus(self.cpus);
         b.set_memory_bytes(self.memory_bytes);

@@ -24,6 +24,8 @@ pub struct HostSampleRec {
     pub run_delay_ns: u64,
     pub gpu_util: Vec<f32>,
     pub gpu_memory_used_bytes: Vec<u64>,
+    /// Run-queue waits on all CPUs in the interval (log2 ns buckets), from the eBPF probes.
+    pub runq_hist: Option<crate::probes::CpuHistogram>,
 }
 
 impl HostSampleRec {
@@ -40,9 +42,17 @@ impl HostSampleRec {
         for (i, u) in self.gpu_util.iter().enumerate() {
             g.set(i as u32, *u);
         }
-        let mut m = b.init_gpu_memory_used_bytes(self.gpu_memory_used_bytes.len() as u32);
+        let mut m = b
+            .reborrow()
+            .init_gpu_memory_used_bytes(self.gpu_memory_used_bytes.len() as u32);
         for (i, u) in self.gpu_memory_used_bytes.iter().enumerate() {
             m.set(i as u32, *u);
+        }
+        if let Some(hist) = &self.runq_hist {
+            let sketch = crate::probes::histogram_sketch(hist);
+            b.set_probes(true);
+            b.set_run_queue_p99_ns(sketch.quantile(0.99) as u64);
+            sketch.encode(b.init_run_queue_latency_ns());
         }
     }
 }

@@ -4,6 +4,7 @@
 //! between themselves over the data plane.
 
 pub mod agent;
+pub mod btf;
 pub mod cgroup;
 pub mod dataplane;
 pub mod exec;
@@ -13,6 +14,7 @@ pub mod hostmon;
 pub mod ingress;
 pub mod kernels;
 pub mod onnx;
+pub mod probes;
 pub mod provisioner;
 pub mod routes;
 pub mod telemetry;

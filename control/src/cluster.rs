@@ -62,6 +62,8 @@ pub struct AgentEntry {
     pub gpus: u32,
     pub ingress_addr: String,
     pub provisioner: String,
+    /// How the agent measures its host: "ebpf: ..." or "off: <why>".
+    pub telemetry: String,
     pub state: AgentState,
     pub last_heartbeat: Instant,
     pub last_heartbeat_unix_ms: u64,
@@ -277,6 +279,7 @@ impl Cluster {
             gpus: host.get_gpus().map_or(0, |g| g.len()),
             ingress_addr: text(host.get_ingress_addr())?,
             provisioner: text(host.get_provisioner())?,
+            telemetry: text(host.get_telemetry())?,
             state: AgentState::Ready,
             last_heartbeat: Instant::now(),
             last_heartbeat_unix_ms: unix_ms(),
@@ -284,12 +287,13 @@ impl Cluster {
             client,
         };
         let summary = format!(
-            "{} CPUs, {}, {} GPUs, {} provisioner, ingress {}",
+            "{} CPUs, {}, {} GPUs, {} provisioner, ingress {}, probes {}",
             entry.cpus,
             prescient_schemas::quantity::format_bytes(entry.memory_bytes),
             entry.gpus,
             entry.provisioner,
-            entry.ingress_addr
+            entry.ingress_addr,
+            entry.telemetry
         );
         let previous = self.agents.borrow_mut().insert(name.clone(), entry);
         // Replicas this control node believed were there but the agent no longer runs.
@@ -901,6 +905,11 @@ impl agent_session::Server for Session {
                     run_delay_ns: h.get_run_delay_ns(),
                     gpu_util: h.get_gpu_util()?.iter().collect(),
                     gpu_memory_used_bytes: h.get_gpu_memory_used_bytes()?.iter().collect(),
+                    run_queue: if h.get_probes() {
+                        Some(Sketch::decode(h.get_run_queue_latency_ns()?)?)
+                    } else {
+                        None
+                    },
                 },
             );
         }
@@ -915,6 +924,15 @@ impl agent_session::Server for Session {
                     memory_bytes: v.get_memory_bytes(),
                     cpu_limit_cores: v.get_cpu_limit_cores(),
                     memory_limit_bytes: v.get_memory_limit_bytes(),
+                    probes: if v.get_probed() {
+                        Some(crate::monitor::VmProbePoint {
+                            run_queue: Sketch::decode(v.get_run_queue_latency_ns()?)?,
+                            tcp_sent_bytes: v.get_tcp_sent_bytes(),
+                            tcp_received_bytes: v.get_tcp_received_bytes(),
+                        })
+                    } else {
+                        None
+                    },
                 },
             );
         }

@@ -202,6 +202,20 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         }
     }
     e.family(
+        "prescient_host_runqueue_latency_p99_seconds",
+        "gauge",
+        "99th percentile of run-queue waits on the host in the last second (eBPF probes).",
+    );
+    for (h, p) in &latest {
+        if let Some(rq) = &p.run_queue {
+            e.sample(
+                "prescient_host_runqueue_latency_p99_seconds",
+                &[("host", h)],
+                rq.quantile(0.99) / 1e9,
+            );
+        }
+    }
+    e.family(
         "prescient_host_network_bytes_total",
         "counter",
         "Host network bytes (all interfaces but loopback) since the control node started.",
@@ -237,27 +251,43 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         .values()
         .flat_map(|d| d.replicas.iter().chain(&d.retiring).map(|r| r.id.as_str()))
         .collect();
-    type VmGet = fn(&crate::monitor::VmPoint) -> f64;
-    let vm_gauges: [(&str, &str, VmGet); 4] = [
+    // Each gauge reads a VM sample; `None` leaves the replica out (no probes on its host).
+    type VmGet = fn(&crate::monitor::VmPoint) -> Option<f64>;
+    let vm_gauges: [(&str, &str, VmGet); 7] = [
         (
             "prescient_replica_cpu_cores",
             "CPU a replica's VM used in the last second, in cores.",
-            |v| f64::from(v.cpu_cores),
+            |v| Some(f64::from(v.cpu_cores)),
         ),
         (
             "prescient_replica_cpu_limit_cores",
             "CPU limit of a replica's VM, in cores.",
-            |v| f64::from(v.cpu_limit_cores),
+            |v| Some(f64::from(v.cpu_limit_cores)),
         ),
         (
             "prescient_replica_memory_bytes",
             "Memory a replica's VM uses.",
-            |v| v.memory_bytes as f64,
+            |v| Some(v.memory_bytes as f64),
         ),
         (
             "prescient_replica_memory_limit_bytes",
             "Memory limit of a replica's VM.",
-            |v| v.memory_limit_bytes as f64,
+            |v| Some(v.memory_limit_bytes as f64),
+        ),
+        (
+            "prescient_replica_runqueue_latency_p99_seconds",
+            "99th percentile of a replica's VM's run-queue waits in the last second (eBPF).",
+            |v| Some(v.probes.as_ref()?.run_queue.quantile(0.99) / 1e9),
+        ),
+        (
+            "prescient_replica_tcp_sent_bytes_per_second",
+            "TCP bytes a replica's VM sent in the last second (eBPF).",
+            |v| Some(v.probes.as_ref()?.tcp_sent_bytes as f64),
+        ),
+        (
+            "prescient_replica_tcp_received_bytes_per_second",
+            "TCP bytes a replica's VM received in the last second (eBPF).",
+            |v| Some(v.probes.as_ref()?.tcp_received_bytes as f64),
         ),
     ];
     for (name, help, get) in vm_gauges {
@@ -267,16 +297,18 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
             .iter()
             .filter(|(r, _)| live.contains(r.as_str()))
         {
-            e.sample(
-                name,
-                &[
-                    ("replica", replica),
-                    ("graph", &v.graph_id),
-                    ("task", &v.task),
-                    ("host", &v.host),
-                ],
-                get(v),
-            );
+            if let Some(x) = get(v) {
+                e.sample(
+                    name,
+                    &[
+                        ("replica", replica),
+                        ("graph", &v.graph_id),
+                        ("task", &v.task),
+                        ("host", &v.host),
+                    ],
+                    x,
+                );
+            }
         }
     }
     e.family(

@@ -86,6 +86,8 @@ pub struct HostPoint {
     pub run_delay_ns: u64,
     pub gpu_util: Vec<f32>,
     pub gpu_memory_used_bytes: Vec<u64>,
+    /// Run-queue waits on every CPU in the interval, where the host runs the eBPF probes.
+    pub run_queue: Option<Sketch>,
 }
 
 /// One replica's VM in the last interval.
@@ -98,6 +100,16 @@ pub struct VmPoint {
     pub memory_bytes: u64,
     pub cpu_limit_cores: f32,
     pub memory_limit_bytes: u64,
+    /// What the eBPF probes saw of the VM, where its host runs them.
+    pub probes: Option<VmProbePoint>,
+}
+
+/// One VM's eBPF measurements over one interval.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmProbePoint {
+    pub run_queue: Sketch,
+    pub tcp_sent_bytes: u64,
+    pub tcp_received_bytes: u64,
 }
 
 /// One edge (identified by the input port it feeds) over a window.

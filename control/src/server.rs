@@ -249,13 +249,25 @@ impl control::Server for Control {
             b.set_replicas(n);
             b.set_cpu_millicores_free(cpu as u32);
             b.set_memory_bytes_free(mem);
-            let mut h = b.init_host();
+            let mut h = b.reborrow().init_host();
             h.set_name(a.name.as_str());
             h.set_hostname(a.hostname.as_str());
             h.set_cpus(a.cpus);
             h.set_memory_bytes(a.memory_bytes);
             h.set_ingress_addr(a.ingress_addr.as_str());
             h.set_provisioner(a.provisioner.as_str());
+            h.set_telemetry(a.telemetry.as_str());
+            let monitor = self.cluster.monitor.borrow();
+            if let Some(p) = monitor.hosts.get(&a.name).and_then(|s| s.back()) {
+                b.set_has_load(true);
+                b.set_cpu_util(p.cpu_util);
+                b.set_memory_used_bytes(p.memory_used_bytes);
+                b.set_run_delay_ns_per_sec(p.run_delay_ns);
+                if let Some(rq) = &p.run_queue {
+                    b.set_probes(true);
+                    b.set_run_queue_p99_ns(rq.quantile(0.99) as u64);
+                }
+            }
         }
         Ok(())
     }
@@ -284,6 +296,17 @@ impl control::Server for Control {
                 crate::cluster::ReplicaState::Ready => "ready",
                 crate::cluster::ReplicaState::Provisioning => "provisioning",
             });
+            if let Some(v) = self.cluster.monitor.borrow().vms.get(&rep.id) {
+                b.set_has_load(true);
+                b.set_cpu_cores(v.cpu_cores);
+                b.set_memory_bytes(v.memory_bytes);
+                if let Some(p) = &v.probes {
+                    b.set_probed(true);
+                    b.set_run_queue_p99_ns(p.run_queue.quantile(0.99) as u64);
+                    b.set_tcp_sent_bytes(p.tcp_sent_bytes);
+                    b.set_tcp_received_bytes(p.tcp_received_bytes);
+                }
+            }
         }
         Ok(())
     }

@@ -27,6 +27,7 @@ struct HostInfo {
   ingressAddr @6 :Text;         # where clients send invocations to this agent
   agentVersion @7 :Text;
   name @8 :Text;                # the agent's stable name (from config; defaults to hostname)
+  telemetry @9 :Text;           # "ebpf: <probes>" or "off: <why>" (then procfs and cgroups only)
 }
 
 struct Span {
@@ -57,6 +58,8 @@ struct HostSample {
   gpuMemoryUsedBytes @8 :List(UInt64);
   runDelayNs @9 :UInt64;        # time runnable tasks waited for a CPU since the last sample (schedstat)
   memoryTotalBytes @10 :UInt64;
+  probes @11 :Bool;             # the eBPF probes run on this host (the fields below are set)
+  runQueueLatencyNs @12 :Sketch; # eBPF: every run-queue wait on every CPU in the interval
 }
 
 struct Sketch {
@@ -94,6 +97,10 @@ struct VmSample {
   memoryBytes @4 :UInt64;
   cpuLimitCores @5 :Float32;
   memoryLimitBytes @6 :UInt64;
+  probed @7 :Bool;              # the eBPF probes counted the fields below
+  runQueueLatencyNs @8 :Sketch; # run-queue waits of the VM's processes in the interval
+  tcpSentBytes @9 :UInt64;      # TCP bytes the VM's processes sent in the interval
+  tcpReceivedBytes @10 :UInt64;
 }
 
 struct EdgeWindow {

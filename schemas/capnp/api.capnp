@@ -121,6 +121,12 @@ struct AgentSummary {
   replicas @4 :UInt32;
   cpuMillicoresFree @5 :UInt32;
   memoryBytesFree @6 :UInt64;
+  hasLoad @7 :Bool;             # the fields below come from the agent's latest host sample
+  cpuUtil @8 :Float32;          # 0..1
+  memoryUsedBytes @9 :UInt64;
+  runDelayNsPerSec @10 :UInt64; # schedstat: time runnable tasks waited, per second
+  runQueueP99Ns @11 :UInt64;    # eBPF (0 without probes)
+  probes @12 :Bool;
 }
 
 struct ReplicaSummary {
@@ -129,4 +135,11 @@ struct ReplicaSummary {
   host @2 :Text;
   dataPlaneAddr @3 :Text;
   state @4 :Text;               # "provisioning", "ready", "lost"
+  hasLoad @5 :Bool;             # the fields below come from its VM's latest sample
+  cpuCores @6 :Float32;
+  memoryBytes @7 :UInt64;
+  probed @8 :Bool;              # the eBPF fields below are set
+  runQueueP99Ns @9 :UInt64;
+  tcpSentBytes @10 :UInt64;     # in the last sample's interval (about a second)
+  tcpReceivedBytes @11 :UInt64;
 }

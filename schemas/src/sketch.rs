@@ -45,6 +45,22 @@ impl Sketch {
         }
     }
 
+    /// Records `n` occurrences of the same value.
+    pub fn record_n(&mut self, v: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.record(v);
+        self.count += n - 1;
+        self.sum += v.max(0.0) * (n - 1) as f64;
+        if v <= 1e-9 {
+            self.zeros += n - 1;
+        } else {
+            let index = (v.ln() / LN_GAMMA).ceil() as i32;
+            *self.buckets.entry(index).or_insert(0) += n - 1;
+        }
+    }
+
     pub fn merge(&mut self, other: &Sketch) {
         if other.count == 0 {
             return;

@@ -50,6 +50,10 @@ struct Args {
     /// Turn off per-request spans (to measure what telemetry costs).
     #[arg(long)]
     no_telemetry: bool,
+    /// Do not load the eBPF probes (run-queue latency, TCP bytes per VM); procfs and cgroups
+    /// still report CPU, memory and network.
+    #[arg(long)]
+    no_probes: bool,
     /// Serve Prometheus metrics on `GET /metrics` at this address (port 0 picks one).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -202,6 +206,7 @@ fn main() -> Result<()> {
         worker_exe: std::env::current_exe()?,
         data_plane: transport,
         telemetry: !args.no_telemetry,
+        probes: !args.no_probes,
         data_dir: args.data_dir.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!("prescient-agent-{}", std::process::id()))
         }),

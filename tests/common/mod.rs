@@ -249,3 +249,98 @@ pub fn events(control: &Control) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// Kills its process when dropped, so a failing assertion leaves nothing running.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bin` with `args` and returns the child and the addresses of its first two lines.
+pub fn start(bin: &str, args: &[&str]) -> (Killed, String, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(child.stdout.take().unwrap());
+    let mut last = || {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l.trim().rsplit(' ').next().unwrap().to_string()
+    };
+    let (a, b) = (last(), last());
+    (Killed(child), a, b)
+}
+
+pub fn get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+pub fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let (head, body) = get(addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition")
+}
+
+pub fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Summary(q) => q.len() as f64,
+            prometheus_parse::Value::Histogram(b) => b.len() as f64,
+        })
+}
+
+/// A control node with `/metrics`: (process, API address, metrics address).
+pub fn start_control_with_metrics(data_dir: &Path) -> (Killed, String, String) {
+    start(
+        CONTROL,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--startup-grace-ms",
+            "0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
+/// An agent with `/metrics`: (process, ingress address, metrics address).
+pub fn start_agent_with_metrics(control: &str, name: &str, cpus: u32) -> (Killed, String, String) {
+    start(
+        AGENT,
+        &[
+            "--control",
+            control,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--cpus",
+            &cpus.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+}

@@ -2,6 +2,7 @@
 //!
 //! `cargo xtask codegen [--check]`  regenerate (or verify) the committed Cap'n Proto code
 //! `cargo xtask deps`               install what the other tasks need (Debian's `capnproto`)
+//! `cargo xtask build-ebpf`         build the eBPF probes (installs rust-src and bpf-linker)
 //! `cargo xtask demo`               build the binaries and run `prescient demo` (the main job)
 //! `cargo xtask test`               the whole test suite (the README's test command)
 //! `cargo xtask lint`               fmt check, codegen check, clippy with warnings as errors
@@ -25,6 +26,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("codegen") => codegen(rest.contains(&"--check")),
         Some("deps") => deps(),
+        Some("build-ebpf") => build_ebpf(),
         Some("onnxruntime") => {
             onnxruntime().map(|p| eprintln!("xtask: ONNX Runtime at {}", p.display()))
         }
@@ -34,9 +36,10 @@ fn main() -> Result<()> {
         Some("demo") => demo(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <codegen [--check] | deps | demo | test | lint | ci>\n\
+                "usage: cargo xtask <codegen [--check] | deps | build-ebpf | demo | test | lint | ci>\n\
                  codegen  regenerate schemas/src/generated from schemas/capnp (--check: fail if stale)\n\
                  deps     install prerequisites (capnproto) through apt-get when missing\n\
+                 build-ebpf  build the eBPF probes into target/ebpf (the agent embeds them)\n\
                  onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
@@ -199,8 +202,70 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The bpf-linker release that links with the LLVM of the pinned toolchain (see the brief).
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+/// Builds `ebpf/probes` for `bpfel-unknown-none` and leaves the object in
+/// `target/ebpf/prescient-probes.o`, where the agent's build script embeds it. Installs its
+/// prerequisites first: the `rust-src` component (for `-Z build-std=core`) and `bpf-linker`.
+fn build_ebpf() -> Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let current = linker
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !current {
+        run(cargo().args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]))?;
+    }
+    let root = root();
+    // `-Z build-std` is nightly-only; RUSTC_BOOTSTRAP lets the stable toolchain use it for
+    // this one no_std crate, as aya documents.
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "prescient-probes-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf-build"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env_remove("RUSTFLAGS"))?;
+    let built = root.join("target/ebpf-build/bpfel-unknown-none/release/prescient-probes");
+    let dir = root.join("target/ebpf");
+    std::fs::create_dir_all(&dir)?;
+    let object = dir.join("prescient-probes.o");
+    let bytes = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // Only a changed object is moved in: the agent rebuilds when it changes.
+    if std::fs::read(&object).ok().as_deref() != Some(&bytes[..]) {
+        let tmp = dir.join(".prescient-probes.o.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &object)?;
+    }
+    eprintln!("xtask: eBPF probes at {}", object.display());
+    Ok(())
+}
+
 fn test() -> Result<()> {
     onnxruntime()?;
+    build_ebpf()?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo().args([
         "test",
@@ -213,6 +278,7 @@ fn test() -> Result<()> {
 
 fn demo(args: &[&str]) -> Result<()> {
     onnxruntime()?;
+    build_ebpf()?;
     run(cargo().args(["build", "--release", "--bins"]))?;
     run(Command::new(root().join("target/release/prescient"))
         .arg("demo")

@@ -1,0 +1,84 @@
+//! Map names and value layouts shared by the probes and the agent that reads them.
+#![no_std]
+
+/// Log2 buckets of a run-queue latency histogram: bucket `i` counts waits in
+/// `[2^i, 2^(i+1))` ns (bucket 0 also holds 0 ns); 2^35 ns is about 34 s, enough for a
+/// throttled cgroup.
+pub const LATENCY_BUCKETS: usize = 36;
+
+/// Per-process (thread group) counters, all cumulative since the probes were loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessCounters {
+    /// Times one of its threads was switched in after waiting on a run queue.
+    pub runq_waits: u64,
+    /// Total time its threads waited runnable on a run queue.
+    pub runq_wait_ns: u64,
+    /// CPU time its threads ran (between the switch in and the switch out).
+    pub cpu_ns: u64,
+    /// TCP bytes its sockets sent (successful `sendmsg`, all paths through `sock_sendmsg`).
+    pub tcp_sent_bytes: u64,
+    /// TCP bytes its sockets received.
+    pub tcp_received_bytes: u64,
+    /// Run-queue waits by log2 bucket of their length in ns.
+    pub runq_hist: [u64; LATENCY_BUCKETS],
+}
+
+impl ProcessCounters {
+    pub const ZERO: Self = Self {
+        runq_waits: 0,
+        runq_wait_ns: 0,
+        cpu_ns: 0,
+        tcp_sent_bytes: 0,
+        tcp_received_bytes: 0,
+        runq_hist: [0; LATENCY_BUCKETS],
+    };
+}
+
+/// What is running on one CPU now: written at each context switch so that the next switch on
+/// the same CPU, which runs in that task's context, can charge it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSlot {
+    /// `task_struct` address of the task switched in (compared, never dereferenced).
+    pub task: u64,
+    /// When it was switched in (`bpf_ktime_get_ns`).
+    pub since_ns: u64,
+    /// How long it waited on the run queue before that, or `u64::MAX` when unknown.
+    pub waited_ns: u64,
+}
+
+/// The bucket a wait of `ns` nanoseconds goes to.
+#[inline(always)]
+pub fn latency_bucket(ns: u64) -> usize {
+    let b = 63 - (ns | 1).leading_zeros() as usize;
+    if b >= LATENCY_BUCKETS {
+        LATENCY_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Map names, as the agent looks them up.
+pub mod maps {
+    /// `LruHashMap<u32 tgid, ProcessCounters>`.
+    pub const PROCESSES: &str = "PROCESSES";
+    /// `PerCpuArray<u64>` of `LATENCY_BUCKETS + 1` entries: run-queue waits per CPU by bucket,
+    /// then (at index `LATENCY_BUCKETS`) their total in ns.
+    pub const CPU_RUNQ_HIST: &str = "CPU_RUNQ_HIST";
+}
+
+/// Globals the loader sets from the running kernel's BTF before loading.
+pub mod globals {
+    /// Byte offset of `sock_common.skc_family` in `struct sock` (16 on every kernel so far).
+    pub const SK_FAMILY_OFFSET: &str = "SK_FAMILY_OFFSET";
+    /// Byte offset of `sock.sk_protocol`, or `u32::MAX` when unknown (then every inet socket
+    /// counts, not only TCP).
+    pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
+}
+
+#[cfg(feature = "user")]
+// SAFETY: both are plain `repr(C)` structs of integers with no padding.
+unsafe impl aya::Pod for ProcessCounters {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CpuSlot {}
