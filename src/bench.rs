@@ -2,7 +2,7 @@
 //! and print JSON, so figures are measured side by side in one run.
 
 use crate::client::{ControlClient, SubmitOutcome};
-use crate::local::{wait_deployed, LocalCluster};
+use crate::local::{wait_deployed, LocalCluster, Telemetry};
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use prescient_schemas::file;
@@ -26,10 +26,14 @@ pub enum Which {
         /// How the workers drive their sockets: epoll, io_uring or auto.
         #[arg(long, default_value = "epoll")]
         data_plane: String,
-        /// Run with per-request telemetry on and off, alternating, `N` rounds each, and report
-        /// what telemetry costs (medians and their ratio).
+        /// Run with telemetry on and off, alternating, `N` rounds each, and report what it
+        /// costs (medians and their ratio).
         #[arg(long, value_name = "N")]
         compare_telemetry: Option<usize>,
+        /// What "on" means for --compare-telemetry: all (spans and eBPF probes), spans, or
+        /// probes. "Off" is always neither (host and VM samples stay on).
+        #[arg(long, default_value = "all")]
+        telemetry: String,
     },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
@@ -142,7 +146,8 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
 }
 
 pub async fn run(which: Which) -> Result<ExitCode> {
-    let (stages, concurrency, duration, payload_bytes, data_plane, compare) = match which {
+    let (stages, concurrency, duration, payload_bytes, data_plane, compare, telemetry) = match which
+    {
         Which::Transfer {
             bytes,
             payload,
@@ -158,6 +163,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             payload_bytes,
             data_plane,
             compare_telemetry,
+            telemetry,
         } => (
             stages,
             concurrency,
@@ -165,7 +171,14 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             payload_bytes,
             data_plane,
             compare_telemetry,
+            telemetry,
         ),
+    };
+    let measured = match telemetry.as_str() {
+        "all" => Telemetry::All,
+        "spans" => Telemetry::SpansOnly,
+        "probes" => Telemetry::ProbesOnly,
+        other => bail!("--telemetry must be all, spans or probes, not {other:?}"),
     };
     if let Some(rounds) = compare {
         let mut on = Vec::new();
@@ -178,17 +191,17 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             } else {
                 [false, true]
             };
-            for telemetry in order {
+            for measuring in order {
                 let r = chain(
                     stages,
                     &concurrency,
                     duration,
                     payload_bytes,
                     &data_plane,
-                    telemetry,
+                    if measuring { measured } else { Telemetry::Off },
                 )
                 .await?;
-                if telemetry {
+                if measuring {
                     on.push(r)
                 } else {
                     off.push(r)
@@ -220,6 +233,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             .collect();
         crate::output::print_json(&serde_json::json!({
             "bench": "chain-telemetry-overhead",
+            "telemetry_on": measured.name(),
             "stages": stages,
             "rounds": rounds,
             "seconds_per_point": duration,
@@ -233,7 +247,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         duration,
         payload_bytes,
         &data_plane,
-        true,
+        Telemetry::All,
     )
     .await?;
     crate::output::print_json(&report)?;
@@ -246,7 +260,7 @@ async fn chain(
     duration: f64,
     payload_bytes: usize,
     data_plane: &str,
-    telemetry: bool,
+    telemetry: Telemetry,
 ) -> Result<serde_json::Value> {
     if stages == 0 {
         bail!("--stages must be at least 1");
@@ -304,7 +318,7 @@ async fn chain(
             "placement": placement,
             "payload_bytes": payload_bytes,
             "data_plane": data_plane,
-            "telemetry": telemetry,
+            "telemetry": telemetry.name(),
             "seconds_per_point": duration,
             "results": results,
         }))

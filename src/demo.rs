@@ -67,7 +67,7 @@ async fn walk_through(dir: &Path) -> Result<()> {
         1,
         "start a control node and three host agents (real processes)",
     );
-    let mut cluster = LocalCluster::start(dir, 3, 2, "epoll", true)?;
+    let mut cluster = LocalCluster::start(dir, 3, 2, "epoll", crate::local::Telemetry::All)?;
     println!(
         "prescient-control pid {} on {}",
         cluster.control.child.id(),

@@ -81,10 +81,14 @@ impl LocalCluster {
         name: &str,
         cpus: u32,
         data_plane: &str,
-        telemetry: bool,
+        spans: bool,
+        probes: bool,
     ) -> Result<Proc> {
         let mut cmd = Command::new(sibling("prescient-agent")?);
-        if !telemetry {
+        if !probes {
+            cmd.arg("--no-probes");
+        }
+        if !spans {
             cmd.arg("--no-telemetry");
         }
         cmd.args(["--data-plane", data_plane])
@@ -113,13 +117,14 @@ impl LocalCluster {
     }
 
     /// Starts a control node and `agents` agents named a1, a2, ... each offering `cpus` CPUs,
-    /// their workers on `data_plane` (auto, epoll or io_uring).
+    /// their workers on `data_plane` (auto, epoll or io_uring). Only the first agent loads the
+    /// eBPF probes: they see the whole machine, and a real host has one agent.
     pub fn start(
         dir: &Path,
         agents: usize,
         cpus: u32,
         data_plane: &str,
-        telemetry: bool,
+        telemetry: Telemetry,
     ) -> Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let control = Self::start_control(dir, 300)?;
@@ -131,13 +136,46 @@ impl LocalCluster {
                 &format!("a{i}"),
                 cpus,
                 data_plane,
-                telemetry,
+                telemetry.spans(),
+                telemetry.probes() && i == 1,
             )?);
         }
         Ok(LocalCluster {
             control,
             agents: procs,
         })
+    }
+}
+
+/// What a local cluster measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Telemetry {
+    /// Per-request spans and the eBPF probes.
+    All,
+    /// Spans without the probes.
+    SpansOnly,
+    /// The probes without spans.
+    ProbesOnly,
+    /// Neither (host and VM samples stay on): the reference for what telemetry costs.
+    Off,
+}
+
+impl Telemetry {
+    pub fn spans(self) -> bool {
+        matches!(self, Telemetry::All | Telemetry::SpansOnly)
+    }
+
+    pub fn probes(self) -> bool {
+        matches!(self, Telemetry::All | Telemetry::ProbesOnly)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Telemetry::All => "all",
+            Telemetry::SpansOnly => "spans",
+            Telemetry::ProbesOnly => "probes",
+            Telemetry::Off => "off",
+        }
     }
 }
 

@@ -134,7 +134,7 @@ impl AgentNode {
             match crate::probes::Probes::load() {
                 Ok(p) => {
                     let status = format!(
-                        "ebpf: run-queue latency (tp_btf sched_wakeup/sched_switch), {} bytes (raw_tp sock_send_length/sock_recv_length)",
+                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), {} bytes (tp_btf sock_send_length/sock_recv_length)",
                         if p.tcp_only { "TCP" } else { "inet" }
                     );
                     info!("probes: {status}");
@@ -440,7 +440,7 @@ impl AgentNode {
         e.family(
             "prescient_host_runqueue_latency_seconds",
             "histogram",
-            "How long runnable tasks waited for a CPU on this host (eBPF, sched_wakeup to sched_switch).",
+            "How long runnable tasks waited for a CPU on this host (eBPF, at sched_switch).",
         );
         e.histogram(
             "prescient_host_runqueue_latency_seconds",

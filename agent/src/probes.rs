@@ -26,6 +26,9 @@ pub enum ProbeError {
     /// the kernel offers no BTF (/sys/kernel/btf/vmlinux), which tp_btf programs need
     #[error("the kernel offers no BTF (/sys/kernel/btf/vmlinux), which tp_btf programs need: {0}")]
     NoBtf(#[source] std::io::Error),
+    /// the kernel's task_struct has no sched_info.run_delay (CONFIG_SCHED_INFO is off)
+    #[error("the kernel's task_struct has no sched_info.run_delay (CONFIG_SCHED_INFO is off)")]
+    NoSchedInfo,
     /// loading the eBPF object failed (it needs root, or CAP_BPF with CAP_PERFMON)
     #[error("loading the eBPF object failed (it needs root, or CAP_BPF with CAP_PERFMON): {0}")]
     Load(#[source] aya::EbpfError),
@@ -75,12 +78,17 @@ impl Probes {
             .member("sock", "sk_protocol")
             .filter(|m| m.size == Some(2) && m.bitfield_bits.is_none())
             .map_or(u32::MAX, |m| m.bit_offset / 8);
-        let prev_state = u32::from(raw_btf.tracepoint_args("sched_switch") == Some(4));
+        let run_delay = raw_btf
+            .member("task_struct", "sched_info")
+            .zip(raw_btf.member("sched_info", "run_delay"))
+            .filter(|(_, d)| d.size == Some(8) && d.bitfield_bits.is_none())
+            .map(|(s, d)| (s.bit_offset + d.bit_offset) / 8)
+            .ok_or(ProbeError::NoSchedInfo)?;
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
-            .override_global("SWITCH_HAS_PREV_STATE", &prev_state, true)
+            .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         fn program<'a, P>(
@@ -99,16 +107,10 @@ impl Probes {
                 })
         }
         let attach_failed = |program| move |source| ProbeError::Attach { program, source };
-        for name in ["sched_wakeup", "sched_wakeup_new", "sched_switch"] {
+        for name in ["sched_switch", "sock_send_length", "sock_recv_length"] {
             let p: &mut aya::programs::BtfTracePoint = program(&mut ebpf, name)?;
             p.load(name, &aya_btf)
                 .and_then(|()| p.attach().map(drop))
-                .map_err(attach_failed(name))?;
-        }
-        for name in ["sock_send_length", "sock_recv_length"] {
-            let p: &mut aya::programs::RawTracePoint = program(&mut ebpf, name)?;
-            p.load()
-                .and_then(|()| p.attach(name).map(drop))
                 .map_err(attach_failed(name))?;
         }
         fn map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(

@@ -16,7 +16,8 @@ pub struct ProcessCounters {
     pub runq_wait_ns: u64,
     /// CPU time its threads ran (between the switch in and the switch out).
     pub cpu_ns: u64,
-    /// TCP bytes its sockets sent (successful `sendmsg`, all paths through `sock_sendmsg`).
+    /// TCP bytes its sockets sent (successful `sendmsg`, all paths through `sock_sendmsg`),
+    /// as of its threads' last switch-out.
     pub tcp_sent_bytes: u64,
     /// TCP bytes its sockets received.
     pub tcp_received_bytes: u64,
@@ -44,8 +45,13 @@ pub struct CpuSlot {
     pub task: u64,
     /// When it was switched in (`bpf_ktime_get_ns`).
     pub since_ns: u64,
-    /// How long it waited on the run queue before that, or `u64::MAX` when unknown.
-    pub waited_ns: u64,
+    /// Its `sched_info.run_delay` (total run-queue wait so far) as it was switched in, before
+    /// the kernel added the wait that just ended.
+    pub run_delay_ns: u64,
+    /// TCP bytes it sent and received since it was switched in: kept here, where no other CPU
+    /// writes, and added to its process's counters when it is switched out.
+    pub tcp_sent_bytes: u64,
+    pub tcp_received_bytes: u64,
 }
 
 /// The bucket a wait of `ns` nanoseconds goes to.
@@ -75,6 +81,8 @@ pub mod globals {
     /// Byte offset of `sock.sk_protocol`, or `u32::MAX` when unknown (then every inet socket
     /// counts, not only TCP).
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
+    /// Byte offset of `task_struct.sched_info.run_delay` (needs `CONFIG_SCHED_INFO`).
+    pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
 }
 
 #[cfg(feature = "user")]

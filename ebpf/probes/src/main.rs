@@ -1,13 +1,15 @@
 //! Prescient's eBPF probes (kernel side). Everything is counted per thread group (process) and
 //! kept cumulative in maps; the agent reads and diffs them once a second and maps processes to
-//! the VM (cgroup) they belong to. Only attach types that need no kprobes are used: `tp_btf`
-//! for the scheduler and `raw_tp` for socket lengths, so the probes load where kprobes and
-//! fentry are unavailable.
+//! the VM (cgroup) they belong to. Only `tp_btf` programs are used (sched_switch,
+//! sock_send_length, sock_recv_length), so the probes load where kprobes and fentry are not
+//! available.
 //!
-//! Architecture invariant: no `task_struct` field is ever read. Run-queue waits are matched by
-//! the task pointer the tracepoints pass, and charged to a process at the *next* context switch
-//! on the same CPU, which runs in that process's context (`bpf_get_current_pid_tgid`). That
-//! keeps the probes free of CO-RE relocations, which aya-ebpf does not offer.
+//! Architecture invariant: aya-ebpf offers no CO-RE relocations, so every kernel struct field
+//! the probes read (`task_struct.sched_info.run_delay`, `sock.skc_family`, `sock.sk_protocol`)
+//! is read at an offset the loader found in the running kernel's BTF and wrote into a global,
+//! and only through BTF-typed tracepoint arguments (`tp_btf`), which the verifier checks.
+//! Processes are named by `bpf_get_current_pid_tgid`: a switched-in task is charged at its
+//! switch-out, which runs in its own context.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic adds are written in BPF assembly: `core`'s atomics have no read-modify-write on BPF.
@@ -17,10 +19,10 @@
 mod probes {
     use aya_ebpf::{
         bindings::BPF_NOEXIST,
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-        macros::{btf_tracepoint, map, raw_tracepoint},
+        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+        macros::{btf_tracepoint, map},
         maps::{LruHashMap, PerCpuArray},
-        programs::{BtfTracePointContext, RawTracePointContext},
+        programs::BtfTracePointContext,
     };
     use prescient_probes_common::{latency_bucket, CpuSlot, ProcessCounters, LATENCY_BUCKETS};
 
@@ -29,15 +31,11 @@ mod probes {
     static SK_FAMILY_OFFSET: u32 = 16;
     #[unsafe(no_mangle)]
     static SK_PROTOCOL_OFFSET: u32 = u32::MAX;
-    /// 1 when `sched_switch` passes `prev_state` (Linux 5.18 and later).
     #[unsafe(no_mangle)]
-    static SWITCH_HAS_PREV_STATE: u32 = 0;
+    static TASK_RUN_DELAY_OFFSET: u32 = 0;
 
     static ZERO: ProcessCounters = ProcessCounters::ZERO;
 
-    /// When each runnable task became runnable, by `task_struct` address.
-    #[map]
-    static WAKEUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(32768, 0);
     #[map]
     static CPU_SLOT: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
     #[map]
@@ -79,117 +77,111 @@ mod probes {
         (bpf_get_current_pid_tgid() >> 32) as u32
     }
 
-    #[btf_tracepoint(function = "sched_wakeup")]
-    pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
-        let task: u64 = ctx.arg(0);
-        let _ = WAKEUPS.insert(task, unsafe { bpf_ktime_get_ns() }, 0);
-        0
-    }
-
-    #[btf_tracepoint(function = "sched_wakeup_new")]
-    pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> u32 {
-        let task: u64 = ctx.arg(0);
-        let _ = WAKEUPS.insert(task, unsafe { bpf_ktime_get_ns() }, 0);
-        0
-    }
-
+    /// At every context switch, in `prev`'s context. The kernel adds the run-queue wait a
+    /// task just ended to its `sched_info.run_delay` right after this tracepoint, so the
+    /// value read as a task is switched in and again as it is switched out (on the same CPU,
+    /// which it cannot leave while running) differ by exactly that one wait. No map update
+    /// per wakeup: the cost is two loads and one per-CPU slot.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let now = unsafe { bpf_ktime_get_ns() };
-        let preempt: u64 = ctx.arg(0);
-        let prev: u64 = ctx.arg(1);
-        let next: u64 = ctx.arg(2);
+        let prev: *const u8 = ctx.arg(1);
+        let next: *const u8 = ctx.arg(2);
         let Some(slot) = CPU_SLOT.get_ptr_mut(0) else {
             return 0;
         };
         // SAFETY: a per-CPU slot; this program is its only writer on this CPU.
         let slot = unsafe { &mut *slot };
-        // We run in `prev`'s context: charge it its CPU time and the wait it had.
+        let off = global(&TASK_RUN_DELAY_OFFSET) as usize;
         let tgid = current_tgid();
-        if slot.task == prev && tgid != 0 {
+        // tgid 0 is the idle task: it never waits and its CPU time is idle time.
+        if slot.task == prev as u64 && tgid != 0 {
+            // SAFETY: `prev` is the kernel's task pointer (BTF-typed); the offset is from BTF.
+            let delay = unsafe { *(prev.add(off) as *const u64) };
+            let waited = delay.wrapping_sub(slot.run_delay_ns);
+            // A wrap would mean the slot is stale; such a wait is not counted.
+            let counted = waited < 1 << 40;
+            if counted {
+                if let Some(b) = CPU_RUNQ_HIST.get_ptr_mut(latency_bucket(waited) as u32) {
+                    unsafe { *b += 1 };
+                }
+                if let Some(total) = CPU_RUNQ_HIST.get_ptr_mut(LATENCY_BUCKETS as u32) {
+                    unsafe { *total += waited };
+                }
+            }
             if let Some(c) = counters(tgid) {
                 let c = unsafe { &mut *c };
-                if slot.since_ns != 0 {
-                    add(&mut c.cpu_ns, now.saturating_sub(slot.since_ns));
+                add(&mut c.cpu_ns, now.saturating_sub(slot.since_ns));
+                if slot.tcp_sent_bytes != 0 {
+                    add(&mut c.tcp_sent_bytes, slot.tcp_sent_bytes);
                 }
-                if slot.waited_ns != u64::MAX {
+                if slot.tcp_received_bytes != 0 {
+                    add(&mut c.tcp_received_bytes, slot.tcp_received_bytes);
+                }
+                if counted {
                     add(&mut c.runq_waits, 1);
-                    add(&mut c.runq_wait_ns, slot.waited_ns);
-                    if let Some(b) = c.runq_hist.get_mut(latency_bucket(slot.waited_ns)) {
+                    add(&mut c.runq_wait_ns, waited);
+                    if let Some(b) = c.runq_hist.get_mut(latency_bucket(waited)) {
                         add(b, 1);
                     }
                 }
             }
         }
-        // A task switched out while still runnable waits on the run queue from now.
-        let still_runnable = if global(&SWITCH_HAS_PREV_STATE) != 0 {
-            let state: u64 = ctx.arg(3);
-            state as u32 == 0
-        } else {
-            preempt as u8 != 0
-        };
-        if still_runnable {
-            let _ = WAKEUPS.insert(prev, now, 0);
-        }
-        let mut waited = u64::MAX;
-        if let Some(ts) = unsafe { WAKEUPS.get(next) } {
-            waited = now.saturating_sub(*ts);
-            let _ = WAKEUPS.remove(next);
-            // Per-CPU slots: this program is their only writer on this CPU.
-            if let Some(b) = CPU_RUNQ_HIST.get_ptr_mut(latency_bucket(waited) as u32) {
-                unsafe { *b += 1 };
-            }
-            if let Some(total) = CPU_RUNQ_HIST.get_ptr_mut(LATENCY_BUCKETS as u32) {
-                unsafe { *total += waited };
-            }
-        }
-        slot.task = next;
+        slot.task = next as u64;
         slot.since_ns = now;
-        slot.waited_ns = waited;
+        slot.tcp_sent_bytes = 0;
+        slot.tcp_received_bytes = 0;
+        // SAFETY: as above, for `next`.
+        slot.run_delay_ns = unsafe { *(next.add(off) as *const u64) };
         0
     }
 
-    fn count_tcp(ctx: &RawTracePointContext, sent: bool) {
-        let sk: u64 = ctx.arg(0);
+    /// Charges a successful socket send or receive of `ret` bytes on `sk` to the task running
+    /// on this CPU (socket calls run in their caller's context), when `sk` is an inet (TCP,
+    /// where the protocol offset is known) socket. The bytes wait in the CPU's slot until the
+    /// task is switched out: no hash lookup and no atomic operation per call.
+    /// `sk` is a BTF pointer (tp_btf): the verifier lets us read its fields directly, at
+    /// offsets that are constants once the loader has set them.
+    fn count_tcp(ctx: &BtfTracePointContext, sent: bool) {
+        let sk: *const u8 = ctx.arg(0);
         let ret: u64 = ctx.arg(1);
         let bytes = ret as i32;
-        if bytes <= 0 || sk == 0 {
+        if bytes <= 0 || sk.is_null() {
             return;
         }
-        let family_at = (sk + u64::from(global(&SK_FAMILY_OFFSET))) as *const u16;
-        let Ok(family) = (unsafe { bpf_probe_read_kernel(family_at) }) else {
-            return;
-        };
+        // SAFETY: the offsets come from this kernel's BTF for `struct sock`.
+        let family = unsafe { *(sk.add(global(&SK_FAMILY_OFFSET) as usize) as *const u16) };
         if family != AF_INET && family != AF_INET6 {
             return;
         }
         let proto_off = global(&SK_PROTOCOL_OFFSET);
         if proto_off != u32::MAX {
-            let proto_at = (sk + u64::from(proto_off)) as *const u16;
-            match unsafe { bpf_probe_read_kernel(proto_at) } {
-                Ok(p) if p == IPPROTO_TCP => {}
-                _ => return,
+            let proto = unsafe { *(sk.add(proto_off as usize) as *const u16) };
+            if proto != IPPROTO_TCP {
+                return;
             }
         }
-        let Some(c) = counters(current_tgid()) else {
+        let Some(slot) = CPU_SLOT.get_ptr_mut(0) else {
             return;
         };
-        let c = unsafe { &mut *c };
+        // SAFETY: a per-CPU slot. This program can be preempted (the switch then flushes
+        // and resets the slot), so the add is one instruction: never a stale read-modify-write.
+        let slot = unsafe { &mut *slot };
         if sent {
-            add(&mut c.tcp_sent_bytes, bytes as u64);
+            add(&mut slot.tcp_sent_bytes, bytes as u64);
         } else {
-            add(&mut c.tcp_received_bytes, bytes as u64);
+            add(&mut slot.tcp_received_bytes, bytes as u64);
         }
     }
 
-    #[raw_tracepoint(tracepoint = "sock_send_length")]
-    pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
+    #[btf_tracepoint(function = "sock_send_length")]
+    pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
         count_tcp(&ctx, true);
         0
     }
 
-    #[raw_tracepoint(tracepoint = "sock_recv_length")]
-    pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    #[btf_tracepoint(function = "sock_recv_length")]
+    pub fn sock_recv_length(ctx: BtfTracePointContext) -> u32 {
         count_tcp(&ctx, false);
         0
     }
