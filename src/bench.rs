@@ -35,6 +35,18 @@ pub enum Which {
         #[arg(long, default_value = "all")]
         telemetry: String,
     },
+    /// What the eBPF probes add to each context switch and each TCP send or receive: two
+    /// ping-pong loops (a pipe: two switches per round trip; loopback TCP: two sends, two
+    /// receives and two switches) timed with the probes attached and detached, alternating in
+    /// this one process. Needs root.
+    Probes {
+        /// Measured pairs (attached, detached).
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+        /// Round trips per measurement.
+        #[arg(long, default_value_t = 20000)]
+        round_trips: usize,
+    },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
     Transfer {
@@ -145,6 +157,125 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
     }))
 }
 
+/// Median ns per round trip of `ping` (which runs `n` round trips).
+fn time_round_trips(n: usize, ping: &mut dyn FnMut(usize) -> Result<()>) -> Result<f64> {
+    let started = std::time::Instant::now();
+    ping(n)?;
+    Ok(started.elapsed().as_nanos() as f64 / n as f64)
+}
+
+/// Two threads bouncing one byte over pipes: every round trip wakes each side once.
+fn pipe_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
+    use std::io::{Read, Write};
+    let (mut a_rx, mut b_tx) = std::io::pipe()?;
+    let (mut b_rx, mut a_tx) = std::io::pipe()?;
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while a_rx.read_exact(&mut byte).is_ok() {
+            if a_tx.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(move |n: usize| -> Result<()> {
+        let mut byte = [7u8; 1];
+        for _ in 0..n {
+            b_tx.write_all(&byte)?;
+            b_rx.read_exact(&mut byte)?;
+        }
+        Ok(())
+    })
+}
+
+/// The same over loopback TCP with 64-byte messages (Nagle off).
+fn tcp_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    std::thread::spawn(move || {
+        let mut msg = [0u8; 64];
+        while server.read_exact(&mut msg).is_ok() {
+            if server.write_all(&msg).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(move |n: usize| -> Result<()> {
+        let mut msg = [1u8; 64];
+        for _ in 0..n {
+            client.write_all(&msg)?;
+            client.read_exact(&mut msg)?;
+        }
+        Ok(())
+    })
+}
+
+fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
+    // Both ends on one CPU: each round trip is then two plain context switches, without the
+    // cross-CPU wake-up interrupts whose cost varies by microseconds on virtual machines.
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU 0: {}", std::io::Error::last_os_error());
+        }
+    }
+    let mut pipe = pipe_ping_pong()?;
+    let mut tcp = tcp_ping_pong()?;
+    // Warm both loops (thread start, page faults) before measuring.
+    pipe(round_trips / 4)?;
+    tcp(round_trips / 4)?;
+    let mut samples: [[Vec<f64>; 2]; 2] = Default::default();
+    for round in 0..rounds.max(1) {
+        // ABBA: attached first in even rounds, detached first in odd ones.
+        for attached in [round % 2 == 0, round % 2 != 0] {
+            let loaded = if attached {
+                Some(prescient_agent::probes::Probes::load().map_err(|e| {
+                    anyhow::anyhow!("the probes did not load (this benchmark needs root): {e}")
+                })?)
+            } else {
+                None
+            };
+            // Attaching and detaching wait for RCU grace periods; let the machine settle.
+            std::thread::sleep(Duration::from_millis(300));
+            let i = usize::from(attached);
+            samples[0][i].push(time_round_trips(round_trips, &mut pipe)?);
+            samples[1][i].push(time_round_trips(round_trips, &mut tcp)?);
+            drop(loaded);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let report = |name: &str, what: &str, s: &[Vec<f64>; 2], events: f64| {
+        let (off, on) = (median(&s[0]), median(&s[1]));
+        serde_json::json!({
+            "loop": name,
+            "round_trip": what,
+            "ns_per_round_trip_detached": off.round(),
+            "ns_per_round_trip_attached": on.round(),
+            "added_ns_per_round_trip": (on - off).round(),
+            "added_ns_per_event": ((on - off) / events).round(),
+            "events_per_round_trip": events,
+        })
+    };
+    Ok(serde_json::json!({
+        "bench": "probes",
+        "rounds": rounds,
+        "round_trips": round_trips,
+        "results": [
+            report("pipe", "2 context switches", &samples[0], 2.0),
+            report("tcp", "2 sends, 2 receives, 2 context switches", &samples[1], 6.0),
+        ],
+    }))
+}
+
 pub async fn run(which: Which) -> Result<ExitCode> {
     let (stages, concurrency, duration, payload_bytes, data_plane, compare, telemetry) = match which
     {
@@ -154,6 +285,13 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             repeat,
         } => {
             crate::output::print_json(&transfer(&bytes, &payload, repeat)?)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Which::Probes {
+            rounds,
+            round_trips,
+        } => {
+            crate::output::print_json(&probes(rounds, round_trips)?)?;
             return Ok(ExitCode::SUCCESS);
         }
         Which::Chain {

@@ -32,8 +32,8 @@ pub enum ProbeError {
     /// loading the eBPF object failed (it needs root, or CAP_BPF with CAP_PERFMON)
     #[error("loading the eBPF object failed (it needs root, or CAP_BPF with CAP_PERFMON): {0}")]
     Load(#[source] aya::EbpfError),
-    /// the eBPF object has no program or map by this name
-    #[error("the eBPF object has no program or map named {0}")]
+    /// the eBPF object or the kernel's BTF lacks something by this name
+    #[error("the eBPF object or the kernel's BTF has no {0}")]
     Missing(&'static str),
     /// loading or attaching one program failed
     #[error("attaching {program} failed: {source}")]
@@ -84,11 +84,17 @@ impl Probes {
             .filter(|(_, d)| d.size == Some(8) && d.bitfield_bits.is_none())
             .map(|(s, d)| (s.bit_offset + d.bit_offset) / 8)
             .ok_or(ProbeError::NoSchedInfo)?;
+        let task_flags = raw_btf
+            .member("task_struct", "flags")
+            .filter(|m| m.size == Some(4) && m.bitfield_bits.is_none())
+            .map(|m| m.bit_offset / 8)
+            .ok_or(ProbeError::Missing("task_struct.flags"))?;
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
             .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
+            .override_global(globals::TASK_FLAGS_OFFSET, &task_flags, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         fn program<'a, P>(
@@ -187,13 +193,14 @@ impl ProbeUsage {
     /// Adds what `now` counted beyond `before` (counters only grow; a reused tgid restarts).
     fn add_growth(&mut self, now: &ProcessCounters, before: &ProcessCounters) {
         let grew = |a: u64, b: u64| a.checked_sub(b).unwrap_or(a);
-        self.runq_waits += grew(now.runq_waits, before.runq_waits);
         self.runq_wait_ns += grew(now.runq_wait_ns, before.runq_wait_ns);
         self.cpu_ns += grew(now.cpu_ns, before.cpu_ns);
         self.tcp_sent_bytes += grew(now.tcp_sent_bytes, before.tcp_sent_bytes);
         self.tcp_received_bytes += grew(now.tcp_received_bytes, before.tcp_received_bytes);
         for (i, h) in self.runq_hist.iter_mut().enumerate() {
-            *h += grew(now.runq_hist[i], before.runq_hist[i]);
+            let g = grew(now.runq_hist[i], before.runq_hist[i]);
+            *h += g;
+            self.runq_waits += g;
         }
     }
 
@@ -299,7 +306,6 @@ mod tests {
     fn counters(sent: u64, waits: u64, bucket: usize) -> ProcessCounters {
         let mut c = ProcessCounters::ZERO;
         c.tcp_sent_bytes = sent;
-        c.runq_waits = waits;
         c.runq_wait_ns = waits * 1000;
         c.runq_hist[bucket] = waits;
         c

@@ -10,8 +10,6 @@ pub const LATENCY_BUCKETS: usize = 36;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessCounters {
-    /// Times one of its threads was switched in after waiting on a run queue.
-    pub runq_waits: u64,
     /// Total time its threads waited runnable on a run queue.
     pub runq_wait_ns: u64,
     /// CPU time its threads ran (between the switch in and the switch out).
@@ -21,13 +19,13 @@ pub struct ProcessCounters {
     pub tcp_sent_bytes: u64,
     /// TCP bytes its sockets received.
     pub tcp_received_bytes: u64,
-    /// Run-queue waits by log2 bucket of their length in ns.
+    /// Run-queue waits by log2 bucket of their length in ns (their sum is the number of
+    /// waits: one counter fewer to update at every switch).
     pub runq_hist: [u64; LATENCY_BUCKETS],
 }
 
 impl ProcessCounters {
     pub const ZERO: Self = Self {
-        runq_waits: 0,
         runq_wait_ns: 0,
         cpu_ns: 0,
         tcp_sent_bytes: 0,
@@ -83,6 +81,8 @@ pub mod globals {
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
     /// Byte offset of `task_struct.sched_info.run_delay` (needs `CONFIG_SCHED_INFO`).
     pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
+    /// Byte offset of `task_struct.flags` (to leave kernel threads out of per-process counts).
+    pub const TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFFSET";
 }
 
 #[cfg(feature = "user")]

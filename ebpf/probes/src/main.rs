@@ -33,6 +33,11 @@ mod probes {
     static SK_PROTOCOL_OFFSET: u32 = u32::MAX;
     #[unsafe(no_mangle)]
     static TASK_RUN_DELAY_OFFSET: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_FLAGS_OFFSET: u32 = 0;
+
+    /// `task_struct.flags` bit of kernel threads (stable since Linux 2.6).
+    const PF_KTHREAD: u32 = 0x0020_0000;
 
     static ZERO: ProcessCounters = ProcessCounters::ZERO;
 
@@ -109,7 +114,15 @@ mod probes {
                     unsafe { *total += waited };
                 }
             }
-            if let Some(c) = counters(tgid) {
+            // Kernel threads belong to no VM: their switches (a good share of all) skip the
+            // per-process hash lookup and its atomic adds.
+            let flags = unsafe { *(prev.add(global(&TASK_FLAGS_OFFSET) as usize) as *const u32) };
+            let process = if flags & PF_KTHREAD == 0 {
+                counters(tgid)
+            } else {
+                None
+            };
+            if let Some(c) = process {
                 let c = unsafe { &mut *c };
                 add(&mut c.cpu_ns, now.saturating_sub(slot.since_ns));
                 if slot.tcp_sent_bytes != 0 {
@@ -119,7 +132,6 @@ mod probes {
                     add(&mut c.tcp_received_bytes, slot.tcp_received_bytes);
                 }
                 if counted {
-                    add(&mut c.runq_waits, 1);
                     add(&mut c.runq_wait_ns, waited);
                     if let Some(b) = c.runq_hist.get_mut(latency_bucket(waited)) {
                         add(b, 1);
