@@ -22,6 +22,7 @@ fn hop(size: usize) -> Hop {
         reply_to: "127.0.0.1:7500".into(),
         attempt: 0,
         sent_unix_ns: 0,
+        admitted_unix_ns: 0,
     }
 }
 

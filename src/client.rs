@@ -254,10 +254,31 @@ impl ControlClient {
                 transfer_p99_us: e.get_transfer_p99_ns() as f64 / 1e3,
             });
         }
+        let mut chains = Vec::new();
+        for c in r.get_chains()? {
+            let has_objective = c.get_objective_percentile() > 0.0;
+            chains.push(ChainStatsRow {
+                tasks: c
+                    .get_tasks()?
+                    .iter()
+                    .map(text)
+                    .collect::<Result<Vec<String>>>()?,
+                count: c.get_count(),
+                p50_us: c.get_p50_ns() as f64 / 1e3,
+                p90_us: c.get_p90_ns() as f64 / 1e3,
+                p99_us: c.get_p99_ns() as f64 / 1e3,
+                path_p50_sum_us: c.get_path_p50_sum_ns() as f64 / 1e3,
+                objective_percentile: has_objective.then(|| c.get_objective_percentile()),
+                objective_us: has_objective.then(|| c.get_objective_ns() as f64 / 1e3),
+                measured_at_objective_us: has_objective
+                    .then(|| c.get_measured_at_objective_ns() as f64 / 1e3),
+            });
+        }
         Ok(Stats {
             tasks,
             end_to_end,
             edges,
+            chains,
             dropped_spans: r.get_dropped_spans(),
         })
     }
@@ -383,7 +404,24 @@ pub struct Stats {
     pub tasks: Vec<TaskStatsRow>,
     pub end_to_end: Option<TaskStatsRow>,
     pub edges: Vec<EdgeStatsRow>,
+    pub chains: Vec<ChainStatsRow>,
     pub dropped_spans: u64,
+}
+
+/// One chain over a window: end to end at its sink.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainStatsRow {
+    pub tasks: Vec<String>,
+    pub count: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    /// Transfer + queue + execution p50 of each task on the path.
+    pub path_p50_sum_us: f64,
+    /// The graph's objective: percentile, target, and what was measured at that percentile.
+    pub objective_percentile: Option<f64>,
+    pub objective_us: Option<f64>,
+    pub measured_at_objective_us: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -265,7 +265,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 output::print_json(&serde_json::json!({
                     "graph": id, "window_seconds": window, "tasks": stats.tasks,
                     "end_to_end": stats.end_to_end, "edges": stats.edges,
-                    "dropped_spans": stats.dropped_spans,
+                    "chains": stats.chains, "dropped_spans": stats.dropped_spans,
                 }))?;
             } else {
                 println!(
@@ -281,6 +281,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 print!("{}", output::stats_table(&stats.tasks));
                 if !stats.edges.is_empty() {
                     print!("\n{}", output::edges_table(&stats.edges));
+                }
+                if !stats.chains.is_empty() {
+                    print!("\n{}", output::chains_table(&stats.chains));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -332,7 +335,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 for g in c.list().await? {
                     let (epoch, replicas) = c.replicas(&g.id).await?;
                     let stats = c.stats(&g.id, window).await?;
-                    let (tasks, e2e) = (stats.tasks, stats.end_to_end);
+                    let (tasks, e2e, chains) = (stats.tasks, stats.end_to_end, stats.chains);
                     frame.push_str(&format!(
                         "\n{} {} v{}: {} replicas, routing epoch {epoch}\n",
                         g.id,
@@ -347,6 +350,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         ));
                     }
                     frame.push_str(&output::stats_table(&tasks));
+                    frame.push('\n');
+                    frame.push_str(&output::chains_table(&chains));
                     frame.push('\n');
                     frame.push_str(&output::replicas_table(&replicas));
                 }

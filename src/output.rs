@@ -310,6 +310,45 @@ pub fn edges_table(edges: &[crate::client::EdgeStatsRow]) -> String {
     table(&["EDGE", "REQUESTS", "BYTES", "TRANSFER p50/p99 us"], &rows)
 }
 
+pub fn chains_table(chains: &[crate::client::ChainStatsRow]) -> String {
+    let rows: Vec<Vec<String>> = chains
+        .iter()
+        .map(|c| {
+            vec![
+                c.tasks.join(" -> "),
+                c.count.to_string(),
+                format!("{:.0}/{:.0}/{:.0}", c.p50_us, c.p90_us, c.p99_us),
+                format!("{:.0}", c.path_p50_sum_us),
+                match (
+                    c.objective_percentile,
+                    c.objective_us,
+                    c.measured_at_objective_us,
+                ) {
+                    (Some(p), Some(target), Some(measured)) => format!(
+                        "p{p} {measured:.0} us of {target:.0} us{}",
+                        if c.count > 0 && measured > target {
+                            " MISSED"
+                        } else {
+                            ""
+                        }
+                    ),
+                    _ => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CHAIN",
+            "INVOCATIONS",
+            "END TO END p50/p90/p99 us",
+            "PATH p50 SUM us",
+            "OBJECTIVE",
+        ],
+        &rows,
+    )
+}
+
 pub fn load_report(r: &crate::load::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "mode        {}", r.mode);

@@ -124,6 +124,101 @@ to = "slow.y"
 }
 
 #[test]
+fn each_chain_is_timed_at_its_sink() {
+    let dir = TempDir::new("chains");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    let graph = dir.path().join("forked.toml");
+    // Two chains from one entry: entry -> fast and entry -> slow, each ending at its own sink.
+    std::fs::write(
+        &graph,
+        r#"
+name = "forked"
+objective = { percentile = 99, target = "100ms" }
+[[task]]
+id = "entry"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "10us"
+[[task]]
+id = "fast"
+code = { builtin = "identity" }
+inputs = { y = "bytes" }
+outputs = { z = "bytes" }
+estimate = "10us"
+[[task]]
+id = "slow"
+code = { builtin = "sleep", params = { mean = "3ms" } }
+inputs = { y = "bytes" }
+outputs = { z = "bytes" }
+estimate = "3ms"
+[[edge]]
+from = "entry.y"
+to = "fast.y"
+[[edge]]
+from = "entry.y"
+to = "slow.y"
+"#,
+    )
+    .unwrap();
+    control.cli_ok(&["submit", graph.to_str().unwrap()]);
+    wait_deployed(&control, "g1", 3, 1);
+    let report = control.cli_json(&["load", "forked", "--concurrency", "2", "--duration", "2"]);
+    let sent = report["sent"].as_u64().unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let s = control.cli_json(&["stats", "forked", "--window", "60"]);
+        let counts: Vec<u64> = s["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["count"].as_u64().unwrap())
+            .collect();
+        if counts.len() == 2 && counts.iter().all(|c| *c == sent) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "chains never counted all {sent} invocations: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let chain = |sink: &str| {
+        stats["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["tasks"][1] == sink)
+            .unwrap_or_else(|| panic!("no chain to {sink}: {stats}"))
+            .clone()
+    };
+    let (fast, slow) = (chain("fast"), chain("slow"));
+    assert_eq!(fast["tasks"][0], "entry");
+    let slow_p50 = slow["p50_us"].as_f64().unwrap();
+    let fast_p50 = fast["p50_us"].as_f64().unwrap();
+    assert!((2900.0..5000.0).contains(&slow_p50), "{slow}");
+    assert!(fast_p50 < 1500.0 && fast_p50 > 0.0, "{fast}");
+    // The path sum explains the difference; the end to end waits for the slower chain.
+    assert!(slow["path_p50_sum_us"].as_f64().unwrap() > 2900.0, "{slow}");
+    assert!(fast["path_p50_sum_us"].as_f64().unwrap() < 1500.0, "{fast}");
+    let e2e = stats["end_to_end"]["exec_p50_us"].as_f64().unwrap();
+    assert!(
+        e2e >= slow_p50 * 0.95,
+        "end to end {e2e} us, slow chain {slow_p50} us"
+    );
+    assert_eq!(slow["objective_percentile"], 99.0);
+    let measured = slow["measured_at_objective_us"].as_f64().unwrap();
+    assert!(measured >= slow_p50 && measured < 100_000.0, "{slow}");
+    let text = control.cli_ok(&["stats", "forked"]);
+    assert!(
+        text.contains("entry -> slow") && text.contains("of 100000 us"),
+        "{text}"
+    );
+}
+
+#[test]
 fn monitoring_agrees_with_the_load_generator() {
     let dir = TempDir::new("telemetry-agree");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);

@@ -232,6 +232,8 @@ pub struct Hop {
     pub attempt: u32,
     /// When the sender wrote it (set on receipt from the frame).
     pub sent_unix_ns: u64,
+    /// When the ingress admitted the invocation (0: unknown).
+    pub admitted_unix_ns: u64,
 }
 
 /// A graph output (or an error) travelling back to the ingress.
@@ -292,6 +294,7 @@ fn decode<S: capnp::message::ReaderSegments>(
                 reply_to: text(r.get_reply_to())?.into(),
                 attempt: r.get_attempt(),
                 sent_unix_ns: r.get_sent_unix_ns(),
+                admitted_unix_ns: r.get_admitted_unix_ns(),
             };
             Inbound::Request {
                 seq: r.get_hop_seq(),
@@ -362,6 +365,7 @@ pub fn encode_request(seq: u64, hop: &Hop) -> Vec<u8> {
         r.set_reply_to(&*hop.reply_to);
         r.set_sent_unix_ns(now_unix_ns());
         r.set_attempt(hop.attempt);
+        r.set_admitted_unix_ns(hop.admitted_unix_ns);
     }
     finish(msg)
 }
@@ -1063,6 +1067,7 @@ mod tests {
             reply_to: "127.0.0.1:1".into(),
             attempt: 1,
             sent_unix_ns: 0,
+            admitted_unix_ns: 0,
         }
     }
 

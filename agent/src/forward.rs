@@ -248,6 +248,7 @@ mod tests {
             reply_to: "127.0.0.1:9".into(),
             attempt: 0,
             sent_unix_ns: 0,
+            admitted_unix_ns: 0,
         }
     }
 

@@ -143,6 +143,7 @@ impl Ingress {
             },
         );
         let deadline_unix_us = now_unix_us() + u64::from(deadline_ms) * 1000;
+        let admitted_ns = dataplane::now_unix_ns();
         for (name, value) in inputs {
             let (task, port) = name
                 .rsplit_once('.')
@@ -158,9 +159,9 @@ impl Ingress {
                 reply_to: self.reply_to.clone(),
                 attempt: 0,
                 sent_unix_ns: 0,
+                admitted_unix_ns: admitted_ns,
             });
         }
-        let admitted_ns = dataplane::now_unix_ns();
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
         self.latency.record(crate::telemetry::SpanRec {
             graph_id: routes.graph_id.clone(),
@@ -175,6 +176,7 @@ impl Ingress {
                 .map_or(0, |o| o.iter().map(|(_, v)| v.len() as u64).sum()),
             transfer_ns: 0,
             start_unix_ns: admitted_ns,
+            sink_ns: 0,
             ok: result.is_ok(),
         });
         result

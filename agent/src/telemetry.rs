@@ -29,6 +29,9 @@ pub struct SpanRec {
     pub transfer_ns: u64,
     pub start_unix_ns: u64,
     pub ok: bool,
+    /// Sink tasks: from the invocation's admission at the ingress to this execution's end
+    /// (0: not a sink, or the admission time is unknown).
+    pub sink_ns: u64,
 }
 
 /// One second of one replica's executions.
@@ -42,6 +45,7 @@ struct Window {
     exec: Sketch,
     queue: Sketch,
     transfer: Sketch,
+    sink: Sketch,
 }
 
 /// What a worker measured since its last flush: every execution, aggregated per second into
@@ -118,8 +122,12 @@ impl SpanBuffer {
                 exec: Sketch::default(),
                 queue: Sketch::default(),
                 transfer: Sketch::default(),
+                sink: Sketch::default(),
             });
             w.exec.record(s.exec_ns as f64);
+            if s.sink_ns > 0 {
+                w.sink.record(s.sink_ns as f64);
+            }
             w.queue.record(s.queue_ns as f64);
             w.transfer.record(s.transfer_ns as f64);
             w.input_bytes += s.input_bytes;
@@ -163,7 +171,8 @@ impl SpanBuffer {
                 x.set_output_bytes(w.output_bytes);
                 w.exec.encode(x.reborrow().init_exec_ns());
                 w.queue.encode(x.reborrow().init_queue_ns());
-                w.transfer.encode(x.init_transfer_ns());
+                w.transfer.encode(x.reborrow().init_transfer_ns());
+                w.sink.encode(x.init_sink_ns());
             }
             let mut list = b.reborrow().init_edges(edges.len() as u32);
             for (i, ((second, port), e)) in edges.iter().enumerate() {

@@ -50,6 +50,7 @@ pub async fn source(
         reply_to: "".into(),
         attempt: 0,
         sent_unix_ns: 0,
+        admitted_unix_ns: 0,
     };
     // One small request first, so connecting is not timed.
     pool.send_request(

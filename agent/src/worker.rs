@@ -118,6 +118,8 @@ struct Deployed {
     kernel: Runner,
     inputs: Vec<String>,
     outputs: Vec<Rc<str>>,
+    /// Some output is a graph output: the chains through this task end here.
+    sink: bool,
 }
 
 /// Inputs of a join task arriving for one invocation.
@@ -182,6 +184,14 @@ impl Worker {
                     kernel,
                     inputs: t.inputs.iter().map(|p| p.name.clone()).collect(),
                     outputs: t.outputs.iter().map(|p| p.name.as_str().into()).collect(),
+                    sink: t.outputs.is_empty()
+                        || t.outputs.iter().any(|p| {
+                            !record
+                                .graph
+                                .edges
+                                .iter()
+                                .any(|e| e.from.task == t.id && e.from.port == p.name)
+                        }),
                 }));
             }
             Command::Routes(table) => {
@@ -226,6 +236,11 @@ impl Worker {
                 transfer_ns: received_ns.saturating_sub(hop.sent_unix_ns),
                 start_unix_ns: start_ns,
                 ok: result.is_ok(),
+                sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
+                    end_ns.saturating_sub(hop.admitted_unix_ns)
+                } else {
+                    0
+                },
             });
             match result {
                 Err(e) => {
@@ -277,6 +292,7 @@ impl Worker {
                     reply_to: hop.reply_to.clone(),
                     attempt: 0,
                     sent_unix_ns: 0,
+                    admitted_unix_ns: hop.admitted_unix_ns,
                 });
             }
         }

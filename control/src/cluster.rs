@@ -107,6 +107,26 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// The graph's chains (maximal paths, as task ids) and its latency objective
+    /// (percentile, target ns).
+    pub fn chains(&self) -> (Vec<Vec<String>>, Option<(f64, u64)>) {
+        let chains = prescient_schemas::ValidatedGraph::new(self.record.graph.clone())
+            .map(|v| {
+                v.chains()
+                    .iter()
+                    .map(|c| c.iter().map(|t| t.to_string()).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let objective = self
+            .record
+            .graph
+            .objective
+            .as_ref()
+            .map(|o| (o.percentile, o.target_ns));
+        (chains, objective)
+    }
+
     fn new(record: GraphRecord) -> Deployment {
         Deployment {
             record,
@@ -958,6 +978,11 @@ impl agent_session::Server for Session {
                 exec: Sketch::decode(w.get_exec_ns()?)?,
                 queue: Sketch::decode(w.get_queue_ns()?)?,
                 transfer: Sketch::decode(w.get_transfer_ns()?)?,
+                sink: if w.has_sink_ns() {
+                    Sketch::decode(w.get_sink_ns()?)?
+                } else {
+                    Sketch::default()
+                },
             });
         }
         Ok(())

@@ -126,6 +126,27 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         }
     }
     e.family(
+        "prescient_chain_latency_seconds",
+        "summary",
+        "End-to-end latency per chain (maximal path), from admission at an ingress to the end of the chain's sink task: quantiles over the last 60 s.",
+    );
+    for (g, d) in deployments.iter() {
+        let (chains, objective) = d.chains();
+        for c in monitor.chain_stats(g, &chains, objective, SUMMARY_WINDOW_S, now_s) {
+            if c.count == 0 {
+                continue;
+            }
+            let chain = c.tasks.join(">");
+            for (q, v) in [("0.5", c.p50_ns), ("0.9", c.p90_ns), ("0.99", c.p99_ns)] {
+                e.sample(
+                    "prescient_chain_latency_seconds",
+                    &[("graph", g), ("chain", &chain), ("quantile", q)],
+                    v as f64 / 1e9,
+                );
+            }
+        }
+    }
+    e.family(
         "prescient_invocation_seconds",
         "summary",
         "End-to-end invocation latency measured at the ingresses: quantiles over the last 60 s.",

@@ -34,6 +34,8 @@ pub struct WindowView {
     pub exec: Sketch,
     pub queue: Sketch,
     pub transfer: Sketch,
+    /// Sink tasks: admission at the ingress to the end of the execution.
+    pub sink: Sketch,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -41,6 +43,7 @@ struct Second {
     exec: Sketch,
     queue: Sketch,
     transfer: Sketch,
+    sink: Sketch,
     errors: u64,
     input_bytes: u64,
     output_bytes: u64,
@@ -63,6 +66,22 @@ pub struct TaskStats {
     pub transfer_p99_ns: u64,
     pub input_bytes: u64,
     pub output_bytes: u64,
+}
+
+/// One chain (maximal path) over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainStats {
+    pub tasks: Vec<String>,
+    /// End to end at the chain's sink: admission at the ingress to the sink's completion.
+    pub count: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    /// Transfer + queue + execution p50 of every task on the path: which of the chains that
+    /// share a sink is the slow one.
+    pub path_p50_sum_ns: u64,
+    /// The graph's objective (percentile, target) and the latency measured at that percentile.
+    pub objective: Option<(f64, u64, u64)>,
 }
 
 /// Totals since the control node started (Prometheus counters).
@@ -281,6 +300,7 @@ impl Monitor {
         slot.exec.merge(&w.exec);
         slot.queue.merge(&w.queue);
         slot.transfer.merge(&w.transfer);
+        slot.sink.merge(&w.sink);
         slot.input_bytes += w.input_bytes;
         slot.output_bytes += w.output_bytes;
         slot.errors += w.errors;
@@ -356,6 +376,52 @@ impl Monitor {
             .collect();
         out.sort_by(|a, b| a.task.cmp(&b.task));
         out
+    }
+
+    /// Every chain of `graph_id` over the same window as [`Monitor::task_stats`]; `chains` are
+    /// the graph's maximal paths, `objective` its (percentile, target ns).
+    pub fn chain_stats(
+        &self,
+        graph_id: &str,
+        chains: &[Vec<String>],
+        objective: Option<(f64, u64)>,
+        window_s: u64,
+        now_s: u64,
+    ) -> Vec<ChainStats> {
+        let from = (now_s + 1).saturating_sub(window_s.max(1));
+        let tasks: HashMap<String, TaskStats> = self
+            .task_stats(graph_id, window_s, now_s)
+            .into_iter()
+            .map(|t| (t.task.clone(), t))
+            .collect();
+        chains
+            .iter()
+            .map(|chain| {
+                let mut sink = Sketch::default();
+                if let Some(series) = chain
+                    .last()
+                    .and_then(|t| self.tasks.get(&(graph_id.to_string(), t.clone())))
+                {
+                    for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                        sink.merge(&w.sink);
+                    }
+                }
+                let q = |p: f64| sink.quantile(p).round() as u64;
+                ChainStats {
+                    tasks: chain.clone(),
+                    count: sink.count(),
+                    p50_ns: q(0.5),
+                    p90_ns: q(0.9),
+                    p99_ns: q(0.99),
+                    path_p50_sum_ns: chain
+                        .iter()
+                        .filter_map(|t| tasks.get(t))
+                        .map(|t| t.transfer_p50_ns + t.queue_p50_ns + t.exec_p50_ns)
+                        .sum(),
+                    objective: objective.map(|(p, target)| (p, target, q(p / 100.0))),
+                }
+            })
+            .collect()
     }
 
     /// End-to-end invocation latency of `graph_id` as its ingresses measured it (the "task" of

@@ -356,6 +356,32 @@ impl control::Server for Control {
             b.set_transfer_p50_ns(e.transfer_p50_ns);
             b.set_transfer_p99_ns(e.transfer_p99_ns);
         }
+        let (chains, objective) = self
+            .cluster
+            .deployments
+            .borrow()
+            .get(&id)
+            .map(crate::cluster::Deployment::chains)
+            .unwrap_or_default();
+        let chain_stats = monitor.chain_stats(&id, &chains, objective, window, now_s);
+        let mut list = r.reborrow().init_chains(chain_stats.len() as u32);
+        for (i, c) in chain_stats.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            let mut tasks = b.reborrow().init_tasks(c.tasks.len() as u32);
+            for (j, t) in c.tasks.iter().enumerate() {
+                tasks.set(j as u32, t.as_str());
+            }
+            b.set_count(c.count);
+            b.set_p50_ns(c.p50_ns);
+            b.set_p90_ns(c.p90_ns);
+            b.set_p99_ns(c.p99_ns);
+            b.set_path_p50_sum_ns(c.path_p50_sum_ns);
+            if let Some((p, target, measured)) = c.objective {
+                b.set_objective_percentile(p);
+                b.set_objective_ns(target);
+                b.set_measured_at_objective_ns(measured);
+            }
+        }
         let mut list = r.init_tasks(stats.len() as u32);
         for (i, t) in stats.iter().enumerate() {
             encode_task_stats(t, list.reborrow().get(i as u32));

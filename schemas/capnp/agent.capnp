@@ -86,6 +86,8 @@ struct TaskWindow {
   execNs @7 :Sketch;            # its count is the number of executions
   queueNs @8 :Sketch;
   transferNs @9 :Sketch;
+  sinkNs @10 :Sketch;           # sink tasks only: admission at the ingress to this execution's
+                                # end, the end-to-end latency of the chains ending here
 }
 
 struct VmSample {

@@ -65,8 +65,24 @@ interface Control {
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
-  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats));
+  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats), chains :List(ChainStats));
   history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64) -> (points :List(HistoryPoint));
+}
+
+struct ChainStats {
+  # One chain (a maximal source-to-sink path) over a window: end to end, from the invocation's
+  # admission at an ingress to the end of its sink task's execution. Chains that share a sink
+  # share these; `pathP50SumNs` (transfer + queue + execution p50 of each task on the path)
+  # tells apart which path is the slow one.
+  tasks @0 :List(Text);
+  count @1 :UInt64;
+  p50Ns @2 :UInt64;
+  p90Ns @3 :UInt64;
+  p99Ns @4 :UInt64;
+  pathP50SumNs @5 :UInt64;
+  objectivePercentile @6 :Float64;   # 0: the graph sets no objective
+  objectiveNs @7 :UInt64;
+  measuredAtObjectiveNs @8 :UInt64;  # the latency measured at the objective's percentile
 }
 
 struct EdgeStats {

@@ -25,6 +25,8 @@ struct Request {
   replyTo @8 :Text;             # the ingress's data-plane address
   sentUnixNs @9 :UInt64;        # when the sender wrote it: transfer time on the edge
   attempt @10 :UInt32;
+  admittedUnixNs @11 :UInt64;   # when the ingress admitted the invocation: sinks measure each
+                                # chain's end-to-end latency from it
 }
 
 struct Output {
