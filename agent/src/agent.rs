@@ -178,7 +178,9 @@ impl AgentNode {
             tick.tick().await;
             if let Some(mut sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
                 let vms = self.sample_vms(&mut vm_cpu);
-                let probed = self.sample_probes(&mut groups, &mut cpus, &mut sample);
+                let members = self.vm_processes();
+                let probed = self.sample_probes(&mut groups, &mut cpus, &members, &mut sample);
+                let members: HashMap<String, Vec<u32>> = members.into_iter().collect();
                 let mut msg = capnp::message::Builder::new_default();
                 {
                     let mut b = msg
@@ -196,6 +198,12 @@ impl AgentNode {
                         v.set_memory_bytes(*mem);
                         v.set_cpu_limit_cores(limits.cpu_millicores as f32 / 1000.0);
                         v.set_memory_limit_bytes(limits.memory_bytes);
+                        if let Some(procs) = members.get(replica) {
+                            v.set_gpu_memory_bytes(crate::hostmon::vm_gpu_memory(
+                                &sample.gpu_memory_by_pid,
+                                procs,
+                            ));
+                        }
                         if let Some(u) = probed.get(replica) {
                             v.set_probed(true);
                             v.set_tcp_sent_bytes(u.tcp_sent_bytes);
@@ -242,24 +250,13 @@ impl AgentNode {
         &self,
         groups: &mut crate::probes::GroupTracker,
         cpus: &mut crate::probes::CpuTracker,
+        members: &[(String, Vec<u32>)],
         host: &mut crate::hostmon::HostSampleRec,
     ) -> HashMap<String, crate::probes::ProbeUsage> {
         let Some(probes) = &self.probes else {
             return HashMap::new();
         };
-        let members: Vec<(String, Vec<u32>)> = self
-            .replicas
-            .borrow()
-            .iter()
-            .map(|(name, r)| {
-                let procs = match &r.cgroup {
-                    Some(cg) => cg.processes(),
-                    None => r.pid.into_iter().collect(),
-                };
-                (name.clone(), procs)
-            })
-            .collect();
-        let grown = groups.update(&members, |tgid| probes.process(tgid));
+        let grown = groups.update(members, |tgid| probes.process(tgid));
         let host_hist = cpus.update(probes.cpu_histograms());
         host.runq_hist = Some(host_hist);
         let mut totals = self.probe_totals.borrow_mut();
@@ -279,6 +276,21 @@ impl AgentNode {
             }
         }
         grown.into_iter().collect()
+    }
+
+    /// Each replica's processes: its cgroup's members, or its worker without a cgroup.
+    fn vm_processes(&self) -> Vec<(String, Vec<u32>)> {
+        self.replicas
+            .borrow()
+            .iter()
+            .map(|(name, r)| {
+                let procs = match &r.cgroup {
+                    Some(cg) => cg.processes(),
+                    None => r.pid.into_iter().collect(),
+                };
+                (name.clone(), procs)
+            })
+            .collect()
     }
 
     /// CPU (cores, over the last interval) and memory of each replica's cgroup.

@@ -24,6 +24,10 @@ pub struct HostSampleRec {
     pub run_delay_ns: u64,
     pub gpu_util: Vec<f32>,
     pub gpu_memory_used_bytes: Vec<u64>,
+    pub gpu_power_watts: Vec<f32>,
+    pub gpu_temperature_c: Vec<f32>,
+    /// GPU memory held per process (pid), summed over GPUs: the agent adds up each VM's.
+    pub gpu_memory_by_pid: std::collections::HashMap<u32, u64>,
     /// Run-queue waits on all CPUs in the interval (log2 ns buckets), from the eBPF probes.
     pub runq_hist: Option<crate::probes::CpuHistogram>,
 }
@@ -47,6 +51,18 @@ impl HostSampleRec {
             .init_gpu_memory_used_bytes(self.gpu_memory_used_bytes.len() as u32);
         for (i, u) in self.gpu_memory_used_bytes.iter().enumerate() {
             m.set(i as u32, *u);
+        }
+        let mut p = b
+            .reborrow()
+            .init_gpu_power_watts(self.gpu_power_watts.len() as u32);
+        for (i, w) in self.gpu_power_watts.iter().enumerate() {
+            p.set(i as u32, *w);
+        }
+        let mut t = b
+            .reborrow()
+            .init_gpu_temperature_c(self.gpu_temperature_c.len() as u32);
+        for (i, c) in self.gpu_temperature_c.iter().enumerate() {
+            t.set(i as u32, *c);
         }
         if let Some(hist) = &self.runq_hist {
             let sketch = crate::probes::histogram_sketch(hist);
@@ -116,6 +132,24 @@ fn meminfo(m: &str, key: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Adds each process's GPU memory (a process on several GPUs, or listed as both compute and
+/// graphics, counts once per listing the driver reports memory for).
+fn add_gpu_memory(
+    by_pid: &mut std::collections::HashMap<u32, u64>,
+    procs: impl Iterator<Item = (u32, nvml_wrapper::enums::device::UsedGpuMemory)>,
+) {
+    for (pid, used) in procs {
+        if let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = used {
+            *by_pid.entry(pid).or_default() += bytes;
+        }
+    }
+}
+
+/// GPU memory held by a VM: the sum over its processes.
+pub fn vm_gpu_memory(by_pid: &std::collections::HashMap<u32, u64>, processes: &[u32]) -> u64 {
+    processes.iter().filter_map(|p| by_pid.get(p)).sum()
+}
+
 /// Turns cumulative counters into per-interval samples.
 #[derive(Default)]
 pub struct HostSampler {
@@ -159,6 +193,21 @@ impl HostSampler {
                         .push(d.utilization_rates().map_or(0.0, |u| u.gpu as f32 / 100.0));
                     rec.gpu_memory_used_bytes
                         .push(d.memory_info().map_or(0, |m| m.used));
+                    rec.gpu_power_watts
+                        .push(d.power_usage().map_or(0.0, |mw| mw as f32 / 1000.0));
+                    rec.gpu_temperature_c.push(
+                        d.temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                            .map_or(0.0, |c| c as f32),
+                    );
+                    let procs = d
+                        .running_compute_processes()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .chain(d.running_graphics_processes().unwrap_or_default());
+                    add_gpu_memory(
+                        &mut rec.gpu_memory_by_pid,
+                        procs.map(|p| (p.pid, p.used_gpu_memory)),
+                    );
                 }
             }
         }
@@ -185,6 +234,27 @@ mod tests {
         assert_eq!(net_bytes(dev), (1000, 2000));
         let sched = "version 15\ntimestamp 1\ncpu0 0 0 0 0 0 0 500 70 9\ncpu1 0 0 0 0 0 0 400 30 9\ndomain0 3 x\n";
         assert_eq!(run_delay(sched), 100);
+    }
+
+    #[test]
+    fn gpu_memory_is_added_up_per_process_and_per_vm() {
+        use nvml_wrapper::enums::device::UsedGpuMemory::{Unavailable, Used};
+        let mut by_pid = std::collections::HashMap::new();
+        // pid 10 on two GPUs; pid 11 without a figure (WDDM); pid 12 alone.
+        add_gpu_memory(
+            &mut by_pid,
+            [
+                (10, Used(1 << 30)),
+                (11, Unavailable),
+                (12, Used(5)),
+                (10, Used(1 << 20)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(by_pid.get(&10), Some(&((1 << 30) + (1 << 20))));
+        assert_eq!(by_pid.get(&11), None);
+        assert_eq!(vm_gpu_memory(&by_pid, &[10, 11, 99]), (1 << 30) + (1 << 20));
+        assert_eq!(vm_gpu_memory(&by_pid, &[12]), 5);
     }
 
     #[test]

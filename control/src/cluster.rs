@@ -925,6 +925,8 @@ impl agent_session::Server for Session {
                     run_delay_ns: h.get_run_delay_ns(),
                     gpu_util: h.get_gpu_util()?.iter().collect(),
                     gpu_memory_used_bytes: h.get_gpu_memory_used_bytes()?.iter().collect(),
+                    gpu_power_watts: h.get_gpu_power_watts()?.iter().collect(),
+                    gpu_temperature_c: h.get_gpu_temperature_c()?.iter().collect(),
                     run_queue: if h.get_probes() {
                         Some(Sketch::decode(h.get_run_queue_latency_ns()?)?)
                     } else {
@@ -944,6 +946,7 @@ impl agent_session::Server for Session {
                     memory_bytes: v.get_memory_bytes(),
                     cpu_limit_cores: v.get_cpu_limit_cores(),
                     memory_limit_bytes: v.get_memory_limit_bytes(),
+                    gpu_memory_bytes: v.get_gpu_memory_bytes(),
                     probes: if v.get_probed() {
                         Some(crate::monitor::VmProbePoint {
                             run_queue: Sketch::decode(v.get_run_queue_latency_ns()?)?,

@@ -253,18 +253,35 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
             *tx as f64,
         );
     }
-    e.family(
-        "prescient_gpu_utilization",
-        "gauge",
-        "GPU utilisation in the last sample (0 to 1), from NVML.",
-    );
-    for (h, p) in &latest {
-        for (i, u) in p.gpu_util.iter().enumerate() {
-            e.sample(
-                "prescient_gpu_utilization",
-                &[("host", h), ("gpu", &i.to_string())],
-                f64::from(*u),
-            );
+    type GpuGet = fn(&crate::monitor::HostPoint) -> Vec<f64>;
+    let gpu_gauges: [(&str, &str, GpuGet); 4] = [
+        (
+            "prescient_gpu_utilization",
+            "GPU utilisation in the last sample (0 to 1), from NVML.",
+            |p| p.gpu_util.iter().map(|&u| f64::from(u)).collect(),
+        ),
+        (
+            "prescient_gpu_memory_used_bytes",
+            "GPU memory in use, from NVML.",
+            |p| p.gpu_memory_used_bytes.iter().map(|&b| b as f64).collect(),
+        ),
+        (
+            "prescient_gpu_power_watts",
+            "GPU power draw, from NVML.",
+            |p| p.gpu_power_watts.iter().map(|&w| f64::from(w)).collect(),
+        ),
+        (
+            "prescient_gpu_temperature_celsius",
+            "GPU die temperature, from NVML.",
+            |p| p.gpu_temperature_c.iter().map(|&c| f64::from(c)).collect(),
+        ),
+    ];
+    for (name, help, get) in gpu_gauges {
+        e.family(name, "gauge", help);
+        for (h, p) in &latest {
+            for (i, v) in get(p).into_iter().enumerate() {
+                e.sample(name, &[("host", h), ("gpu", &i.to_string())], v);
+            }
         }
     }
     // Replicas that still exist (a retired or lost one's last sample is not shown).
@@ -274,7 +291,12 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         .collect();
     // Each gauge reads a VM sample; `None` leaves the replica out (no probes on its host).
     type VmGet = fn(&crate::monitor::VmPoint) -> Option<f64>;
-    let vm_gauges: [(&str, &str, VmGet); 7] = [
+    let vm_gauges: [(&str, &str, VmGet); 8] = [
+        (
+            "prescient_replica_gpu_memory_bytes",
+            "GPU memory a replica's VM holds (NVML, per process), on all GPUs.",
+            |v| Some(v.gpu_memory_bytes as f64),
+        ),
         (
             "prescient_replica_cpu_cores",
             "CPU a replica's VM used in the last second, in cores.",

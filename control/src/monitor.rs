@@ -105,6 +105,8 @@ pub struct HostPoint {
     pub run_delay_ns: u64,
     pub gpu_util: Vec<f32>,
     pub gpu_memory_used_bytes: Vec<u64>,
+    pub gpu_power_watts: Vec<f32>,
+    pub gpu_temperature_c: Vec<f32>,
     /// Run-queue waits on every CPU in the interval, where the host runs the eBPF probes.
     pub run_queue: Option<Sketch>,
 }
@@ -119,6 +121,8 @@ pub struct VmPoint {
     pub memory_bytes: u64,
     pub cpu_limit_cores: f32,
     pub memory_limit_bytes: u64,
+    /// GPU memory its processes hold (NVML).
+    pub gpu_memory_bytes: u64,
     /// What the eBPF probes saw of the VM, where its host runs them.
     pub probes: Option<VmProbePoint>,
 }

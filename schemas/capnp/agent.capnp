@@ -60,6 +60,8 @@ struct HostSample {
   memoryTotalBytes @10 :UInt64;
   probes @11 :Bool;             # the eBPF probes run on this host (the fields below are set)
   runQueueLatencyNs @12 :Sketch; # eBPF: every run-queue wait on every CPU in the interval
+  gpuPowerWatts @13 :List(Float32);      # NVML, one per GPU like gpuUtil
+  gpuTemperatureC @14 :List(Float32);
 }
 
 struct Sketch {
@@ -103,6 +105,7 @@ struct VmSample {
   runQueueLatencyNs @8 :Sketch; # run-queue waits of the VM's processes in the interval
   tcpSentBytes @9 :UInt64;      # TCP bytes the VM's processes sent in the interval
   tcpReceivedBytes @10 :UInt64;
+  gpuMemoryBytes @11 :UInt64;   # NVML: GPU memory its processes hold, on all GPUs
 }
 
 struct EdgeWindow {
