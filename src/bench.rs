@@ -47,6 +47,16 @@ pub enum Which {
         #[arg(long, default_value_t = 20000)]
         round_trips: usize,
     },
+    /// What an idle cluster costs: a control node, 3 agents and a deployed 3-stage chain with
+    /// no load, CPU time of every process (from /proc) over `--seconds`, with telemetry on
+    /// (spans, 1 Hz host and VM samples, eBPF probes where they load) and off, alternating.
+    Idle {
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Measured pairs (on, off).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
     Transfer {
@@ -154,6 +164,116 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
         "payload_bytes": payload,
         "what": "one process streams request frames to another over loopback through the data plane, acknowledged, 64 MiB window; raw = plain blocking TCP writes, no framing",
         "results": rows,
+    }))
+}
+
+/// User + system CPU time of a process and its descendants that are alive now, in clock ticks.
+fn cpu_ticks(root: u32) -> u64 {
+    let mut stats: Vec<(u32, u32, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command (which may hold spaces) start after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // rest[0] is the state, [1] ppid, [11] utime, [12] stime.
+        stats.push((pid, field(1) as u32, field(11) + field(12)));
+    }
+    let mut total = 0;
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, ticks) in &stats {
+            if *pid == p {
+                total += ticks;
+            }
+            if *ppid == p {
+                frontier.push(*pid);
+            }
+        }
+    }
+    total
+}
+
+async fn idle_once(seconds: f64, telemetry: Telemetry) -> Result<(f64, f64, f64)> {
+    let dir = std::env::temp_dir().join(format!("prescient-idle-{}", std::process::id()));
+    let cluster = LocalCluster::start(&dir, 3, 2, "epoll", telemetry)?;
+    let result = async {
+        let client = ControlClient::connect(&cluster.control.addr).await?;
+        let f = file::parse("bench-chain.toml", &chain_graph(3))?;
+        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+            bail!("the bench graph was rejected");
+        };
+        wait_deployed(&client, &record.id, 3, Duration::from_secs(30)).await?;
+        // Let start-up work (provisioning, first samples) finish before measuring.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let control = cluster.control.child.id();
+        let agents: Vec<u32> = cluster.agents.iter().map(|a| a.child.id()).collect();
+        let sample = || {
+            (
+                cpu_ticks(control),
+                agents.iter().map(|&a| cpu_ticks(a)).sum::<u64>(),
+            )
+        };
+        let before = sample();
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        let after = sample();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cores = |ticks: u64| ticks as f64 / hz / seconds;
+        let control_cores = cores(after.0.saturating_sub(before.0));
+        let agents_cores = cores(after.1.saturating_sub(before.1));
+        Ok((control_cores, agents_cores, control_cores + agents_cores))
+    }
+    .await;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn idle(seconds: f64, rounds: usize) -> Result<serde_json::Value> {
+    let mut runs: [Vec<(f64, f64, f64)>; 2] = Default::default();
+    for round in 0..rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for on in order {
+            let t = if on { Telemetry::All } else { Telemetry::Off };
+            runs[usize::from(on)].push(idle_once(seconds, t).await?);
+        }
+    }
+    let median = |v: &[(f64, f64, f64)], k: fn(&(f64, f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(k).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let report = |v: &[(f64, f64, f64)]| {
+        let pct = |x: f64| (x * 1e4).round() / 100.0;
+        serde_json::json!({
+            "control_percent_of_a_core": pct(median(v, |r| r.0)),
+            "agents_and_workers_percent_of_a_core": pct(median(v, |r| r.1)),
+            "total_percent_of_a_core": pct(median(v, |r| r.2)),
+        })
+    };
+    Ok(serde_json::json!({
+        "bench": "idle",
+        "what": "a control node, 3 agents (the first with the eBPF probes when telemetry is on) and 3 workers of a deployed 3-stage chain, no load; CPU time from /proc over the window",
+        "seconds": seconds,
+        "rounds": rounds,
+        "telemetry_on": report(&runs[1]),
+        "telemetry_off": report(&runs[0]),
     }))
 }
 
@@ -285,6 +405,10 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             repeat,
         } => {
             crate::output::print_json(&transfer(&bytes, &payload, repeat)?)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Which::Idle { seconds, rounds } => {
+            crate::output::print_json(&idle(seconds, rounds).await?)?;
             return Ok(ExitCode::SUCCESS);
         }
         Which::Probes {
