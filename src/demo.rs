@@ -206,6 +206,14 @@ async fn walk_through(dir: &Path) -> Result<()> {
     }
     print!("{}", output::stats_table(&tasks));
     println!("executions not reported (back-pressure): {dropped}");
+    println!("\nper chain (end to end at its sink; chains sharing a sink differ by their path):");
+    print!("{}", output::chains_table(&stats.chains));
+    // One agent per machine loads the eBPF probes (they see the whole machine): its replicas
+    // show run-queue latency and TCP bytes from them.
+    println!("\nhosts and replicas (CPU, run-queue p99 from the eBPF probes where they run):");
+    print!("{}", output::agents_table(&client.agents().await?));
+    let (_, replicas) = client.replicas(graph).await?;
+    print!("{}", output::replicas_table(&replicas));
 
     step(7, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
