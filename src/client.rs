@@ -416,7 +416,8 @@ pub struct ChainStatsRow {
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
-    /// Transfer + queue + execution p50 of each task on the path.
+    /// Transfer + queue + execution p50 of each task on the path (joins' queueing left out:
+    /// it is the wait for the other branches).
     pub path_p50_sum_us: f64,
     /// The graph's objective: percentile, target, and what was measured at that percentile.
     pub objective_percentile: Option<f64>,

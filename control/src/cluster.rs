@@ -107,9 +107,9 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// The graph's chains (maximal paths, as task ids) and its latency objective
-    /// (percentile, target ns).
-    pub fn chains(&self) -> (Vec<Vec<String>>, Option<(f64, u64)>) {
+    /// The graph's chains (maximal paths, as task ids), its join tasks (more than one input
+    /// port) and its latency objective (percentile, target ns).
+    pub fn chains(&self) -> crate::monitor::ChainsOf {
         let chains = prescient_schemas::ValidatedGraph::new(self.record.graph.clone())
             .map(|v| {
                 v.chains()
@@ -124,7 +124,19 @@ impl Deployment {
             .objective
             .as_ref()
             .map(|o| (o.percentile, o.target_ns));
-        (chains, objective)
+        let joins = self
+            .record
+            .graph
+            .tasks
+            .iter()
+            .filter(|t| t.inputs.len() > 1)
+            .map(|t| t.id.clone())
+            .collect();
+        crate::monitor::ChainsOf {
+            chains,
+            joins,
+            objective,
+        }
     }
 
     fn new(record: GraphRecord) -> Deployment {

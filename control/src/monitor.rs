@@ -68,6 +68,18 @@ pub struct TaskStats {
     pub output_bytes: u64,
 }
 
+/// What [`Monitor::chain_stats`] needs to know of a graph.
+#[derive(Debug, Clone, Default)]
+pub struct ChainsOf {
+    /// Maximal paths, as task ids.
+    pub chains: Vec<Vec<String>>,
+    /// Tasks with several input ports: their queueing is the wait for the other branches,
+    /// not a cost of the path, and stays out of path sums.
+    pub joins: std::collections::HashSet<String>,
+    /// Percentile and target in ns.
+    pub objective: Option<(f64, u64)>,
+}
+
 /// One chain (maximal path) over a window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainStats {
@@ -382,16 +394,15 @@ impl Monitor {
         out
     }
 
-    /// Every chain of `graph_id` over the same window as [`Monitor::task_stats`]; `chains` are
-    /// the graph's maximal paths, `objective` its (percentile, target ns).
+    /// Every chain of `graph_id` over the same window as [`Monitor::task_stats`].
     pub fn chain_stats(
         &self,
         graph_id: &str,
-        chains: &[Vec<String>],
-        objective: Option<(f64, u64)>,
+        of: &ChainsOf,
         window_s: u64,
         now_s: u64,
     ) -> Vec<ChainStats> {
+        let (chains, objective) = (&of.chains, of.objective);
         let from = (now_s + 1).saturating_sub(window_s.max(1));
         let tasks: HashMap<String, TaskStats> = self
             .task_stats(graph_id, window_s, now_s)
@@ -420,7 +431,14 @@ impl Monitor {
                     path_p50_sum_ns: chain
                         .iter()
                         .filter_map(|t| tasks.get(t))
-                        .map(|t| t.transfer_p50_ns + t.queue_p50_ns + t.exec_p50_ns)
+                        .map(|t| {
+                            let queue = if of.joins.contains(&t.task) {
+                                0
+                            } else {
+                                t.queue_p50_ns
+                            };
+                            t.transfer_p50_ns + queue + t.exec_p50_ns
+                        })
                         .sum(),
                     objective: objective.map(|(p, target)| (p, target, q(p / 100.0))),
                 }
@@ -486,5 +504,63 @@ mod tests {
             1,
             "old seconds expired"
         );
+    }
+
+    #[test]
+    fn chains_are_timed_at_their_sink_and_joins_wait_outside_path_sums() {
+        // a -> b -> d and a -> c -> d; d joins both (queue 5 ms waiting for c) and is the sink.
+        let mut m = Monitor::default();
+        let window = |task: &str, exec_us: f64, queue_us: f64, sink_us: Option<f64>| {
+            let mut w = WindowView {
+                graph_id: "g1".into(),
+                task: task.into(),
+                second: 100,
+                ..Default::default()
+            };
+            for _ in 0..10 {
+                w.exec.record(exec_us * 1e3);
+                w.queue.record(queue_us * 1e3);
+                w.transfer.record(100e3);
+                if let Some(s) = sink_us {
+                    w.sink.record(s * 1e3);
+                }
+            }
+            w
+        };
+        m.record_window(&window("a", 1000.0, 10.0, None));
+        m.record_window(&window("b", 1000.0, 10.0, None));
+        m.record_window(&window("c", 6000.0, 10.0, None));
+        m.record_window(&window("d", 500.0, 5000.0, Some(8000.0)));
+        let of = ChainsOf {
+            chains: vec![
+                vec!["a".into(), "b".into(), "d".into()],
+                vec!["a".into(), "c".into(), "d".into()],
+            ],
+            joins: ["d".to_string()].into_iter().collect(),
+            objective: Some((99.0, 10_000_000)),
+        };
+        let stats = m.chain_stats("g1", &of, 10, 100);
+        assert_eq!(stats.len(), 2);
+        for c in &stats {
+            assert_eq!(c.count, 10);
+            assert!((c.p50_ns as f64 - 8e6).abs() < 8e4, "{c:?}");
+            let (p, target, measured) = c.objective.unwrap();
+            assert_eq!((p, target), (99.0, 10_000_000));
+            assert!((measured as f64 - 8e6).abs() < 8e4);
+        }
+        let sum = |i: usize| stats[i].path_p50_sum_ns as f64 / 1e3;
+        // Transfers 3 x 100 us, queues 10 + 10 us (not d's 5 ms), executions.
+        assert!(
+            (sum(0) - (300.0 + 20.0 + 2500.0)).abs() < 60.0,
+            "{}",
+            sum(0)
+        );
+        assert!(
+            (sum(1) - (300.0 + 20.0 + 7500.0)).abs() < 160.0,
+            "{}",
+            sum(1)
+        );
+        // A graph nobody invoked has chains with no counts.
+        assert_eq!(m.chain_stats("g2", &of, 10, 100)[0].count, 0);
     }
 }

@@ -356,14 +356,14 @@ impl control::Server for Control {
             b.set_transfer_p50_ns(e.transfer_p50_ns);
             b.set_transfer_p99_ns(e.transfer_p99_ns);
         }
-        let (chains, objective) = self
+        let chains_of = self
             .cluster
             .deployments
             .borrow()
             .get(&id)
             .map(crate::cluster::Deployment::chains)
             .unwrap_or_default();
-        let chain_stats = monitor.chain_stats(&id, &chains, objective, window, now_s);
+        let chain_stats = monitor.chain_stats(&id, &chains_of, window, now_s);
         let mut list = r.reborrow().init_chains(chain_stats.len() as u32);
         for (i, c) in chain_stats.iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);

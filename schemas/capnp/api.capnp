@@ -72,8 +72,9 @@ interface Control {
 struct ChainStats {
   # One chain (a maximal source-to-sink path) over a window: end to end, from the invocation's
   # admission at an ingress to the end of its sink task's execution. Chains that share a sink
-  # share these; `pathP50SumNs` (transfer + queue + execution p50 of each task on the path)
-  # tells apart which path is the slow one.
+  # share these; `pathP50SumNs` (transfer + queue + execution p50 of each task on the path,
+  # without the queueing of joins, which is the wait for the other branches) tells apart which
+  # path is the slow one.
   tasks @0 :List(Text);
   count @1 :UInt64;
   p50Ns @2 :UInt64;
