@@ -102,5 +102,20 @@ fn validation(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frames, routing, validation);
+/// What telemetry adds per execution: one sketch record (execution time, lognormal-ish).
+fn telemetry(c: &mut Criterion) {
+    let values: Vec<f64> = (0..1024)
+        .map(|i| 200_000.0 * (1.0 + 0.3 * ((i * 7919 % 1024) as f64 / 1024.0)))
+        .collect();
+    c.bench_function("sketch/record", |b| {
+        let mut s = prescient_schemas::sketch::Sketch::default();
+        let mut i = 0;
+        b.iter(|| {
+            s.record(std::hint::black_box(values[i & 1023]));
+            i += 1;
+        })
+    });
+}
+
+criterion_group!(benches, frames, routing, validation, telemetry);
 criterion_main!(benches);

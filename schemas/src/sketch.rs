@@ -3,14 +3,67 @@
 //! rank, and two sketches merge by adding bucket counts, so windows roll up exactly.
 
 use crate::agent_capnp::sketch;
-use std::collections::BTreeMap;
 
 /// Relative accuracy of quantiles.
 pub const ALPHA: f64 = 0.01;
 
+/// Most bucket indices one sketch may span: 1 ns to 10^15 ns needs about 1,730; a decoded
+/// sketch wider than this is refused rather than allocated.
+pub const MAX_SPAN: usize = 4096;
+
+/// Bucket counts stored densely from the lowest index in use: recording is an array increment
+/// (a tree map cost a fifth of all the time telemetry took on the request path), and the
+/// values one task produces cluster in a few dozen neighbouring buckets.
+#[derive(Debug, Clone, Default)]
+struct Buckets {
+    lo: i32,
+    counts: Vec<u64>,
+}
+
+impl Buckets {
+    fn add(&mut self, index: i32, n: u64) {
+        if self.counts.is_empty() {
+            self.lo = index;
+            self.counts.push(n);
+            return;
+        }
+        if index < self.lo {
+            let grow = (self.lo - index) as usize;
+            let mut counts = vec![0; grow + self.counts.len()];
+            counts[grow..].copy_from_slice(&self.counts);
+            self.counts = counts;
+            self.lo = index;
+        }
+        let at = (index - self.lo) as usize;
+        if at >= self.counts.len() {
+            self.counts.resize(at + 1, 0);
+        }
+        self.counts[at] += n;
+    }
+
+    /// Non-empty buckets in increasing index order.
+    fn iter(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(k, c)| (self.lo + k as i32, *c))
+    }
+
+    fn len(&self) -> usize {
+        self.counts.iter().filter(|c| **c > 0).count()
+    }
+}
+
+impl PartialEq for Buckets {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sketch {
-    buckets: BTreeMap<i32, u64>,
+    buckets: Buckets,
     zeros: u64,
     count: u64,
     sum: f64,
@@ -24,6 +77,10 @@ fn gamma() -> f64 {
 
 /// ln(gamma) for ALPHA = 0.01, precomputed: `record` is on every request's path.
 const LN_GAMMA: f64 = 0.020000666706669435;
+
+fn index_of(v: f64) -> i32 {
+    (v.ln() / LN_GAMMA).ceil() as i32
+}
 
 impl Sketch {
     /// Records a non-negative value (negative values count as zero).
@@ -40,8 +97,7 @@ impl Sketch {
         if v <= 1e-9 {
             self.zeros += 1;
         } else {
-            let index = (v.ln() / LN_GAMMA).ceil() as i32;
-            *self.buckets.entry(index).or_insert(0) += 1;
+            self.buckets.add(index_of(v), 1);
         }
     }
 
@@ -56,8 +112,7 @@ impl Sketch {
         if v <= 1e-9 {
             self.zeros += n - 1;
         } else {
-            let index = (v.ln() / LN_GAMMA).ceil() as i32;
-            *self.buckets.entry(index).or_insert(0) += n - 1;
+            self.buckets.add(index_of(v), n - 1);
         }
     }
 
@@ -69,8 +124,8 @@ impl Sketch {
             *self = other.clone();
             return;
         }
-        for (i, c) in &other.buckets {
-            *self.buckets.entry(*i).or_insert(0) += c;
+        for (i, c) in other.buckets.iter() {
+            self.buckets.add(i, c);
         }
         self.zeros += other.zeros;
         self.count += other.count;
@@ -101,13 +156,14 @@ impl Sketch {
         b.set_sum(self.sum);
         b.set_min(self.min);
         b.set_max(self.max);
-        let mut idx = b.reborrow().init_indices(self.buckets.len() as u32);
-        for (i, k) in self.buckets.keys().enumerate() {
-            idx.set(i as u32, *k);
+        let n = self.buckets.len() as u32;
+        let mut idx = b.reborrow().init_indices(n);
+        for (i, (k, _)) in self.buckets.iter().enumerate() {
+            idx.set(i as u32, k);
         }
-        let mut counts = b.init_counts(self.buckets.len() as u32);
-        for (i, c) in self.buckets.values().enumerate() {
-            counts.set(i as u32, *c);
+        let mut counts = b.init_counts(n);
+        for (i, (_, c)) in self.buckets.iter().enumerate() {
+            counts.set(i as u32, c);
         }
     }
 
@@ -118,8 +174,19 @@ impl Sketch {
                 "sketch: indices and counts differ in length".into(),
             ));
         }
-        let buckets: BTreeMap<i32, u64> = idx.iter().zip(counts.iter()).collect();
-        let total: u64 = buckets.values().sum::<u64>() + r.get_zeros();
+        if let (Some(lo), Some(hi)) = (idx.iter().min(), idx.iter().max()) {
+            if i64::from(hi) - i64::from(lo) >= MAX_SPAN as i64 {
+                return Err(capnp::Error::failed(format!(
+                    "sketch: bucket indices {lo}..{hi} span more than {MAX_SPAN}"
+                )));
+            }
+        }
+        let mut buckets = Buckets::default();
+        let mut total = r.get_zeros();
+        for (i, c) in idx.iter().zip(counts.iter()) {
+            buckets.add(i, c);
+            total = total.saturating_add(c);
+        }
         if total != r.get_count() {
             return Err(capnp::Error::failed(
                 "sketch: bucket counts do not add up".into(),
@@ -145,12 +212,12 @@ impl Sketch {
             return 0.0;
         }
         let mut seen = self.zeros;
-        for (i, c) in &self.buckets {
+        for (i, c) in self.buckets.iter() {
             seen += c;
             if seen > rank {
                 // The bucket's representative: within ALPHA of every value in it.
                 let g = gamma();
-                let v = 2.0 * g.powi(*i) / (g + 1.0);
+                let v = 2.0 * g.powi(i) / (g + 1.0);
                 return v.clamp(self.min, self.max);
             }
         }
@@ -214,5 +281,41 @@ mod tests {
         s.encode(msg.init_root());
         let back = Sketch::decode(msg.get_root_as_reader().unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn buckets_grow_both_ways_and_compare_by_content() {
+        let mut a = Sketch::default();
+        for v in [1000.0, 10.0, 1e6, 10.0] {
+            a.record(v);
+        }
+        let mut b = Sketch::default();
+        for v in [1e6, 10.0, 10.0, 1000.0] {
+            b.record(v);
+        }
+        assert_eq!(a, b, "the same values in another order");
+        assert!((a.quantile(0.0) - 10.0).abs() <= 10.0 * ALPHA);
+        assert!((a.quantile(1.0) - 1e6).abs() <= 1e6 * ALPHA);
+        let mut msg = capnp::message::Builder::new_default();
+        a.encode(msg.init_root());
+        let back = Sketch::decode(msg.get_root_as_reader().unwrap()).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn a_sketch_spanning_too_many_buckets_is_refused() {
+        let mut msg = capnp::message::Builder::new_default();
+        {
+            let mut b: sketch::Builder<'_> = msg.init_root();
+            b.set_count(2);
+            let mut idx = b.reborrow().init_indices(2);
+            idx.set(0, i32::MIN);
+            idx.set(1, i32::MAX);
+            let mut counts = b.init_counts(2);
+            counts.set(0, 1);
+            counts.set(1, 1);
+        }
+        let err = Sketch::decode(msg.get_root_as_reader().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("span more than"), "{err}");
     }
 }
