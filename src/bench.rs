@@ -483,18 +483,54 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             .enumerate()
             .map(|(i, c)| {
                 let (ron, roff) = (median(&on, i, "rps"), median(&off, i, "rps"));
+                let each = |runs: &[serde_json::Value]| -> Vec<f64> {
+                    runs.iter()
+                        .map(|r| r["results"][i]["rps"].as_f64().unwrap_or(0.0))
+                        .collect()
+                };
+                // Runs in the order they were taken: pairs of one round are neighbours.
+                let ratios: Vec<f64> = each(&on)
+                    .iter()
+                    .zip(each(&off))
+                    .map(|(a, b)| (a / b * 1000.0).round() / 1000.0)
+                    .collect();
                 serde_json::json!({
                     "concurrency": c,
                     "rps_telemetry_on": ron,
                     "rps_telemetry_off": roff,
+                    "rps_on_runs": each(&on),
+                    "rps_off_runs": each(&off),
+                    "on_over_off_per_round": ratios,
                     "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
                     "p50_us_on": median(&on, i, "p50_us"),
                     "p50_us_off": median(&off, i, "p50_us"),
                 })
             })
             .collect();
+        let cpu = |runs: &[serde_json::Value]| -> Vec<f64> {
+            runs.iter()
+                .map(|r| {
+                    r["cpu_at_fixed_rate"]["cpu_us_per_invocation"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                })
+                .collect()
+        };
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (cpu_on, cpu_off) = (med(cpu(&on)), med(cpu(&off)));
         crate::output::print_json(&serde_json::json!({
             "bench": "chain-telemetry-overhead",
+            "cpu_at_fixed_rate": {
+                "rate": CPU_RATE,
+                "cpu_us_per_invocation_on": cpu_on,
+                "cpu_us_per_invocation_off": cpu_off,
+                "cpu_overhead": ((cpu_on / cpu_off - 1.0) * 1000.0).round() / 1000.0,
+                "on_runs": cpu(&on),
+                "off_runs": cpu(&off),
+            },
             "telemetry_on": measured.name(),
             "stages": stages,
             "rounds": rounds,
@@ -515,6 +551,9 @@ pub async fn run(which: Which) -> Result<ExitCode> {
     crate::output::print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Invocations/s of the open-loop run that measures CPU per invocation.
+const CPU_RATE: f64 = 8000.0;
 
 async fn chain(
     stages: usize,
@@ -573,8 +612,43 @@ async fn chain(
                 "errors": r.errors,
             }));
         }
+        // CPU per invocation at a fixed rate below saturation: at saturation every run uses
+        // all the CPU and only throughput moves (by ±10% run to run here); below it, what
+        // telemetry adds shows up as CPU time, which varies far less.
+        let busy = || -> u64 {
+            let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+            let f: Vec<u64> = stat
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system (idle iowait) irq softirq
+            [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum()
+        };
+        let open = crate::load::Spec {
+            graph: record.id.clone(),
+            mode: crate::load::Mode::Open { rate: CPU_RATE },
+            duration: Duration::from_secs_f64(duration),
+            payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
+            deadline_ms: 10_000,
+            ingresses: vec![ingress.clone()],
+        };
+        let before = busy();
+        let r = crate::load::run(open, false).await?;
+        let ticks = busy().saturating_sub(before);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_us = ticks as f64 / hz * 1e6 / r.ok.max(1) as f64;
         Ok(serde_json::json!({
             "bench": "chain",
+            "cpu_at_fixed_rate": {
+                "rate": CPU_RATE,
+                "ok": r.ok,
+                "cpu_us_per_invocation": (cpu_us * 100.0).round() / 100.0,
+            },
             "stages": stages,
             "processes": format!("1 control, {stages} agents, {stages} workers, 1 client"),
             "placement": placement,
