@@ -442,158 +442,41 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         "probes" => Telemetry::ProbesOnly,
         other => bail!("--telemetry must be all, spans or probes, not {other:?}"),
     };
-    if let Some(rounds) = compare {
-        let mut on = Vec::new();
-        let mut off = Vec::new();
-        // Alternate which goes first (ABBA): the first cluster of a pair starts on a machine
-        // still tearing down the previous one, which skews a fixed order by several percent.
-        for round in 0..rounds.max(1) {
-            let order = if round % 2 == 0 {
-                [true, false]
-            } else {
-                [false, true]
-            };
-            for measuring in order {
-                let r = chain(
-                    stages,
-                    &concurrency,
-                    duration,
-                    payload_bytes,
-                    &data_plane,
-                    if measuring { measured } else { Telemetry::Off },
-                )
-                .await?;
-                if measuring {
-                    on.push(r)
-                } else {
-                    off.push(r)
-                }
-            }
-        }
-        let median = |runs: &[serde_json::Value], i: usize, key: &str| {
-            let mut v: Vec<f64> = runs
-                .iter()
-                .map(|r| r["results"][i][key].as_f64().unwrap_or(0.0))
-                .collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let rows: Vec<serde_json::Value> = concurrency
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let (ron, roff) = (median(&on, i, "rps"), median(&off, i, "rps"));
-                let each = |runs: &[serde_json::Value]| -> Vec<f64> {
-                    runs.iter()
-                        .map(|r| r["results"][i]["rps"].as_f64().unwrap_or(0.0))
-                        .collect()
-                };
-                // Runs in the order they were taken: pairs of one round are neighbours.
-                let ratios: Vec<f64> = each(&on)
-                    .iter()
-                    .zip(each(&off))
-                    .map(|(a, b)| (a / b * 1000.0).round() / 1000.0)
-                    .collect();
-                serde_json::json!({
-                    "concurrency": c,
-                    "rps_telemetry_on": ron,
-                    "rps_telemetry_off": roff,
-                    "rps_on_runs": each(&on),
-                    "rps_off_runs": each(&off),
-                    "on_over_off_per_round": ratios,
-                    "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
-                    "p50_us_on": median(&on, i, "p50_us"),
-                    "p50_us_off": median(&off, i, "p50_us"),
-                })
-            })
-            .collect();
-        let cpu = |runs: &[serde_json::Value]| -> Vec<f64> {
-            runs.iter()
-                .map(|r| {
-                    r["cpu_at_fixed_rate"]["cpu_us_per_invocation"]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                })
-                .collect()
-        };
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (cpu_on, cpu_off) = (med(cpu(&on)), med(cpu(&off)));
-        crate::output::print_json(&serde_json::json!({
-            "bench": "chain-telemetry-overhead",
-            "cpu_at_fixed_rate": {
-                "rate": CPU_RATE,
-                "cpu_us_per_invocation_on": cpu_on,
-                "cpu_us_per_invocation_off": cpu_off,
-                "cpu_overhead": ((cpu_on / cpu_off - 1.0) * 1000.0).round() / 1000.0,
-                "on_runs": cpu(&on),
-                "off_runs": cpu(&off),
-            },
-            "telemetry_on": measured.name(),
-            "stages": stages,
-            "rounds": rounds,
-            "seconds_per_point": duration,
-            "results": rows,
-        }))?;
-        return Ok(ExitCode::SUCCESS);
-    }
     let report = chain(
         stages,
         &concurrency,
         duration,
         payload_bytes,
         &data_plane,
-        Telemetry::All,
+        if compare.is_some() {
+            measured
+        } else {
+            Telemetry::All
+        },
+        compare,
     )
     .await?;
     crate::output::print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }
-
-/// Invocations/s of the open-loop run that measures CPU per invocation.
-const CPU_RATE: f64 = 8000.0;
-
-async fn chain(
-    stages: usize,
-    concurrency: &[usize],
-    duration: f64,
+/// One measured configuration: closed-loop throughput and latency at each concurrency, then
+/// CPU per invocation at a fixed rate.
+struct Point<'a> {
+    graph: &'a str,
+    ingress: &'a str,
     payload_bytes: usize,
-    data_plane: &str,
-    telemetry: Telemetry,
-) -> Result<serde_json::Value> {
-    if stages == 0 {
-        bail!("--stages must be at least 1");
-    }
-    let dir = std::env::temp_dir().join(format!("prescient-bench-{}", std::process::id()));
-    let cluster = LocalCluster::start(&dir, stages, 2, data_plane, telemetry)?;
-    let result = async {
-        let client = ControlClient::connect(&cluster.control.addr).await?;
-        let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
-        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
-            bail!("the bench graph was rejected");
-        };
-        wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
-        let (_, replicas) = client.replicas(&record.id).await?;
-        let placement: Vec<String> = replicas
-            .iter()
-            .map(|r| format!("{}@{}", r.task, r.host))
-            .collect();
-        // Enter where the chain starts, as a client near its first stage would.
-        let first_host = replicas
-            .iter()
-            .find(|r| r.task == "s1")
-            .map(|r| r.host.clone());
-        let ingress = cluster
-            .agents
-            .iter()
-            .find(|a| Some(&a.name) == first_host.as_ref())
-            .map_or(cluster.agents[0].addr.clone(), |a| a.addr.clone());
+    duration: f64,
+}
+
+impl Point<'_> {
+    async fn measure(&self, concurrency: &[usize]) -> Result<(Vec<serde_json::Value>, f64, u64)> {
+        let (payload_bytes, duration) = (self.payload_bytes, self.duration);
+        let record_id = self.graph.to_string();
+        let ingress = self.ingress.to_string();
         let mut results = Vec::new();
         for c in concurrency {
             let spec = |secs: f64| crate::load::Spec {
-                graph: record.id.clone(),
+                graph: record_id.clone(),
                 mode: crate::load::Mode::Closed { concurrency: *c },
                 duration: Duration::from_secs_f64(secs),
                 payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
@@ -629,7 +512,7 @@ async fn chain(
             [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum()
         };
         let open = crate::load::Spec {
-            graph: record.id.clone(),
+            graph: record_id.clone(),
             mode: crate::load::Mode::Open { rate: CPU_RATE },
             duration: Duration::from_secs_f64(duration),
             payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
@@ -642,11 +525,205 @@ async fn chain(
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let cpu_us = ticks as f64 / hz * 1e6 / r.ok.max(1) as f64;
+        Ok((results, cpu_us, r.ok))
+    }
+}
+
+/// Switches the cluster's spans (SIGUSR1 off, SIGUSR2 on, to every agent and worker) and the
+/// probes (attached here) between measurements of one cluster: the same processes and
+/// placement on both sides, so only telemetry differs.
+async fn compare_switching(
+    cluster: &LocalCluster,
+    point: &Point<'_>,
+    concurrency: &[usize],
+    rounds: usize,
+    on: Telemetry,
+) -> Result<serde_json::Value> {
+    let pids: Vec<u32> = cluster
+        .agents
+        .iter()
+        .flat_map(|a| {
+            let agent = a.child.id();
+            std::iter::once(agent).chain(children(agent))
+        })
+        .collect();
+    let mut probes_note = String::from("not part of this comparison");
+    let mut runs: [Vec<(Vec<serde_json::Value>, f64)>; 2] = Default::default();
+    for round in 0..rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for measuring in order {
+            let spans = measuring && on.spans();
+            let signal = if spans { libc::SIGUSR2 } else { libc::SIGUSR1 };
+            for &pid in &pids {
+                // SAFETY: kill has no memory preconditions; these are our own children.
+                unsafe { libc::kill(pid as i32, signal) };
+            }
+            let probes = if measuring && on.probes() {
+                match prescient_agent::probes::Probes::load() {
+                    Ok(p) => {
+                        probes_note = "attached while on".into();
+                        Some(p)
+                    }
+                    Err(e) => {
+                        probes_note = format!("could not be attached: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            // Workers apply the switch within 250 ms, agents within a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let (results, cpu, _) = point.measure(concurrency).await?;
+            drop(probes);
+            runs[usize::from(measuring)].push((results, cpu));
+        }
+    }
+    // Leave the cluster as it started.
+    for &pid in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let field = |side: usize, i: usize, key: &str| -> Vec<f64> {
+        runs[side]
+            .iter()
+            .map(|(r, _)| r[i][key].as_f64().unwrap_or(0.0))
+            .collect()
+    };
+    let rows: Vec<serde_json::Value> = concurrency
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (on_rps, off_rps) = (field(1, i, "rps"), field(0, i, "rps"));
+            let ratios: Vec<f64> = on_rps
+                .iter()
+                .zip(&off_rps)
+                .map(|(a, b)| (a / b * 1000.0).round() / 1000.0)
+                .collect();
+            let (ron, roff) = (med(on_rps.clone()), med(off_rps.clone()));
+            serde_json::json!({
+                "concurrency": c,
+                "rps_telemetry_on": ron,
+                "rps_telemetry_off": roff,
+                "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
+                "median_round_ratio": med(ratios.clone()),
+                "on_over_off_per_round": ratios,
+                "p50_us_on": med(field(1, i, "p50_us")),
+                "p50_us_off": med(field(0, i, "p50_us")),
+            })
+        })
+        .collect();
+    let cpu = |side: usize| -> Vec<f64> { runs[side].iter().map(|(_, c)| *c).collect() };
+    let (cpu_on, cpu_off) = (med(cpu(1)), med(cpu(0)));
+    Ok(serde_json::json!({
+        "bench": "chain-telemetry-overhead",
+        "method": "one cluster; telemetry switched on and off between measurements, ABBA",
+        "telemetry_on": on.name(),
+        "probes": probes_note,
+        "rounds": rounds,
+        "seconds_per_point": point.duration,
+        "results": rows,
+        "cpu_at_fixed_rate": {
+            "rate": CPU_RATE,
+            "cpu_us_per_invocation_on": cpu_on,
+            "cpu_us_per_invocation_off": cpu_off,
+            "cpu_overhead": ((cpu_on / cpu_off - 1.0) * 1000.0).round() / 1000.0,
+            "on_runs": cpu(1),
+            "off_runs": cpu(0),
+        },
+    }))
+}
+
+/// The direct children of a process.
+fn children(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// Invocations/s of the open-loop run that measures CPU per invocation.
+const CPU_RATE: f64 = 8000.0;
+
+async fn chain(
+    stages: usize,
+    concurrency: &[usize],
+    duration: f64,
+    payload_bytes: usize,
+    data_plane: &str,
+    telemetry: Telemetry,
+    compare: Option<usize>,
+) -> Result<serde_json::Value> {
+    if stages == 0 {
+        bail!("--stages must be at least 1");
+    }
+    let dir = std::env::temp_dir().join(format!("prescient-bench-{}", std::process::id()));
+    // Comparing: spans start on in every process and are switched by signal; the probes are
+    // attached by this process when "on" includes them.
+    let started_with = if compare.is_some() {
+        Telemetry::SpansOnly
+    } else {
+        telemetry
+    };
+    let cluster = LocalCluster::start(&dir, stages, 2, data_plane, started_with)?;
+    let result = async {
+        let client = ControlClient::connect(&cluster.control.addr).await?;
+        let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
+        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+            bail!("the bench graph was rejected");
+        };
+        wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
+        let (_, replicas) = client.replicas(&record.id).await?;
+        let placement: Vec<String> = replicas
+            .iter()
+            .map(|r| format!("{}@{}", r.task, r.host))
+            .collect();
+        // Enter where the chain starts, as a client near its first stage would.
+        let first_host = replicas
+            .iter()
+            .find(|r| r.task == "s1")
+            .map(|r| r.host.clone());
+        let ingress = cluster
+            .agents
+            .iter()
+            .find(|a| Some(&a.name) == first_host.as_ref())
+            .map_or(cluster.agents[0].addr.clone(), |a| a.addr.clone());
+        let point = Point {
+            graph: &record.id,
+            ingress: &ingress,
+            payload_bytes,
+            duration,
+        };
+        if let Some(rounds) = compare {
+            return compare_switching(&cluster, &point, concurrency, rounds, telemetry).await;
+        }
+        let (results, cpu_us, ok) = point.measure(concurrency).await?;
         Ok(serde_json::json!({
             "bench": "chain",
             "cpu_at_fixed_rate": {
                 "rate": CPU_RATE,
-                "ok": r.ok,
+                "ok": ok,
                 "cpu_us_per_invocation": (cpu_us * 100.0).round() / 100.0,
             },
             "stages": stages,

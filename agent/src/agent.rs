@@ -174,8 +174,12 @@ impl AgentNode {
         let mut vm_cpu: HashMap<String, (u64, std::time::Instant)> = HashMap::new();
         let mut groups = crate::probes::GroupTracker::default();
         let mut cpus = crate::probes::CpuTracker::default();
+        crate::telemetry::install_switch_signals();
         loop {
             tick.tick().await;
+            if let Some(on) = crate::telemetry::take_switch() {
+                self.ingress.set_latency_enabled(on);
+            }
             if let Some(mut sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
                 let vms = self.sample_vms(&mut vm_cpu);
                 let members = self.vm_processes();

@@ -187,6 +187,11 @@ impl Ingress {
         self.latency.take_batch(&self.fwd.host).map(|(b, _)| b)
     }
 
+    /// Turns the end-to-end latency record on or off (see `telemetry::install_switch_signals`).
+    pub fn set_latency_enabled(&self, on: bool) {
+        self.latency.set_enabled(on);
+    }
+
     async fn wait(
         &self,
         routes: &GraphRoutes,

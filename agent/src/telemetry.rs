@@ -75,6 +75,10 @@ impl SpanBuffer {
         self.off.set(true);
     }
 
+    pub fn set_enabled(&self, on: bool) {
+        self.off.set(!on);
+    }
+
     pub fn enabled(&self) -> bool {
         !self.off.get()
     }
@@ -210,6 +214,34 @@ impl SpanBuffer {
     /// Counts executions lost after they were batched (the writer was full).
     pub fn lost(&self, n: usize) {
         self.dropped.set(self.dropped.get() + n as u64);
+    }
+}
+
+/// The last switch asked for by signal: 0 none, 1 off (SIGUSR1), 2 on (SIGUSR2).
+static SWITCH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+extern "C" fn on_switch_signal(signal: libc::c_int) {
+    let v = if signal == libc::SIGUSR2 { 2 } else { 1 };
+    SWITCH.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Lets SIGUSR1 turn per-request telemetry off and SIGUSR2 on again, in a running process
+/// (`prescient bench chain --compare-telemetry` measures one cluster both ways).
+pub fn install_switch_signals() {
+    let handler = on_switch_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGUSR1, handler);
+        libc::signal(libc::SIGUSR2, handler);
+    }
+}
+
+/// The switch asked for since the last call, if any: `Some(true)` for on.
+pub fn take_switch() -> Option<bool> {
+    match SWITCH.swap(0, std::sync::atomic::Ordering::Relaxed) {
+        1 => Some(false),
+        2 => Some(true),
+        _ => None,
     }
 }
 

@@ -440,6 +440,7 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
     if !telemetry {
         worker.spans.disable();
     }
+    crate::telemetry::install_switch_signals();
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
@@ -490,7 +491,12 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
                 },
                 None => break,
             },
-            _ = tick.tick() => worker.sweep(),
+            _ = tick.tick() => {
+                if let Some(on) = crate::telemetry::take_switch() {
+                    worker.spans.set_enabled(on);
+                }
+                worker.sweep();
+            }
         }
     }
     server.abort();
