@@ -208,9 +208,23 @@ fn probes_count_vm_tcp_bytes_and_run_queue_latency() {
         .map(|i| spawn_in(&procs, &dir, &format!("hog{i}"), HOG, &[]))
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
+    let cpu = || {
+        raw_value(
+            &get(&agent_metrics, "/metrics").1,
+            "prescient_vm_probe_cpu_seconds_total",
+            &replica,
+        )
+    };
     let (c2, s2) = runq(&agent_metrics, &replica);
+    let (cpu2, t2) = (cpu(), Instant::now());
     std::thread::sleep(Duration::from_secs(3));
     let (c3, s3) = runq(&agent_metrics, &replica);
+    let (cpu3, t3) = (cpu(), Instant::now());
+    // The VM is limited to one CPU and its hogs use all of it: the probes' CPU time (from
+    // context switches) says so, within the agent's 1 s sampling.
+    let cores = (cpu3 - cpu2) / (t3 - t2).as_secs_f64();
+    eprintln!("CPU of the VM under the hogs: {cores:.2} cores");
+    assert!((0.6..1.4).contains(&cores), "{cores} cores");
     let quiet = (s1 - s0) / (c1 - c0).max(1.0);
     let hogged = (s3 - s2) / (c3 - c2).max(1.0);
     eprintln!(

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use aya::maps::{MapData, PerCpuArray};
-use prescient_probes_common::{globals, maps, ProcessCounters, LATENCY_BUCKETS};
+use prescient_probes_common::{globals, maps, CpuSlot, ProcessCounters, LATENCY_BUCKETS};
 use prescient_schemas::sketch::Sketch;
 use thiserror::Error;
 
@@ -55,7 +55,7 @@ pub enum ProbeError {
 pub struct Probes {
     _ebpf: aya::Ebpf,
     processes: aya::maps::HashMap<MapData, u32, ProcessCounters>,
-    cpu_hist: PerCpuArray<MapData, u64>,
+    cpu_slots: PerCpuArray<MapData, CpuSlot>,
     /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
     pub tcp_only: bool,
 }
@@ -89,12 +89,19 @@ impl Probes {
             .filter(|m| m.size == Some(4) && m.bitfield_bits.is_none())
             .map(|m| m.bit_offset / 8)
             .ok_or(ProbeError::Missing("task_struct.flags"))?;
+        let exec_runtime = raw_btf
+            .member("task_struct", "se")
+            .zip(raw_btf.member("sched_entity", "sum_exec_runtime"))
+            .filter(|(_, r)| r.size == Some(8) && r.bitfield_bits.is_none())
+            .map(|(se, r)| (se.bit_offset + r.bit_offset) / 8)
+            .ok_or(ProbeError::Missing("task_struct.se.sum_exec_runtime"))?;
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
             .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
             .override_global(globals::TASK_FLAGS_OFFSET, &task_flags, true)
+            .override_global(globals::TASK_EXEC_RUNTIME_OFFSET, &exec_runtime, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         fn program<'a, P>(
@@ -129,11 +136,11 @@ impl Probes {
                 .map_err(|source| ProbeError::Map { map: name, source })
         }
         let processes = map(&mut ebpf, maps::PROCESSES)?;
-        let cpu_hist = map(&mut ebpf, maps::CPU_RUNQ_HIST)?;
+        let cpu_slots = map(&mut ebpf, maps::CPU_SLOT)?;
         Ok(Probes {
             _ebpf: ebpf,
             processes,
-            cpu_hist,
+            cpu_slots,
             tcp_only: protocol != u32::MAX,
         })
     }
@@ -146,19 +153,18 @@ impl Probes {
     /// Run-queue waits on each CPU since the probes were loaded: by log2 bucket, then their
     /// total in ns.
     pub fn cpu_histograms(&self) -> Vec<CpuHistogram> {
-        let mut per_cpu: Vec<CpuHistogram> = Vec::new();
-        for bucket in 0..=LATENCY_BUCKETS {
-            let Ok(values) = self.cpu_hist.get(&(bucket as u32), 0) else {
-                continue;
-            };
-            for (cpu, v) in values.iter().enumerate() {
-                if per_cpu.len() <= cpu {
-                    per_cpu.resize(cpu + 1, [0; LATENCY_BUCKETS + 1]);
-                }
-                per_cpu[cpu][bucket] = *v;
-            }
-        }
-        per_cpu
+        let Ok(slots) = self.cpu_slots.get(&0, 0) else {
+            return Vec::new();
+        };
+        slots
+            .iter()
+            .map(|slot| {
+                let mut h = [0; LATENCY_BUCKETS + 1];
+                h[..LATENCY_BUCKETS].copy_from_slice(&slot.runq_hist);
+                h[LATENCY_BUCKETS] = slot.runq_total_ns;
+                h
+            })
+            .collect()
     }
 }
 

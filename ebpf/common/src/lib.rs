@@ -41,8 +41,9 @@ impl ProcessCounters {
 pub struct CpuSlot {
     /// `task_struct` address of the task switched in (compared, never dereferenced).
     pub task: u64,
-    /// When it was switched in (`bpf_ktime_get_ns`).
-    pub since_ns: u64,
+    /// Its `se.sum_exec_runtime` (CPU time so far) as it was switched in: the kernel keeps it
+    /// current at the switch, so no clock is read here.
+    pub exec_runtime_ns: u64,
     /// Its `sched_info.run_delay` (total run-queue wait so far) as it was switched in, before
     /// the kernel added the wait that just ended.
     pub run_delay_ns: u64,
@@ -50,6 +51,10 @@ pub struct CpuSlot {
     /// writes, and added to its process's counters when it is switched out.
     pub tcp_sent_bytes: u64,
     pub tcp_received_bytes: u64,
+    /// Every run-queue wait that ended on this CPU, by log2 bucket, and their total in ns:
+    /// kept in the slot the switch already holds, so the histogram costs no extra lookup.
+    pub runq_hist: [u64; LATENCY_BUCKETS],
+    pub runq_total_ns: u64,
 }
 
 /// The bucket a wait of `ns` nanoseconds goes to.
@@ -67,9 +72,8 @@ pub fn latency_bucket(ns: u64) -> usize {
 pub mod maps {
     /// `LruHashMap<u32 tgid, ProcessCounters>`.
     pub const PROCESSES: &str = "PROCESSES";
-    /// `PerCpuArray<u64>` of `LATENCY_BUCKETS + 1` entries: run-queue waits per CPU by bucket,
-    /// then (at index `LATENCY_BUCKETS`) their total in ns.
-    pub const CPU_RUNQ_HIST: &str = "CPU_RUNQ_HIST";
+    /// `PerCpuArray<CpuSlot>` of one entry: what runs on each CPU, and its run-queue histogram.
+    pub const CPU_SLOT: &str = "CPU_SLOT";
 }
 
 /// Globals the loader sets from the running kernel's BTF before loading.
@@ -81,6 +85,8 @@ pub mod globals {
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
     /// Byte offset of `task_struct.sched_info.run_delay` (needs `CONFIG_SCHED_INFO`).
     pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
+    /// Byte offset of `task_struct.se.sum_exec_runtime`.
+    pub const TASK_EXEC_RUNTIME_OFFSET: &str = "TASK_EXEC_RUNTIME_OFFSET";
     /// Byte offset of `task_struct.flags` (to leave kernel threads out of per-process counts).
     pub const TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFFSET";
 }

@@ -19,12 +19,12 @@
 mod probes {
     use aya_ebpf::{
         bindings::BPF_NOEXIST,
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+        helpers::bpf_get_current_pid_tgid,
         macros::{btf_tracepoint, map},
         maps::{LruHashMap, PerCpuArray},
         programs::BtfTracePointContext,
     };
-    use prescient_probes_common::{latency_bucket, CpuSlot, ProcessCounters, LATENCY_BUCKETS};
+    use prescient_probes_common::{latency_bucket, CpuSlot, ProcessCounters};
 
     /// Set by the loader from the kernel's BTF (see the common crate's `globals`).
     #[unsafe(no_mangle)]
@@ -35,6 +35,8 @@ mod probes {
     static TASK_RUN_DELAY_OFFSET: u32 = 0;
     #[unsafe(no_mangle)]
     static TASK_FLAGS_OFFSET: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_EXEC_RUNTIME_OFFSET: u32 = 0;
 
     /// `task_struct.flags` bit of kernel threads (stable since Linux 2.6).
     const PF_KTHREAD: u32 = 0x0020_0000;
@@ -45,9 +47,6 @@ mod probes {
     static CPU_SLOT: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     static PROCESSES: LruHashMap<u32, ProcessCounters> = LruHashMap::with_max_entries(16384, 0);
-    #[map]
-    static CPU_RUNQ_HIST: PerCpuArray<u64> =
-        PerCpuArray::with_max_entries(LATENCY_BUCKETS as u32 + 1, 0);
 
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
@@ -89,7 +88,6 @@ mod probes {
     /// per wakeup: the cost is two loads and one per-CPU slot.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
-        let now = unsafe { bpf_ktime_get_ns() };
         let prev: *const u8 = ctx.arg(1);
         let next: *const u8 = ctx.arg(2);
         let Some(slot) = CPU_SLOT.get_ptr_mut(0) else {
@@ -98,6 +96,7 @@ mod probes {
         // SAFETY: a per-CPU slot; this program is its only writer on this CPU.
         let slot = unsafe { &mut *slot };
         let off = global(&TASK_RUN_DELAY_OFFSET) as usize;
+        let run_off = global(&TASK_EXEC_RUNTIME_OFFSET) as usize;
         let tgid = current_tgid();
         // tgid 0 is the idle task: it never waits and its CPU time is idle time.
         if slot.task == prev as u64 && tgid != 0 {
@@ -107,12 +106,10 @@ mod probes {
             // A wrap would mean the slot is stale; such a wait is not counted.
             let counted = waited < 1 << 40;
             if counted {
-                if let Some(b) = CPU_RUNQ_HIST.get_ptr_mut(latency_bucket(waited) as u32) {
-                    unsafe { *b += 1 };
+                if let Some(b) = slot.runq_hist.get_mut(latency_bucket(waited)) {
+                    *b += 1;
                 }
-                if let Some(total) = CPU_RUNQ_HIST.get_ptr_mut(LATENCY_BUCKETS as u32) {
-                    unsafe { *total += waited };
-                }
+                slot.runq_total_ns += waited;
             }
             // Kernel threads belong to no VM: their switches (a good share of all) skip the
             // per-process hash lookup and its atomic adds.
@@ -124,7 +121,8 @@ mod probes {
             };
             if let Some(c) = process {
                 let c = unsafe { &mut *c };
-                add(&mut c.cpu_ns, now.saturating_sub(slot.since_ns));
+                let ran = unsafe { *(prev.add(run_off) as *const u64) };
+                add(&mut c.cpu_ns, ran.saturating_sub(slot.exec_runtime_ns));
                 if slot.tcp_sent_bytes != 0 {
                     add(&mut c.tcp_sent_bytes, slot.tcp_sent_bytes);
                 }
@@ -140,7 +138,8 @@ mod probes {
             }
         }
         slot.task = next as u64;
-        slot.since_ns = now;
+        // SAFETY: as above, for `next`.
+        slot.exec_runtime_ns = unsafe { *(next.add(run_off) as *const u64) };
         slot.tcp_sent_bytes = 0;
         slot.tcp_received_bytes = 0;
         // SAFETY: as above, for `next`.
