@@ -284,53 +284,54 @@ fn time_round_trips(n: usize, ping: &mut dyn FnMut(usize) -> Result<()>) -> Resu
     Ok(started.elapsed().as_nanos() as f64 / n as f64)
 }
 
-/// Two threads bouncing one byte over pipes: every round trip wakes each side once.
-fn pipe_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
-    use std::io::{Read, Write};
-    let (mut a_rx, mut b_tx) = std::io::pipe()?;
-    let (mut b_rx, mut a_tx) = std::io::pipe()?;
+/// A thread echoing `len`-byte messages from `echo_rx` to `echo_tx`, and the loop that sends
+/// `n` messages on `tx` and waits for each to come back on `rx`.
+fn ping_pong(
+    len: usize,
+    mut echo_rx: impl std::io::Read + Send + 'static,
+    mut echo_tx: impl std::io::Write + Send + 'static,
+    mut rx: impl std::io::Read,
+    mut tx: impl std::io::Write,
+) -> impl FnMut(usize) -> Result<()> {
     std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        while a_rx.read_exact(&mut byte).is_ok() {
-            if a_tx.write_all(&byte).is_err() {
+        let mut msg = vec![0u8; len];
+        while echo_rx.read_exact(&mut msg).is_ok() {
+            if echo_tx.write_all(&msg).is_err() {
                 return;
             }
         }
     });
-    Ok(move |n: usize| -> Result<()> {
-        let mut byte = [7u8; 1];
+    let mut msg = vec![7u8; len];
+    move |n: usize| -> Result<()> {
         for _ in 0..n {
-            b_tx.write_all(&byte)?;
-            b_rx.read_exact(&mut byte)?;
+            tx.write_all(&msg)?;
+            rx.read_exact(&mut msg)?;
         }
         Ok(())
-    })
+    }
 }
 
-/// The same over loopback TCP with 64-byte messages (Nagle off).
+/// One byte over two pipes: every round trip wakes each side once.
+fn pipe_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
+    let (a_rx, b_tx) = std::io::pipe()?;
+    let (b_rx, a_tx) = std::io::pipe()?;
+    Ok(ping_pong(1, a_rx, a_tx, b_rx, b_tx))
+}
+
+/// 64-byte messages over loopback TCP (Nagle off).
 fn tcp_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
-    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let mut client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let (mut server, _) = listener.accept()?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
-    std::thread::spawn(move || {
-        let mut msg = [0u8; 64];
-        while server.read_exact(&mut msg).is_ok() {
-            if server.write_all(&msg).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(move |n: usize| -> Result<()> {
-        let mut msg = [1u8; 64];
-        for _ in 0..n {
-            client.write_all(&msg)?;
-            client.read_exact(&mut msg)?;
-        }
-        Ok(())
-    })
+    Ok(ping_pong(
+        64,
+        server.try_clone()?,
+        server,
+        client.try_clone()?,
+        client,
+    ))
 }
 
 fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
