@@ -68,6 +68,19 @@ pub struct TaskStats {
     pub output_bytes: u64,
 }
 
+/// One host over a window of its per-second samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostWindow {
+    pub samples: usize,
+    pub cpu_util: f32,
+    pub cpu_steal: f32,
+    /// The latest sample's.
+    pub memory_used_bytes: u64,
+    pub run_delay_ns_per_s: u64,
+    /// Every run-queue wait in the window, where the host runs the eBPF probes.
+    pub run_queue: Option<Sketch>,
+}
+
 /// What [`Monitor::chain_stats`] needs to know of a graph.
 #[derive(Debug, Clone, Default)]
 pub struct ChainsOf {
@@ -394,6 +407,33 @@ impl Monitor {
         out
     }
 
+    /// `host`'s samples of the `window_s` seconds up to its latest, averaged (run-queue waits
+    /// merged): the 10 s or 1 min view of a host, steadier than its latest second. The window
+    /// is on the host's own clock, so a skewed clock does not empty it.
+    pub fn host_window(&self, host: &str, window_s: u64) -> Option<HostWindow> {
+        let series = self.hosts.get(host)?;
+        let to = series.back()?.at_unix_ms;
+        let from = to.saturating_sub(window_s.max(1) * 1000);
+        let points: Vec<&HostPoint> = series.iter().filter(|p| p.at_unix_ms > from).collect();
+        let last = points.last()?;
+        let n = points.len();
+        let mean = |f: fn(&HostPoint) -> f64| points.iter().map(|p| f(p)).sum::<f64>() / n as f64;
+        let mut run_queue: Option<Sketch> = None;
+        for p in &points {
+            if let Some(rq) = &p.run_queue {
+                run_queue.get_or_insert_with(Sketch::default).merge(rq);
+            }
+        }
+        Some(HostWindow {
+            samples: n,
+            cpu_util: mean(|p| f64::from(p.cpu_util)) as f32,
+            cpu_steal: mean(|p| f64::from(p.cpu_steal)) as f32,
+            memory_used_bytes: last.memory_used_bytes,
+            run_delay_ns_per_s: mean(|p| p.run_delay_ns as f64) as u64,
+            run_queue,
+        })
+    }
+
     /// Every chain of `graph_id` over the same window as [`Monitor::task_stats`].
     pub fn chain_stats(
         &self,
@@ -562,5 +602,41 @@ mod tests {
         );
         // A graph nobody invoked has chains with no counts.
         assert_eq!(m.chain_stats("g2", &of, 10, 100)[0].count, 0);
+    }
+
+    #[test]
+    fn host_windows_average_samples_and_merge_run_queue_waits() {
+        let mut m = Monitor::default();
+        for (i, util) in [0.2f32, 0.4, 0.9].iter().enumerate() {
+            let mut rq = Sketch::default();
+            rq.record_n(1000.0 * (i + 1) as f64, 10);
+            m.record_host(
+                "a1",
+                HostPoint {
+                    at_unix_ms: 100_000 + i as u64 * 1000,
+                    cpu_util: *util,
+                    cpu_steal: 0.0,
+                    memory_used_bytes: 10 + i as u64,
+                    memory_total_bytes: 100,
+                    net_rx_bytes: 0,
+                    net_tx_bytes: 0,
+                    run_delay_ns: 1000,
+                    gpu_util: vec![],
+                    gpu_memory_used_bytes: vec![],
+                    gpu_power_watts: vec![],
+                    gpu_temperature_c: vec![],
+                    run_queue: Some(rq),
+                },
+            );
+        }
+        let w = m.host_window("a1", 2).unwrap();
+        assert_eq!(w.samples, 2, "the window holds the last two seconds");
+        assert!((w.cpu_util - 0.65).abs() < 1e-6);
+        assert_eq!(w.memory_used_bytes, 12);
+        let rq = w.run_queue.unwrap();
+        assert_eq!(rq.count(), 20);
+        assert!((rq.quantile(0.99) - 3000.0).abs() < 60.0);
+        assert_eq!(m.host_window("a1", 10).unwrap().samples, 3);
+        assert!(m.host_window("a2", 10).is_none());
     }
 }

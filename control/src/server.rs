@@ -258,11 +258,11 @@ impl control::Server for Control {
             h.set_provisioner(a.provisioner.as_str());
             h.set_telemetry(a.telemetry.as_str());
             let monitor = self.cluster.monitor.borrow();
-            if let Some(p) = monitor.hosts.get(&a.name).and_then(|s| s.back()) {
+            if let Some(p) = monitor.host_window(&a.name, HOST_WINDOW_S) {
                 b.set_has_load(true);
                 b.set_cpu_util(p.cpu_util);
                 b.set_memory_used_bytes(p.memory_used_bytes);
-                b.set_run_delay_ns_per_sec(p.run_delay_ns);
+                b.set_run_delay_ns_per_sec(p.run_delay_ns_per_s);
                 if let Some(rq) = &p.run_queue {
                     b.set_probes(true);
                     b.set_run_queue_p99_ns(rq.quantile(0.99) as u64);
@@ -524,6 +524,9 @@ fn encode_summary(
     b.set_tasks(rec.graph.tasks.len() as u32);
     b.set_edges(rec.graph.edges.len() as u32);
 }
+
+/// `listAgents` shows each host over this many seconds of samples.
+const HOST_WINDOW_S: u64 = 10;
 
 fn encode_task_stats(
     t: &crate::monitor::TaskStats,

@@ -138,7 +138,7 @@ struct AgentSummary {
   replicas @4 :UInt32;
   cpuMillicoresFree @5 :UInt32;
   memoryBytesFree @6 :UInt64;
-  hasLoad @7 :Bool;             # the fields below come from the agent's latest host sample
+  hasLoad @7 :Bool;             # the fields below: the agent's host samples of the last 10 s
   cpuUtil @8 :Float32;          # 0..1
   memoryUsedBytes @9 :UInt64;
   runDelayNsPerSec @10 :UInt64; # schedstat: time runnable tasks waited, per second
