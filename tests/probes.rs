@@ -248,7 +248,9 @@ fn probes_count_vm_tcp_bytes_and_run_queue_latency() {
     let out = cli(&api, &["--json", "agents"]);
     let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
-        agents[0]["run_queue_p99_us"].as_f64().is_some_and(|p| p > 0.0),
+        agents[0]["run_queue_p99_us"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0),
         "the host's run-queue p99 over its last 10 s: {agents}"
     );
     drop(hogs);
