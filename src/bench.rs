@@ -128,6 +128,13 @@ fn transfer_once(mode: &str, bytes: u64, payload: u64) -> Result<f64> {
     result
 }
 
+/// The middle value (the upper one of an even count); 0 for none.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Value> {
     use prescient_schemas::quantity::parse_bytes;
     let bytes = parse_bytes(bytes)?;
@@ -139,15 +146,12 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
             secs[i].push(transfer_once(m, bytes, payload)?);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let raw = median(&mut secs[0].clone());
+    let raw = median(&secs[0]);
     let rows: Vec<serde_json::Value> = modes
         .iter()
         .zip(secs.iter_mut())
         .map(|(m, v)| {
+            v.sort_by(f64::total_cmp);
             let s = median(v);
             serde_json::json!({
                 "transport": m,
@@ -167,9 +171,9 @@ fn transfer(bytes: &str, payload: &str, repeat: usize) -> Result<serde_json::Val
     }))
 }
 
-/// User + system CPU time of a process and its descendants that are alive now, in clock ticks.
-fn cpu_ticks(root: u32) -> u64 {
-    let mut stats: Vec<(u32, u32, u64)> = Vec::new();
+/// Every process now: (pid, parent pid, user + system CPU time in clock ticks).
+fn process_table() -> Vec<(u32, u32, u64)> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
             .file_name()
@@ -188,12 +192,18 @@ fn cpu_ticks(root: u32) -> u64 {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         // rest[0] is the state, [1] ppid, [11] utime, [12] stime.
-        stats.push((pid, field(1) as u32, field(11) + field(12)));
+        out.push((pid, field(1) as u32, field(11) + field(12)));
     }
+    out
+}
+
+/// CPU time of a process and its descendants that are alive now, in clock ticks.
+fn cpu_ticks(root: u32) -> u64 {
+    let table = process_table();
     let mut total = 0;
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {
-        for (pid, ppid, ticks) in &stats {
+        for (pid, ppid, ticks) in &table {
             if *pid == p {
                 total += ticks;
             }
@@ -205,16 +215,34 @@ fn cpu_ticks(root: u32) -> u64 {
     total
 }
 
+/// The direct children of a process.
+fn children(parent: u32) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|(_, ppid, _)| *ppid == parent)
+        .map(|(pid, _, _)| pid)
+        .collect()
+}
+
+/// Submits the bench chain of `stages` no-op stages to `cluster` and waits until it serves.
+async fn deploy_chain(
+    cluster: &LocalCluster,
+    stages: usize,
+) -> Result<(ControlClient, prescient_schemas::GraphRecord)> {
+    let client = ControlClient::connect(&cluster.control.addr).await?;
+    let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
+    let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+        bail!("the bench graph was rejected");
+    };
+    wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
+    Ok((client, record))
+}
+
 async fn idle_once(seconds: f64, telemetry: Telemetry) -> Result<(f64, f64, f64)> {
     let dir = std::env::temp_dir().join(format!("prescient-idle-{}", std::process::id()));
     let cluster = LocalCluster::start(&dir, 3, 2, "epoll", telemetry)?;
     let result = async {
-        let client = ControlClient::connect(&cluster.control.addr).await?;
-        let f = file::parse("bench-chain.toml", &chain_graph(3))?;
-        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
-            bail!("the bench graph was rejected");
-        };
-        wait_deployed(&client, &record.id, 3, Duration::from_secs(30)).await?;
+        deploy_chain(&cluster, 3).await?;
         // Let start-up work (provisioning, first samples) finish before measuring.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let control = cluster.control.child.id();
@@ -254,17 +282,14 @@ async fn idle(seconds: f64, rounds: usize) -> Result<serde_json::Value> {
             runs[usize::from(on)].push(idle_once(seconds, t).await?);
         }
     }
-    let median = |v: &[(f64, f64, f64)], k: fn(&(f64, f64, f64)) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(k).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
     let report = |v: &[(f64, f64, f64)]| {
-        let pct = |x: f64| (x * 1e4).round() / 100.0;
+        let pct = |k: fn(&(f64, f64, f64)) -> f64| {
+            (median(&v.iter().map(k).collect::<Vec<_>>()) * 1e4).round() / 100.0
+        };
         serde_json::json!({
-            "control_percent_of_a_core": pct(median(v, |r| r.0)),
-            "agents_and_workers_percent_of_a_core": pct(median(v, |r| r.1)),
-            "total_percent_of_a_core": pct(median(v, |r| r.2)),
+            "control_percent_of_a_core": pct(|r| r.0),
+            "agents_and_workers_percent_of_a_core": pct(|r| r.1),
+            "total_percent_of_a_core": pct(|r| r.2),
         })
     };
     Ok(serde_json::json!({
@@ -369,11 +394,6 @@ fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
             drop(loaded);
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let report = |name: &str, what: &str, s: &[Vec<f64>; 2], events: f64| {
         let (off, on) = (median(&s[0]), median(&s[1]));
         serde_json::json!({
@@ -460,6 +480,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
     crate::output::print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }
+
 /// One measured configuration: closed-loop throughput and latency at each concurrency, then
 /// CPU per invocation at a fixed rate.
 struct Point<'a> {
@@ -499,19 +520,7 @@ impl Point<'_> {
         // CPU per invocation at a fixed rate below saturation: at saturation every run uses
         // all the CPU and only throughput moves (by ±10% run to run here); below it, what
         // telemetry adds shows up as CPU time, which varies far less.
-        let busy = || -> u64 {
-            let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-            let f: Vec<u64> = stat
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            // user nice system (idle iowait) irq softirq
-            [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum()
-        };
+        let busy = || prescient_agent::hostmon::busy_ticks().unwrap_or(0);
         let open = crate::load::Spec {
             graph: record_id.clone(),
             mode: crate::load::Mode::Open { rate: CPU_RATE },
@@ -589,10 +598,6 @@ async fn compare_switching(
         // SAFETY: as above.
         unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
     }
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let field = |side: usize, i: usize, key: &str| -> Vec<f64> {
         runs[side]
             .iter()
@@ -609,21 +614,21 @@ async fn compare_switching(
                 .zip(&off_rps)
                 .map(|(a, b)| (a / b * 1000.0).round() / 1000.0)
                 .collect();
-            let (ron, roff) = (med(on_rps.clone()), med(off_rps.clone()));
+            let (ron, roff) = (median(&on_rps), median(&off_rps));
             serde_json::json!({
                 "concurrency": c,
                 "rps_telemetry_on": ron,
                 "rps_telemetry_off": roff,
                 "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
-                "median_round_ratio": med(ratios.clone()),
+                "median_round_ratio": median(&ratios),
                 "on_over_off_per_round": ratios,
-                "p50_us_on": med(field(1, i, "p50_us")),
-                "p50_us_off": med(field(0, i, "p50_us")),
+                "p50_us_on": median(&field(1, i, "p50_us")),
+                "p50_us_off": median(&field(0, i, "p50_us")),
             })
         })
         .collect();
     let cpu = |side: usize| -> Vec<f64> { runs[side].iter().map(|(_, c)| *c).collect() };
-    let (cpu_on, cpu_off) = (med(cpu(1)), med(cpu(0)));
+    let (cpu_on, cpu_off) = (median(&cpu(1)), median(&cpu(0)));
     Ok(serde_json::json!({
         "bench": "chain-telemetry-overhead",
         "method": "one cluster; telemetry switched on and off between measurements, ABBA",
@@ -641,27 +646,6 @@ async fn compare_switching(
             "off_runs": cpu(0),
         },
     }))
-}
-
-/// The direct children of a process.
-fn children(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == parent).then_some(pid)
-        })
-        .collect()
 }
 
 /// Invocations/s of the open-loop run that measures CPU per invocation.
@@ -689,12 +673,7 @@ async fn chain(
     };
     let cluster = LocalCluster::start(&dir, stages, 2, data_plane, started_with)?;
     let result = async {
-        let client = ControlClient::connect(&cluster.control.addr).await?;
-        let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
-        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
-            bail!("the bench graph was rejected");
-        };
-        wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
+        let (client, record) = deploy_chain(&cluster, stages).await?;
         let (_, replicas) = client.replicas(&record.id).await?;
         let placement: Vec<String> = replicas
             .iter()

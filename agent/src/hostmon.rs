@@ -73,6 +73,11 @@ impl HostSampleRec {
     }
 }
 
+/// CPU time the whole host has spent busy (user, nice, system, irq, softirq), in clock ticks.
+pub fn busy_ticks() -> Option<u64> {
+    cpu_times(&std::fs::read_to_string("/proc/stat").ok()?).map(|t| t.busy)
+}
+
 fn cpu_times(stat: &str) -> Option<CpuTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
