@@ -24,6 +24,8 @@ pub struct Ingress {
     fwd: Forwarder,
     /// End-to-end latency of every invocation admitted here, per graph and second.
     latency: crate::telemetry::SpanBuffer,
+    /// The task name of end-to-end records (empty: the whole graph), allocated once.
+    whole_graph: Rc<str>,
     /// Where sinks send outputs: this ingress's own data-plane address.
     reply_to: Rc<str>,
     pending: RefCell<HashMap<u64, Pending>>,
@@ -35,6 +37,7 @@ impl Ingress {
         Rc::new(Ingress {
             fwd: Forwarder::new(host, pool),
             latency: Default::default(),
+            whole_graph: "".into(),
             reply_to: reply_to.into(),
             pending: RefCell::default(),
             next: Cell::new(1),
@@ -163,9 +166,12 @@ impl Ingress {
             });
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
+        if !self.latency.enabled() {
+            return result;
+        }
         self.latency.record(crate::telemetry::SpanRec {
             graph_id: routes.graph_id.clone(),
-            task: "".into(),
+            task: self.whole_graph.clone(),
             replica: self.fwd.host.clone(),
             invocation,
             queue_ns: 0,

@@ -224,24 +224,26 @@ impl Worker {
             let start_ns = if timed { dataplane::now_unix_ns() } else { 0 };
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
             let end_ns = if timed { dataplane::now_unix_ns() } else { 0 };
-            self.spans.record(crate::telemetry::SpanRec {
-                graph_id: d.graph_id.clone(),
-                task: d.task.clone(),
-                replica: self.replica.borrow().clone(),
-                invocation: hop.invocation,
-                queue_ns: start_ns.saturating_sub(received_ns),
-                exec_ns: end_ns.saturating_sub(start_ns),
-                input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
-                output_bytes: result.as_ref().map_or(0, |o| o.len() as u64),
-                transfer_ns: received_ns.saturating_sub(hop.sent_unix_ns),
-                start_unix_ns: start_ns,
-                ok: result.is_ok(),
-                sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
-                    end_ns.saturating_sub(hop.admitted_unix_ns)
-                } else {
-                    0
-                },
-            });
+            if timed {
+                self.spans.record(crate::telemetry::SpanRec {
+                    graph_id: d.graph_id.clone(),
+                    task: d.task.clone(),
+                    replica: self.replica.borrow().clone(),
+                    invocation: hop.invocation,
+                    queue_ns: start_ns.saturating_sub(received_ns),
+                    exec_ns: end_ns.saturating_sub(start_ns),
+                    input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
+                    output_bytes: result.as_ref().map_or(0, |o| o.len() as u64),
+                    transfer_ns: received_ns.saturating_sub(hop.sent_unix_ns),
+                    start_unix_ns: start_ns,
+                    ok: result.is_ok(),
+                    sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
+                        end_ns.saturating_sub(hop.admitted_unix_ns)
+                    } else {
+                        0
+                    },
+                });
+            }
             match result {
                 Err(e) => {
                     let replica = self.replica.borrow().clone();

@@ -84,21 +84,9 @@ fn index_of(v: f64) -> i32 {
 
 impl Sketch {
     /// Records a non-negative value (negative values count as zero).
+    #[inline]
     pub fn record(&mut self, v: f64) {
-        if self.count == 0 {
-            self.min = v;
-            self.max = v;
-        } else {
-            self.min = self.min.min(v);
-            self.max = self.max.max(v);
-        }
-        self.count += 1;
-        self.sum += v.max(0.0);
-        if v <= 1e-9 {
-            self.zeros += 1;
-        } else {
-            self.buckets.add(index_of(v), 1);
-        }
+        self.record_n(v, 1);
     }
 
     /// Records `n` occurrences of the same value.
@@ -106,13 +94,19 @@ impl Sketch {
         if n == 0 {
             return;
         }
-        self.record(v);
-        self.count += n - 1;
-        self.sum += v.max(0.0) * (n - 1) as f64;
-        if v <= 1e-9 {
-            self.zeros += n - 1;
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
         } else {
-            self.buckets.add(index_of(v), n - 1);
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.count += n;
+        self.sum += v.max(0.0) * n as f64;
+        if v <= 1e-9 {
+            self.zeros += n;
+        } else {
+            self.buckets.add(index_of(v), n);
         }
     }
 
