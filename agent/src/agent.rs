@@ -182,7 +182,12 @@ impl AgentNode {
             }
             if let Some(mut sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
                 let vms = self.sample_vms(&mut vm_cpu);
-                let members = self.vm_processes();
+                // Who is in each VM matters only to the probes and to per-process GPU memory.
+                let members = if self.probes.is_some() || !sample.gpu_memory_by_pid.is_empty() {
+                    self.vm_processes()
+                } else {
+                    Vec::new()
+                };
                 let probed = self.sample_probes(&mut groups, &mut cpus, &members, &mut sample);
                 let members: HashMap<String, Vec<u32>> = members.into_iter().collect();
                 let mut msg = capnp::message::Builder::new_default();

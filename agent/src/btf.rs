@@ -4,6 +4,9 @@
 
 use thiserror::Error;
 
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
 /// Why a BTF blob could not be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BtfError {
@@ -67,7 +70,7 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
 impl Btf {
     /// The running kernel's BTF.
     pub fn from_sys_fs() -> std::io::Result<Btf> {
-        let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
+        let data = std::fs::read(VMLINUX)?;
         Btf::parse(&data).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 

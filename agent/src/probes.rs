@@ -66,9 +66,12 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
-        let raw_btf = crate::btf::Btf::from_sys_fs().map_err(ProbeError::NoBtf)?;
-        let aya_btf = aya::Btf::from_sys_fs()
-            .map_err(|e| ProbeError::NoBtf(std::io::Error::other(e.to_string())))?;
+        // One read of the kernel's BTF: our reader finds offsets, aya's loads the programs.
+        let data = std::fs::read(crate::btf::VMLINUX).map_err(ProbeError::NoBtf)?;
+        let invalid = |e: String| ProbeError::NoBtf(std::io::Error::other(e));
+        let raw_btf = crate::btf::Btf::parse(&data).map_err(|e| invalid(e.to_string()))?;
+        let aya_btf = aya::Btf::parse(&data, aya::Endianness::default())
+            .map_err(|e| invalid(e.to_string()))?;
         let family = raw_btf
             .member("sock_common", "skc_family")
             .filter(|m| m.size == Some(2) && m.bitfield_bits.is_none())

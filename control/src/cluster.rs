@@ -104,13 +104,26 @@ pub struct Deployment {
     /// Tasks whose provisioning failed: failures in a row and when to try again (backoff
     /// doubling from 2 s to 2 min, so a bad artifact does not flood the event log).
     backoff: HashMap<String, (u32, Instant)>,
+    /// The record's chains, joins and objective, worked out once per version (every `stats`
+    /// call and `/metrics` scrape reads them).
+    chains: crate::monitor::ChainsOf,
 }
 
 impl Deployment {
     /// The graph's chains (maximal paths, as task ids), its join tasks (more than one input
     /// port) and its latency objective (percentile, target ns).
-    pub fn chains(&self) -> crate::monitor::ChainsOf {
-        let chains = prescient_schemas::ValidatedGraph::new(self.record.graph.clone())
+    pub fn chains(&self) -> &crate::monitor::ChainsOf {
+        &self.chains
+    }
+
+    /// Switches to another version of the graph.
+    fn set_record(&mut self, record: GraphRecord) {
+        self.chains = Self::chains_of(&record);
+        self.record = record;
+    }
+
+    fn chains_of(record: &GraphRecord) -> crate::monitor::ChainsOf {
+        let chains = prescient_schemas::ValidatedGraph::new(record.graph.clone())
             .map(|v| {
                 v.chains()
                     .iter()
@@ -118,14 +131,12 @@ impl Deployment {
                     .collect()
             })
             .unwrap_or_default();
-        let objective = self
-            .record
+        let objective = record
             .graph
             .objective
             .as_ref()
             .map(|o| (o.percentile, o.target_ns));
-        let joins = self
-            .record
+        let joins = record
             .graph
             .tasks
             .iter()
@@ -141,6 +152,7 @@ impl Deployment {
 
     fn new(record: GraphRecord) -> Deployment {
         Deployment {
+            chains: Self::chains_of(&record),
             record,
             epoch: 0,
             replicas: Vec::new(),
@@ -544,7 +556,7 @@ impl Cluster {
                     let moved = d.replicas.len();
                     d.retiring.append(&mut d.replicas);
                     d.draining = false;
-                    d.record = wanted[&graph_id].clone();
+                    d.set_record(wanted[&graph_id].clone());
                     d.unplaceable.clear();
                     d.backoff.clear();
                     (old, d.record.version, moved)

@@ -131,7 +131,7 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         "End-to-end latency per chain (maximal path), from admission at an ingress to the end of the chain's sink task: quantiles over the last 60 s.",
     );
     for (g, d) in deployments.iter() {
-        for c in monitor.chain_stats(g, &d.chains(), SUMMARY_WINDOW_S, now_s) {
+        for c in monitor.chain_stats(g, d.chains(), SUMMARY_WINDOW_S, now_s) {
             if c.count == 0 {
                 continue;
             }

@@ -361,7 +361,7 @@ impl control::Server for Control {
             .deployments
             .borrow()
             .get(&id)
-            .map(crate::cluster::Deployment::chains)
+            .map(|d| d.chains().clone())
             .unwrap_or_default();
         let chain_stats = monitor.chain_stats(&id, &chains_of, window, now_s);
         let mut list = r.reborrow().init_chains(chain_stats.len() as u32);
