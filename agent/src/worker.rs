@@ -117,7 +117,9 @@ struct Deployed {
     task: Rc<str>,
     kernel: Runner,
     inputs: Vec<String>,
-    outputs: Vec<Rc<str>>,
+    /// Each output port and the input ports it feeds, from this replica's own version of the
+    /// graph (none: a graph output).
+    outputs: Vec<(Rc<str>, Vec<crate::routes::InputPort>)>,
     /// Some output is a graph output: the chains through this task end here.
     sink: bool,
 }
@@ -177,21 +179,29 @@ impl Worker {
                 };
                 info!(%replica, %task, graph = %record.id, "task deployed");
                 *self.replica.borrow_mut() = replica.into();
+                let outputs: Vec<(Rc<str>, Vec<crate::routes::InputPort>)> = t
+                    .outputs
+                    .iter()
+                    .map(|p| {
+                        let fed = record
+                            .graph
+                            .edges
+                            .iter()
+                            .filter(|e| e.from.task == t.id && e.from.port == p.name)
+                            .map(|e| (e.to.task.as_str().into(), e.to.port.as_str().into()))
+                            .collect();
+                        (p.name.as_str().into(), fed)
+                    })
+                    .collect();
+                let sink = outputs.is_empty() || outputs.iter().any(|(_, fed)| fed.is_empty());
                 *self.task.borrow_mut() = Some(Rc::new(Deployed {
                     graph_id: record.id.as_str().into(),
                     version: record.version,
                     task: task.as_str().into(),
                     kernel,
                     inputs: t.inputs.iter().map(|p| p.name.clone()).collect(),
-                    outputs: t.outputs.iter().map(|p| p.name.as_str().into()).collect(),
-                    sink: t.outputs.is_empty()
-                        || t.outputs.iter().any(|p| {
-                            !record
-                                .graph
-                                .edges
-                                .iter()
-                                .any(|e| e.from.task == t.id && e.from.port == p.name)
-                        }),
+                    outputs,
+                    sink,
                 }));
             }
             Command::Routes(table) => {
@@ -258,19 +268,16 @@ impl Worker {
         });
     }
 
+    /// Sends `out` along every edge out of this task. The edges come from this replica's own
+    /// version of the graph, so a replica whose routing table has not arrived yet (a new
+    /// version's, just made ready) still knows where its outputs go; the forwarder holds each
+    /// hop until a table of its epoch is installed, or its deadline passes.
     fn forward(&self, d: &Deployed, hop: &Hop, out: Bytes) {
-        let Some(routes) = self.fwd.routes(&d.graph_id) else {
-            let replica = self.replica.borrow().clone();
-            return self.fwd.fail(
-                hop,
-                format!(
-                    "replica {replica} has no routing table for graph {}",
-                    d.graph_id
-                ),
-            );
-        };
-        for port in &d.outputs {
-            let targets = routes.targets(&d.task, port);
+        let epoch = self
+            .fwd
+            .routes(&d.graph_id)
+            .map_or(hop.epoch, |r| hop.epoch.max(r.epoch));
+        for (port, targets) in &d.outputs {
             if targets.is_empty() {
                 let o = OutputMsg {
                     invocation: hop.invocation,
@@ -286,7 +293,7 @@ impl Worker {
                 self.fwd.send(Hop {
                     invocation: hop.invocation,
                     graph_id: hop.graph_id.clone(),
-                    epoch: hop.epoch.max(routes.epoch),
+                    epoch,
                     task: task.clone(),
                     port: in_port.clone(),
                     payload: out.clone(),
