@@ -329,11 +329,9 @@ impl control::Server for Control {
             encode_task_stats(&e2e, r.reborrow().init_end_to_end());
         }
         let edges = monitor.edge_stats(&id, window, now_s);
-        let sources: std::collections::HashMap<(String, String), String> = self
-            .cluster
-            .deployments
-            .borrow()
-            .get(&id)
+        let deployments = self.cluster.deployments.borrow();
+        let deployment = deployments.get(&id);
+        let sources: std::collections::HashMap<(String, String), String> = deployment
             .map(|d| {
                 d.record
                     .graph
@@ -356,14 +354,9 @@ impl control::Server for Control {
             b.set_transfer_p50_ns(e.transfer_p50_ns);
             b.set_transfer_p99_ns(e.transfer_p99_ns);
         }
-        let chains_of = self
-            .cluster
-            .deployments
-            .borrow()
-            .get(&id)
-            .map(|d| d.chains().clone())
+        let chain_stats = deployment
+            .map(|d| monitor.chain_stats(&id, d.chains(), window, now_s))
             .unwrap_or_default();
-        let chain_stats = monitor.chain_stats(&id, &chains_of, window, now_s);
         let mut list = r.reborrow().init_chains(chain_stats.len() as u32);
         for (i, c) in chain_stats.iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);
