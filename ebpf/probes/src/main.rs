@@ -85,7 +85,8 @@ mod probes {
     /// task just ended to its `sched_info.run_delay` right after this tracepoint, so the
     /// value read as a task is switched in and again as it is switched out (on the same CPU,
     /// which it cannot leave while running) differ by exactly that one wait. No map update
-    /// per wakeup: the cost is two loads and one per-CPU slot.
+    /// per wakeup: a few loads from the two tasks and one per-CPU slot, plus one hash lookup
+    /// for user processes.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let prev: *const u8 = ctx.arg(1);
