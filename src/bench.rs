@@ -26,14 +26,20 @@ pub enum Which {
         /// How the workers drive their sockets: epoll, io_uring or auto.
         #[arg(long, default_value = "epoll")]
         data_plane: String,
-        /// Run with telemetry on and off, alternating, `N` rounds each, and report what it
-        /// costs (medians and their ratio).
+        /// Run with telemetry on and off under one unbroken load, switched between phases of
+        /// `--duration` seconds, `N` pairs (ABBA), and report what it costs: per-pair ratios,
+        /// their median and its 95% confidence interval.
         #[arg(long, value_name = "N")]
         compare_telemetry: Option<usize>,
-        /// What "on" means for --compare-telemetry: all (spans and eBPF probes), spans, or
-        /// probes. "Off" is always neither (host and VM samples stay on).
+        /// What "on" means for --compare-telemetry: all (spans and eBPF probes), spans,
+        /// probes, or none (an A/A run: the method's own noise). "Off" is always neither (host
+        /// and VM samples stay on).
         #[arg(long, default_value = "all")]
         telemetry: String,
+        /// Invocations/s of the open-loop run that measures CPU per invocation (below
+        /// saturation, where telemetry's cost shows as CPU time); 0 skips it.
+        #[arg(long, default_value_t = 8000.0)]
+        cpu_rate: f64,
     },
     /// What the eBPF probes add to each context switch and each TCP send or receive: two
     /// ping-pong loops (a pipe: two switches per round trip; loopback TCP: two sends, two
@@ -375,25 +381,22 @@ fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
     // Warm both loops (thread start, page faults) before measuring.
     pipe(round_trips / 4)?;
     tcp(round_trips / 4)?;
+    // Loaded once: each side then differs only by whether the programs are attached.
+    let mut probes = prescient_agent::probes::Probes::load()
+        .map_err(|e| anyhow::anyhow!("the probes did not load (this benchmark needs root): {e}"))?;
     let mut samples: [[Vec<f64>; 2]; 2] = Default::default();
     for round in 0..rounds.max(1) {
         // ABBA: attached first in even rounds, detached first in odd ones.
         for attached in [round % 2 == 0, round % 2 != 0] {
-            let loaded = if attached {
-                Some(prescient_agent::probes::Probes::load().map_err(|e| {
-                    anyhow::anyhow!("the probes did not load (this benchmark needs root): {e}")
-                })?)
-            } else {
-                None
-            };
+            probes.set_attached(attached)?;
             // Attaching and detaching wait for RCU grace periods; let the machine settle.
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(100));
             let i = usize::from(attached);
             samples[0][i].push(time_round_trips(round_trips, &mut pipe)?);
             samples[1][i].push(time_round_trips(round_trips, &mut tcp)?);
-            drop(loaded);
         }
     }
+    drop(probes);
     let report = |name: &str, what: &str, s: &[Vec<f64>; 2], events: f64| {
         let (off, on) = (median(&s[0]), median(&s[1]));
         serde_json::json!({
@@ -418,27 +421,17 @@ fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
 }
 
 pub async fn run(which: Which) -> Result<ExitCode> {
-    let (stages, concurrency, duration, payload_bytes, data_plane, compare, telemetry) = match which
-    {
+    let report = match which {
         Which::Transfer {
             bytes,
             payload,
             repeat,
-        } => {
-            crate::output::print_json(&transfer(&bytes, &payload, repeat)?)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Which::Idle { seconds, rounds } => {
-            crate::output::print_json(&idle(seconds, rounds).await?)?;
-            return Ok(ExitCode::SUCCESS);
-        }
+        } => transfer(&bytes, &payload, repeat)?,
+        Which::Idle { seconds, rounds } => idle(seconds, rounds).await?,
         Which::Probes {
             rounds,
             round_trips,
-        } => {
-            crate::output::print_json(&probes(rounds, round_trips)?)?;
-            return Ok(ExitCode::SUCCESS);
-        }
+        } => probes(rounds, round_trips)?,
         Which::Chain {
             stages,
             concurrency,
@@ -447,36 +440,37 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             data_plane,
             compare_telemetry,
             telemetry,
-        } => (
-            stages,
-            concurrency,
-            duration,
-            payload_bytes,
-            data_plane,
-            compare_telemetry,
-            telemetry,
-        ),
+            cpu_rate,
+        } => {
+            let measured = match telemetry.as_str() {
+                "all" => Telemetry::All,
+                "spans" => Telemetry::SpansOnly,
+                "probes" => Telemetry::ProbesOnly,
+                // Both sides off: the method's own noise (an A/A comparison).
+                "none" => Telemetry::Off,
+                other => bail!("--telemetry must be all, spans, probes or none, not {other:?}"),
+            };
+            let loading = Loading {
+                duration,
+                payload_bytes,
+                cpu_rate,
+            };
+            let telemetry = if compare_telemetry.is_some() {
+                measured
+            } else {
+                Telemetry::All
+            };
+            chain(
+                stages,
+                &concurrency,
+                loading,
+                &data_plane,
+                telemetry,
+                compare_telemetry,
+            )
+            .await?
+        }
     };
-    let measured = match telemetry.as_str() {
-        "all" => Telemetry::All,
-        "spans" => Telemetry::SpansOnly,
-        "probes" => Telemetry::ProbesOnly,
-        other => bail!("--telemetry must be all, spans or probes, not {other:?}"),
-    };
-    let report = chain(
-        stages,
-        &concurrency,
-        duration,
-        payload_bytes,
-        &data_plane,
-        if compare.is_some() {
-            measured
-        } else {
-            Telemetry::All
-        },
-        compare,
-    )
-    .await?;
     crate::output::print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -488,6 +482,8 @@ struct Point<'a> {
     ingress: &'a str,
     payload_bytes: usize,
     duration: f64,
+    /// Invocations/s of the run that measures CPU per invocation (0: none).
+    cpu_rate: f64,
 }
 
 impl Point<'_> {
@@ -520,10 +516,15 @@ impl Point<'_> {
         // CPU per invocation at a fixed rate below saturation: at saturation every run uses
         // all the CPU and only throughput moves (by ±10% run to run here); below it, what
         // telemetry adds shows up as CPU time, which varies far less.
+        if self.cpu_rate <= 0.0 {
+            return Ok((results, 0.0, 0));
+        }
         let busy = || prescient_agent::hostmon::busy_ticks().unwrap_or(0);
         let open = crate::load::Spec {
             graph: record_id.clone(),
-            mode: crate::load::Mode::Open { rate: CPU_RATE },
+            mode: crate::load::Mode::Open {
+                rate: self.cpu_rate,
+            },
             duration: Duration::from_secs_f64(duration),
             payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
             deadline_ms: 10_000,
@@ -539,9 +540,117 @@ impl Point<'_> {
     }
 }
 
-/// Switches the cluster's spans (SIGUSR1 off, SIGUSR2 on, to every agent and worker) and the
-/// probes (attached here) between measurements of one cluster: the same processes and
-/// placement on both sides, so only telemetry differs.
+/// Time from a switch to the start of the phase it is measured in: spans switch at the next
+/// request, probes at once; this lets the invocations in flight finish.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// One measured phase of a continuous load, with the machine's busy CPU time over it.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    phase: crate::load::Phase,
+    cpu_seconds: f64,
+}
+
+impl Measured {
+    fn cpu_us_per_invocation(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.phase.ok.max(1) as f64
+    }
+}
+
+/// Runs `mode` as one unbroken load and measures `rounds` pairs of phases of `seconds`, one with
+/// telemetry on and one off (ABBA order), switching with `switch` before each: (on, off) pairs.
+async fn alternate(
+    point: &Point<'_>,
+    mode: crate::load::Mode,
+    rounds: usize,
+    switch: &mut dyn FnMut(bool) -> Result<()>,
+) -> Result<Vec<(Measured, Measured)>> {
+    let spec = crate::load::Spec {
+        graph: point.graph.to_string(),
+        mode,
+        duration: Duration::ZERO,
+        payload: bytes::Bytes::from(vec![b'x'; point.payload_bytes]),
+        deadline_ms: 10_000,
+        ingresses: vec![point.ingress.to_string()],
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = || prescient_agent::hostmon::busy_ticks().unwrap_or(0);
+    let mut load = crate::load::Continuous::start(&spec).await?;
+    let mut pairs = Vec::new();
+    let result = async {
+        for round in 0..rounds.max(1) {
+            let order = if round % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            let mut pair = [None, None];
+            for on in order {
+                switch(on)?;
+                tokio::time::sleep(SETTLE).await;
+                load.take();
+                let before = busy();
+                tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
+                let phase = load.take();
+                let ticks = busy().saturating_sub(before);
+                pair[usize::from(on)] = Some(Measured {
+                    phase,
+                    cpu_seconds: ticks as f64 / hz,
+                });
+            }
+            if let [Some(off), Some(on)] = pair {
+                pairs.push((on, off));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    load.stop().await;
+    result.map(|()| pairs)
+}
+
+/// Paired on/off values: medians of each side and of the per-pair ratios, with a
+/// distribution-free 95% confidence interval of the median ratio (the sign-test interval:
+/// order statistics, so no assumption about the noise).
+fn paired(pairs: &[(f64, f64)]) -> serde_json::Value {
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let mut ratios: Vec<f64> = pairs.iter().map(|(on, off)| on / off).collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    // The largest k with P(Binomial(n, 1/2) < k) <= 2.5%: [r_k, r_(n+1-k)] (1-based) covers
+    // the median with at least 95% probability.
+    let mut k = 0;
+    let mut below = 0.0;
+    let mut term = 0.5f64.powi(n as i32);
+    for i in 0..n {
+        if below + term > 0.025 {
+            break;
+        }
+        below += term;
+        term *= (n - i) as f64 / (i + 1) as f64;
+        k = i + 1;
+    }
+    let ci = if k >= 1 {
+        serde_json::json!([round3(ratios[k - 1]), round3(ratios[n - k])])
+    } else {
+        serde_json::Value::Null
+    };
+    let on: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let off: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+    serde_json::json!({
+        "on_median": round3(median(&on)),
+        "off_median": round3(median(&off)),
+        "median_ratio_on_over_off": round3(median(&ratios)),
+        "ratio_ci95": ci,
+        "ratios_sorted": ratios.iter().map(|r| round3(*r)).collect::<Vec<_>>(),
+    })
+}
+
+/// Measures one cluster under one unbroken load per concurrency, switching its telemetry on
+/// and off between short phases: spans by signal (SIGUSR1 off, SIGUSR2 on, to every agent and
+/// worker), the probes by attaching and detaching them (loaded once, here). The same
+/// processes, placement and connections on both sides: only telemetry differs.
 async fn compare_switching(
     cluster: &LocalCluster,
     point: &Point<'_>,
@@ -558,108 +667,103 @@ async fn compare_switching(
         })
         .collect();
     let mut probes_note = String::from("not part of this comparison");
-    let mut runs: [Vec<(Vec<serde_json::Value>, f64)>; 2] = Default::default();
-    for round in 0..rounds.max(1) {
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for measuring in order {
-            let spans = measuring && on.spans();
-            let signal = if spans { libc::SIGUSR2 } else { libc::SIGUSR1 };
-            for &pid in &pids {
-                // SAFETY: kill has no memory preconditions; these are our own children.
-                unsafe { libc::kill(pid as i32, signal) };
+    let mut probes = None;
+    if on.probes() {
+        match prescient_agent::probes::Probes::load() {
+            Ok(mut p) => {
+                p.set_attached(false)?;
+                probes_note = "loaded once, attached only while on".into();
+                probes = Some(p);
             }
-            let probes = if measuring && on.probes() {
-                match prescient_agent::probes::Probes::load() {
-                    Ok(p) => {
-                        probes_note = "attached while on".into();
-                        Some(p)
-                    }
-                    Err(e) => {
-                        probes_note = format!("could not be attached: {e}");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            // Workers apply the switch within 250 ms, agents within a second.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let (results, cpu, _) = point.measure(concurrency).await?;
-            drop(probes);
-            runs[usize::from(measuring)].push((results, cpu));
+            Err(e) => probes_note = format!("could not be loaded: {e}"),
         }
     }
-    // Leave the cluster as it started.
-    for &pid in &pids {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-    }
-    let field = |side: usize, i: usize, key: &str| -> Vec<f64> {
-        runs[side]
-            .iter()
-            .map(|(r, _)| r[i][key].as_f64().unwrap_or(0.0))
-            .collect()
+    let signal_all = |signal| {
+        for &pid in &pids {
+            // SAFETY: kill has no memory preconditions; these are our own children.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
     };
-    let rows: Vec<serde_json::Value> = concurrency
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let (on_rps, off_rps) = (field(1, i, "rps"), field(0, i, "rps"));
-            let ratios: Vec<f64> = on_rps
-                .iter()
-                .zip(&off_rps)
-                .map(|(a, b)| (a / b * 1000.0).round() / 1000.0)
-                .collect();
-            let (ron, roff) = (median(&on_rps), median(&off_rps));
-            serde_json::json!({
-                "concurrency": c,
-                "rps_telemetry_on": ron,
-                "rps_telemetry_off": roff,
-                "throughput_loss": ((1.0 - ron / roff) * 1000.0).round() / 1000.0,
-                "median_round_ratio": median(&ratios),
-                "on_over_off_per_round": ratios,
-                "p50_us_on": median(&field(1, i, "p50_us")),
-                "p50_us_off": median(&field(0, i, "p50_us")),
-            })
-        })
-        .collect();
-    let cpu = |side: usize| -> Vec<f64> { runs[side].iter().map(|(_, c)| *c).collect() };
-    let (cpu_on, cpu_off) = (median(&cpu(1)), median(&cpu(0)));
+    let mut switch = |measuring: bool| -> Result<()> {
+        let spans = measuring && on.spans();
+        signal_all(if spans { libc::SIGUSR2 } else { libc::SIGUSR1 });
+        if let Some(p) = probes.as_mut() {
+            p.set_attached(measuring)?;
+        }
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    for &c in concurrency {
+        let mode = crate::load::Mode::Closed { concurrency: c };
+        let pairs = alternate(point, mode, rounds, &mut switch).await?;
+        let of = |f: fn(&Measured) -> f64| -> Vec<(f64, f64)> {
+            pairs.iter().map(|(on, off)| (f(on), f(off))).collect()
+        };
+        let errors: u64 = pairs
+            .iter()
+            .map(|(a, b)| a.phase.errors + b.phase.errors)
+            .sum();
+        rows.push(serde_json::json!({
+            "concurrency": c,
+            "throughput_rps": paired(&of(|m| m.phase.rps)),
+            "p50_us": paired(&of(|m| m.phase.p50_us as f64)),
+            "errors": errors,
+        }));
+    }
+    let mut cpu = serde_json::Value::Null;
+    if point.cpu_rate > 0.0 {
+        let mode = crate::load::Mode::Open {
+            rate: point.cpu_rate,
+        };
+        let pairs = alternate(point, mode, rounds, &mut switch).await?;
+        let per_invocation: Vec<(f64, f64)> = pairs
+            .iter()
+            .map(|(on, off)| (on.cpu_us_per_invocation(), off.cpu_us_per_invocation()))
+            .collect();
+        cpu = serde_json::json!({
+            "rate": point.cpu_rate,
+            "cpu": paired(&per_invocation),
+        });
+    }
+    // Leave the cluster as it started: spans on, the probes (ours) dropped.
+    signal_all(libc::SIGUSR2);
+    drop(probes);
     Ok(serde_json::json!({
         "bench": "chain-telemetry-overhead",
-        "method": "one cluster; telemetry switched on and off between measurements, ABBA",
+        "method": "one cluster under one unbroken load per point; telemetry switched between \
+            phases (ABBA), each measured after a settling time; ratios are on/off per pair",
         "telemetry_on": on.name(),
         "probes": probes_note,
         "rounds": rounds,
-        "seconds_per_point": point.duration,
+        "seconds_per_phase": point.duration,
+        "settle_seconds": SETTLE.as_secs_f64(),
         "results": rows,
-        "cpu_at_fixed_rate": {
-            "rate": CPU_RATE,
-            "cpu_us_per_invocation_on": cpu_on,
-            "cpu_us_per_invocation_off": cpu_off,
-            "cpu_overhead": ((cpu_on / cpu_off - 1.0) * 1000.0).round() / 1000.0,
-            "on_runs": cpu(1),
-            "off_runs": cpu(0),
-        },
+        "cpu_us_per_invocation_at_fixed_rate": cpu,
     }))
 }
 
-/// Invocations/s of the open-loop run that measures CPU per invocation.
-const CPU_RATE: f64 = 8000.0;
+/// How each point of the chain benchmark is loaded.
+struct Loading {
+    /// Seconds measured per point (per phase when comparing).
+    duration: f64,
+    payload_bytes: usize,
+    /// Invocations/s of the run that measures CPU per invocation (0: none).
+    cpu_rate: f64,
+}
 
 async fn chain(
     stages: usize,
     concurrency: &[usize],
-    duration: f64,
-    payload_bytes: usize,
+    loading: Loading,
     data_plane: &str,
     telemetry: Telemetry,
     compare: Option<usize>,
 ) -> Result<serde_json::Value> {
+    let Loading {
+        duration,
+        payload_bytes,
+        cpu_rate,
+    } = loading;
     if stages == 0 {
         bail!("--stages must be at least 1");
     }
@@ -694,6 +798,7 @@ async fn chain(
             ingress: &ingress,
             payload_bytes,
             duration,
+            cpu_rate,
         };
         if let Some(rounds) = compare {
             return compare_switching(&cluster, &point, concurrency, rounds, telemetry).await;
@@ -702,7 +807,7 @@ async fn chain(
         Ok(serde_json::json!({
             "bench": "chain",
             "cpu_at_fixed_rate": {
-                "rate": CPU_RATE,
+                "rate": cpu_rate,
                 "ok": ok,
                 "cpu_us_per_invocation": (cpu_us * 100.0).round() / 100.0,
             },

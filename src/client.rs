@@ -312,6 +312,11 @@ impl ControlClient {
                 "exec_p50_us": p.get_exec_p50_ns() as f64 / 1e3,
                 "exec_p99_us": p.get_exec_p99_ns() as f64 / 1e3,
                 "exec_mean_us": p.get_exec_mean_ns() as f64 / 1e3,
+                "queue_p50_us": p.get_queue_p50_ns() as f64 / 1e3,
+                "queue_p99_us": p.get_queue_p99_ns() as f64 / 1e3,
+                "sink_count": p.get_sink_count(),
+                "sink_p50_us": p.get_sink_p50_ns() as f64 / 1e3,
+                "sink_p99_us": p.get_sink_p99_ns() as f64 / 1e3,
             }));
         }
         Ok(out)

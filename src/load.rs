@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use prescient_agent::dataplane::IngressConn;
 use prescient_agent::routes::Rng;
 use serde::Serialize;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,15 @@ struct Stats {
 }
 
 impl Stats {
+    fn new() -> Stats {
+        Stats {
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            ok: 0,
+            errors: 0,
+            samples: Vec::new(),
+        }
+    }
+
     fn record(&mut self, started: Instant, result: Result<Vec<(String, Bytes)>, String>) {
         let us = started.elapsed().as_micros() as u64;
         match result {
@@ -82,8 +91,7 @@ impl Stats {
     }
 }
 
-/// Runs the load and reports. Must run in a `LocalSet`.
-pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
+async fn connect(spec: &Spec) -> Result<Vec<Rc<IngressConn>>> {
     if spec.ingresses.is_empty() {
         bail!("no ingress to send to: no agent is registered");
     }
@@ -95,12 +103,118 @@ pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
                 .with_context(|| format!("connecting to the ingress at {addr}"))?,
         ));
     }
-    let stats = Rc::new(RefCell::new(Stats {
-        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-        ok: 0,
-        errors: 0,
-        samples: Vec::new(),
-    }));
+    Ok(conns)
+}
+
+/// What a continuous load completed over one phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Phase {
+    pub ok: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub p50_us: u64,
+}
+
+/// Closed- or open-loop load that runs until stopped and is read in phases (what completed
+/// since the last read): for comparisons that change the system under one unbroken load, with
+/// no connection set-up or warm-up between the sides. Must run in a `LocalSet`.
+pub struct Continuous {
+    stats: Rc<RefCell<Stats>>,
+    stop: Rc<Cell<bool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    since: Instant,
+}
+
+impl Continuous {
+    /// Starts `spec`'s load (closed or open loop; its duration is ignored).
+    pub async fn start(spec: &Spec) -> Result<Continuous> {
+        let conns = connect(spec).await?;
+        let stats = Rc::new(RefCell::new(Stats::new()));
+        let stop = Rc::new(Cell::new(false));
+        let mut tasks = Vec::new();
+        let (graph, payload, deadline) =
+            (spec.graph.clone(), spec.payload.clone(), spec.deadline_ms);
+        let invoke = move |conn: Rc<IngressConn>, started: Instant, stats: Rc<RefCell<Stats>>| {
+            let (graph, payload) = (graph.clone(), payload.clone());
+            async move {
+                let r = conn
+                    .invoke(&graph, vec![(String::new(), payload)], deadline)
+                    .await;
+                stats.borrow_mut().record(started, r);
+            }
+        };
+        match spec.mode {
+            Mode::Closed { concurrency } => {
+                for i in 0..concurrency {
+                    let conn = conns[i % conns.len()].clone();
+                    let (stats, stop) = (stats.clone(), stop.clone());
+                    let invoke = invoke.clone();
+                    tasks.push(tokio::task::spawn_local(async move {
+                        while !stop.get() && !conn.is_closed() {
+                            invoke(conn.clone(), Instant::now(), stats.clone()).await;
+                        }
+                    }));
+                }
+            }
+            Mode::Open { rate } => {
+                let (stats, stop) = (stats.clone(), stop.clone());
+                let invoke = invoke.clone();
+                tasks.push(tokio::task::spawn_local(async move {
+                    let rng = Rng::from_entropy();
+                    let start = Instant::now();
+                    let mut at = 0.0f64;
+                    let mut sent = 0usize;
+                    while !stop.get() {
+                        at += -rng.unit().ln() / rate;
+                        let when = start + Duration::from_secs_f64(at);
+                        tokio::time::sleep_until(when.into()).await;
+                        let conn = conns[sent % conns.len()].clone();
+                        tokio::task::spawn_local(invoke(conn, when, stats.clone()));
+                        sent += 1;
+                    }
+                }));
+            }
+            Mode::Trace { .. } => bail!("a continuous load is closed or open loop, not a trace"),
+        }
+        Ok(Continuous {
+            stats,
+            stop,
+            tasks,
+            since: Instant::now(),
+        })
+    }
+
+    /// What completed since the last call (or the start).
+    pub fn take(&mut self) -> Phase {
+        let s = std::mem::replace(&mut *self.stats.borrow_mut(), Stats::new());
+        let seconds = std::mem::replace(&mut self.since, Instant::now())
+            .elapsed()
+            .as_secs_f64();
+        Phase {
+            ok: s.ok,
+            errors: s.errors,
+            rps: s.ok as f64 / seconds.max(1e-9),
+            p50_us: if s.hist.is_empty() {
+                0
+            } else {
+                s.hist.value_at_quantile(0.5)
+            },
+        }
+    }
+
+    /// Stops sending and waits for the senders (closed loop: their last invocation) to end.
+    pub async fn stop(self) {
+        self.stop.set(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs the load and reports. Must run in a `LocalSet`.
+pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
+    let conns = connect(&spec).await?;
+    let stats = Rc::new(RefCell::new(Stats::new()));
     let start = Instant::now();
     let end = start + spec.duration;
     let invoke = {

@@ -73,12 +73,17 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         window: u32,
     },
-    /// Per-minute history (kept across restarts): invocations of the graph, or one task's.
+    /// Per-minute history (kept across restarts): invocations of the graph, one task's
+    /// executions, or every chain's end-to-end latency.
     History {
         graph: String,
         /// A task; without it, the graph's invocations (its arrival rate).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "chains")]
         task: Option<String>,
+        /// Every chain (path from an entry task to a sink) of the graph: invocations that
+        /// completed it per minute and their end-to-end latency (admission to the sink's end).
+        #[arg(long)]
+        chains: bool,
         #[arg(long, default_value_t = 60)]
         minutes: u64,
     },
@@ -290,7 +295,65 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::History {
             graph,
+            task: _,
+            chains: true,
+            minutes,
+        } => {
+            let c = ControlClient::connect(&cli.control).await?;
+            let id = c.resolve(&graph).await?;
+            let mut all = Vec::new();
+            for chain in c.stats(&id, 1).await?.chains {
+                let Some(sink) = chain.tasks.last() else {
+                    continue;
+                };
+                let points = c.history(&id, sink, minutes).await?;
+                all.push((chain.tasks.join(" -> "), points));
+            }
+            if json {
+                let v: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|(chain, points)| {
+                        let points: Vec<serde_json::Value> = points
+                            .iter()
+                            .map(|p| {
+                                serde_json::json!({
+                                    "minute": p["minute"],
+                                    "count": p["sink_count"],
+                                    "p50_us": p["sink_p50_us"],
+                                    "p99_us": p["sink_p99_us"],
+                                })
+                            })
+                            .collect();
+                        serde_json::json!({ "chain": chain, "points": points })
+                    })
+                    .collect();
+                output::print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .flat_map(|(chain, points)| {
+                        points.iter().map(move |p| {
+                            vec![
+                                chain.clone(),
+                                output::format_time_ms(p["minute"].as_u64().unwrap_or(0) * 60_000),
+                                p["sink_count"].to_string(),
+                                format!("{:.0}", p["sink_p50_us"].as_f64().unwrap_or(0.0)),
+                                format!("{:.0}", p["sink_p99_us"].as_f64().unwrap_or(0.0)),
+                            ]
+                        })
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["CHAIN", "MINUTE", "COUNT", "P50 us", "P99 us"], &rows)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History {
+            graph,
             task,
+            chains: false,
             minutes,
         } => {
             let c = ControlClient::connect(&cli.control).await?;
@@ -310,12 +373,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                             p["errors"].to_string(),
                             format!("{:.0}", p["exec_p50_us"].as_f64().unwrap_or(0.0)),
                             format!("{:.0}", p["exec_p99_us"].as_f64().unwrap_or(0.0)),
+                            format!("{:.0}", p["queue_p50_us"].as_f64().unwrap_or(0.0)),
+                            format!("{:.0}", p["queue_p99_us"].as_f64().unwrap_or(0.0)),
                         ]
                     })
                     .collect();
                 print!(
                     "{}",
-                    output::table(&["MINUTE", "COUNT", "ERRORS", "P50 us", "P99 us"], &rows)
+                    output::table(
+                        &[
+                            "MINUTE",
+                            "COUNT",
+                            "ERRORS",
+                            "P50 us",
+                            "P99 us",
+                            "QUEUE P50 us",
+                            "QUEUE P99 us"
+                        ],
+                        &rows
+                    )
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -39,6 +39,9 @@ def drain():
 t = threading.Thread(target=drain)
 t.start()
 s = socket.create_connection(srv.getsockname())
+# Seen by at least one of the agent's samples, then it sends everything and exits at once:
+# what it sent after its last sample is charged when the agent finds it gone.
+time.sleep(1.5)
 buf = b"x" * (1 << 20)
 left = n
 while left > 0:
@@ -46,7 +49,6 @@ while left > 0:
 s.close()
 t.join()
 assert got[0] == n, got[0]
-time.sleep(2.5)
 "#;
 
 /// Wakes every millisecond: its run-queue waits show how contended the VM's CPU is.

@@ -328,10 +328,39 @@ fn history_survives_a_restart() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The chain's end-to-end latency per minute, timed at its sink: every invocation counted.
+    let chains = |c: &Control| -> serde_json::Value {
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = c.cli_json(&["history", "g1", "--chains"]);
+            let counted: u64 = v[0]["points"]
+                .as_array()
+                .map_or(0, |p| p.iter().map(|p| p["count"].as_u64().unwrap()).sum());
+            if counted == sent {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "chain history never reached {sent}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let chain_before = chains(&control);
+    assert_eq!(chain_before.as_array().unwrap().len(), 1, "{chain_before}");
+    assert_eq!(
+        chain_before[0]["chain"], "preprocess -> infer -> postprocess",
+        "{chain_before}"
+    );
+    for p in chain_before[0]["points"].as_array().unwrap() {
+        let (p50, p99) = (p["p50_us"].as_f64().unwrap(), p["p99_us"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p99 >= p50, "{chain_before}");
+    }
     let before = control.cli_json(&["history", "g1"]);
     let addr = control.addr.clone();
     control.kill9();
     let control = Control::start_on(&data, &addr, &["--startup-grace-ms", "0"]);
     assert_eq!(control.cli_json(&["history", "g1"]), before);
     assert_eq!(total(&control, &["--task", "infer"]), sent);
+    assert_eq!(chains(&control), chain_before);
 }

@@ -175,11 +175,9 @@ impl AgentNode {
         let mut groups = crate::probes::GroupTracker::default();
         let mut cpus = crate::probes::CpuTracker::default();
         crate::telemetry::install_switch_signals();
+        crate::clock::init();
         loop {
             tick.tick().await;
-            if let Some(on) = crate::telemetry::take_switch() {
-                self.ingress.set_latency_enabled(on);
-            }
             if let Some(mut sample) = sampler.sample(crate::dataplane::now_unix_us() / 1000) {
                 let vms = self.sample_vms(&mut vm_cpu);
                 // Who is in each VM matters only to the probes and to per-process GPU memory.
@@ -265,7 +263,10 @@ impl AgentNode {
         let Some(probes) = &self.probes else {
             return HashMap::new();
         };
-        let grown = groups.update(members, |tgid| probes.process(tgid));
+        let (grown, departed) = groups.update(members, |tgid| probes.process(tgid));
+        for tgid in departed {
+            probes.forget(tgid);
+        }
         let host_hist = cpus.update(probes.cpu_histograms());
         host.runq_hist = Some(host_hist);
         let mut totals = self.probe_totals.borrow_mut();

@@ -147,6 +147,7 @@ impl Ingress {
         );
         let deadline_unix_us = now_unix_us() + u64::from(deadline_ms) * 1000;
         let admitted_ns = dataplane::now_unix_ns();
+        let admitted = self.latency.enabled().then(crate::clock::Stamp::now);
         for (name, value) in inputs {
             let (task, port) = name
                 .rsplit_once('.')
@@ -166,16 +167,16 @@ impl Ingress {
             });
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
-        if !self.latency.enabled() {
+        let Some(admitted) = admitted.filter(|_| self.latency.enabled()) else {
             return result;
-        }
+        };
         self.latency.record(crate::telemetry::SpanRec {
             graph_id: routes.graph_id.clone(),
             task: self.whole_graph.clone(),
             replica: self.fwd.host.clone(),
             invocation,
             queue_ns: 0,
-            exec_ns: dataplane::now_unix_ns().saturating_sub(admitted_ns),
+            exec_ns: crate::clock::Stamp::now().ns_since(admitted),
             input_bytes: 0,
             output_bytes: result
                 .as_ref()
@@ -191,11 +192,6 @@ impl Ingress {
     /// End-to-end latencies measured here, as a telemetry batch (task "" = the whole graph).
     pub fn take_latency_batch(&self) -> Option<Vec<u8>> {
         self.latency.take_batch(&self.fwd.host).map(|(b, _)| b)
-    }
-
-    /// Turns the end-to-end latency record on or off (see `telemetry::install_switch_signals`).
-    pub fn set_latency_enabled(&self, on: bool) {
-        self.latency.set_enabled(on);
     }
 
     async fn wait(

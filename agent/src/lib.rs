@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod btf;
 pub mod cgroup;
+pub mod clock;
 pub mod dataplane;
 pub mod exec;
 pub mod forward;

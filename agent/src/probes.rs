@@ -51,10 +51,16 @@ pub enum ProbeError {
     },
 }
 
+/// The programs, in the order they are loaded and attached.
+const PROGRAMS: [&str; 3] = ["sched_switch", "sock_send_length", "sock_recv_length"];
+
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
-    _ebpf: aya::Ebpf,
-    processes: aya::maps::HashMap<MapData, u32, ProcessCounters>,
+    ebpf: aya::Ebpf,
+    /// The programs' attachments while attached (empty while detached).
+    links: Vec<(&'static str, aya::programs::tp_btf::BtfTracePointLinkId)>,
+    /// In a cell: dropping a process's entry needs the map mutably, reading does not.
+    processes: std::cell::RefCell<aya::maps::HashMap<MapData, u32, ProcessCounters>>,
     cpu_slots: PerCpuArray<MapData, CpuSlot>,
     /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
     pub tcp_only: bool,
@@ -123,11 +129,14 @@ impl Probes {
                 })
         }
         let attach_failed = |program| move |source| ProbeError::Attach { program, source };
-        for name in ["sched_switch", "sock_send_length", "sock_recv_length"] {
+        let mut links = Vec::new();
+        for name in PROGRAMS {
             let p: &mut aya::programs::BtfTracePoint = program(&mut ebpf, name)?;
-            p.load(name, &aya_btf)
-                .and_then(|()| p.attach().map(drop))
+            let link = p
+                .load(name, &aya_btf)
+                .and_then(|()| p.attach())
                 .map_err(attach_failed(name))?;
+            links.push((name, link));
         }
         fn map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
             ebpf: &mut aya::Ebpf,
@@ -138,19 +147,56 @@ impl Probes {
                 .try_into()
                 .map_err(|source| ProbeError::Map { map: name, source })
         }
-        let processes = map(&mut ebpf, maps::PROCESSES)?;
+        let processes = std::cell::RefCell::new(map(&mut ebpf, maps::PROCESSES)?);
         let cpu_slots = map(&mut ebpf, maps::CPU_SLOT)?;
         Ok(Probes {
-            _ebpf: ebpf,
+            ebpf,
+            links,
             processes,
             cpu_slots,
             tcp_only: protocol != u32::MAX,
         })
     }
 
+    /// Detaches the programs, or attaches them again, keeping them loaded (their maps keep
+    /// counting from where they were): a switch costs two system calls per program, not a
+    /// load and verification, so a benchmark can flip it between short phases.
+    pub fn set_attached(&mut self, on: bool) -> Result<(), ProbeError> {
+        if on != self.links.is_empty() {
+            return Ok(());
+        }
+        for name in PROGRAMS {
+            let p: &mut aya::programs::BtfTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing(name))?
+                .try_into()
+                .map_err(|source| ProbeError::Attach {
+                    program: name,
+                    source,
+                })?;
+            let failed = |source| ProbeError::Attach {
+                program: name,
+                source,
+            };
+            if on {
+                self.links.push((name, p.attach().map_err(failed)?));
+            } else if let Some(at) = self.links.iter().position(|(n, _)| *n == name) {
+                let (_, link) = self.links.swap_remove(at);
+                p.detach(link).map_err(failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a process's counters (it has left every VM and been charged one last time).
+    pub fn forget(&self, tgid: u32) {
+        let _ = self.processes.borrow_mut().remove(&tgid);
+    }
+
     /// One process's counters since the probes were loaded (None: it never ran or sent).
     pub fn process(&self, tgid: u32) -> Option<ProcessCounters> {
-        self.processes.get(&tgid, 0).ok()
+        self.processes.borrow().get(&tgid, 0).ok()
     }
 
     /// Run-queue waits on each CPU since the probes were loaded: by log2 bucket, then their
@@ -250,36 +296,48 @@ pub fn histogram_sketch(hist: &[u64]) -> Sketch {
 /// Turns cumulative per-process counters into per-group growth, interval by interval.
 #[derive(Default)]
 pub struct GroupTracker {
-    last: HashMap<u32, ProcessCounters>,
+    /// Each process seen at the last update: its group and its counters then.
+    last: HashMap<u32, (String, ProcessCounters)>,
 }
 
 impl GroupTracker {
     /// `groups`: each group's name and its member processes now. Returns each group's growth
-    /// since the previous call; a process seen for the first time counts from zero, a process
-    /// that left is forgotten.
+    /// since the previous call, and the processes that left. A process seen for the first time
+    /// counts from zero. A process that left (exited, or moved out) is charged to its old group
+    /// one last time from what `read` still finds for it (the kernel side keeps a process's
+    /// counters after it exits; its last switch-out has flushed them), then forgotten: the
+    /// caller deletes the returned processes' counters, so a reused process id starts afresh.
     pub fn update(
         &mut self,
         groups: &[(String, Vec<u32>)],
         read: impl Fn(u32) -> Option<ProcessCounters>,
-    ) -> Vec<(String, ProbeUsage)> {
+    ) -> (Vec<(String, ProbeUsage)>, Vec<u32>) {
         let mut next = HashMap::new();
         let mut out = Vec::with_capacity(groups.len());
         for (name, members) in groups {
             let mut usage = ProbeUsage::default();
             for &tgid in members {
                 let Some(now) = read(tgid) else { continue };
-                let before = self
-                    .last
-                    .get(&tgid)
-                    .copied()
-                    .unwrap_or(ProcessCounters::ZERO);
+                let before = match self.last.remove(&tgid) {
+                    Some((_, before)) => before,
+                    None => ProcessCounters::ZERO,
+                };
                 usage.add_growth(&now, &before);
-                next.insert(tgid, now);
+                next.insert(tgid, (name.clone(), now));
             }
             out.push((name.clone(), usage));
         }
+        // What is left in `last` was in a group before and is in none now.
+        let mut departed = Vec::with_capacity(self.last.len());
+        for (tgid, (group, before)) in self.last.drain() {
+            departed.push(tgid);
+            let Some(now) = read(tgid) else { continue };
+            if let Some((_, usage)) = out.iter_mut().find(|(name, _)| *name == group) {
+                usage.add_growth(&now, &before);
+            }
+        }
         self.last = next;
-        out
+        (out, departed)
     }
 }
 
@@ -329,22 +387,32 @@ mod tests {
             (20, counters(7, 0, 0)),
         ]));
         let groups = vec![("a".to_string(), vec![10, 11]), ("b".to_string(), vec![20])];
-        let first = t.update(&groups, |p| table.borrow().get(&p).copied());
+        let (first, _) = t.update(&groups, |p| table.borrow().get(&p).copied());
         assert_eq!(
             first[0].1.tcp_sent_bytes, 150,
             "first sight counts from zero"
         );
         assert_eq!(first[1].1.tcp_sent_bytes, 7);
         table.borrow_mut().insert(10, counters(400, 3, 9));
-        let second = t.update(&groups, |p| table.borrow().get(&p).copied());
+        let (second, _) = t.update(&groups, |p| table.borrow().get(&p).copied());
         assert_eq!(second[0].1.tcp_sent_bytes, 300);
         assert_eq!(second[0].1.runq_waits, 2);
         assert_eq!(second[0].1.runq_hist[9], 2);
         assert_eq!(second[1].1.tcp_sent_bytes, 0);
         // A reused tgid starts below its predecessor: count it from zero, never negative.
         table.borrow_mut().insert(20, counters(3, 0, 0));
-        let third = t.update(&groups, |p| table.borrow().get(&p).copied());
+        let (third, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
         assert_eq!(third[1].1.tcp_sent_bytes, 3);
+        assert!(departed.is_empty());
+        // 11 exits after sending 20 more bytes: charged to "a" once, then forgotten.
+        table.borrow_mut().insert(11, counters(70, 0, 0));
+        let groups = vec![("a".to_string(), vec![10]), ("b".to_string(), vec![20])];
+        let (fourth, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
+        assert_eq!(fourth[0].1.tcp_sent_bytes, 20);
+        assert_eq!(departed, vec![11]);
+        let (fifth, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
+        assert_eq!(fifth[0].1.tcp_sent_bytes, 0);
+        assert!(departed.is_empty());
     }
 
     #[test]

@@ -75,12 +75,11 @@ impl SpanBuffer {
         self.off.set(true);
     }
 
-    pub fn set_enabled(&self, on: bool) {
-        self.off.set(!on);
-    }
-
+    /// Whether executions are recorded: not turned off here, nor for the whole process by
+    /// signal. One relaxed load of a flag: cheap enough to ask on every request, so a switch
+    /// takes effect at once.
     pub fn enabled(&self) -> bool {
-        !self.off.get()
+        !self.off.get() && !switched_off()
     }
 
     /// Records a request's arrival on an input port (its edge): bytes and transfer time.
@@ -93,7 +92,7 @@ impl SpanBuffer {
         transfer_ns: u64,
         bytes: u64,
     ) {
-        if self.off.get() {
+        if !self.enabled() {
             return;
         }
         let mut edges = self.edges.borrow_mut();
@@ -110,7 +109,7 @@ impl SpanBuffer {
     }
 
     pub fn record(&self, s: SpanRec) {
-        if self.off.get() {
+        if !self.enabled() {
             return;
         }
         let second = s.start_unix_ns / 1_000_000_000;
@@ -217,16 +216,19 @@ impl SpanBuffer {
     }
 }
 
-/// The last switch asked for by signal: 0 none, 1 off (SIGUSR1), 2 on (SIGUSR2).
-static SWITCH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// Set by SIGUSR1, cleared by SIGUSR2: per-request telemetry off for the whole process.
+static SWITCHED_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_switch_signal(signal: libc::c_int) {
-    let v = if signal == libc::SIGUSR2 { 2 } else { 1 };
-    SWITCH.store(v, std::sync::atomic::Ordering::Relaxed);
+    SWITCHED_OFF.store(
+        signal == libc::SIGUSR1,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 /// Lets SIGUSR1 turn per-request telemetry off and SIGUSR2 on again, in a running process
-/// (`prescient bench chain --compare-telemetry` measures one cluster both ways).
+/// (`prescient bench chain --compare-telemetry` measures one cluster both ways). The switch
+/// takes effect at the next request.
 pub fn install_switch_signals() {
     let handler = on_switch_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -236,13 +238,9 @@ pub fn install_switch_signals() {
     }
 }
 
-/// The switch asked for since the last call, if any: `Some(true)` for on.
-pub fn take_switch() -> Option<bool> {
-    match SWITCH.swap(0, std::sync::atomic::Ordering::Relaxed) {
-        1 => Some(false),
-        2 => Some(true),
-        _ => None,
-    }
+/// Whether this process's per-request telemetry was switched off by signal.
+pub fn switched_off() -> bool {
+    SWITCHED_OFF.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A writer thread for batches, so a slow reader never stalls the worker's event loop.

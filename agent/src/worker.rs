@@ -124,11 +124,18 @@ struct Deployed {
     sink: bool,
 }
 
+/// When a request arrived, for its span (None: spans were off).
+#[derive(Clone, Copy)]
+struct Arrival {
+    unix_ns: u64,
+    at: crate::clock::Stamp,
+}
+
 /// Inputs of a join task arriving for one invocation.
 struct Join {
     hop: Hop,
     /// When the first input arrived: queueing is counted from there.
-    received_ns: u64,
+    arrival: Option<Arrival>,
     parts: Vec<Option<Bytes>>,
     acks: Vec<(Sender, u64)>,
 }
@@ -227,24 +234,27 @@ impl Worker {
         hop: Hop,
         inputs: Vec<Bytes>,
         acks: Vec<(Sender, u64)>,
-        received_ns: u64,
+        arrival: Option<Arrival>,
     ) {
         tokio::task::spawn_local(async move {
-            let timed = self.spans.enabled();
-            let start_ns = if timed { dataplane::now_unix_ns() } else { 0 };
+            let arrival = arrival.filter(|_| self.spans.enabled());
+            let start = arrival.map(|_| crate::clock::Stamp::now());
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
-            let end_ns = if timed { dataplane::now_unix_ns() } else { 0 };
-            if timed {
+            if let (Some(arrival), Some(start)) = (arrival, start) {
+                let queue_ns = start.ns_since(arrival.at);
+                let exec_ns = crate::clock::Stamp::now().ns_since(start);
+                let start_ns = arrival.unix_ns + queue_ns;
+                let end_ns = start_ns + exec_ns;
                 self.spans.record(crate::telemetry::SpanRec {
                     graph_id: d.graph_id.clone(),
                     task: d.task.clone(),
                     replica: self.replica.borrow().clone(),
                     invocation: hop.invocation,
-                    queue_ns: start_ns.saturating_sub(received_ns),
-                    exec_ns: end_ns.saturating_sub(start_ns),
+                    queue_ns,
+                    exec_ns,
                     input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
                     output_bytes: result.as_ref().map_or(0, |o| o.len() as u64),
-                    transfer_ns: received_ns.saturating_sub(hop.sent_unix_ns),
+                    transfer_ns: arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
                     start_unix_ns: start_ns,
                     ok: result.is_ok(),
                     sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
@@ -334,19 +344,20 @@ impl Worker {
 
 impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
-        // Transfer time (sent -> received) and bytes go into per-second windows of the edge.
-        let received_ns = if self.spans.enabled() {
-            dataplane::now_unix_ns()
-        } else {
-            0
-        };
-        if received_ns > 0 {
+        // One wall-clock read serves the deadline check and, with spans on, the arrival.
+        let now_ns = dataplane::now_unix_ns();
+        let arrival = self.spans.enabled().then(|| Arrival {
+            unix_ns: now_ns,
+            at: crate::clock::Stamp::now(),
+        });
+        if arrival.is_some() {
+            // Transfer time (sent -> received) and bytes go into per-second windows of the edge.
             self.spans.record_arrival(
                 &hop.graph_id,
                 &hop.task,
                 &hop.port,
-                received_ns,
-                received_ns.saturating_sub(hop.sent_unix_ns),
+                now_ns,
+                now_ns.saturating_sub(hop.sent_unix_ns),
                 hop.payload.len() as u64,
             );
         }
@@ -364,7 +375,7 @@ impl dataplane::Handler for Worker {
             );
             return ack(&acks);
         }
-        if now_unix_us() > hop.deadline_unix_us {
+        if now_ns / 1000 > hop.deadline_unix_us {
             self.fwd.fail(
                 &hop,
                 format!(
@@ -376,7 +387,7 @@ impl dataplane::Handler for Worker {
         }
         if d.inputs.len() <= 1 {
             let payload = hop.payload.clone();
-            return self.execute(d, hop, vec![payload], acks, received_ns);
+            return self.execute(d, hop, vec![payload], acks, arrival);
         }
         let Some(slot) = d.inputs.iter().position(|p| **p == *hop.port) else {
             self.fwd.fail(
@@ -390,7 +401,7 @@ impl dataplane::Handler for Worker {
             let mut joins = self.joins.borrow_mut();
             let j = joins.entry(key.clone()).or_insert_with(|| Join {
                 hop: hop.clone(),
-                received_ns,
+                arrival,
                 parts: vec![None; d.inputs.len()],
                 acks: Vec::new(),
             });
@@ -408,7 +419,7 @@ impl dataplane::Handler for Worker {
                 .into_iter()
                 .map(|p| p.expect("all present"))
                 .collect();
-            self.execute(d, j.hop, inputs, j.acks, j.received_ns);
+            self.execute(d, j.hop, inputs, j.acks, j.arrival);
         }
     }
 
@@ -450,6 +461,7 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
         worker.spans.disable();
     }
     crate::telemetry::install_switch_signals();
+    crate::clock::init();
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
@@ -501,9 +513,6 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
                 None => break,
             },
             _ = tick.tick() => {
-                if let Some(on) = crate::telemetry::take_switch() {
-                    worker.spans.set_enabled(on);
-                }
                 worker.sweep();
             }
         }

@@ -347,8 +347,17 @@ impl Monitor {
             for (t, w) in series.iter().filter(|(t, _)| t / 60 >= first_minute) {
                 let m = minutes.entry(t / 60).or_default();
                 m.exec.merge(&w.exec);
+                m.queue.merge(&w.queue);
+                m.sink.merge(&w.sink);
                 m.errors += w.errors;
             }
+            let ns = |s: &Sketch, q: f64| {
+                if s.count() == 0 {
+                    0
+                } else {
+                    s.quantile(q).round() as u64
+                }
+            };
             for (minute, m) in minutes {
                 out.push((
                     g.clone(),
@@ -357,9 +366,14 @@ impl Monitor {
                         minute,
                         count: m.exec.count(),
                         errors: m.errors,
-                        exec_p50_ns: m.exec.quantile(0.5).round() as u64,
-                        exec_p99_ns: m.exec.quantile(0.99).round() as u64,
+                        exec_p50_ns: ns(&m.exec, 0.5),
+                        exec_p99_ns: ns(&m.exec, 0.99),
                         exec_mean_ns: m.exec.mean().round() as u64,
+                        queue_p50_ns: ns(&m.queue, 0.5),
+                        queue_p99_ns: ns(&m.queue, 0.99),
+                        sink_count: m.sink.count(),
+                        sink_p50_ns: ns(&m.sink, 0.5),
+                        sink_p99_ns: ns(&m.sink, 0.99),
                     },
                 ));
             }

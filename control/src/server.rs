@@ -402,6 +402,11 @@ impl control::Server for Control {
             b.set_exec_p50_ns(h.exec_p50_ns);
             b.set_exec_p99_ns(h.exec_p99_ns);
             b.set_exec_mean_ns(h.exec_mean_ns);
+            b.set_queue_p50_ns(h.queue_p50_ns);
+            b.set_queue_p99_ns(h.queue_p99_ns);
+            b.set_sink_count(h.sink_count);
+            b.set_sink_p50_ns(h.sink_p50_ns);
+            b.set_sink_p99_ns(h.sink_p99_ns);
         }
         Ok(())
     }

@@ -308,17 +308,33 @@ pub struct HistoryPoint {
     pub exec_p50_ns: u64,
     pub exec_p99_ns: u64,
     pub exec_mean_ns: u64,
+    pub queue_p50_ns: u64,
+    pub queue_p99_ns: u64,
+    /// Sink tasks: invocations that ended here and their admission-to-end latency (the
+    /// end-to-end latency of every chain ending at this task).
+    pub sink_count: u64,
+    pub sink_p50_ns: u64,
+    pub sink_p99_ns: u64,
 }
 
+/// Stored fields, in order, 8 bytes each. Fields are only ever appended: a shorter record
+/// (written by an older version) reads its missing fields as 0.
+const HISTORY_FIELDS: usize = 10;
+
 impl HistoryPoint {
-    fn to_bytes(self) -> [u8; 40] {
-        let mut b = [0u8; 40];
+    fn to_bytes(self) -> [u8; HISTORY_FIELDS * 8] {
+        let mut b = [0u8; HISTORY_FIELDS * 8];
         for (i, v) in [
             self.count,
             self.errors,
             self.exec_p50_ns,
             self.exec_p99_ns,
             self.exec_mean_ns,
+            self.queue_p50_ns,
+            self.queue_p99_ns,
+            self.sink_count,
+            self.sink_p50_ns,
+            self.sink_p99_ns,
         ]
         .iter()
         .enumerate()
@@ -341,6 +357,11 @@ impl HistoryPoint {
             exec_p50_ns: at(2),
             exec_p99_ns: at(3),
             exec_mean_ns: at(4),
+            queue_p50_ns: at(5),
+            queue_p99_ns: at(6),
+            sink_count: at(7),
+            sink_p50_ns: at(8),
+            sink_p99_ns: at(9),
         }
     }
 }

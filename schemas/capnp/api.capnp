@@ -104,6 +104,13 @@ struct HistoryPoint {
   execP50Ns @3 :UInt64;
   execP99Ns @4 :UInt64;
   execMeanNs @5 :UInt64;
+  queueP50Ns @6 :UInt64;
+  queueP99Ns @7 :UInt64;
+  # Sink tasks: admission at the ingress to the end of this task (the end-to-end latency of
+  # every chain ending here); 0 elsewhere.
+  sinkCount @8 :UInt64;
+  sinkP50Ns @9 :UInt64;
+  sinkP99Ns @10 :UInt64;
 }
 
 struct TaskStats {
