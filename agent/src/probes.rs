@@ -51,6 +51,14 @@ pub enum ProbeError {
     },
 }
 
+/// Processes the per-CPU counters map holds: 16,384, fewer on machines with many CPUs so that
+/// its copies (one per CPU) stay within 64 MiB; the least recently switched are dropped first.
+fn process_slots() -> u32 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
+    let per_process = (std::mem::size_of::<ProcessCounters>() as u64) * cpus;
+    ((64u64 << 20) / per_process).clamp(1024, 16384) as u32
+}
+
 /// The programs, in the order they are loaded and attached.
 const PROGRAMS: [&str; 3] = ["sched_switch", "sock_send_length", "sock_recv_length"];
 
@@ -60,7 +68,7 @@ pub struct Probes {
     /// The programs' attachments while attached (empty while detached).
     links: Vec<(&'static str, aya::programs::tp_btf::BtfTracePointLinkId)>,
     /// In a cell: dropping a process's entry needs the map mutably, reading does not.
-    processes: std::cell::RefCell<aya::maps::HashMap<MapData, u32, ProcessCounters>>,
+    processes: std::cell::RefCell<aya::maps::PerCpuHashMap<MapData, u32, ProcessCounters>>,
     cpu_slots: PerCpuArray<MapData, CpuSlot>,
     /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
     pub tcp_only: bool,
@@ -106,6 +114,7 @@ impl Probes {
             .ok_or(ProbeError::Missing("task_struct.se.sum_exec_runtime"))?;
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&aya_btf))
+            .map_max_entries(maps::PROCESSES, process_slots())
             .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
             .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
@@ -194,9 +203,21 @@ impl Probes {
         let _ = self.processes.borrow_mut().remove(&tgid);
     }
 
-    /// One process's counters since the probes were loaded (None: it never ran or sent).
+    /// One process's counters since the probes were loaded, summed over the CPUs' copies
+    /// (None: it never ran or sent).
     pub fn process(&self, tgid: u32) -> Option<ProcessCounters> {
-        self.processes.borrow().get(&tgid, 0).ok()
+        let per_cpu = self.processes.borrow().get(&tgid, 0).ok()?;
+        let mut sum = ProcessCounters::ZERO;
+        for c in per_cpu.iter() {
+            sum.runq_wait_ns += c.runq_wait_ns;
+            sum.cpu_ns += c.cpu_ns;
+            sum.tcp_sent_bytes += c.tcp_sent_bytes;
+            sum.tcp_received_bytes += c.tcp_received_bytes;
+            for (s, n) in sum.runq_hist.iter_mut().zip(c.runq_hist) {
+                *s += n;
+            }
+        }
+        Some(sum)
     }
 
     /// Run-queue waits on each CPU since the probes were loaded: by log2 bucket, then their

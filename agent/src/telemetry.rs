@@ -44,7 +44,6 @@ struct Window {
     output_bytes: u64,
     exec: Sketch,
     queue: Sketch,
-    transfer: Sketch,
     sink: Sketch,
 }
 
@@ -124,7 +123,6 @@ impl SpanBuffer {
                 output_bytes: 0,
                 exec: Sketch::default(),
                 queue: Sketch::default(),
-                transfer: Sketch::default(),
                 sink: Sketch::default(),
             });
             w.exec.record(s.exec_ns as f64);
@@ -132,7 +130,8 @@ impl SpanBuffer {
                 w.sink.record(s.sink_ns as f64);
             }
             w.queue.record(s.queue_ns as f64);
-            w.transfer.record(s.transfer_ns as f64);
+            // Transfer time is recorded once per arrival, on its edge (`record_arrival`); the
+            // control node derives the task's from its edges.
             w.input_bytes += s.input_bytes;
             w.output_bytes += s.output_bytes;
             if !s.ok {
@@ -174,7 +173,6 @@ impl SpanBuffer {
                 x.set_output_bytes(w.output_bytes);
                 w.exec.encode(x.reborrow().init_exec_ns());
                 w.queue.encode(x.reborrow().init_queue_ns());
-                w.transfer.encode(x.reborrow().init_transfer_ns());
                 w.sink.encode(x.init_sink_ns());
             }
             let mut list = b.reborrow().init_edges(edges.len() as u32);

@@ -398,6 +398,16 @@ impl Monitor {
                     m.input_bytes += w.input_bytes;
                     m.output_bytes += w.output_bytes;
                 }
+                // Workers record transfer times once, per edge (older ones also per task).
+                if m.transfer.count() == 0 {
+                    for ((g, t, _), series) in &self.edges {
+                        if g == graph_id && t == task {
+                            for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                                m.transfer.merge(&w.transfer);
+                            }
+                        }
+                    }
+                }
                 let q = |s: &Sketch, p: f64| s.quantile(p).round() as u64;
                 TaskStats {
                     task: task.clone(),

@@ -78,9 +78,38 @@ fn gamma() -> f64 {
 /// ln(gamma) for ALPHA = 0.01, precomputed: `record` is on every request's path.
 const LN_GAMMA: f64 = 0.020000666706669435;
 
+/// `ceil(ln(v) / ln(gamma))` for a positive, finite `v`, without calling libm: `record` runs
+/// several times per request, and `ln` and `ceil` were two thirds of its cost.
+///
+/// `v = m * 2^e` with `m` in [sqrt(1/2), sqrt(2)); `ln m = 2 atanh(t)` with `t = (m-1)/(m+1)`
+/// (|t| < 0.172), summed to t^7: the error is below 1e-7, so only a value within a relative
+/// 1e-7 of a bucket boundary can land in the neighbouring bucket.
+#[inline]
 fn index_of(v: f64) -> i32 {
-    (v.ln() / LN_GAMMA).ceil() as i32
+    let bits = v.to_bits();
+    let mut e = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mut m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let ln_m = 2.0 * t * (1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0))));
+    let x = (e as f64 * std::f64::consts::LN_2 + ln_m) * (1.0 / LN_GAMMA);
+    // `as` truncates toward zero: that is the ceiling of a negative number, and one below the
+    // ceiling of a positive one that is not whole.
+    let i = x as i32;
+    if (i as f64) < x {
+        i + 1
+    } else {
+        i
+    }
 }
+
+/// The largest value recorded as itself (about 11.6 days in ns); larger ones, and NaN, are
+/// recorded as this, so one wild value cannot stretch a sketch past `MAX_SPAN`.
+const MAX_VALUE: f64 = 1e15;
 
 impl Sketch {
     /// Records a non-negative value (negative values count as zero).
@@ -94,6 +123,8 @@ impl Sketch {
         if n == 0 {
             return;
         }
+        // `min` returns the other operand for NaN.
+        let v = v.min(MAX_VALUE);
         if self.count == 0 {
             self.min = v;
             self.max = v;
@@ -222,6 +253,48 @@ impl Sketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_agrees_with_libm_away_from_bucket_boundaries() {
+        // Log-uniform values from 1e-6 to 1e15 (a fixed xorshift sequence).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut near_boundary = 0;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = 10f64.powf(-6.0 + 21.0 * (x >> 11) as f64 / (1u64 << 53) as f64);
+            let exact = v.ln() / LN_GAMMA;
+            if (exact - exact.round()).abs() < 1e-6 {
+                near_boundary += 1;
+                assert!((index_of(v) - exact.ceil() as i32).abs() <= 1, "{v}");
+                continue;
+            }
+            assert_eq!(index_of(v), exact.ceil() as i32, "{v}");
+        }
+        assert!(near_boundary < 100, "{near_boundary}");
+        // Whole powers of gamma sit on boundaries: within one bucket either way.
+        for i in [-500, -1, 1, 2, 700, 1700] {
+            let v = gamma().powi(i);
+            assert!((index_of(v) - i).abs() <= 1, "{i}");
+        }
+    }
+
+    #[test]
+    fn wild_values_are_clamped_not_spread() {
+        let mut s = Sketch::default();
+        s.record(1_000.0);
+        s.record(f64::INFINITY);
+        s.record(f64::NAN);
+        s.record(1e300);
+        assert_eq!(s.count(), 4);
+        assert!(
+            s.buckets.counts.len() < MAX_SPAN,
+            "{}",
+            s.buckets.counts.len()
+        );
+        assert!(s.quantile(1.0) <= MAX_VALUE * (1.0 + ALPHA));
+    }
 
     #[test]
     fn quantiles_are_within_the_relative_error() {

@@ -70,7 +70,7 @@ pub fn latency_bucket(ns: u64) -> usize {
 
 /// Map names, as the agent looks them up.
 pub mod maps {
-    /// `LruHashMap<u32 tgid, ProcessCounters>`.
+    /// `LruPerCpuHashMap<u32 tgid, ProcessCounters>: one copy per CPU, summed by the reader`.
     pub const PROCESSES: &str = "PROCESSES";
     /// `PerCpuArray<CpuSlot>` of one entry: what runs on each CPU, and its run-queue histogram.
     pub const CPU_SLOT: &str = "CPU_SLOT";

@@ -21,7 +21,7 @@ mod probes {
         bindings::BPF_NOEXIST,
         helpers::bpf_get_current_pid_tgid,
         macros::{btf_tracepoint, map},
-        maps::{LruHashMap, PerCpuArray},
+        maps::{LruPerCpuHashMap, PerCpuArray},
         programs::BtfTracePointContext,
     };
     use prescient_probes_common::{latency_bucket, CpuSlot, ProcessCounters};
@@ -45,8 +45,12 @@ mod probes {
 
     #[map]
     static CPU_SLOT: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
+    /// Per CPU, so a process's counters never bounce between CPUs and need no atomic adds
+    /// (the switch runs with preemption off); the agent sums the CPUs' copies. The loader
+    /// sizes it to the machine's CPU count.
     #[map]
-    static PROCESSES: LruHashMap<u32, ProcessCounters> = LruHashMap::with_max_entries(16384, 0);
+    static PROCESSES: LruPerCpuHashMap<u32, ProcessCounters> =
+        LruPerCpuHashMap::with_max_entries(16384, 0);
 
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
@@ -86,7 +90,7 @@ mod probes {
     /// value read as a task is switched in and again as it is switched out (on the same CPU,
     /// which it cannot leave while running) differ by exactly that one wait. No map update
     /// per wakeup: a few loads from the two tasks and one per-CPU slot, plus one hash lookup
-    /// for user processes.
+    /// (of this CPU's copy, no atomic operation) for user processes.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let prev: *const u8 = ctx.arg(1);
@@ -121,19 +125,17 @@ mod probes {
                 None
             };
             if let Some(c) = process {
+                // SAFETY: this CPU's copy of the process's counters; nothing else writes it
+                // while this switch runs.
                 let c = unsafe { &mut *c };
                 let ran = unsafe { *(prev.add(run_off) as *const u64) };
-                add(&mut c.cpu_ns, ran.saturating_sub(slot.exec_runtime_ns));
-                if slot.tcp_sent_bytes != 0 {
-                    add(&mut c.tcp_sent_bytes, slot.tcp_sent_bytes);
-                }
-                if slot.tcp_received_bytes != 0 {
-                    add(&mut c.tcp_received_bytes, slot.tcp_received_bytes);
-                }
+                c.cpu_ns += ran.saturating_sub(slot.exec_runtime_ns);
+                c.tcp_sent_bytes += slot.tcp_sent_bytes;
+                c.tcp_received_bytes += slot.tcp_received_bytes;
                 if counted {
-                    add(&mut c.runq_wait_ns, waited);
+                    c.runq_wait_ns += waited;
                     if let Some(b) = c.runq_hist.get_mut(latency_bucket(waited)) {
-                        add(b, 1);
+                        *b += 1;
                     }
                 }
             }
