@@ -544,11 +544,16 @@ impl Point<'_> {
 /// request, probes at once; this lets the invocations in flight finish.
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// One measured phase of a continuous load, with the machine's busy CPU time over it.
+/// The processes of a comparison, by role: control, agents, workers, the load generator.
+const ROLES: [&str; 4] = ["control", "agents", "workers", "load generator"];
+
+/// One measured phase of a continuous load, with the machine's busy CPU time over it and each
+/// role's share.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
     phase: crate::load::Phase,
     cpu_seconds: f64,
+    role_cpu_seconds: [f64; 4],
 }
 
 impl Measured {
@@ -564,6 +569,7 @@ async fn alternate(
     mode: crate::load::Mode,
     rounds: usize,
     switch: &mut dyn FnMut(bool) -> Result<()>,
+    roles: &dyn Fn() -> [u64; 4],
 ) -> Result<Vec<(Measured, Measured)>> {
     let spec = crate::load::Spec {
         graph: point.graph.to_string(),
@@ -590,13 +596,19 @@ async fn alternate(
                 switch(on)?;
                 tokio::time::sleep(SETTLE).await;
                 load.take();
-                let before = busy();
+                let (before, roles_before) = (busy(), roles());
                 tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
                 let phase = load.take();
                 let ticks = busy().saturating_sub(before);
+                let roles_after = roles();
+                let mut role_cpu_seconds = [0.0; 4];
+                for (i, r) in role_cpu_seconds.iter_mut().enumerate() {
+                    *r = roles_after[i].saturating_sub(roles_before[i]) as f64 / hz;
+                }
                 pair[usize::from(on)] = Some(Measured {
                     phase,
                     cpu_seconds: ticks as f64 / hz,
+                    role_cpu_seconds,
                 });
             }
             if let [Some(off), Some(on)] = pair {
@@ -678,6 +690,28 @@ async fn compare_switching(
             Err(e) => probes_note = format!("could not be loaded: {e}"),
         }
     }
+    let control = cluster.control.child.id();
+    let agents: Vec<u32> = cluster.agents.iter().map(|a| a.child.id()).collect();
+    let me = std::process::id();
+    let roles = || -> [u64; 4] {
+        let table = process_table();
+        let mut ticks = [0u64; 4];
+        for (pid, ppid, t) in table {
+            let role = if pid == control {
+                0
+            } else if agents.contains(&pid) {
+                1
+            } else if agents.contains(&ppid) {
+                2
+            } else if pid == me {
+                3
+            } else {
+                continue;
+            };
+            ticks[role] += t;
+        }
+        ticks
+    };
     let signal_all = |signal| {
         for &pid in &pids {
             // SAFETY: kill has no memory preconditions; these are our own children.
@@ -695,7 +729,7 @@ async fn compare_switching(
     let mut rows = Vec::new();
     for &c in concurrency {
         let mode = crate::load::Mode::Closed { concurrency: c };
-        let pairs = alternate(point, mode, rounds, &mut switch).await?;
+        let pairs = alternate(point, mode, rounds, &mut switch, &roles).await?;
         let of = |f: fn(&Measured) -> f64| -> Vec<(f64, f64)> {
             pairs.iter().map(|(on, off)| (f(on), f(off))).collect()
         };
@@ -715,14 +749,31 @@ async fn compare_switching(
         let mode = crate::load::Mode::Open {
             rate: point.cpu_rate,
         };
-        let pairs = alternate(point, mode, rounds, &mut switch).await?;
+        let pairs = alternate(point, mode, rounds, &mut switch, &roles).await?;
         let per_invocation: Vec<(f64, f64)> = pairs
             .iter()
             .map(|(on, off)| (on.cpu_us_per_invocation(), off.cpu_us_per_invocation()))
             .collect();
+        // Where the difference goes: each role's CPU per invocation (process time only; the
+        // probes and softirq work run in whichever process was interrupted).
+        let by_role: serde_json::Map<String, serde_json::Value> = ROLES
+            .iter()
+            .enumerate()
+            .map(|(i, role)| {
+                let us = |m: &Measured| m.role_cpu_seconds[i] * 1e6 / m.phase.ok.max(1) as f64;
+                let v: Vec<(f64, f64)> = pairs.iter().map(|(on, off)| (us(on), us(off))).collect();
+                let (on, off): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
+                let round2 = |x: f64| (x * 100.0).round() / 100.0;
+                (
+                    role.to_string(),
+                    serde_json::json!({ "on": round2(median(&on)), "off": round2(median(&off)) }),
+                )
+            })
+            .collect();
         cpu = serde_json::json!({
             "rate": point.cpu_rate,
             "cpu": paired(&per_invocation),
+            "cpu_us_per_invocation_by_role_medians": by_role,
         });
     }
     // Leave the cluster as it started: spans on, the probes (ours) dropped.

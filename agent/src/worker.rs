@@ -129,6 +129,10 @@ struct Deployed {
 struct Arrival {
     unix_ns: u64,
     at: crate::clock::Stamp,
+    /// Its edge's record (transfer time, bytes) is left to the execution, which makes it after
+    /// forwarding the outputs: single-input tasks only (a join's inputs are recorded as they
+    /// come).
+    edge_pending: bool,
 }
 
 /// Inputs of a join task arriving for one invocation.
@@ -240,30 +244,8 @@ impl Worker {
             let arrival = arrival.filter(|_| self.spans.enabled());
             let start = arrival.map(|_| crate::clock::Stamp::now());
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
-            if let (Some(arrival), Some(start)) = (arrival, start) {
-                let queue_ns = start.ns_since(arrival.at);
-                let exec_ns = crate::clock::Stamp::now().ns_since(start);
-                let start_ns = arrival.unix_ns + queue_ns;
-                let end_ns = start_ns + exec_ns;
-                self.spans.record(crate::telemetry::SpanRec {
-                    graph_id: d.graph_id.clone(),
-                    task: d.task.clone(),
-                    replica: self.replica.borrow().clone(),
-                    invocation: hop.invocation,
-                    queue_ns,
-                    exec_ns,
-                    input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
-                    output_bytes: result.as_ref().map_or(0, |o| o.len() as u64),
-                    transfer_ns: arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
-                    start_unix_ns: start_ns,
-                    ok: result.is_ok(),
-                    sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
-                        end_ns.saturating_sub(hop.admitted_unix_ns)
-                    } else {
-                        0
-                    },
-                });
-            }
+            let end = start.map(|_| crate::clock::Stamp::now());
+            let (ok, output_bytes) = (result.is_ok(), result.as_ref().map_or(0, |o| o.len()));
             match result {
                 Err(e) => {
                     let replica = self.replica.borrow().clone();
@@ -275,7 +257,47 @@ impl Worker {
                 Ok(out) => self.forward(&d, &hop, out),
             }
             ack(&acks);
+            // Recorded once the outputs are on their way, off the invocation's critical path.
+            if let (Some(arrival), Some(start), Some(end)) = (arrival, start, end) {
+                if arrival.edge_pending {
+                    self.record_edge(&hop, arrival.unix_ns);
+                }
+                let queue_ns = start.ns_since(arrival.at);
+                let exec_ns = end.ns_since(start);
+                let start_ns = arrival.unix_ns + queue_ns;
+                let end_ns = start_ns + exec_ns;
+                self.spans.record(crate::telemetry::SpanRec {
+                    graph_id: d.graph_id.clone(),
+                    task: d.task.clone(),
+                    replica: self.replica.borrow().clone(),
+                    invocation: hop.invocation,
+                    queue_ns,
+                    exec_ns,
+                    input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
+                    output_bytes: output_bytes as u64,
+                    transfer_ns: arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
+                    start_unix_ns: start_ns,
+                    ok,
+                    sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
+                        end_ns.saturating_sub(hop.admitted_unix_ns)
+                    } else {
+                        0
+                    },
+                });
+            }
         });
+    }
+
+    /// Records `hop`'s arrival at `received_ns` on its edge: transfer time and bytes.
+    fn record_edge(&self, hop: &Hop, received_ns: u64) {
+        self.spans.record_arrival(
+            &hop.graph_id,
+            &hop.task,
+            &hop.port,
+            received_ns,
+            received_ns.saturating_sub(hop.sent_unix_ns),
+            hop.payload.len() as u64,
+        );
     }
 
     /// Sends `out` along every edge out of this task. The edges come from this replica's own
@@ -346,20 +368,18 @@ impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
         // One wall-clock read serves the deadline check and, with spans on, the arrival.
         let now_ns = dataplane::now_unix_ns();
+        let single_input = self
+            .task
+            .borrow()
+            .as_ref()
+            .is_some_and(|d| d.inputs.len() <= 1 && d.task == hop.task);
         let arrival = self.spans.enabled().then(|| Arrival {
             unix_ns: now_ns,
             at: crate::clock::Stamp::now(),
+            edge_pending: single_input,
         });
-        if arrival.is_some() {
-            // Transfer time (sent -> received) and bytes go into per-second windows of the edge.
-            self.spans.record_arrival(
-                &hop.graph_id,
-                &hop.task,
-                &hop.port,
-                now_ns,
-                now_ns.saturating_sub(hop.sent_unix_ns),
-                hop.payload.len() as u64,
-            );
+        if arrival.is_some_and(|a| !a.edge_pending) {
+            self.record_edge(&hop, now_ns);
         }
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
@@ -376,6 +396,9 @@ impl dataplane::Handler for Worker {
             return ack(&acks);
         }
         if now_ns / 1000 > hop.deadline_unix_us {
+            if arrival.is_some_and(|a| a.edge_pending) {
+                self.record_edge(&hop, now_ns);
+            }
             self.fwd.fail(
                 &hop,
                 format!(
