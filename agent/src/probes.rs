@@ -62,6 +62,20 @@ fn process_slots() -> u32 {
 /// The programs, in the order they are loaded and attached.
 const PROGRAMS: [&str; 3] = ["sched_switch", "sock_send_length", "sock_recv_length"];
 
+/// One of the object's `tp_btf` programs, by name.
+fn program<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::BtfTracePoint, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Attach {
+            program: name,
+            source,
+        })
+}
+
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
     ebpf: aya::Ebpf,
@@ -122,25 +136,10 @@ impl Probes {
             .override_global(globals::TASK_EXEC_RUNTIME_OFFSET, &exec_runtime, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
-        fn program<'a, P>(
-            ebpf: &'a mut aya::Ebpf,
-            name: &'static str,
-        ) -> Result<&'a mut P, ProbeError>
-        where
-            &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-        {
-            ebpf.program_mut(name)
-                .ok_or(ProbeError::Missing(name))?
-                .try_into()
-                .map_err(|source| ProbeError::Attach {
-                    program: name,
-                    source,
-                })
-        }
         let attach_failed = |program| move |source| ProbeError::Attach { program, source };
         let mut links = Vec::new();
         for name in PROGRAMS {
-            let p: &mut aya::programs::BtfTracePoint = program(&mut ebpf, name)?;
+            let p = program(&mut ebpf, name)?;
             let link = p
                 .load(name, &aya_btf)
                 .and_then(|()| p.attach())
@@ -175,15 +174,7 @@ impl Probes {
             return Ok(());
         }
         for name in PROGRAMS {
-            let p: &mut aya::programs::BtfTracePoint = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::Missing(name))?
-                .try_into()
-                .map_err(|source| ProbeError::Attach {
-                    program: name,
-                    source,
-                })?;
+            let p = program(&mut self.ebpf, name)?;
             let failed = |source| ProbeError::Attach {
                 program: name,
                 source,

@@ -368,9 +368,8 @@ impl dataplane::Handler for Worker {
     fn request(self: Rc<Self>, seq: u64, hop: Hop, from: &Sender) {
         // One wall-clock read serves the deadline check and, with spans on, the arrival.
         let now_ns = dataplane::now_unix_ns();
-        let single_input = self
-            .task
-            .borrow()
+        let deployed = self.task.borrow().clone();
+        let single_input = deployed
             .as_ref()
             .is_some_and(|d| d.inputs.len() <= 1 && d.task == hop.task);
         let arrival = self.spans.enabled().then(|| Arrival {
@@ -383,7 +382,7 @@ impl dataplane::Handler for Worker {
         }
         let acks = vec![(from.clone(), seq)];
         let replica = self.replica.borrow().clone();
-        let Some(d) = self.task.borrow().clone() else {
+        let Some(d) = deployed else {
             self.fwd
                 .fail(&hop, format!("replica {replica} has no task deployed"));
             return ack(&acks);
