@@ -3,7 +3,7 @@
 
 use crate::client::{ControlClient, SubmitOutcome};
 use crate::local::{wait_deployed, LocalCluster, Telemetry};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use prescient_schemas::file;
 use std::process::ExitCode;
@@ -52,6 +52,14 @@ pub enum Which {
         /// Round trips per measurement.
         #[arg(long, default_value_t = 20000)]
         round_trips: usize,
+        /// Another build of the probes' object (repeatable): each is measured in the same
+        /// rounds as the embedded one, attached in turn, so builds compare side by side.
+        #[arg(long, value_name = "OBJECT")]
+        variant: Vec<std::path::PathBuf>,
+        /// Count this benchmark's process in a group, as a VM's processes are (their switches
+        /// take the longer path); by default it is untracked, like the host's other processes.
+        #[arg(long)]
+        tracked: bool,
     },
     /// What an idle cluster costs: a control node, 3 agents and a deployed 3-stage chain with
     /// no load, CPU time of every process (from /proc) over `--seconds`, with telemetry on
@@ -365,7 +373,12 @@ fn tcp_ping_pong() -> Result<impl FnMut(usize) -> Result<()>> {
     ))
 }
 
-fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
+fn probes(
+    rounds: usize,
+    round_trips: usize,
+    variants: &[std::path::PathBuf],
+    tracked: bool,
+) -> Result<serde_json::Value> {
     // Both ends on one CPU: each round trip is then two plain context switches, without the
     // cross-CPU wake-up interrupts whose cost varies by microseconds on virtual machines.
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
@@ -381,38 +394,84 @@ fn probes(rounds: usize, round_trips: usize) -> Result<serde_json::Value> {
     // Warm both loops (thread start, page faults) before measuring.
     pipe(round_trips / 4)?;
     tcp(round_trips / 4)?;
-    // Loaded once: each side then differs only by whether the programs are attached.
-    let mut probes = prescient_agent::probes::Probes::load()
-        .map_err(|e| anyhow::anyhow!("the probes did not load (this benchmark needs root): {e}"))?;
-    let mut samples: [[Vec<f64>; 2]; 2] = Default::default();
-    for round in 0..rounds.max(1) {
-        // ABBA: attached first in even rounds, detached first in odd ones.
-        for attached in [round % 2 == 0, round % 2 != 0] {
-            probes.set_attached(attached)?;
-            // Attaching and detaching wait for RCU grace periods; let the machine settle.
-            std::thread::sleep(Duration::from_millis(100));
-            let i = usize::from(attached);
-            samples[0][i].push(time_round_trips(round_trips, &mut pipe)?);
-            samples[1][i].push(time_round_trips(round_trips, &mut tcp)?);
+    // Each build loaded once: the sides then differ only by which one is attached.
+    let not_loaded =
+        |e| anyhow::anyhow!("the probes did not load (this benchmark needs root): {e}");
+    let mut builds = vec![(
+        "embedded".to_string(),
+        prescient_agent::probes::Probes::load().map_err(not_loaded)?,
+    )];
+    for path in variants {
+        let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let p = prescient_agent::probes::Probes::load_object(&object)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        builds.push((path.display().to_string(), p));
+    }
+    for (_, p) in builds.iter_mut() {
+        p.set_attached(false)?;
+        if tracked {
+            p.join("bench", std::process::id());
         }
     }
-    drop(probes);
-    let report = |name: &str, what: &str, s: &[Vec<f64>; 2], events: f64| {
-        let (off, on) = (median(&s[0]), median(&s[1]));
+    // samples[loop][side]: side 0 is detached, side 1 + b is build b attached.
+    let sides = builds.len() + 1;
+    let mut samples: [Vec<Vec<f64>>; 2] = [vec![Vec::new(); sides], vec![Vec::new(); sides]];
+    for round in 0..rounds.max(1) {
+        // Each round visits every side, in an order that rotates (and reverses every other
+        // round), so no side always follows another.
+        let mut order: Vec<usize> = (0..sides).map(|i| (i + round) % sides).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for side in order {
+            for (b, (_, p)) in builds.iter_mut().enumerate() {
+                if b + 1 != side {
+                    p.set_attached(false)?;
+                }
+            }
+            if side > 0 {
+                builds[side - 1].1.set_attached(true)?;
+            }
+            // Attaching and detaching wait for RCU grace periods; let the machine settle.
+            std::thread::sleep(Duration::from_millis(100));
+            samples[0][side].push(time_round_trips(round_trips, &mut pipe)?);
+            samples[1][side].push(time_round_trips(round_trips, &mut tcp)?);
+        }
+    }
+    let names: Vec<String> = builds.iter().map(|(n, _)| n.clone()).collect();
+    drop(builds);
+    let report = |name: &str, what: &str, s: &[Vec<f64>], events: f64| {
+        let off = median(&s[0]);
+        let attached: Vec<serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(b, build)| {
+                let on = median(&s[b + 1]);
+                serde_json::json!({
+                    "build": build,
+                    "ns_per_round_trip_attached": on.round(),
+                    "added_ns_per_round_trip": (on - off).round(),
+                    "added_ns_per_event": ((on - off) / events).round(),
+                })
+            })
+            .collect();
+        let embedded = median(&s[1]);
         serde_json::json!({
             "loop": name,
             "round_trip": what,
             "ns_per_round_trip_detached": off.round(),
-            "ns_per_round_trip_attached": on.round(),
-            "added_ns_per_round_trip": (on - off).round(),
-            "added_ns_per_event": ((on - off) / events).round(),
+            "ns_per_round_trip_attached": embedded.round(),
+            "added_ns_per_round_trip": (embedded - off).round(),
+            "added_ns_per_event": ((embedded - off) / events).round(),
             "events_per_round_trip": events,
+            "builds": attached,
         })
     };
     Ok(serde_json::json!({
         "bench": "probes",
         "rounds": rounds,
         "round_trips": round_trips,
+        "tracked": tracked,
         "results": [
             report("pipe", "2 context switches", &samples[0], 2.0),
             report("tcp", "2 sends, 2 receives, 2 context switches", &samples[1], 6.0),
@@ -431,7 +490,9 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         Which::Probes {
             rounds,
             round_trips,
-        } => probes(rounds, round_trips)?,
+            variant,
+            tracked,
+        } => probes(rounds, round_trips, &variant, tracked)?,
         Which::Chain {
             stages,
             concurrency,

@@ -20,14 +20,16 @@ estimate = "50us"
 resources = { cpu = "1", memory = "256MiB" }
 "#;
 
-/// Sends `N` bytes to itself over loopback TCP, checks they all arrived, then stays alive long
-/// enough for the agent's next per-second sample to see it.
+/// Sends `N` bytes to itself over loopback TCP, half from a child process it forks, and
+/// checks they all arrived. It waits first, so that the agent's per-second look at the VM has
+/// seen it; the child, which the agent never sees (it sends at once and exits), must be
+/// counted because its parent is.
 const TRAFFIC: &str = r#"
-import socket, sys, threading, time
+import os, socket, sys, threading, time
 n = int(sys.argv[1])
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
-srv.listen(1)
+srv.listen(2)
 got = [0]
 def drain():
     c, _ = srv.accept()
@@ -36,18 +38,26 @@ def drain():
         if not b:
             break
         got[0] += len(b)
-t = threading.Thread(target=drain)
-t.start()
-s = socket.create_connection(srv.getsockname())
-# Seen by at least one of the agent's samples, then it sends everything and exits at once:
-# what it sent after its last sample is charged when the agent finds it gone.
+def send(count):
+    s = socket.create_connection(srv.getsockname())
+    buf = b"x" * (1 << 20)
+    left = count
+    while left > 0:
+        left -= s.send(buf[: min(left, len(buf))])
+    s.close()
+readers = [threading.Thread(target=drain) for _ in range(2)]
+for t in readers:
+    t.start()
 time.sleep(1.5)
-buf = b"x" * (1 << 20)
-left = n
-while left > 0:
-    left -= s.send(buf[: min(left, len(buf))])
-s.close()
-t.join()
+child = os.fork()
+if child == 0:
+    send(n // 2)
+    os._exit(0)
+send(n - n // 2)
+_, status = os.waitpid(child, 0)
+for t in readers:
+    t.join()
+assert status == 0, status
 assert got[0] == n, got[0]
 "#;
 

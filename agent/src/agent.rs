@@ -172,7 +172,6 @@ impl AgentNode {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut sampler = crate::hostmon::HostSampler::default();
         let mut vm_cpu: HashMap<String, (u64, std::time::Instant)> = HashMap::new();
-        let mut groups = crate::probes::GroupTracker::default();
         let mut cpus = crate::probes::CpuTracker::default();
         crate::telemetry::install_switch_signals();
         crate::clock::init();
@@ -186,7 +185,7 @@ impl AgentNode {
                 } else {
                     Vec::new()
                 };
-                let probed = self.sample_probes(&mut groups, &mut cpus, &members, &mut sample);
+                let probed = self.sample_probes(&mut cpus, &members, &mut sample);
                 let members: HashMap<String, Vec<u32>> = members.into_iter().collect();
                 let mut msg = capnp::message::Builder::new_default();
                 {
@@ -255,7 +254,6 @@ impl AgentNode {
     /// its worker without one) and on the host (into `host`). Empty without probes.
     fn sample_probes(
         &self,
-        groups: &mut crate::probes::GroupTracker,
         cpus: &mut crate::probes::CpuTracker,
         members: &[(String, Vec<u32>)],
         host: &mut crate::hostmon::HostSampleRec,
@@ -263,10 +261,7 @@ impl AgentNode {
         let Some(probes) = &self.probes else {
             return HashMap::new();
         };
-        let (grown, departed) = groups.update(members, |tgid| probes.process(tgid));
-        for tgid in departed {
-            probes.forget(tgid);
-        }
+        let grown = probes.sample(members);
         let host_hist = cpus.update(probes.cpu_histograms());
         host.runq_hist = Some(host_hist);
         let mut totals = self.probe_totals.borrow_mut();
@@ -683,6 +678,10 @@ impl AgentNode {
             .map_err(|e| format!("replica {replica} on {}: {e}", self.config.name))?;
         info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), "replica ready");
         let pid = vm.child.id();
+        // Counted from its first switch, not from the next per-second sample.
+        if let (Some(probes), Some(pid)) = (&self.probes, pid) {
+            probes.join(&replica, pid);
+        }
         let crate::provisioner::Vm {
             data_plane_addr,
             mut child,

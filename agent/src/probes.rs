@@ -1,15 +1,16 @@
 //! The eBPF probes, user side: loads the object built from `ebpf/probes` (embedded at build
-//! time), adapts it to the running kernel through BTF, attaches it, and turns its cumulative
-//! per-process counters into per-VM and per-host deltas.
+//! time), adapts it to the running kernel through BTF, attaches it, tells it which processes
+//! form each VM, and turns its cumulative per-group counters into per-VM and per-host deltas.
 //!
-//! API boundary: the kernel side counts per process (tgid) and per CPU only; which processes
-//! form a VM is decided here, from the VM's cgroup membership, so the same probes serve cgroup
-//! v1 and v2 hosts.
+//! API boundary: the kernel side counts per group and per CPU, for the processes in its
+//! `TRACKED` table (and the processes they fork). Which processes form a VM is decided here,
+//! from the VM's cgroup membership (or its worker's pid), so the same probes serve cgroup v1
+//! and v2 hosts; [`Groups`] keeps the table in step with that membership once a second.
 
 use std::collections::HashMap;
 
 use aya::maps::{MapData, PerCpuArray};
-use prescient_probes_common::{globals, maps, CpuSlot, ProcessCounters, LATENCY_BUCKETS};
+use prescient_probes_common::{globals, maps, tracked, CpuSlot, GroupCounters, LATENCY_BUCKETS};
 use prescient_schemas::sketch::Sketch;
 use thiserror::Error;
 
@@ -51,16 +52,22 @@ pub enum ProbeError {
     },
 }
 
-/// Processes the per-CPU counters map holds: 16,384, fewer on machines with many CPUs so that
-/// its copies (one per CPU) stay within 64 MiB; the least recently switched are dropped first.
-fn process_slots() -> u32 {
+/// Groups (VMs) the per-CPU counters map holds: 4,096, fewer on machines with many CPUs so that
+/// its copies (one per CPU) stay within 64 MiB.
+fn group_capacity() -> u32 {
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
-    let per_process = (std::mem::size_of::<ProcessCounters>() as u64) * cpus;
-    ((64u64 << 20) / per_process).clamp(1024, 16384) as u32
+    let per_group = (std::mem::size_of::<GroupCounters>() as u64) * cpus;
+    ((64u64 << 20) / per_group).clamp(64, 4096) as u32
 }
 
 /// The programs, in the order they are loaded and attached.
-const PROGRAMS: [&str; 3] = ["sched_switch", "sock_send_length", "sock_recv_length"];
+const PROGRAMS: [&str; 5] = [
+    "sched_switch",
+    "sock_send_length",
+    "sock_recv_length",
+    "sched_process_fork",
+    "sched_process_exit",
+];
 
 /// One of the object's `tp_btf` programs, by name.
 fn program<'a>(
@@ -81,8 +88,10 @@ pub struct Probes {
     ebpf: aya::Ebpf,
     /// The programs' attachments while attached (empty while detached).
     links: Vec<(&'static str, aya::programs::tp_btf::BtfTracePointLinkId)>,
-    /// In a cell: dropping a process's entry needs the map mutably, reading does not.
-    processes: std::cell::RefCell<aya::maps::PerCpuHashMap<MapData, u32, ProcessCounters>>,
+    /// The kernel's table of tracked processes and the agent's bookkeeping of it (in a cell:
+    /// editing needs the maps mutably, the agent holds the probes shared).
+    table: std::cell::RefCell<(KernelTable, Groups)>,
+    groups: PerCpuArray<MapData, GroupCounters>,
     cpu_slots: PerCpuArray<MapData, CpuSlot>,
     /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
     pub tcp_only: bool,
@@ -91,7 +100,13 @@ pub struct Probes {
 impl Probes {
     /// Loads and attaches every probe; any failure leaves nothing attached.
     pub fn load() -> Result<Probes, ProbeError> {
-        if OBJECT.is_empty() {
+        Self::load_object(OBJECT)
+    }
+
+    /// Loads and attaches the probes from another build of the object (`bench probes
+    /// --variant` compares builds side by side); the agent uses the embedded one.
+    pub fn load_object(object: &[u8]) -> Result<Probes, ProbeError> {
+        if object.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
         // One read of the kernel's BTF: our reader finds offsets, aya's loads the programs.
@@ -115,11 +130,14 @@ impl Probes {
             .filter(|(_, d)| d.size == Some(8) && d.bitfield_bits.is_none())
             .map(|(s, d)| (s.bit_offset + d.bit_offset) / 8)
             .ok_or(ProbeError::NoSchedInfo)?;
-        let task_flags = raw_btf
-            .member("task_struct", "flags")
-            .filter(|m| m.size == Some(4) && m.bitfield_bits.is_none())
-            .map(|m| m.bit_offset / 8)
-            .ok_or(ProbeError::Missing("task_struct.flags"))?;
+        let task_u32 = |field: &'static str| {
+            raw_btf
+                .member("task_struct", field)
+                .filter(|m| m.size == Some(4) && m.bitfield_bits.is_none())
+                .map(|m| m.bit_offset / 8)
+                .ok_or(ProbeError::Missing(field))
+        };
+        let (task_tgid, task_pid) = (task_u32("tgid")?, task_u32("pid")?);
         let exec_runtime = raw_btf
             .member("task_struct", "se")
             .zip(raw_btf.member("sched_entity", "sum_exec_runtime"))
@@ -128,13 +146,14 @@ impl Probes {
             .ok_or(ProbeError::Missing("task_struct.se.sum_exec_runtime"))?;
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&aya_btf))
-            .map_max_entries(maps::PROCESSES, process_slots())
+            .map_max_entries(maps::GROUPS, group_capacity())
             .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
             .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
-            .override_global(globals::TASK_FLAGS_OFFSET, &task_flags, true)
+            .override_global(globals::TASK_TGID_OFFSET, &task_tgid, true)
+            .override_global(globals::TASK_PID_OFFSET, &task_pid, true)
             .override_global(globals::TASK_EXEC_RUNTIME_OFFSET, &exec_runtime, true)
-            .load(OBJECT)
+            .load(object)
             .map_err(ProbeError::Load)?;
         let attach_failed = |program| move |source| ProbeError::Attach { program, source };
         let mut links = Vec::new();
@@ -155,12 +174,17 @@ impl Probes {
                 .try_into()
                 .map_err(|source| ProbeError::Map { map: name, source })
         }
-        let processes = std::cell::RefCell::new(map(&mut ebpf, maps::PROCESSES)?);
+        let table = KernelTable {
+            tracked: map(&mut ebpf, maps::TRACKED)?,
+            overflow: map(&mut ebpf, maps::OVERFLOW)?,
+        };
+        let groups = map(&mut ebpf, maps::GROUPS)?;
         let cpu_slots = map(&mut ebpf, maps::CPU_SLOT)?;
         Ok(Probes {
             ebpf,
             links,
-            processes,
+            table: std::cell::RefCell::new((table, Groups::new(group_capacity()))),
+            groups,
             cpu_slots,
             tcp_only: protocol != u32::MAX,
         })
@@ -189,16 +213,24 @@ impl Probes {
         Ok(())
     }
 
-    /// Drops a process's counters (it has left every VM and been charged one last time).
-    pub fn forget(&self, tgid: u32) {
-        let _ = self.processes.borrow_mut().remove(&tgid);
+    /// Counts process `tgid` (and the processes it forks from now on) in VM `name` at once,
+    /// not at the next [`sample`](Self::sample): for a worker the agent has just started.
+    pub fn join(&self, name: &str, tgid: u32) {
+        let (table, groups) = &mut *self.table.borrow_mut();
+        groups.join(table, name, tgid, |g| self.group(g));
     }
 
-    /// One process's counters since the probes were loaded, summed over the CPUs' copies
-    /// (None: it never ran or sent).
-    pub fn process(&self, tgid: u32) -> Option<ProcessCounters> {
-        let per_cpu = self.processes.borrow().get(&tgid, 0).ok()?;
-        let mut sum = ProcessCounters::ZERO;
+    /// What each VM's processes counted since the previous call; `vms` is each VM's name and
+    /// its processes now, which the kernel's table is brought in step with first.
+    pub fn sample(&self, vms: &[(String, Vec<u32>)]) -> Vec<(String, ProbeUsage)> {
+        let (table, groups) = &mut *self.table.borrow_mut();
+        groups.update(table, vms, |g| self.group(g))
+    }
+
+    /// One group's counters since the probes were loaded, summed over the CPUs' copies.
+    fn group(&self, group: u32) -> Option<GroupCounters> {
+        let per_cpu = self.groups.get(&group, 0).ok()?;
+        let mut sum = GroupCounters::ZERO;
         for c in per_cpu.iter() {
             sum.runq_wait_ns += c.runq_wait_ns;
             sum.cpu_ns += c.cpu_ns;
@@ -257,8 +289,8 @@ impl Default for ProbeUsage {
 }
 
 impl ProbeUsage {
-    /// Adds what `now` counted beyond `before` (counters only grow; a reused tgid restarts).
-    fn add_growth(&mut self, now: &ProcessCounters, before: &ProcessCounters) {
+    /// Adds what `now` counted beyond `before` (counters only grow).
+    fn add_growth(&mut self, now: &GroupCounters, before: &GroupCounters) {
         let grew = |a: u64, b: u64| a.checked_sub(b).unwrap_or(a);
         self.runq_wait_ns += grew(now.runq_wait_ns, before.runq_wait_ns);
         self.cpu_ns += grew(now.cpu_ns, before.cpu_ns);
@@ -305,51 +337,194 @@ pub fn histogram_sketch(hist: &[u64]) -> Sketch {
     s
 }
 
-/// Turns cumulative per-process counters into per-group growth, interval by interval.
-#[derive(Default)]
-pub struct GroupTracker {
-    /// Each process seen at the last update: its group and its counters then.
-    last: HashMap<u32, (String, ProcessCounters)>,
+/// The kernel's table of tracked processes as the agent edits it: a trait so that [`Groups`]'
+/// bookkeeping is tested without a kernel.
+pub trait TrackedTable {
+    /// The entry in `slot` (0 when the slot is free or unreadable).
+    fn entry(&self, slot: u32) -> u64;
+    fn set_entry(&mut self, slot: u32, entry: u64);
+    /// Every tracked process whose slot another holds, with its group.
+    fn overflow(&self) -> Vec<(u32, u32)>;
+    fn set_overflow(&mut self, tgid: u32, group: u32);
+    fn remove_overflow(&mut self, tgid: u32);
 }
 
-impl GroupTracker {
-    /// `groups`: each group's name and its member processes now. Returns each group's growth
-    /// since the previous call, and the processes that left. A process seen for the first time
-    /// counts from zero. A process that left (exited, or moved out) is charged to its old group
-    /// one last time from what `read` still finds for it (the kernel side keeps a process's
-    /// counters after it exits; its last switch-out has flushed them), then forgotten: the
-    /// caller deletes the returned processes' counters, so a reused process id starts afresh.
+/// The probes' maps behind [`TrackedTable`].
+struct KernelTable {
+    tracked: aya::maps::Array<MapData, u64>,
+    overflow: aya::maps::HashMap<MapData, u32, u32>,
+}
+
+impl TrackedTable for KernelTable {
+    fn entry(&self, slot: u32) -> u64 {
+        self.tracked.get(&slot, 0).unwrap_or(0)
+    }
+    fn set_entry(&mut self, slot: u32, entry: u64) {
+        let _ = self.tracked.set(slot, entry, 0);
+    }
+    fn overflow(&self) -> Vec<(u32, u32)> {
+        self.overflow.iter().filter_map(Result::ok).collect()
+    }
+    fn set_overflow(&mut self, tgid: u32, group: u32) {
+        let _ = self.overflow.insert(tgid, group, 0);
+    }
+    fn remove_overflow(&mut self, tgid: u32) {
+        let _ = self.overflow.remove(&tgid);
+    }
+}
+
+/// Makes `tgid` count in `group`: in its slot when that is free (or already its own), else in
+/// the overflow hash with the slot marked.
+fn track(table: &mut impl TrackedTable, tgid: u32, group: u32) {
+    let slot = tracked::slot(tgid);
+    let old = table.entry(slot);
+    let held_by = tracked::tgid(old);
+    if held_by == tgid || held_by == 0 {
+        if old != (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group) {
+            table.set_entry(
+                slot,
+                (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group),
+            );
+        }
+        if old & tracked::OVERFLOW_BIT != 0 {
+            // It may have overflowed before its slot came free: one place only.
+            table.remove_overflow(tgid);
+        }
+    } else {
+        table.set_overflow(tgid, group);
+        if old & tracked::OVERFLOW_BIT == 0 {
+            table.set_entry(slot, old | tracked::OVERFLOW_BIT);
+        }
+    }
+}
+
+/// Stops counting `tgid` (wherever it is), and clears its slot's overflow mark when no other
+/// overflowed process maps to that slot.
+fn untrack(table: &mut impl TrackedTable, tgid: u32) {
+    let slot = tracked::slot(tgid);
+    let old = table.entry(slot);
+    if tracked::tgid(old) == tgid {
+        table.set_entry(slot, old & tracked::OVERFLOW_BIT);
+        return;
+    }
+    if old & tracked::OVERFLOW_BIT == 0 {
+        return;
+    }
+    table.remove_overflow(tgid);
+    let left = table.overflow();
+    if !left.iter().any(|&(t, _)| tracked::slot(t) == slot) {
+        table.set_entry(slot, old & !tracked::OVERFLOW_BIT);
+    }
+}
+
+/// Which group index each VM has, which processes the agent has put in the kernel's table,
+/// and each group's counters as last read, to turn cumulative counters into growth.
+pub struct Groups {
+    capacity: u32,
+    index: HashMap<String, u32>,
+    /// The next index to try: indices are handed out round-robin, so a VM's index (whose
+    /// forked processes may still be counting in it for a moment) is reused as late as
+    /// possible.
+    next: u32,
+    /// Processes the agent tracked, and their group.
+    members: HashMap<u32, u32>,
+    /// Each group's counters at the last read (or when it was handed out).
+    last: HashMap<u32, GroupCounters>,
+}
+
+impl Groups {
+    pub fn new(capacity: u32) -> Groups {
+        Groups {
+            capacity: capacity.min(tracked::MAX_GROUPS),
+            index: HashMap::new(),
+            next: 0,
+            members: HashMap::new(),
+            last: HashMap::new(),
+        }
+    }
+
+    /// VM `name`'s group index, handed out at its first use (None when every index is taken).
+    fn index_of(
+        &mut self,
+        name: &str,
+        read: &impl Fn(u32) -> Option<GroupCounters>,
+    ) -> Option<u32> {
+        if let Some(&i) = self.index.get(name) {
+            return Some(i);
+        }
+        let in_use: std::collections::HashSet<u32> = self.index.values().copied().collect();
+        let i = (0..self.capacity)
+            .map(|k| (self.next + k) % self.capacity)
+            .find(|i| !in_use.contains(i))?;
+        self.next = (i + 1) % self.capacity;
+        self.index.insert(name.to_string(), i);
+        // Whatever the index counted for an earlier VM is not this one's.
+        self.last.insert(i, read(i).unwrap_or(GroupCounters::ZERO));
+        Some(i)
+    }
+
+    /// Tracks `tgid` in VM `name` now.
+    pub fn join(
+        &mut self,
+        table: &mut impl TrackedTable,
+        name: &str,
+        tgid: u32,
+        read: impl Fn(u32) -> Option<GroupCounters>,
+    ) {
+        if tgid == 0 {
+            return;
+        }
+        if let Some(group) = self.index_of(name, &read) {
+            track(table, tgid, group);
+            self.members.insert(tgid, group);
+        }
+    }
+
+    /// Brings the kernel's table in step with `vms` (each VM's name and processes now), and
+    /// returns each VM's growth since the previous call. Every member's entry is checked, not
+    /// only new ones: an entry lost to a racing writer, or cleared when a process's leader
+    /// exited before its other threads, is put back within a second. Processes that left
+    /// every VM are untracked; what they counted while in a VM stays in its group. VMs that
+    /// are gone give back their index.
     pub fn update(
         &mut self,
-        groups: &[(String, Vec<u32>)],
-        read: impl Fn(u32) -> Option<ProcessCounters>,
-    ) -> (Vec<(String, ProbeUsage)>, Vec<u32>) {
-        let mut next = HashMap::new();
-        let mut out = Vec::with_capacity(groups.len());
-        for (name, members) in groups {
+        table: &mut impl TrackedTable,
+        vms: &[(String, Vec<u32>)],
+        read: impl Fn(u32) -> Option<GroupCounters>,
+    ) -> Vec<(String, ProbeUsage)> {
+        // Gone VMs give back their index first, so new ones can have it.
+        self.index
+            .retain(|name, _| vms.iter().any(|(n, _)| n == name));
+        let live: std::collections::HashSet<u32> = self.index.values().copied().collect();
+        self.last.retain(|g, _| live.contains(g));
+        let mut now_members = HashMap::new();
+        for (name, procs) in vms {
+            let Some(group) = self.index_of(name, &read) else {
+                continue;
+            };
+            for &tgid in procs.iter().filter(|&&t| t != 0) {
+                track(table, tgid, group);
+                now_members.insert(tgid, group);
+            }
+        }
+        for (tgid, _) in self.members.drain() {
+            if !now_members.contains_key(&tgid) {
+                untrack(table, tgid);
+            }
+        }
+        self.members = now_members;
+        let mut out = Vec::with_capacity(vms.len());
+        for (name, _) in vms {
             let mut usage = ProbeUsage::default();
-            for &tgid in members {
-                let Some(now) = read(tgid) else { continue };
-                let before = match self.last.remove(&tgid) {
-                    Some((_, before)) => before,
-                    None => ProcessCounters::ZERO,
-                };
-                usage.add_growth(&now, &before);
-                next.insert(tgid, (name.clone(), now));
+            if let Some(&group) = self.index.get(name) {
+                if let Some(now) = read(group) {
+                    let before = self.last.insert(group, now).unwrap_or(GroupCounters::ZERO);
+                    usage.add_growth(&now, &before);
+                }
             }
             out.push((name.clone(), usage));
         }
-        // What is left in `last` was in a group before and is in none now.
-        let mut departed = Vec::with_capacity(self.last.len());
-        for (tgid, (group, before)) in self.last.drain() {
-            departed.push(tgid);
-            let Some(now) = read(tgid) else { continue };
-            if let Some((_, usage)) = out.iter_mut().find(|(name, _)| *name == group) {
-                usage.add_growth(&now, &before);
-            }
-        }
-        self.last = next;
-        (out, departed)
+        out
     }
 }
 
@@ -382,8 +557,47 @@ impl CpuTracker {
 mod tests {
     use super::*;
 
-    fn counters(sent: u64, waits: u64, bucket: usize) -> ProcessCounters {
-        let mut c = ProcessCounters::ZERO;
+    /// The kernel's table in memory, and the kernel's side of it: which group a process's
+    /// switch would charge (what the probes' `group_of` computes).
+    #[derive(Default)]
+    struct MemTable {
+        slots: HashMap<u32, u64>,
+        overflow: HashMap<u32, u32>,
+    }
+
+    impl TrackedTable for MemTable {
+        fn entry(&self, slot: u32) -> u64 {
+            self.slots.get(&slot).copied().unwrap_or(0)
+        }
+        fn set_entry(&mut self, slot: u32, entry: u64) {
+            self.slots.insert(slot, entry);
+        }
+        fn overflow(&self) -> Vec<(u32, u32)> {
+            self.overflow.iter().map(|(&t, &g)| (t, g)).collect()
+        }
+        fn set_overflow(&mut self, tgid: u32, group: u32) {
+            self.overflow.insert(tgid, group);
+        }
+        fn remove_overflow(&mut self, tgid: u32) {
+            self.overflow.remove(&tgid);
+        }
+    }
+
+    impl MemTable {
+        fn group_of(&self, tgid: u32) -> Option<u32> {
+            let e = self.entry(tracked::slot(tgid));
+            if tracked::tgid(e) == tgid {
+                return Some(tracked::group(e));
+            }
+            if e & tracked::OVERFLOW_BIT == 0 {
+                return None;
+            }
+            self.overflow.get(&tgid).copied()
+        }
+    }
+
+    fn counters(sent: u64, waits: u64, bucket: usize) -> GroupCounters {
+        let mut c = GroupCounters::ZERO;
         c.tcp_sent_bytes = sent;
         c.runq_wait_ns = waits * 1000;
         c.runq_hist[bucket] = waits;
@@ -391,40 +605,107 @@ mod tests {
     }
 
     #[test]
-    fn groups_grow_by_their_members_only() {
-        let mut t = GroupTracker::default();
-        let table = std::cell::RefCell::new(HashMap::from([
-            (10, counters(100, 1, 9)),
-            (11, counters(50, 0, 0)),
-            (20, counters(7, 0, 0)),
-        ]));
-        let groups = vec![("a".to_string(), vec![10, 11]), ("b".to_string(), vec![20])];
-        let (first, _) = t.update(&groups, |p| table.borrow().get(&p).copied());
+    fn colliding_processes_overflow_and_come_back() {
+        let mut t = MemTable::default();
+        let (a, b, c) = (1000, 1000 + tracked::SLOTS, 1000 + 2 * tracked::SLOTS);
+        track(&mut t, a, 1);
+        track(&mut t, b, 2);
+        track(&mut t, c, 3);
         assert_eq!(
-            first[0].1.tcp_sent_bytes, 150,
-            "first sight counts from zero"
+            (t.group_of(a), t.group_of(b), t.group_of(c)),
+            (Some(1), Some(2), Some(3))
         );
-        assert_eq!(first[1].1.tcp_sent_bytes, 7);
-        table.borrow_mut().insert(10, counters(400, 3, 9));
-        let (second, _) = t.update(&groups, |p| table.borrow().get(&p).copied());
+        assert_eq!(t.group_of(1001), None);
+        assert_eq!(t.overflow.len(), 2, "{:?}", t.overflow);
+        // Moving a process to another group rewrites its entry in place.
+        track(&mut t, b, 5);
+        assert_eq!(t.group_of(b), Some(5));
+        untrack(&mut t, b);
+        assert_eq!(t.group_of(b), None);
+        assert_ne!(
+            t.entry(tracked::slot(a)) & tracked::OVERFLOW_BIT,
+            0,
+            "c still overflows"
+        );
+        untrack(&mut t, c);
+        assert_eq!(
+            t.entry(tracked::slot(a)),
+            tracked::entry(a, 1),
+            "no overflow left: the slot's mark is cleared"
+        );
+        untrack(&mut t, a);
+        assert_eq!(t.group_of(a), None);
+        // Untracking something never tracked changes nothing.
+        untrack(&mut t, 77);
+        assert!(t.slots.values().all(|&e| e == 0) && t.overflow.is_empty());
+        // A process that overflowed takes its slot once it is free, and is in one place only.
+        track(&mut t, a, 1);
+        track(&mut t, b, 2);
+        untrack(&mut t, a);
+        track(&mut t, b, 2);
+        assert_eq!(t.group_of(b), Some(2));
+        assert_eq!(tracked::tgid(t.entry(tracked::slot(b))), b);
+        assert!(t.overflow.is_empty());
+    }
+
+    #[test]
+    fn groups_grow_by_their_members_only() {
+        let mut t = MemTable::default();
+        let mut g = Groups::new(2);
+        let kernel = std::cell::RefCell::new(HashMap::<u32, GroupCounters>::new());
+        let read = |i: u32| kernel.borrow().get(&i).copied();
+        // A worker joins at its start; its group counts from there.
+        g.join(&mut t, "a", 10, read);
+        let ga = t.group_of(10).unwrap();
+        kernel.borrow_mut().insert(ga, counters(100, 1, 9));
+        let vms = vec![("a".to_string(), vec![10, 11]), ("b".to_string(), vec![20])];
+        let first = g.update(&mut t, &vms, read);
+        let gb = t.group_of(20).unwrap();
+        assert_ne!(ga, gb);
+        assert_eq!(
+            t.group_of(11),
+            Some(ga),
+            "members found by the agent are tracked"
+        );
+        assert_eq!(first[0].1.tcp_sent_bytes, 100);
+        assert_eq!(first[1].1.tcp_sent_bytes, 0);
+        kernel.borrow_mut().insert(ga, counters(400, 3, 9));
+        kernel.borrow_mut().insert(gb, counters(7, 0, 0));
+        let second = g.update(&mut t, &vms, read);
         assert_eq!(second[0].1.tcp_sent_bytes, 300);
         assert_eq!(second[0].1.runq_waits, 2);
         assert_eq!(second[0].1.runq_hist[9], 2);
-        assert_eq!(second[1].1.tcp_sent_bytes, 0);
-        // A reused tgid starts below its predecessor: count it from zero, never negative.
-        table.borrow_mut().insert(20, counters(3, 0, 0));
-        let (third, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
-        assert_eq!(third[1].1.tcp_sent_bytes, 3);
-        assert!(departed.is_empty());
-        // 11 exits after sending 20 more bytes: charged to "a" once, then forgotten.
-        table.borrow_mut().insert(11, counters(70, 0, 0));
-        let groups = vec![("a".to_string(), vec![10]), ("b".to_string(), vec![20])];
-        let (fourth, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
-        assert_eq!(fourth[0].1.tcp_sent_bytes, 20);
-        assert_eq!(departed, vec![11]);
-        let (fifth, departed) = t.update(&groups, |p| table.borrow().get(&p).copied());
-        assert_eq!(fifth[0].1.tcp_sent_bytes, 0);
-        assert!(departed.is_empty());
+        assert_eq!(second[1].1.tcp_sent_bytes, 7);
+        // An entry lost in the kernel (a racing writer) is put back at the next update.
+        t.set_entry(tracked::slot(11), 0);
+        // 11 leaves "a": untracked, and what it counted stays in "a".
+        let vms = vec![("a".to_string(), vec![10]), ("b".to_string(), vec![20])];
+        kernel.borrow_mut().insert(ga, counters(450, 3, 9));
+        let third = g.update(&mut t, &vms, read);
+        assert_eq!(third[0].1.tcp_sent_bytes, 50);
+        assert_eq!(t.group_of(11), None);
+        let vms = vec![("a".to_string(), vec![10, 11]), ("b".to_string(), vec![20])];
+        t.set_entry(tracked::slot(11), 0);
+        g.update(&mut t, &vms, read);
+        assert_eq!(t.group_of(11), Some(ga), "a lost entry comes back");
+        // "b" ends; "c" takes its index, counting from what it held then.
+        let vms = vec![("a".to_string(), vec![10, 11]), ("c".to_string(), vec![30])];
+        let fourth = g.update(&mut t, &vms, read);
+        assert_eq!(t.group_of(20), None);
+        assert_eq!(t.group_of(30), Some(gb));
+        assert_eq!(
+            fourth[1].1.tcp_sent_bytes, 0,
+            "c starts from b's last counts"
+        );
+        // No index is free for a third VM: it is reported, with nothing counted.
+        let vms = vec![
+            ("a".to_string(), vec![10]),
+            ("c".to_string(), vec![30]),
+            ("d".to_string(), vec![40]),
+        ];
+        let fifth = g.update(&mut t, &vms, read);
+        assert_eq!(t.group_of(40), None);
+        assert_eq!(fifth[2].1, ProbeUsage::default());
     }
 
     #[test]

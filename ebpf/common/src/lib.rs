@@ -6,10 +6,12 @@
 /// throttled cgroup.
 pub const LATENCY_BUCKETS: usize = 36;
 
-/// Per-process (thread group) counters, all cumulative since the probes were loaded.
+/// One group's (a VM's) counters, all cumulative since the probes were loaded: its processes'
+/// switches and bytes are added here as they happen, so a process that exits or leaves loses
+/// nothing that was counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProcessCounters {
+pub struct GroupCounters {
     /// Total time its threads waited runnable on a run queue.
     pub runq_wait_ns: u64,
     /// CPU time its threads ran (between the switch in and the switch out).
@@ -24,7 +26,7 @@ pub struct ProcessCounters {
     pub runq_hist: [u64; LATENCY_BUCKETS],
 }
 
-impl ProcessCounters {
+impl GroupCounters {
     pub const ZERO: Self = Self {
         runq_wait_ns: 0,
         cpu_ns: 0,
@@ -32,6 +34,43 @@ impl ProcessCounters {
         tcp_received_bytes: 0,
         runq_hist: [0; LATENCY_BUCKETS],
     };
+}
+
+/// Which processes are counted, and in which group: a direct-mapped table, one `u64` entry
+/// per slot, process `tgid` at slot `tgid & (SLOTS - 1)`. A context switch finds its process
+/// with one array load (the verifier inlines it) and no hashing; a process whose slot another
+/// holds goes to the `OVERFLOW` hash, and the slot's `OVERFLOW_BIT` says to look there.
+pub mod tracked {
+    /// Slots in the table (a power of two): 64 Ki entries of 8 bytes.
+    pub const SLOTS: u32 = 1 << 16;
+    /// Set in a slot when some process that maps to it is in the `OVERFLOW` hash instead.
+    pub const OVERFLOW_BIT: u64 = 1 << 63;
+    /// Groups the counters can hold at most (group indices are 16 bits in an entry).
+    pub const MAX_GROUPS: u32 = 1 << 16;
+
+    /// The slot of process `tgid`.
+    #[inline(always)]
+    pub const fn slot(tgid: u32) -> u32 {
+        tgid & (SLOTS - 1)
+    }
+
+    /// The entry saying that `tgid` counts in `group` (tgid 0, the idle task, is never one).
+    #[inline(always)]
+    pub const fn entry(tgid: u32, group: u32) -> u64 {
+        tgid as u64 | ((group as u64 & 0xffff) << 32)
+    }
+
+    /// The process an entry holds (0: none).
+    #[inline(always)]
+    pub const fn tgid(entry: u64) -> u32 {
+        entry as u32
+    }
+
+    /// The group an entry's process counts in.
+    #[inline(always)]
+    pub const fn group(entry: u64) -> u32 {
+        ((entry >> 32) & 0xffff) as u32
+    }
 }
 
 /// What is running on one CPU now: written at each context switch so that the next switch on
@@ -70,8 +109,13 @@ pub fn latency_bucket(ns: u64) -> usize {
 
 /// Map names, as the agent looks them up.
 pub mod maps {
-    /// `LruPerCpuHashMap<u32 tgid, ProcessCounters>: one copy per CPU, summed by the reader`.
-    pub const PROCESSES: &str = "PROCESSES";
+    /// `Array<u64>` of `tracked::SLOTS` entries (see [`tracked`](super::tracked)), written by
+    /// the agent and by the fork and exit probes.
+    pub const TRACKED: &str = "TRACKED";
+    /// `HashMap<u32 tgid, u32 group>`: tracked processes whose slot another process holds.
+    pub const OVERFLOW: &str = "OVERFLOW";
+    /// `PerCpuArray<GroupCounters>` by group index: one copy per CPU, summed by the reader.
+    pub const GROUPS: &str = "GROUPS";
     /// `PerCpuArray<CpuSlot>` of one entry: what runs on each CPU, and its run-queue histogram.
     pub const CPU_SLOT: &str = "CPU_SLOT";
 }
@@ -87,12 +131,14 @@ pub mod globals {
     pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
     /// Byte offset of `task_struct.se.sum_exec_runtime`.
     pub const TASK_EXEC_RUNTIME_OFFSET: &str = "TASK_EXEC_RUNTIME_OFFSET";
-    /// Byte offset of `task_struct.flags` (to leave kernel threads out of per-process counts).
-    pub const TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFFSET";
+    /// Byte offset of `task_struct.tgid` (the process of a task, read without a helper call).
+    pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+    /// Byte offset of `task_struct.pid` (a task whose pid is its tgid leads its process).
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 }
 
 #[cfg(feature = "user")]
 // SAFETY: both are plain `repr(C)` structs of integers with no padding.
-unsafe impl aya::Pod for ProcessCounters {}
+unsafe impl aya::Pod for GroupCounters {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for CpuSlot {}

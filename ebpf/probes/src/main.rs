@@ -1,15 +1,19 @@
-//! Prescient's eBPF probes (kernel side). Everything is counted per thread group (process) and
-//! kept cumulative in maps; the agent reads and diffs them once a second and maps processes to
-//! the VM (cgroup) they belong to. Only `tp_btf` programs are used (sched_switch,
-//! sock_send_length, sock_recv_length), so the probes load where kprobes and fentry are not
-//! available.
+//! Prescient's eBPF probes (kernel side). Counts are kept per group of processes (a VM) and
+//! per CPU, cumulative in maps; the agent says which processes belong to which group and
+//! reads the groups' counters once a second. Only `tp_btf` programs are used (sched_switch,
+//! sock_send_length, sock_recv_length, sched_process_fork, sched_process_exit), so the probes
+//! load where kprobes and fentry are not available.
 //!
 //! Architecture invariant: aya-ebpf offers no CO-RE relocations, so every kernel struct field
-//! the probes read (`task_struct.sched_info.run_delay`, `sock.skc_family`, `sock.sk_protocol`)
-//! is read at an offset the loader found in the running kernel's BTF and wrote into a global,
-//! and only through BTF-typed tracepoint arguments (`tp_btf`), which the verifier checks.
-//! Processes are named by `bpf_get_current_pid_tgid`: a switched-in task is charged at its
-//! switch-out, which runs in its own context.
+//! the probes read (`task_struct.sched_info.run_delay`, `task_struct.tgid`, `sock.skc_family`,
+//! ...) is read at an offset the loader found in the running kernel's BTF and wrote into a
+//! global, and only through BTF-typed tracepoint arguments (`tp_btf`), which the verifier
+//! checks. A switched-in task is charged at its switch-out, which runs in its own context.
+//!
+//! Architecture invariant: a context switch does no hashing and no atomic operation. It finds
+//! its process's group in a direct-mapped array (`TRACKED`, which the verifier inlines) and
+//! adds to this CPU's copy of the group's counters; only processes whose slot collides look in
+//! the `OVERFLOW` hash. Untracked processes (everything outside a VM) cost one array load.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic adds are written in BPF assembly: `core`'s atomics have no read-modify-write on BPF.
@@ -18,13 +22,11 @@
 #[cfg(target_arch = "bpf")]
 mod probes {
     use aya_ebpf::{
-        bindings::BPF_NOEXIST,
-        helpers::bpf_get_current_pid_tgid,
         macros::{btf_tracepoint, map},
-        maps::{LruPerCpuHashMap, PerCpuArray},
+        maps::{Array, HashMap, PerCpuArray},
         programs::BtfTracePointContext,
     };
-    use prescient_probes_common::{latency_bucket, CpuSlot, ProcessCounters};
+    use prescient_probes_common::{latency_bucket, tracked, CpuSlot, GroupCounters};
 
     /// Set by the loader from the kernel's BTF (see the common crate's `globals`).
     #[unsafe(no_mangle)]
@@ -34,23 +36,22 @@ mod probes {
     #[unsafe(no_mangle)]
     static TASK_RUN_DELAY_OFFSET: u32 = 0;
     #[unsafe(no_mangle)]
-    static TASK_FLAGS_OFFSET: u32 = 0;
-    #[unsafe(no_mangle)]
     static TASK_EXEC_RUNTIME_OFFSET: u32 = 0;
-
-    /// `task_struct.flags` bit of kernel threads (stable since Linux 2.6).
-    const PF_KTHREAD: u32 = 0x0020_0000;
-
-    static ZERO: ProcessCounters = ProcessCounters::ZERO;
+    #[unsafe(no_mangle)]
+    static TASK_TGID_OFFSET: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_PID_OFFSET: u32 = 0;
 
     #[map]
     static CPU_SLOT: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
-    /// Per CPU, so a process's counters never bounce between CPUs and need no atomic adds
-    /// (the switch runs with preemption off); the agent sums the CPUs' copies. The loader
-    /// sizes it to the machine's CPU count.
     #[map]
-    static PROCESSES: LruPerCpuHashMap<u32, ProcessCounters> =
-        LruPerCpuHashMap::with_max_entries(16384, 0);
+    static TRACKED: Array<u64> = Array::with_max_entries(tracked::SLOTS, 0);
+    #[map]
+    static OVERFLOW: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+    /// Per CPU, so a group's counters never bounce between CPUs and need no atomic adds (the
+    /// switch runs with preemption off); the agent sums the CPUs' copies. The loader sizes it.
+    #[map]
+    static GROUPS: PerCpuArray<GroupCounters> = PerCpuArray::with_max_entries(1024, 0);
 
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
@@ -61,13 +62,30 @@ mod probes {
         unsafe { core::ptr::read_volatile(g) }
     }
 
-    fn counters(tgid: u32) -> Option<*mut ProcessCounters> {
-        if let Some(p) = PROCESSES.get_ptr_mut(tgid) {
-            return Some(p);
+    /// A `u32` field of a task, at an offset from BTF.
+    fn task_u32(task: *const u8, offset: &'static u32) -> u32 {
+        // SAFETY: `task` is a BTF-typed task pointer from the tracepoint; the offset is from
+        // this kernel's BTF.
+        unsafe { *(task.add(global(offset) as usize) as *const u32) }
+    }
+
+    fn task_u64(task: *const u8, offset: &'static u32) -> u64 {
+        // SAFETY: as in `task_u32`.
+        unsafe { *(task.add(global(offset) as usize) as *const u64) }
+    }
+
+    /// The group process `tgid` counts in, if it is tracked.
+    #[inline(always)]
+    fn group_of(tgid: u32) -> Option<u32> {
+        let entry = *TRACKED.get(tracked::slot(tgid))?;
+        if tracked::tgid(entry) == tgid {
+            return Some(tracked::group(entry));
         }
-        // Another CPU may insert first: then ours fails and the lookup finds theirs.
-        let _ = PROCESSES.insert(tgid, &ZERO, u64::from(BPF_NOEXIST));
-        PROCESSES.get_ptr_mut(tgid)
+        if entry & tracked::OVERFLOW_BIT == 0 {
+            return None;
+        }
+        // SAFETY: the value is copied out at once.
+        unsafe { OVERFLOW.get(&tgid) }.copied()
     }
 
     fn add(field: *mut u64, v: u64) {
@@ -81,16 +99,10 @@ mod probes {
         };
     }
 
-    fn current_tgid() -> u32 {
-        (bpf_get_current_pid_tgid() >> 32) as u32
-    }
-
     /// At every context switch, in `prev`'s context. The kernel adds the run-queue wait a
     /// task just ended to its `sched_info.run_delay` right after this tracepoint, so the
     /// value read as a task is switched in and again as it is switched out (on the same CPU,
-    /// which it cannot leave while running) differ by exactly that one wait. No map update
-    /// per wakeup: a few loads from the two tasks and one per-CPU slot, plus one hash lookup
-    /// (of this CPU's copy, no atomic operation) for user processes.
+    /// which it cannot leave while running) differ by exactly that one wait.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let prev: *const u8 = ctx.arg(1);
@@ -98,55 +110,99 @@ mod probes {
         let Some(slot) = CPU_SLOT.get_ptr_mut(0) else {
             return 0;
         };
-        // SAFETY: a per-CPU slot; this program is its only writer on this CPU.
+        // SAFETY: a per-CPU slot; this program is its only writer on this CPU, and it runs
+        // with preemption off.
         let slot = unsafe { &mut *slot };
-        let off = global(&TASK_RUN_DELAY_OFFSET) as usize;
-        let run_off = global(&TASK_EXEC_RUNTIME_OFFSET) as usize;
-        let tgid = current_tgid();
+        let tgid = task_u32(prev, &TASK_TGID_OFFSET);
         // tgid 0 is the idle task: it never waits and its CPU time is idle time.
         if slot.task == prev as u64 && tgid != 0 {
-            // SAFETY: `prev` is the kernel's task pointer (BTF-typed); the offset is from BTF.
-            let delay = unsafe { *(prev.add(off) as *const u64) };
-            let waited = delay.wrapping_sub(slot.run_delay_ns);
+            let waited = task_u64(prev, &TASK_RUN_DELAY_OFFSET).wrapping_sub(slot.run_delay_ns);
             // A wrap would mean the slot is stale; such a wait is not counted.
             let counted = waited < 1 << 40;
+            let bucket = latency_bucket(waited);
             if counted {
-                if let Some(b) = slot.runq_hist.get_mut(latency_bucket(waited)) {
+                if let Some(b) = slot.runq_hist.get_mut(bucket) {
                     *b += 1;
                 }
                 slot.runq_total_ns += waited;
             }
-            // Kernel threads belong to no VM: their switches (a good share of all) skip the
-            // per-process hash lookup and its atomic adds.
-            let flags = unsafe { *(prev.add(global(&TASK_FLAGS_OFFSET) as usize) as *const u32) };
-            let process = if flags & PF_KTHREAD == 0 {
-                counters(tgid)
-            } else {
-                None
-            };
-            if let Some(c) = process {
-                // SAFETY: this CPU's copy of the process's counters; nothing else writes it
+            if let Some(c) = group_of(tgid).and_then(|g| GROUPS.get_ptr_mut(g)) {
+                // SAFETY: this CPU's copy of the group's counters; nothing else writes it
                 // while this switch runs.
                 let c = unsafe { &mut *c };
-                let ran = unsafe { *(prev.add(run_off) as *const u64) };
+                let ran = task_u64(prev, &TASK_EXEC_RUNTIME_OFFSET);
                 c.cpu_ns += ran.saturating_sub(slot.exec_runtime_ns);
                 c.tcp_sent_bytes += slot.tcp_sent_bytes;
                 c.tcp_received_bytes += slot.tcp_received_bytes;
                 if counted {
                     c.runq_wait_ns += waited;
-                    if let Some(b) = c.runq_hist.get_mut(latency_bucket(waited)) {
+                    if let Some(b) = c.runq_hist.get_mut(bucket) {
                         *b += 1;
                     }
                 }
             }
         }
         slot.task = next as u64;
-        // SAFETY: as above, for `next`.
-        slot.exec_runtime_ns = unsafe { *(next.add(run_off) as *const u64) };
-        slot.tcp_sent_bytes = 0;
-        slot.tcp_received_bytes = 0;
-        // SAFETY: as above, for `next`.
-        slot.run_delay_ns = unsafe { *(next.add(off) as *const u64) };
+        slot.exec_runtime_ns = task_u64(next, &TASK_EXEC_RUNTIME_OFFSET);
+        slot.run_delay_ns = task_u64(next, &TASK_RUN_DELAY_OFFSET);
+        // Two stores, not a call to `memset`.
+        // SAFETY: fields of the slot borrowed above.
+        unsafe {
+            core::ptr::write_volatile(&mut slot.tcp_sent_bytes, 0);
+            core::ptr::write_volatile(&mut slot.tcp_received_bytes, 0);
+        }
+        0
+    }
+
+    /// A new process (not a thread) forked by a tracked one counts in its parent's group from
+    /// its first switch: a worker's helper processes are never missed for the second until the
+    /// agent's next look at the VM. When its slot is taken, the agent adds it at that look.
+    #[btf_tracepoint(function = "sched_process_fork")]
+    pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
+        let parent: *const u8 = ctx.arg(0);
+        let child: *const u8 = ctx.arg(1);
+        let tgid = task_u32(child, &TASK_TGID_OFFSET);
+        // A thread shares its process's entry.
+        if task_u32(child, &TASK_PID_OFFSET) != tgid || tgid == 0 {
+            return 0;
+        }
+        let Some(group) = group_of(task_u32(parent, &TASK_TGID_OFFSET)) else {
+            return 0;
+        };
+        if let Some(entry) = TRACKED.get_ptr_mut(tracked::slot(tgid)) {
+            // SAFETY: an entry of the table. Two writers of one slot would need two processes
+            // 64 Ki pids apart forked at once (or the agent writing it then); the agent
+            // rechecks every VM member's entry each second, which repairs such a loss.
+            unsafe {
+                let old = *entry;
+                if tracked::tgid(old) == 0 {
+                    *entry = (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group);
+                }
+            }
+        }
+        0
+    }
+
+    /// A process's leader exits: its entry goes, so a later process given the same pid does
+    /// not count in the group.
+    #[btf_tracepoint(function = "sched_process_exit")]
+    pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
+        let task: *const u8 = ctx.arg(0);
+        let tgid = task_u32(task, &TASK_TGID_OFFSET);
+        if task_u32(task, &TASK_PID_OFFSET) != tgid || tgid == 0 {
+            return 0;
+        }
+        if let Some(entry) = TRACKED.get_ptr_mut(tracked::slot(tgid)) {
+            // SAFETY: an entry of the table (see the fork probe on racing writers).
+            unsafe {
+                let old = *entry;
+                if tracked::tgid(old) == tgid {
+                    *entry = old & tracked::OVERFLOW_BIT;
+                } else if old & tracked::OVERFLOW_BIT != 0 {
+                    let _ = OVERFLOW.remove(&tgid);
+                }
+            }
+        }
         0
     }
 
