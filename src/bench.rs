@@ -601,9 +601,12 @@ impl Point<'_> {
     }
 }
 
-/// Time from a switch to the start of the phase it is measured in: spans switch at the next
-/// request, probes at once; this lets the invocations in flight finish.
-const SETTLE: Duration = Duration::from_millis(200);
+/// Time from a switch to the start of the phase it is measured in, as a share of the phase
+/// (200 ms before a 1 s phase): spans switch at the next request, probes at once; this lets
+/// the invocations in flight finish.
+fn settle(phase_seconds: f64) -> Duration {
+    Duration::from_secs_f64((phase_seconds / 5.0).clamp(0.02, 0.2))
+}
 
 /// The processes of a comparison, by role: control, agents, workers, the load generator.
 const ROLES: [&str; 4] = ["control", "agents", "workers", "load generator"];
@@ -655,7 +658,7 @@ async fn alternate(
             let mut pair = [None, None];
             for on in order {
                 switch(on)?;
-                tokio::time::sleep(SETTLE).await;
+                tokio::time::sleep(settle(point.duration)).await;
                 load.take();
                 let (before, roles_before) = (busy(), roles());
                 tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
@@ -745,7 +748,16 @@ async fn compare_switching(
         match prescient_agent::probes::Probes::load() {
             Ok(mut p) => {
                 p.set_attached(false)?;
-                probes_note = "loaded once, attached only while on".into();
+                // Each worker counted in a group of its own, as its agent would count it: their
+                // switches take the probes' longer (tracked) path.
+                for a in &cluster.agents {
+                    for worker in children(a.child.id()) {
+                        p.join(&format!("worker-{worker}"), worker);
+                    }
+                }
+                probes_note =
+                    "loaded once, attached only while on; each worker tracked in its own group"
+                        .into();
                 probes = Some(p);
             }
             Err(e) => probes_note = format!("could not be loaded: {e}"),
@@ -848,7 +860,7 @@ async fn compare_switching(
         "probes": probes_note,
         "rounds": rounds,
         "seconds_per_phase": point.duration,
-        "settle_seconds": SETTLE.as_secs_f64(),
+        "settle_seconds": settle(point.duration).as_secs_f64(),
         "results": rows,
         "cpu_us_per_invocation_at_fixed_rate": cpu,
     }))
