@@ -90,12 +90,46 @@ impl Ingress {
         })
     }
 
-    /// Invokes `graph` (id or name) and waits for all of its outputs, or the deadline.
+    /// Invokes `graph` (id or name) and waits for all of its outputs, or the deadline; with
+    /// telemetry on, also returns the invocation's end-to-end latency, for the caller to
+    /// [`record`](Self::record_latency) once the reply is on its way (not before it).
     pub async fn call(
+        self: &Rc<Self>,
+        graph: &str,
+        inputs: Vec<(String, Bytes)>,
+        deadline_ms: u32,
+    ) -> (Result<Vec<(String, Bytes)>, String>, Option<Latency>) {
+        let mut latency = None;
+        let result = self
+            .call_timed(graph, inputs, deadline_ms, &mut latency)
+            .await;
+        (result, latency)
+    }
+
+    /// Records an invocation's end-to-end latency (from [`call`](Self::call)).
+    pub fn record_latency(&self, l: Latency) {
+        self.latency.record(crate::telemetry::SpanRec {
+            graph_id: l.graph_id,
+            task: self.whole_graph.clone(),
+            replica: self.fwd.host.clone(),
+            invocation: l.invocation,
+            queue_ns: 0,
+            exec_ns: l.ns,
+            input_bytes: 0,
+            output_bytes: l.output_bytes,
+            transfer_ns: 0,
+            start_unix_ns: l.admitted_unix_ns,
+            sink_ns: 0,
+            ok: l.ok,
+        });
+    }
+
+    async fn call_timed(
         self: &Rc<Self>,
         graph: &str,
         mut inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
+        latency: &mut Option<Latency>,
     ) -> Result<Vec<(String, Bytes)>, String> {
         let Some(routes) = self.lookup(graph) else {
             return Err(format!(
@@ -167,25 +201,18 @@ impl Ingress {
             });
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
-        let Some(admitted) = admitted.filter(|_| self.latency.enabled()) else {
-            return result;
-        };
-        self.latency.record(crate::telemetry::SpanRec {
-            graph_id: routes.graph_id.clone(),
-            task: self.whole_graph.clone(),
-            replica: self.fwd.host.clone(),
-            invocation,
-            queue_ns: 0,
-            exec_ns: crate::clock::Stamp::now().ns_since(admitted),
-            input_bytes: 0,
-            output_bytes: result
-                .as_ref()
-                .map_or(0, |o| o.iter().map(|(_, v)| v.len() as u64).sum()),
-            transfer_ns: 0,
-            start_unix_ns: admitted_ns,
-            sink_ns: 0,
-            ok: result.is_ok(),
-        });
+        if let Some(admitted) = admitted.filter(|_| self.latency.enabled()) {
+            *latency = Some(Latency {
+                ns: crate::clock::Stamp::now().ns_since(admitted),
+                graph_id: routes.graph_id.clone(),
+                invocation,
+                admitted_unix_ns: admitted_ns,
+                output_bytes: result
+                    .as_ref()
+                    .map_or(0, |o| o.iter().map(|(_, v)| v.len() as u64).sum()),
+                ok: result.is_ok(),
+            });
+        }
         result
     }
 
@@ -264,7 +291,7 @@ impl dataplane::Handler for Ingress {
     fn invoke(self: Rc<Self>, inv: InvokeMsg, from: &Sender) {
         let from = from.clone();
         tokio::task::spawn_local(async move {
-            let result = self.call(&inv.graph, inv.inputs, inv.deadline_ms).await;
+            let (result, latency) = self.call(&inv.graph, inv.inputs, inv.deadline_ms).await;
             let reply = match result {
                 Ok(outputs) => ReplyMsg {
                     id: inv.id,
@@ -278,6 +305,19 @@ impl dataplane::Handler for Ingress {
                 },
             };
             from.send(dataplane::encode_reply(&reply));
+            if let Some(l) = latency {
+                self.record_latency(l);
+            }
         });
     }
+}
+
+/// One invocation's end-to-end latency as the ingress measured it, recorded after its reply.
+pub struct Latency {
+    ns: u64,
+    graph_id: Rc<str>,
+    invocation: u64,
+    admitted_unix_ns: u64,
+    output_bytes: u64,
+    ok: bool,
 }
