@@ -183,13 +183,40 @@ mod probes {
         0
     }
 
-    /// A process's leader exits: its entry goes, so a later process given the same pid does
-    /// not count in the group.
+    /// A thread exits: what it sent, received and ran since its last switch-in goes to its
+    /// group now (its last switch-out comes after this, when its process may have left the
+    /// table). When the process's leader exits, its entry goes, so a later process given the
+    /// same pid does not count in the group.
     #[btf_tracepoint(function = "sched_process_exit")]
     pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
         let task: *const u8 = ctx.arg(0);
         let tgid = task_u32(task, &TASK_TGID_OFFSET);
-        if task_u32(task, &TASK_PID_OFFSET) != tgid || tgid == 0 {
+        if tgid == 0 {
+            return 0;
+        }
+        if let Some(slot) = CPU_SLOT.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot, describing `task` (which runs this probe). A preemption
+            // between the reads and the resets below would count this slice twice; the
+            // window is a few instructions of a task that sends nothing more.
+            let slot = unsafe { &mut *slot };
+            if slot.task == task as u64 {
+                let ran = task_u64(task, &TASK_EXEC_RUNTIME_OFFSET);
+                if let Some(c) = group_of(tgid).and_then(|g| GROUPS.get_ptr_mut(g)) {
+                    // SAFETY: this CPU's copy of the group's counters.
+                    let c = unsafe { &mut *c };
+                    add(&mut c.tcp_sent_bytes, slot.tcp_sent_bytes);
+                    add(&mut c.tcp_received_bytes, slot.tcp_received_bytes);
+                    add(&mut c.cpu_ns, ran.saturating_sub(slot.exec_runtime_ns));
+                }
+                slot.exec_runtime_ns = ran;
+                // SAFETY: fields of the slot borrowed above.
+                unsafe {
+                    core::ptr::write_volatile(&mut slot.tcp_sent_bytes, 0);
+                    core::ptr::write_volatile(&mut slot.tcp_received_bytes, 0);
+                }
+            }
+        }
+        if task_u32(task, &TASK_PID_OFFSET) != tgid {
             return 0;
         }
         if let Some(entry) = TRACKED.get_ptr_mut(tracked::slot(tgid)) {
