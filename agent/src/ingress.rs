@@ -91,14 +91,17 @@ impl Ingress {
     }
 
     /// Invokes `graph` (id or name) and waits for all of its outputs, or the deadline; with
-    /// telemetry on, also returns the invocation's end-to-end latency, for the caller to
-    /// [`record`](Self::record_latency) once the reply is on its way (not before it).
+    /// telemetry on, also returns the invocation's end-to-end latency span, for the caller to
+    /// record once the reply is on its way (not before it).
     pub async fn call(
         self: &Rc<Self>,
         graph: &str,
         inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
-    ) -> (Result<Vec<(String, Bytes)>, String>, Option<Latency>) {
+    ) -> (
+        Result<Vec<(String, Bytes)>, String>,
+        Option<crate::telemetry::SpanRec>,
+    ) {
         let mut latency = None;
         let result = self
             .call_timed(graph, inputs, deadline_ms, &mut latency)
@@ -106,30 +109,12 @@ impl Ingress {
         (result, latency)
     }
 
-    /// Records an invocation's end-to-end latency (from [`call`](Self::call)).
-    pub fn record_latency(&self, l: Latency) {
-        self.latency.record(crate::telemetry::SpanRec {
-            graph_id: l.graph_id,
-            task: self.whole_graph.clone(),
-            replica: self.fwd.host.clone(),
-            invocation: l.invocation,
-            queue_ns: 0,
-            exec_ns: l.ns,
-            input_bytes: 0,
-            output_bytes: l.output_bytes,
-            transfer_ns: 0,
-            start_unix_ns: l.admitted_unix_ns,
-            sink_ns: 0,
-            ok: l.ok,
-        });
-    }
-
     async fn call_timed(
         self: &Rc<Self>,
         graph: &str,
         mut inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
-        latency: &mut Option<Latency>,
+        latency: &mut Option<crate::telemetry::SpanRec>,
     ) -> Result<Vec<(String, Bytes)>, String> {
         let Some(routes) = self.lookup(graph) else {
             return Err(format!(
@@ -202,14 +187,20 @@ impl Ingress {
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
         if let Some(admitted) = admitted.filter(|_| self.latency.enabled()) {
-            *latency = Some(Latency {
-                ns: crate::clock::Stamp::now().ns_since(admitted),
+            *latency = Some(crate::telemetry::SpanRec {
                 graph_id: routes.graph_id.clone(),
+                task: self.whole_graph.clone(),
+                replica: self.fwd.host.clone(),
                 invocation,
-                admitted_unix_ns: admitted_ns,
+                queue_ns: 0,
+                exec_ns: crate::clock::Stamp::now().ns_since(admitted),
+                input_bytes: 0,
                 output_bytes: result
                     .as_ref()
                     .map_or(0, |o| o.iter().map(|(_, v)| v.len() as u64).sum()),
+                transfer_ns: 0,
+                start_unix_ns: admitted_ns,
+                sink_ns: 0,
                 ok: result.is_ok(),
             });
         }
@@ -305,19 +296,9 @@ impl dataplane::Handler for Ingress {
                 },
             };
             from.send(dataplane::encode_reply(&reply));
-            if let Some(l) = latency {
-                self.record_latency(l);
+            if let Some(span) = latency {
+                self.latency.record(span);
             }
         });
     }
-}
-
-/// One invocation's end-to-end latency as the ingress measured it, recorded after its reply.
-pub struct Latency {
-    ns: u64,
-    graph_id: Rc<str>,
-    invocation: u64,
-    admitted_unix_ns: u64,
-    output_bytes: u64,
-    ok: bool,
 }

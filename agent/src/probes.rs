@@ -380,11 +380,9 @@ fn track(table: &mut impl TrackedTable, tgid: u32, group: u32) {
     let old = table.entry(slot);
     let held_by = tracked::tgid(old);
     if held_by == tgid || held_by == 0 {
-        if old != (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group) {
-            table.set_entry(
-                slot,
-                (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group),
-            );
+        let entry = (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group);
+        if old != entry {
+            table.set_entry(slot, entry);
         }
         if old & tracked::OVERFLOW_BIT != 0 {
             // It may have overflowed before its slot came free: one place only.
@@ -426,8 +424,8 @@ pub struct Groups {
     /// forked processes may still be counting in it for a moment) is reused as late as
     /// possible.
     next: u32,
-    /// Processes the agent tracked, and their group.
-    members: HashMap<u32, u32>,
+    /// Processes the agent tracked.
+    members: std::collections::HashSet<u32>,
     /// Each group's counters at the last read (or when it was handed out).
     last: HashMap<u32, GroupCounters>,
 }
@@ -438,7 +436,7 @@ impl Groups {
             capacity: capacity.min(tracked::MAX_GROUPS),
             index: HashMap::new(),
             next: 0,
-            members: HashMap::new(),
+            members: Default::default(),
             last: HashMap::new(),
         }
     }
@@ -476,7 +474,7 @@ impl Groups {
         }
         if let Some(group) = self.index_of(name, &read) {
             track(table, tgid, group);
-            self.members.insert(tgid, group);
+            self.members.insert(tgid);
         }
     }
 
@@ -497,18 +495,18 @@ impl Groups {
             .retain(|name, _| vms.iter().any(|(n, _)| n == name));
         let live: std::collections::HashSet<u32> = self.index.values().copied().collect();
         self.last.retain(|g, _| live.contains(g));
-        let mut now_members = HashMap::new();
+        let mut now_members = std::collections::HashSet::new();
         for (name, procs) in vms {
             let Some(group) = self.index_of(name, &read) else {
                 continue;
             };
             for &tgid in procs.iter().filter(|&&t| t != 0) {
                 track(table, tgid, group);
-                now_members.insert(tgid, group);
+                now_members.insert(tgid);
             }
         }
-        for (tgid, _) in self.members.drain() {
-            if !now_members.contains_key(&tgid) {
+        for tgid in self.members.drain() {
+            if !now_members.contains(&tgid) {
                 untrack(table, tgid);
             }
         }
