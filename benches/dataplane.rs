@@ -117,13 +117,21 @@ fn telemetry(c: &mut Criterion) {
     });
 }
 
+/// One timestamp: a span takes three per execution.
+fn stamp(c: &mut Criterion) {
+    prescient_agent::clock::init();
+    c.bench_function("clock/stamp", |b| {
+        b.iter(|| black_box(prescient_agent::clock::Stamp::now()))
+    });
+}
+
 /// Everything a worker adds to one execution when spans are on: the arrival on its edge, three
 /// stamps, and the execution's record (sketches, a sample check). The arrival's wall-clock time
 /// is read for the deadline check with spans on or off.
 fn span_path(c: &mut Criterion) {
     use prescient_agent::clock::Stamp;
     use prescient_agent::dataplane::now_unix_ns;
-    use prescient_agent::telemetry::{SpanBuffer, SpanRec};
+    use prescient_agent::telemetry::{Execution, SpanBuffer};
     use std::rc::Rc;
     let spans = SpanBuffer::default();
     let (graph, task, port, replica): (Rc<str>, Rc<str>, Rc<str>, Rc<str>) =
@@ -140,25 +148,27 @@ fn span_path(c: &mut Criterion) {
             let start = Stamp::now();
             let exec_ns = Stamp::now().ns_since(start);
             let queue_ns = start.ns_since(arrived);
-            spans.record(SpanRec {
-                graph_id: graph.clone(),
-                task: task.clone(),
-                replica: replica.clone(),
-                invocation,
-                queue_ns,
-                exec_ns,
-                input_bytes: 64,
-                output_bytes: 64,
-                transfer_ns: 20_000,
-                start_unix_ns: received + queue_ns,
-                ok: true,
-                sink_ns: 0,
-            });
+            spans.record(
+                &graph,
+                &task,
+                &replica,
+                Execution {
+                    invocation,
+                    queue_ns,
+                    exec_ns,
+                    input_bytes: 64,
+                    output_bytes: 64,
+                    transfer_ns: 20_000,
+                    start_unix_ns: received + queue_ns,
+                    ok: true,
+                    sink_ns: 0,
+                },
+            );
         });
         // Keep the buffer at a steady size, as the worker's 1 Hz flush does.
         spans.take_batch("h1");
     });
 }
 
-criterion_group!(benches, frames, routing, validation, telemetry, span_path);
+criterion_group!(benches, frames, routing, validation, telemetry, stamp, span_path);
 criterion_main!(benches);

@@ -229,6 +229,68 @@ fn cpu_ticks(root: u32) -> u64 {
     total
 }
 
+/// Nanoseconds a process's threads have run, from the scheduler's own accounting
+/// (`/proc/PID/task/*/schedstat`): exact, where `/proc/PID/stat` counts 10 ms ticks, too coarse
+/// for the short phases of a comparison. 0 for a process that is gone.
+fn on_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Nanoseconds the machine's CPUs have been busy since some fixed point: wall time on every
+/// CPU less the idle residency the cpuidle driver reports (in µs), else 10 ms ticks from
+/// `/proc/stat`.
+fn machine_busy_ns() -> u64 {
+    let idle_us = (|| -> Option<u64> {
+        let mut total = 0;
+        let mut cpus = 0;
+        for cpu in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
+            let name = cpu.file_name();
+            let name = name.to_str()?;
+            if !name.starts_with("cpu") || !name[3..].chars().all(|c| c.is_ascii_digit()) {
+                continue;
+            }
+            cpus += 1;
+            for state in std::fs::read_dir(cpu.path().join("cpuidle"))
+                .ok()?
+                .flatten()
+            {
+                total += std::fs::read_to_string(state.path().join("time"))
+                    .ok()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
+            }
+        }
+        (cpus > 0).then_some(total)
+    })();
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    match idle_us {
+        Some(idle_us) => {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid timespec to write to.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+            let wall_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            (wall_ns * cpus).saturating_sub(idle_us * 1000)
+        }
+        None => {
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            prescient_agent::hostmon::busy_ticks().unwrap_or(0) * (1_000_000_000 / hz)
+        }
+    }
+}
+
 /// The direct children of a process.
 fn children(parent: u32) -> Vec<u32> {
     process_table()
@@ -654,9 +716,6 @@ async fn alternate(
         deadline_ms: 10_000,
         ingresses: vec![point.ingress.to_string()],
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let busy = || prescient_agent::hostmon::busy_ticks().unwrap_or(0);
     let mut load = crate::load::Continuous::start(&spec).await?;
     let mut pairs = Vec::new();
     let mut random = std::time::SystemTime::now()
@@ -676,18 +735,18 @@ async fn alternate(
                 tokio::time::sleep(settle(point.duration) + jitter(point.duration, &mut random))
                     .await;
                 load.take();
-                let (before, roles_before) = (busy(), roles());
+                let (before, roles_before) = (machine_busy_ns(), roles());
                 tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
                 let phase = load.take();
-                let ticks = busy().saturating_sub(before);
+                let busy_ns = machine_busy_ns().saturating_sub(before);
                 let roles_after = roles();
                 let mut role_cpu_seconds = [0.0; 4];
                 for (i, r) in role_cpu_seconds.iter_mut().enumerate() {
-                    *r = roles_after[i].saturating_sub(roles_before[i]) as f64 / hz;
+                    *r = roles_after[i].saturating_sub(roles_before[i]) as f64 / 1e9;
                 }
                 pair[usize::from(on)] = Some(Measured {
                     phase,
-                    cpu_seconds: ticks as f64 / hz,
+                    cpu_seconds: busy_ns as f64 / 1e9,
                     role_cpu_seconds,
                 });
             }
@@ -782,24 +841,13 @@ async fn compare_switching(
     let control = cluster.control.child.id();
     let agents: Vec<u32> = cluster.agents.iter().map(|a| a.child.id()).collect();
     let me = std::process::id();
+    let workers: Vec<u32> = agents.iter().flat_map(|a| children(*a)).collect();
+    // Each role's processes, found once: the comparison runs on one unchanging cluster.
+    let members: [Vec<u32>; 4] = [vec![control], agents.clone(), workers, vec![me]];
     let roles = || -> [u64; 4] {
-        let table = process_table();
-        let mut ticks = [0u64; 4];
-        for (pid, ppid, t) in table {
-            let role = if pid == control {
-                0
-            } else if agents.contains(&pid) {
-                1
-            } else if agents.contains(&ppid) {
-                2
-            } else if pid == me {
-                3
-            } else {
-                continue;
-            };
-            ticks[role] += t;
-        }
-        ticks
+        members
+            .each_ref()
+            .map(|m| m.iter().map(|p| on_cpu_ns(*p)).sum())
     };
     let signal_all = |signal| {
         for &pid in &pids {
@@ -843,8 +891,8 @@ async fn compare_switching(
             .iter()
             .map(|(on, off)| (on.cpu_us_per_invocation(), off.cpu_us_per_invocation()))
             .collect();
-        // Where the difference goes: each role's CPU per invocation (process time only; the
-        // probes and softirq work run in whichever process was interrupted).
+        // Where the difference goes: each role's CPU per invocation (on-CPU time from the
+        // scheduler; the probes and softirq work count in whichever process they ran in).
         let by_role: serde_json::Map<String, serde_json::Value> = ROLES
             .iter()
             .enumerate()

@@ -100,7 +100,7 @@ impl Ingress {
         deadline_ms: u32,
     ) -> (
         Result<Vec<(String, Bytes)>, String>,
-        Option<crate::telemetry::SpanRec>,
+        Option<(Rc<str>, crate::telemetry::Execution)>,
     ) {
         let mut latency = None;
         let result = self
@@ -114,7 +114,7 @@ impl Ingress {
         graph: &str,
         mut inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
-        latency: &mut Option<crate::telemetry::SpanRec>,
+        latency: &mut Option<(Rc<str>, crate::telemetry::Execution)>,
     ) -> Result<Vec<(String, Bytes)>, String> {
         let Some(routes) = self.lookup(graph) else {
             return Err(format!(
@@ -187,10 +187,7 @@ impl Ingress {
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
         if let Some(admitted) = admitted.filter(|_| self.latency.enabled()) {
-            *latency = Some(crate::telemetry::SpanRec {
-                graph_id: routes.graph_id.clone(),
-                task: self.whole_graph.clone(),
-                replica: self.fwd.host.clone(),
+            let execution = crate::telemetry::Execution {
                 invocation,
                 queue_ns: 0,
                 exec_ns: crate::clock::Stamp::now().ns_since(admitted),
@@ -202,7 +199,8 @@ impl Ingress {
                 start_unix_ns: admitted_ns,
                 sink_ns: 0,
                 ok: result.is_ok(),
-            });
+            };
+            *latency = Some((routes.graph_id.clone(), execution));
         }
         result
     }
@@ -296,8 +294,9 @@ impl dataplane::Handler for Ingress {
                 },
             };
             from.send(dataplane::encode_reply(&reply));
-            if let Some(span) = latency {
-                self.latency.record(span);
+            if let Some((graph_id, execution)) = latency {
+                self.latency
+                    .record(&graph_id, &self.whole_graph, &self.fwd.host, execution);
             }
         });
     }

@@ -266,24 +266,27 @@ impl Worker {
                 let exec_ns = end.ns_since(start);
                 let start_ns = arrival.unix_ns + queue_ns;
                 let end_ns = start_ns + exec_ns;
-                self.spans.record(crate::telemetry::SpanRec {
-                    graph_id: d.graph_id.clone(),
-                    task: d.task.clone(),
-                    replica: self.replica.borrow().clone(),
-                    invocation: hop.invocation,
-                    queue_ns,
-                    exec_ns,
-                    input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
-                    output_bytes: output_bytes as u64,
-                    transfer_ns: arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
-                    start_unix_ns: start_ns,
-                    ok,
-                    sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
-                        end_ns.saturating_sub(hop.admitted_unix_ns)
-                    } else {
-                        0
+                let replica = self.replica.borrow();
+                self.spans.record(
+                    &d.graph_id,
+                    &d.task,
+                    &replica,
+                    crate::telemetry::Execution {
+                        invocation: hop.invocation,
+                        queue_ns,
+                        exec_ns,
+                        input_bytes: inputs.iter().map(|i| i.len() as u64).sum(),
+                        output_bytes: output_bytes as u64,
+                        transfer_ns: arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
+                        start_unix_ns: start_ns,
+                        ok,
+                        sink_ns: if d.sink && hop.admitted_unix_ns > 0 {
+                            end_ns.saturating_sub(hop.admitted_unix_ns)
+                        } else {
+                            0
+                        },
                     },
-                });
+                );
             }
         });
     }
