@@ -364,3 +364,76 @@ fn history_survives_a_restart() {
     assert_eq!(total(&control, &["--task", "infer"]), sent);
     assert_eq!(chains(&control), chain_before);
 }
+
+#[test]
+fn an_ingress_times_each_graph_apart() {
+    let dir = TempDir::new("two-graphs");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    let file = |name: &str, code: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+name = "{name}"
+[[task]]
+id = "work"
+code = {code}
+inputs = {{ x = "bytes" }}
+outputs = {{ y = "bytes" }}
+estimate = "1ms"
+"#
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let quick = file("quick", r#"{ builtin = "identity" }"#);
+    let slow = file(
+        "slow",
+        r#"{ builtin = "sleep", params = { mean = "20ms" } }"#,
+    );
+    control.cli_ok(&["submit", quick.to_str().unwrap()]);
+    control.cli_ok(&["submit", slow.to_str().unwrap()]);
+    wait_deployed(&control, "g1", 1, 1);
+    wait_deployed(&control, "g2", 1, 1);
+    // Both loads at once through the one agent's ingress, so both graphs' invocations end in
+    // the same seconds there.
+    let (quick_sent, slow_sent) = std::thread::scope(|s| {
+        let load = |graph: &'static str| {
+            let control = &control;
+            s.spawn(move || {
+                let r = control.cli_json(&["load", graph, "--concurrency", "2", "--duration", "2"]);
+                assert_eq!(r["errors"], 0, "{r}");
+                r["sent"].as_u64().unwrap()
+            })
+        };
+        let (q, w) = (load("quick"), load("slow"));
+        (q.join().unwrap(), w.join().unwrap())
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let end_to_end = |graph: &str, sent: u64| loop {
+        let s = control.cli_json(&["stats", graph, "--window", "60"]);
+        if s["end_to_end"]["count"].as_u64() == Some(sent) {
+            return s["end_to_end"]["exec_p50_us"].as_f64().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{graph}: end to end never counted its own {sent} invocations: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let (quick_p50, slow_p50) = (
+        end_to_end("quick", quick_sent),
+        end_to_end("slow", slow_sent),
+    );
+    assert!(
+        quick_p50 < 10_000.0,
+        "quick graph's end to end p50 {quick_p50} us"
+    );
+    assert!(
+        slow_p50 > 15_000.0,
+        "slow graph's end to end p50 {slow_p50} us"
+    );
+}
