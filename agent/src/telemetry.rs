@@ -412,14 +412,19 @@ mod tests {
         // More than one fold's worth, interleaving two graphs and two seconds, as an ingress
         // serving two graphs sees them.
         for i in 0..(3 * FOLD_AT as u64 + 7) {
-            let graph = if i % 3 == 0 { &b } else { &a };
+            let graph = if i.is_multiple_of(3) { &b } else { &a };
             // A fresh copy of the name (as decoded from a frame) finds the same series.
-            let host = if i % 2 == 0 {
+            let host = if i.is_multiple_of(2) {
                 host.clone()
             } else {
                 "h1".into()
             };
-            spans.record(graph, &whole, &host, execution(100 + i % 2, i % 5 != 0));
+            spans.record(
+                graph,
+                &whole,
+                &host,
+                execution(100 + i % 2, !i.is_multiple_of(5)),
+            );
         }
         let (batch, n) = spans.take_batch("h1").expect("something recorded");
         assert_eq!(n, 3 * FOLD_AT + 7);
@@ -431,11 +436,11 @@ mod tests {
                 .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1))
         };
         let expect = |g: usize, s: u64| -> (u64, u64) {
-            let is = |i: &u64| (i % 3 == 0) == (g == 1) && 100 + i % 2 == s;
+            let is = |i: &u64| i.is_multiple_of(3) == (g == 1) && 100 + i % 2 == s;
             let all: Vec<u64> = (0..(3 * FOLD_AT as u64 + 7)).filter(is).collect();
             (
                 all.len() as u64,
-                all.iter().filter(|i| *i % 5 == 0).count() as u64,
+                all.iter().filter(|i| i.is_multiple_of(5)).count() as u64,
             )
         };
         assert_eq!(count("ga", 100), expect(0, 100));
@@ -452,7 +457,7 @@ mod tests {
         let spans = SpanBuffer::default();
         let (g, t): (Rc<str>, Rc<str>) = ("g".into(), "join".into());
         for i in 0..(FOLD_AT as u64 + 3) {
-            let port: Rc<str> = if i % 2 == 0 {
+            let port: Rc<str> = if i.is_multiple_of(2) {
                 "left".into()
             } else {
                 "right".into()
