@@ -15,7 +15,7 @@
 use prescient_schemas::agent_capnp::telemetry_batch;
 use prescient_schemas::sketch::Sketch;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 /// Individual spans kept per second as a sample for tracing; every execution is counted in
@@ -50,7 +50,7 @@ impl Execution {
 
 /// What a window is kept for besides its second: a task (task "" is a whole graph, measured at
 /// the ingress) on one replica, or an input port of a task (`third` is then the port).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Series {
     graph_id: Rc<str>,
     task: Rc<str>,
@@ -60,22 +60,44 @@ struct Series {
 /// The series recorded since the last batch, each with a small index that staged records and
 /// windows carry instead of three reference-counted names.
 #[derive(Default)]
-struct SeriesTable(Vec<Series>);
+struct SeriesTable {
+    list: Vec<Series>,
+    by_name: HashMap<Series, u32>,
+    /// The series found last: a worker records one series (one per input port), and an
+    /// ingress mostly runs of one graph, so most lookups stop at one comparison.
+    last: Option<u32>,
+}
 
 impl SeriesTable {
     fn index(&mut self, graph_id: &Rc<str>, task: &Rc<str>, third: &Rc<str>) -> u32 {
+        // Names decoded from a frame are fresh copies: compared by content, short strings.
         let same = |a: &Rc<str>, b: &Rc<str>| Rc::ptr_eq(a, b) || a == b;
-        if let Some(i) = self.0.iter().position(|s| {
-            same(&s.third, third) && same(&s.task, task) && same(&s.graph_id, graph_id)
-        }) {
-            return i as u32;
+        if let Some(i) = self.last {
+            let s = &self.list[i as usize];
+            if same(&s.third, third) && same(&s.task, task) && same(&s.graph_id, graph_id) {
+                return i;
+            }
         }
-        self.0.push(Series {
+        let key = Series {
             graph_id: graph_id.clone(),
             task: task.clone(),
             third: third.clone(),
-        });
-        (self.0.len() - 1) as u32
+        };
+        let i = match self.by_name.get(&key) {
+            Some(i) => *i,
+            None => {
+                let i = self.list.len() as u32;
+                self.list.push(key.clone());
+                self.by_name.insert(key, i);
+                i
+            }
+        };
+        self.last = Some(i);
+        i
+    }
+
+    fn get(&self, i: u32) -> &Series {
+        &self.list[i as usize]
     }
 }
 
@@ -253,7 +275,7 @@ impl SpanBuffer {
             b.set_dropped_spans(dropped);
             let mut list = b.reborrow().init_windows(windows.len() as u32);
             for (i, ((second, series), w)) in windows.iter().enumerate() {
-                let s = &tasks.0[*series as usize];
+                let s = tasks.get(*series);
                 let mut x = list.reborrow().get(i as u32);
                 x.set_graph_id(&*s.graph_id);
                 x.set_task(&*s.task);
@@ -268,7 +290,7 @@ impl SpanBuffer {
             }
             let mut list = b.reborrow().init_edges(edges.len() as u32);
             for (i, ((second, edge), e)) in edges.iter().enumerate() {
-                let s = &ports.0[*edge as usize];
+                let s = ports.get(*edge);
                 let mut x = list.reborrow().get(i as u32);
                 x.set_graph_id(&*s.graph_id);
                 x.set_task(&*s.task);
@@ -279,7 +301,7 @@ impl SpanBuffer {
             }
             let mut list = b.init_spans(spans.len() as u32);
             for (i, (series, e)) in spans.iter().enumerate() {
-                let s = &tasks.0[*series as usize];
+                let s = tasks.get(*series);
                 let mut x = list.reborrow().get(i as u32);
                 x.set_graph_id(&*s.graph_id);
                 x.set_task(&*s.task);
@@ -450,6 +472,23 @@ mod tests {
         // One window per graph and second: runs of one window merged, not one per fold.
         assert_eq!(got.len(), 4, "{got:?}");
         assert!(spans.take_batch("h1").is_none(), "a batch is taken once");
+    }
+
+    #[test]
+    fn an_ingress_with_many_graphs_keeps_one_window_each() {
+        let spans = SpanBuffer::default();
+        let graphs: Vec<Rc<str>> = (0..300).map(|i| format!("g{i}").into()).collect();
+        let (whole, host): (Rc<str>, Rc<str>) = ("".into(), "h1".into());
+        for round in 0..3 {
+            for g in &graphs {
+                spans.record(g, &whole, &host, execution(50, round != 1));
+            }
+        }
+        let (batch, n) = spans.take_batch("h1").expect("recorded");
+        assert_eq!(n, 900);
+        let got = windows(&batch);
+        assert_eq!(got.len(), 300);
+        assert!(got.iter().all(|w| w.4 == 3 && w.5 == 1), "{:?}", &got[..3]);
     }
 
     #[test]
