@@ -204,52 +204,34 @@ impl SpanBuffer {
         }
     }
 
-    /// Adds staged executions to their windows, each run of one window's records in one go.
+    /// Adds staged executions to their windows.
     fn fold(&self, staged: &mut Vec<(u32, Execution)>) {
-        let mut windows = self.windows.borrow_mut();
-        let mut rest = &staged[..];
-        while let Some((series, first)) = rest.first() {
-            let key = (first.second(), *series);
-            let run = rest
-                .iter()
-                .position(|(s, e)| (e.second(), *s) != key)
-                .unwrap_or(rest.len());
-            let w = windows.entry(key).or_default();
-            for (_, e) in &rest[..run] {
+        let key_of = |(series, e): &(u32, Execution)| (e.second(), *series);
+        fold_runs(
+            staged,
+            &mut self.windows.borrow_mut(),
+            key_of,
+            |w, (_, e)| {
                 w.exec.record(e.exec_ns as f64);
                 w.queue.record(e.queue_ns as f64);
                 if e.sink_ns > 0 {
                     w.sink.record(e.sink_ns as f64);
                 }
-                // Transfer time is recorded once per arrival, on its edge (`record_arrival`);
-                // the control node derives the task's from its edges.
+                // Transfer time is recorded once per arrival, on its edge (`record_arrival`); the
+                // control node derives the task's from its edges.
                 w.input_bytes += e.input_bytes;
                 w.output_bytes += e.output_bytes;
                 w.errors += u64::from(!e.ok);
-            }
-            rest = &rest[run..];
-        }
-        staged.clear();
+            },
+        );
     }
 
     fn fold_arrivals(&self, staged: &mut Vec<StagedArrival>) {
-        let mut edges = self.edges.borrow_mut();
-        let mut rest = &staged[..];
-        while let Some(first) = rest.first() {
-            let key_of = |a: &StagedArrival| (a.received_unix_ns / 1_000_000_000, a.edge);
-            let key = key_of(first);
-            let run = rest
-                .iter()
-                .position(|a| key_of(a) != key)
-                .unwrap_or(rest.len());
-            let e = edges.entry(key).or_default();
-            for a in &rest[..run] {
-                e.bytes += a.bytes;
-                e.transfer.record(a.transfer_ns as f64);
-            }
-            rest = &rest[run..];
-        }
-        staged.clear();
+        let key_of = |a: &StagedArrival| (a.received_unix_ns / 1_000_000_000, a.edge);
+        fold_runs(staged, &mut self.edges.borrow_mut(), key_of, |e, a| {
+            e.bytes += a.bytes;
+            e.transfer.record(a.transfer_ns as f64);
+        });
     }
 
     /// Takes what was recorded as an encoded batch, or None when there is nothing to send.
@@ -327,6 +309,30 @@ impl SpanBuffer {
     pub fn lost(&self, n: usize) {
         self.dropped.set(self.dropped.get() + n as u64);
     }
+}
+
+/// Empties `staged` into the windows of `into`, a run of records with the same key at a time
+/// (one map lookup per run: a worker's records mostly share one second and one series).
+fn fold_runs<T, K: Ord + Copy, W: Default>(
+    staged: &mut Vec<T>,
+    into: &mut BTreeMap<K, W>,
+    key_of: impl Fn(&T) -> K,
+    mut add: impl FnMut(&mut W, &T),
+) {
+    let mut rest = &staged[..];
+    while let Some(first) = rest.first() {
+        let key = key_of(first);
+        let run = rest
+            .iter()
+            .position(|t| key_of(t) != key)
+            .unwrap_or(rest.len());
+        let w = into.entry(key).or_default();
+        for t in &rest[..run] {
+            add(w, t);
+        }
+        rest = &rest[run..];
+    }
+    staged.clear();
 }
 
 /// Set by SIGUSR1, cleared by SIGUSR2: per-request telemetry off for the whole process.
