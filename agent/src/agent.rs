@@ -87,6 +87,8 @@ pub struct AgentNode {
     probe_status: String,
     /// What the probes counted per replica and on the host since they loaded (for /metrics).
     probe_totals: RefCell<ProbeTotals>,
+    /// Each VM's TCP sockets, read once a second with the probes.
+    sockets: RefCell<crate::sockets::SocketLedger>,
 }
 
 struct ProbeTotals {
@@ -134,7 +136,7 @@ impl AgentNode {
             match crate::probes::Probes::load() {
                 Ok(p) => {
                     let status = format!(
-                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), {} bytes (tp_btf sock_send_length/sock_recv_length)",
+                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), {} bytes (per-socket counters by sock_diag, closes by tp_btf inet_sock_set_state)",
                         if p.tcp_only { "TCP" } else { "inet" }
                     );
                     info!("probes: {status}");
@@ -164,6 +166,7 @@ impl AgentNode {
             probes,
             probe_status,
             probe_totals: RefCell::default(),
+            sockets: RefCell::default(),
         }))
     }
 
@@ -261,7 +264,14 @@ impl AgentNode {
         let Some(probes) = &self.probes else {
             return HashMap::new();
         };
-        let grown = probes.sample(members);
+        let mut grown = probes.sample(members);
+        let tcp = self.sockets.borrow_mut().sample(members, Some(probes));
+        for (name, usage) in grown.iter_mut() {
+            if let Some(&(written, read)) = tcp.get(name) {
+                usage.tcp_sent_bytes += written;
+                usage.tcp_received_bytes += read;
+            }
+        }
         let host_hist = cpus.update(probes.cpu_histograms());
         host.runq_hist = Some(host_hist);
         let mut totals = self.probe_totals.borrow_mut();
@@ -488,12 +498,12 @@ impl AgentNode {
         let counters: [(&str, &str, Get); 3] = [
             (
                 "prescient_vm_tcp_sent_bytes_total",
-                "TCP bytes a VM's processes sent (eBPF sock_send_length), per replica.",
+                "TCP bytes a VM's processes wrote to their sockets (kernel per-socket counters), per replica.",
                 |u| u.tcp_sent_bytes as f64,
             ),
             (
                 "prescient_vm_tcp_received_bytes_total",
-                "TCP bytes a VM's processes received (eBPF sock_recv_length), per replica.",
+                "TCP bytes a VM's processes read from their sockets (kernel per-socket counters), per replica.",
                 |u| u.tcp_received_bytes as f64,
             ),
             (

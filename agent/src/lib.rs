@@ -18,6 +18,7 @@ pub mod onnx;
 pub mod probes;
 pub mod provisioner;
 pub mod routes;
+pub mod sockets;
 pub mod telemetry;
 pub mod transfer;
 pub mod worker;

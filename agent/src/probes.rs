@@ -1,6 +1,8 @@
 //! The eBPF probes, user side: loads the object built from `ebpf/probes` (embedded at build
 //! time), adapts it to the running kernel through BTF, attaches it, tells it which processes
 //! form each VM, and turns its cumulative per-group counters into per-VM and per-host deltas.
+//! It also hands over the final byte counts of watched TCP sockets that closed (see
+//! [`crate::sockets`], which reads live sockets' counters).
 //!
 //! API boundary: the kernel side counts per group and per CPU, for the processes in its
 //! `TRACKED` table (and the processes they fork). Which processes form a VM is decided here,
@@ -10,7 +12,9 @@
 use std::collections::HashMap;
 
 use aya::maps::{MapData, PerCpuArray};
-use prescient_probes_common::{globals, maps, tracked, CpuSlot, GroupCounters, LATENCY_BUCKETS};
+use prescient_probes_common::{
+    globals, maps, tracked, ClosedSocket, CpuSlot, GroupCounters, LATENCY_BUCKETS,
+};
 use prescient_schemas::sketch::Sketch;
 use thiserror::Error;
 
@@ -61,12 +65,11 @@ fn group_capacity() -> u32 {
 }
 
 /// The programs, in the order they are loaded and attached.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 4] = [
     "sched_switch",
-    "sock_send_length",
-    "sock_recv_length",
     "sched_process_fork",
     "sched_process_exit",
+    "inet_sock_set_state",
 ];
 
 /// One of the object's `tp_btf` programs, by name.
@@ -93,6 +96,8 @@ pub struct Probes {
     table: std::cell::RefCell<(KernelTable, Groups)>,
     groups: PerCpuArray<MapData, GroupCounters>,
     cpu_slots: PerCpuArray<MapData, CpuSlot>,
+    watched: std::cell::RefCell<aya::maps::HashMap<MapData, u64, u32>>,
+    closed: std::cell::RefCell<aya::maps::HashMap<MapData, u64, ClosedSocket>>,
     /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
     pub tcp_only: bool,
 }
@@ -115,10 +120,6 @@ impl Probes {
         let raw_btf = crate::btf::Btf::parse(&data).map_err(|e| invalid(e.to_string()))?;
         let aya_btf = aya::Btf::parse(&data, aya::Endianness::default())
             .map_err(|e| invalid(e.to_string()))?;
-        let family = raw_btf
-            .member("sock_common", "skc_family")
-            .filter(|m| m.size == Some(2) && m.bitfield_bits.is_none())
-            .map_or(16, |m| m.bit_offset / 8);
         // Kernels before 5.6 keep sk_protocol in a bitfield; then all inet bytes count.
         let protocol = raw_btf
             .member("sock", "sk_protocol")
@@ -144,10 +145,31 @@ impl Probes {
             .filter(|(_, r)| r.size == Some(8) && r.bitfield_bits.is_none())
             .map(|(se, r)| (se.bit_offset + r.bit_offset) / 8)
             .ok_or(ProbeError::Missing("task_struct.se.sum_exec_runtime"))?;
-        let mut ebpf = aya::EbpfLoader::new()
+        let tcp_sock = |field: &'static str, size: u32| {
+            raw_btf
+                .member("tcp_sock", field)
+                .filter(|m| m.size == Some(size) && m.bitfield_bits.is_none())
+                .map(|m| m.bit_offset / 8)
+                .ok_or(ProbeError::Missing(field))
+        };
+        let tcp_offsets = [
+            (globals::TCP_BYTES_ACKED_OFFSET, tcp_sock("bytes_acked", 8)?),
+            (
+                globals::TCP_BYTES_RECEIVED_OFFSET,
+                tcp_sock("bytes_received", 8)?,
+            ),
+            (globals::TCP_WRITE_SEQ_OFFSET, tcp_sock("write_seq", 4)?),
+            (globals::TCP_SND_UNA_OFFSET, tcp_sock("snd_una", 4)?),
+            (globals::TCP_RCV_NXT_OFFSET, tcp_sock("rcv_nxt", 4)?),
+            (globals::TCP_COPIED_SEQ_OFFSET, tcp_sock("copied_seq", 4)?),
+        ];
+        let mut loader = aya::EbpfLoader::new();
+        for (name, offset) in &tcp_offsets {
+            loader.override_global(name, offset, true);
+        }
+        let mut ebpf = loader
             .btf(Some(&aya_btf))
             .map_max_entries(maps::GROUPS, group_capacity())
-            .override_global(globals::SK_FAMILY_OFFSET, &family, true)
             .override_global(globals::SK_PROTOCOL_OFFSET, &protocol, true)
             .override_global(globals::TASK_RUN_DELAY_OFFSET, &run_delay, true)
             .override_global(globals::TASK_TGID_OFFSET, &task_tgid, true)
@@ -180,12 +202,16 @@ impl Probes {
         };
         let groups = map(&mut ebpf, maps::GROUPS)?;
         let cpu_slots = map(&mut ebpf, maps::CPU_SLOT)?;
+        let watched = std::cell::RefCell::new(map(&mut ebpf, maps::WATCHED)?);
+        let closed = std::cell::RefCell::new(map(&mut ebpf, maps::CLOSED)?);
         Ok(Probes {
             ebpf,
             links,
             table: std::cell::RefCell::new((table, Groups::new(group_capacity()))),
             groups,
             cpu_slots,
+            watched,
+            closed,
             tcp_only: protocol != u32::MAX,
         })
     }
@@ -227,6 +253,37 @@ impl Probes {
         groups.update(table, vms, |g| self.group(g))
     }
 
+    /// Records the close of TCP socket `cookie` (its final counts) for VM `vm`, whose
+    /// processes the agent found holding it.
+    pub fn watch(&self, cookie: u64, vm: &str) {
+        let group = self.table.borrow().1.index.get(vm).copied();
+        if let Some(group) = group {
+            let _ = self.watched.borrow_mut().insert(cookie, group, 0);
+        }
+    }
+
+    /// Stops watching socket `cookie` (gone without a recorded close: the probes were detached
+    /// as it closed).
+    pub fn unwatch(&self, cookie: u64) {
+        let _ = self.watched.borrow_mut().remove(&cookie);
+    }
+
+    /// Watched sockets that closed since the previous call: each one's cookie, final counts
+    /// and the VM it counts in (None when that VM has gone). Taken out of the kernel's table.
+    pub fn take_closed(&self) -> Vec<(u64, ClosedSocket, Option<String>)> {
+        let mut closed = self.closed.borrow_mut();
+        let found: Vec<(u64, ClosedSocket)> = closed.iter().filter_map(Result::ok).collect();
+        let table = self.table.borrow();
+        found
+            .into_iter()
+            .map(|(cookie, c)| {
+                // Removed one by one: a socket that closes while this runs stays for next time.
+                let _ = closed.remove(&cookie);
+                (cookie, c, table.1.name_of(c.group).map(str::to_string))
+            })
+            .collect()
+    }
+
     /// One group's counters since the probes were loaded, summed over the CPUs' copies.
     fn group(&self, group: u32) -> Option<GroupCounters> {
         let per_cpu = self.groups.get(&group, 0).ok()?;
@@ -234,8 +291,6 @@ impl Probes {
         for c in per_cpu.iter() {
             sum.runq_wait_ns += c.runq_wait_ns;
             sum.cpu_ns += c.cpu_ns;
-            sum.tcp_sent_bytes += c.tcp_sent_bytes;
-            sum.tcp_received_bytes += c.tcp_received_bytes;
             for (s, n) in sum.runq_hist.iter_mut().zip(c.runq_hist) {
                 *s += n;
             }
@@ -264,7 +319,8 @@ impl Probes {
 /// One CPU's run-queue waits: `LATENCY_BUCKETS` log2 buckets, then the total in ns.
 pub type CpuHistogram = [u64; LATENCY_BUCKETS + 1];
 
-/// What the probes saw of a group of processes (a VM) or a host over some interval.
+/// What the probes saw of a group of processes (a VM) or a host over some interval, and the
+/// TCP bytes its sockets carried (from [`crate::sockets`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeUsage {
     pub runq_waits: u64,
@@ -294,8 +350,6 @@ impl ProbeUsage {
         let grew = |a: u64, b: u64| a.checked_sub(b).unwrap_or(a);
         self.runq_wait_ns += grew(now.runq_wait_ns, before.runq_wait_ns);
         self.cpu_ns += grew(now.cpu_ns, before.cpu_ns);
-        self.tcp_sent_bytes += grew(now.tcp_sent_bytes, before.tcp_sent_bytes);
-        self.tcp_received_bytes += grew(now.tcp_received_bytes, before.tcp_received_bytes);
         for (i, h) in self.runq_hist.iter_mut().enumerate() {
             let g = grew(now.runq_hist[i], before.runq_hist[i]);
             *h += g;
@@ -379,7 +433,8 @@ fn track(table: &mut impl TrackedTable, tgid: u32, group: u32) {
     let slot = tracked::slot(tgid);
     let old = table.entry(slot);
     let held_by = tracked::tgid(old);
-    if held_by == tgid || held_by == 0 {
+    // An exiting process's entry is kept only for its last sockets' closes.
+    if held_by == tgid || held_by == 0 || old & tracked::EXITING_BIT != 0 {
         let entry = (old & tracked::OVERFLOW_BIT) | tracked::entry(tgid, group);
         if old != entry {
             table.set_entry(slot, entry);
@@ -459,6 +514,14 @@ impl Groups {
         // Whatever the index counted for an earlier VM is not this one's.
         self.last.insert(i, read(i).unwrap_or(GroupCounters::ZERO));
         Some(i)
+    }
+
+    /// The VM whose group index is `group`.
+    fn name_of(&self, group: u32) -> Option<&str> {
+        self.index
+            .iter()
+            .find(|(_, &g)| g == group)
+            .map(|(name, _)| name.as_str())
     }
 
     /// Tracks `tgid` in VM `name` now.
@@ -585,7 +648,7 @@ mod tests {
         fn group_of(&self, tgid: u32) -> Option<u32> {
             let e = self.entry(tracked::slot(tgid));
             if tracked::tgid(e) == tgid {
-                return Some(tracked::group(e));
+                return (e & tracked::EXITING_BIT == 0).then_some(tracked::group(e));
             }
             if e & tracked::OVERFLOW_BIT == 0 {
                 return None;
@@ -594,9 +657,9 @@ mod tests {
         }
     }
 
-    fn counters(sent: u64, waits: u64, bucket: usize) -> GroupCounters {
+    fn counters(cpu_ns: u64, waits: u64, bucket: usize) -> GroupCounters {
         let mut c = GroupCounters::ZERO;
-        c.tcp_sent_bytes = sent;
+        c.cpu_ns = cpu_ns;
         c.runq_wait_ns = waits * 1000;
         c.runq_hist[bucket] = waits;
         c
@@ -644,6 +707,15 @@ mod tests {
         assert_eq!(t.group_of(b), Some(2));
         assert_eq!(tracked::tgid(t.entry(tracked::slot(b))), b);
         assert!(t.overflow.is_empty());
+        // A process whose leader exited counts no more switches, and its slot is free at once
+        // for a new process (the exit probe marks it; the fork probe and the agent reuse it).
+        let slot = tracked::slot(b);
+        t.set_entry(slot, t.entry(slot) | tracked::EXITING_BIT);
+        assert_eq!(t.group_of(b), None);
+        track(&mut t, a, 4);
+        assert_eq!(t.group_of(a), Some(4));
+        assert!(t.overflow.is_empty(), "{:?}", t.overflow);
+        assert_eq!(t.entry(slot) & tracked::EXITING_BIT, 0);
     }
 
     #[test]
@@ -665,22 +737,22 @@ mod tests {
             Some(ga),
             "members found by the agent are tracked"
         );
-        assert_eq!(first[0].1.tcp_sent_bytes, 100);
-        assert_eq!(first[1].1.tcp_sent_bytes, 0);
+        assert_eq!(first[0].1.cpu_ns, 100);
+        assert_eq!(first[1].1.cpu_ns, 0);
         kernel.borrow_mut().insert(ga, counters(400, 3, 9));
         kernel.borrow_mut().insert(gb, counters(7, 0, 0));
         let second = g.update(&mut t, &vms, read);
-        assert_eq!(second[0].1.tcp_sent_bytes, 300);
+        assert_eq!(second[0].1.cpu_ns, 300);
         assert_eq!(second[0].1.runq_waits, 2);
         assert_eq!(second[0].1.runq_hist[9], 2);
-        assert_eq!(second[1].1.tcp_sent_bytes, 7);
+        assert_eq!(second[1].1.cpu_ns, 7);
         // An entry lost in the kernel (a racing writer) is put back at the next update.
         t.set_entry(tracked::slot(11), 0);
         // 11 leaves "a": untracked, and what it counted stays in "a".
         let vms = vec![("a".to_string(), vec![10]), ("b".to_string(), vec![20])];
         kernel.borrow_mut().insert(ga, counters(450, 3, 9));
         let third = g.update(&mut t, &vms, read);
-        assert_eq!(third[0].1.tcp_sent_bytes, 50);
+        assert_eq!(third[0].1.cpu_ns, 50);
         assert_eq!(t.group_of(11), None);
         let vms = vec![("a".to_string(), vec![10, 11]), ("b".to_string(), vec![20])];
         t.set_entry(tracked::slot(11), 0);
@@ -691,10 +763,7 @@ mod tests {
         let fourth = g.update(&mut t, &vms, read);
         assert_eq!(t.group_of(20), None);
         assert_eq!(t.group_of(30), Some(gb));
-        assert_eq!(
-            fourth[1].1.tcp_sent_bytes, 0,
-            "c starts from b's last counts"
-        );
+        assert_eq!(fourth[1].1.cpu_ns, 0, "c starts from b's last counts");
         // No index is free for a third VM: it is reported, with nothing counted.
         let vms = vec![
             ("a".to_string(), vec![10]),

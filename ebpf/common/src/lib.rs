@@ -7,8 +7,8 @@
 pub const LATENCY_BUCKETS: usize = 36;
 
 /// One group's (a VM's) counters, all cumulative since the probes were loaded: its processes'
-/// switches and bytes are added here as they happen, so a process that exits or leaves loses
-/// nothing that was counted.
+/// switches are added here as they happen, so a process that exits or leaves loses nothing
+/// that was counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupCounters {
@@ -16,11 +16,6 @@ pub struct GroupCounters {
     pub runq_wait_ns: u64,
     /// CPU time its threads ran (between the switch in and the switch out).
     pub cpu_ns: u64,
-    /// TCP bytes its sockets sent (successful `sendmsg`, all paths through `sock_sendmsg`),
-    /// as of its threads' last switch-out.
-    pub tcp_sent_bytes: u64,
-    /// TCP bytes its sockets received.
-    pub tcp_received_bytes: u64,
     /// Run-queue waits by log2 bucket of their length in ns (their sum is the number of
     /// waits: one counter fewer to update at every switch).
     pub runq_hist: [u64; LATENCY_BUCKETS],
@@ -30,10 +25,27 @@ impl GroupCounters {
     pub const ZERO: Self = Self {
         runq_wait_ns: 0,
         cpu_ns: 0,
-        tcp_sent_bytes: 0,
-        tcp_received_bytes: 0,
         runq_hist: [0; LATENCY_BUCKETS],
     };
+}
+
+/// A TCP socket's final byte counts, written by the probe on `inet_sock_set_state` when a
+/// socket the agent watches (or one a tracked process closed) reaches `TCP_CLOSE`, and taken
+/// by the agent at its next per-second look: what the socket carried since that look would
+/// otherwise be lost with it. Live sockets are read from the kernel's own per-socket
+/// counters (sock_diag) instead, so no probe runs on a send or a receive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClosedSocket {
+    /// The group it counts in: the one the agent gave it, else that of the process that
+    /// closed it.
+    pub group: u32,
+    pub _pad: u32,
+    /// Bytes the application wrote to it: `bytes_acked + (write_seq - snd_una)` (the SYN and
+    /// FIN count one each, as the kernel's `bytes_acked` counts them).
+    pub written: u64,
+    /// Bytes the application read from it: `bytes_received - (rcv_nxt - copied_seq)`.
+    pub read: u64,
 }
 
 /// Which processes are counted, and in which group: a direct-mapped table, one `u64` entry
@@ -45,6 +57,10 @@ pub mod tracked {
     pub const SLOTS: u32 = 1 << 16;
     /// Set in a slot when some process that maps to it is in the `OVERFLOW` hash instead.
     pub const OVERFLOW_BIT: u64 = 1 << 63;
+    /// Set by the exit probe when the process's leader exits: its switches no longer count,
+    /// but the sockets it still holds (closed after the exit tracepoint, in `exit_files`) are
+    /// still its group's. A new process may take the slot at once.
+    pub const EXITING_BIT: u64 = 1 << 62;
     /// Groups the counters can hold at most (group indices are 16 bits in an entry).
     pub const MAX_GROUPS: u32 = 1 << 16;
 
@@ -86,10 +102,6 @@ pub struct CpuSlot {
     /// Its `sched_info.run_delay` (total run-queue wait so far) as it was switched in, before
     /// the kernel added the wait that just ended.
     pub run_delay_ns: u64,
-    /// TCP bytes it sent and received since it was switched in: kept here, where no other CPU
-    /// writes, and added to its process's counters when it is switched out.
-    pub tcp_sent_bytes: u64,
-    pub tcp_received_bytes: u64,
     /// Every run-queue wait that ended on this CPU, by log2 bucket, and their total in ns:
     /// kept in the slot the switch already holds, so the histogram costs no extra lookup.
     pub runq_hist: [u64; LATENCY_BUCKETS],
@@ -118,14 +130,19 @@ pub mod maps {
     pub const GROUPS: &str = "GROUPS";
     /// `PerCpuArray<CpuSlot>` of one entry: what runs on each CPU, and its run-queue histogram.
     pub const CPU_SLOT: &str = "CPU_SLOT";
+    /// `LruHashMap<u64 socket cookie, u32 group>`: TCP sockets whose close is recorded, put
+    /// there by the agent (the sockets it found in a VM) and by the probe (a socket a tracked
+    /// process closed, before the agent saw it).
+    pub const WATCHED: &str = "WATCHED";
+    /// `HashMap<u64 socket cookie, ClosedSocket>`: watched sockets that closed, taken (and
+    /// removed) by the agent each second.
+    pub const CLOSED: &str = "CLOSED";
 }
 
 /// Globals the loader sets from the running kernel's BTF before loading.
 pub mod globals {
-    /// Byte offset of `sock_common.skc_family` in `struct sock` (16 on every kernel so far).
-    pub const SK_FAMILY_OFFSET: &str = "SK_FAMILY_OFFSET";
-    /// Byte offset of `sock.sk_protocol`, or `u32::MAX` when unknown (then every inet socket
-    /// counts, not only TCP).
+    /// Byte offset of `sock.sk_protocol`, or `u32::MAX` when unknown (then every socket whose
+    /// state changes is taken for TCP).
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
     /// Byte offset of `task_struct.sched_info.run_delay` (needs `CONFIG_SCHED_INFO`).
     pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
@@ -135,6 +152,14 @@ pub mod globals {
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     /// Byte offset of `task_struct.pid` (a task whose pid is its tgid leads its process).
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    /// Byte offsets in `struct tcp_sock` of `bytes_acked`, `bytes_received` (u64), and
+    /// `write_seq`, `snd_una`, `rcv_nxt`, `copied_seq` (u32): a closing socket's byte counts.
+    pub const TCP_BYTES_ACKED_OFFSET: &str = "TCP_BYTES_ACKED_OFFSET";
+    pub const TCP_BYTES_RECEIVED_OFFSET: &str = "TCP_BYTES_RECEIVED_OFFSET";
+    pub const TCP_WRITE_SEQ_OFFSET: &str = "TCP_WRITE_SEQ_OFFSET";
+    pub const TCP_SND_UNA_OFFSET: &str = "TCP_SND_UNA_OFFSET";
+    pub const TCP_RCV_NXT_OFFSET: &str = "TCP_RCV_NXT_OFFSET";
+    pub const TCP_COPIED_SEQ_OFFSET: &str = "TCP_COPIED_SEQ_OFFSET";
 }
 
 #[cfg(feature = "user")]
@@ -142,3 +167,5 @@ pub mod globals {
 unsafe impl aya::Pod for GroupCounters {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for CpuSlot {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ClosedSocket {}
