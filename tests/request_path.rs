@@ -21,6 +21,7 @@ fn chain_and_fan_out_return_correct_outputs() {
     let _agents: Vec<Agent> = (1..=3)
         .map(|i| Agent::start(&control.addr, &format!("a{i}"), 2, dir.path()))
         .collect();
+    control.wait_agents(3);
     control.cli_ok(&["submit", &repo_path("examples/three-stage-chain.toml")]);
     control.cli_ok(&["submit", &repo_path("examples/fan-out-fan-in.toml")]);
     let chain = wait_deployed(&control, "g1", 3, 1);

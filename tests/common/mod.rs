@@ -113,6 +113,26 @@ impl Control {
         all.push("--json");
         serde_json::from_str(&self.cli_ok(&all)).unwrap()
     }
+
+    /// Waits until `n` agents have registered: an agent's ready line comes before it has
+    /// registered (loading the probes, then the first heartbeat), and a graph submitted before
+    /// then is placed on the hosts already known.
+    pub fn wait_agents(&self, n: usize) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let v = self.cli_json(&["agents"]);
+            let have = v.as_array().map_or(0, |a| a.len());
+            if have >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{have} of {n} agents registered\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Control {
