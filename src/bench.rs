@@ -538,7 +538,12 @@ fn probes(
             report("pipe", "2 context switches", &samples[0], 2.0),
             // Sends and receives are not probed (TCP bytes come from the kernel's per-socket
             // counters): what a TCP round trip adds is its switches'.
-            report("tcp", "2 sends, 2 receives, 2 context switches (only the switches probed)", &samples[1], 2.0),
+            report(
+                "tcp",
+                "2 sends, 2 receives, 2 context switches (only the switches probed)",
+                &samples[1],
+                2.0,
+            ),
         ],
     }))
 }

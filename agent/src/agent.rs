@@ -265,7 +265,7 @@ impl AgentNode {
             return HashMap::new();
         };
         let mut grown = probes.sample(members);
-        let tcp = self.sockets.borrow_mut().sample(members, Some(probes));
+        let tcp = self.sockets.borrow_mut().sample(members, probes);
         for (name, usage) in grown.iter_mut() {
             if let Some(&(written, read)) = tcp.get(name) {
                 usage.tcp_sent_bytes += written;

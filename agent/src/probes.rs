@@ -268,9 +268,9 @@ impl Probes {
         let _ = self.watched.borrow_mut().remove(&cookie);
     }
 
-    /// Watched sockets that closed since the previous call: each one's cookie, final counts
-    /// and the VM it counts in (None when that VM has gone). Taken out of the kernel's table.
-    pub fn take_closed(&self) -> Vec<(u64, ClosedSocket, Option<String>)> {
+    /// Watched sockets that closed since the previous call, with the VM each counts in.
+    /// Taken out of the kernel's table.
+    pub fn take_closed(&self) -> Vec<crate::sockets::Closed> {
         let mut closed = self.closed.borrow_mut();
         let found: Vec<(u64, ClosedSocket)> = closed.iter().filter_map(Result::ok).collect();
         let table = self.table.borrow();
@@ -279,7 +279,12 @@ impl Probes {
             .map(|(cookie, c)| {
                 // Removed one by one: a socket that closes while this runs stays for next time.
                 let _ = closed.remove(&cookie);
-                (cookie, c, table.1.name_of(c.group).map(str::to_string))
+                crate::sockets::Closed {
+                    cookie,
+                    written: c.written,
+                    read: c.read,
+                    vm: table.1.name_of(c.group).map(str::to_string),
+                }
             })
             .collect()
     }

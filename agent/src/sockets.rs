@@ -328,6 +328,8 @@ pub fn settle(
         }
         keep
     });
+    // A socket found and closed in this one round needs no watching.
+    out.watch.retain(|(cookie, _)| seen.contains_key(cookie));
     out
 }
 
@@ -342,12 +344,12 @@ pub struct SocketLedger {
 
 impl SocketLedger {
     /// TCP bytes (written, read) each VM's sockets carried since the previous call; `vms` is
-    /// each VM's name and processes. With `probes`, sockets that closed meanwhile are
-    /// settled from their final counts, and the VMs' sockets are watched for their close.
+    /// each VM's name and processes. Sockets that closed meanwhile are settled from the
+    /// probes' final counts, and the VMs' new sockets are watched for their close.
     pub fn sample(
         &mut self,
         vms: &[(String, Vec<u32>)],
-        probes: Option<&crate::probes::Probes>,
+        probes: &crate::probes::Probes,
     ) -> HashMap<String, (u64, u64)> {
         let mut owner = HashMap::new();
         // Each namespace's sockets are read through a process that lives in it.
@@ -401,25 +403,13 @@ impl SocketLedger {
         // Namespaces no VM lives in any more give back their socket.
         self.diags.retain(|ns, _| namespaces.contains_key(ns));
         // Taken after the read: a socket that closed in between is read live, then settled.
-        let closed: Vec<Closed> = probes
-            .map(|p| p.take_closed())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(cookie, c, vm)| Closed {
-                cookie,
-                written: c.written,
-                read: c.read,
-                vm,
-            })
-            .collect();
+        let closed = probes.take_closed();
         let settled = settle(&mut self.seen, &live, &owner, &closed);
-        if let Some(p) = probes {
-            for (cookie, vm) in &settled.watch {
-                p.watch(*cookie, vm);
-            }
-            for cookie in &settled.unwatch {
-                p.unwatch(*cookie);
-            }
+        for (cookie, vm) in &settled.watch {
+            probes.watch(*cookie, vm);
+        }
+        for cookie in &settled.unwatch {
+            probes.unwatch(*cookie);
         }
         settled.bytes
     }
