@@ -136,8 +136,10 @@ impl AgentNode {
             match crate::probes::Probes::load() {
                 Ok(p) => {
                     let status = format!(
-                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), {} bytes (per-socket counters by sock_diag, closes by tp_btf inet_sock_set_state)",
-                        if p.tcp_only { "TCP" } else { "inet" }
+                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), TCP bytes (per-socket counters by sock_diag, closes by tp_btf inet_sock_set_state{})",
+                        // sock_diag reads TCP sockets only; the close probe tells TCP apart
+                        // where the kernel's BTF gives sk_protocol's offset.
+                        if p.tcp_only { "" } else { "; any inet socket's close taken for TCP" }
                     );
                     info!("probes: {status}");
                     (Some(p), status)

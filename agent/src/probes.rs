@@ -98,7 +98,7 @@ pub struct Probes {
     cpu_slots: PerCpuArray<MapData, CpuSlot>,
     watched: std::cell::RefCell<aya::maps::HashMap<MapData, u64, u32>>,
     closed: std::cell::RefCell<aya::maps::HashMap<MapData, u64, ClosedSocket>>,
-    /// Whether TCP bytes are told apart from other inet sockets (UDP) on this kernel.
+    /// Whether the close probe tells TCP sockets apart from other inet sockets on this kernel.
     pub tcp_only: bool,
 }
 
