@@ -246,6 +246,18 @@ fn on_cpu_ns(pid: u32) -> u64 {
 /// Nanoseconds the machine's CPUs have been busy since some fixed point: wall time on every
 /// CPU less the idle residency the cpuidle driver reports (in µs), else 10 ms ticks from
 /// `/proc/stat`.
+/// Context switches on this machine since boot (`ctxt` in /proc/stat; 0 if unreadable).
+fn context_switches() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("ctxt "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn machine_busy_ns() -> u64 {
     let idle_us = (|| -> Option<u64> {
         let mut total = 0;
@@ -696,6 +708,9 @@ const ROLES: [&str; 4] = ["control", "agents", "workers", "load generator"];
 #[derive(Debug, Clone, Copy)]
 struct Measured {
     phase: crate::load::Phase,
+    phase_seconds: f64,
+    /// Context switches on the whole machine during the phase.
+    switches: u64,
     cpu_seconds: f64,
     role_cpu_seconds: [f64; 4],
 }
@@ -743,9 +758,13 @@ async fn alternate(
                     .await;
                 load.take();
                 let (before, roles_before) = (machine_busy_ns(), roles());
+                let switches_before = context_switches();
+                let started = std::time::Instant::now();
                 tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
                 let phase = load.take();
+                let phase_seconds = started.elapsed().as_secs_f64();
                 let busy_ns = machine_busy_ns().saturating_sub(before);
+                let switches = context_switches().saturating_sub(switches_before);
                 let roles_after = roles();
                 let mut role_cpu_seconds = [0.0; 4];
                 for (i, r) in role_cpu_seconds.iter_mut().enumerate() {
@@ -753,6 +772,8 @@ async fn alternate(
                 }
                 pair[usize::from(on)] = Some(Measured {
                     phase,
+                    phase_seconds,
+                    switches,
                     cpu_seconds: busy_ns as f64 / 1e9,
                     role_cpu_seconds,
                 });
@@ -766,6 +787,34 @@ async fn alternate(
     .await;
     load.stop().await;
     result.map(|()| pairs)
+}
+
+/// Where a difference goes: each role's CPU per invocation, median on and off (on-CPU time from
+/// the scheduler; the probes and softirq work count in whichever process they ran in).
+fn by_role(pairs: &[(Measured, Measured)]) -> serde_json::Map<String, serde_json::Value> {
+    ROLES
+        .iter()
+        .enumerate()
+        .map(|(i, role)| {
+            let us = |m: &Measured| m.role_cpu_seconds[i] * 1e6 / m.phase.ok.max(1) as f64;
+            let v: Vec<(f64, f64)> = pairs.iter().map(|(on, off)| (us(on), us(off))).collect();
+            let p = paired(&v);
+            (
+                role.to_string(),
+                serde_json::json!({
+                    "on": p["on_median"],
+                    "off": p["off_median"],
+                    "median_ratio_on_over_off": p["median_ratio_on_over_off"],
+                    "ratio_ci95": p["ratio_ci95"],
+                }),
+            )
+        })
+        .collect()
+}
+
+/// CPUs this machine has online.
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 /// The sign-test 95% interval of the median of `sorted` (ascending): order statistics, so no
@@ -903,6 +952,14 @@ async fn compare_switching(
             "concurrency": c,
             "throughput_rps": paired(&of(|m| m.phase.rps)),
             "p50_us": paired(&of(|m| m.phase.p50_us as f64)),
+            "cpu_us_per_invocation": paired(&of(Measured::cpu_us_per_invocation)),
+            // Below 1.0: the machine idles between wake-ups at this concurrency, so time added
+            // on the request path costs throughput even where CPU is spare.
+            // Each switch costs a wake-up, a system call and cold caches: telemetry that
+            // changes how requests batch per wake-up costs more than its own CPU time.
+            "context_switches_per_invocation": paired(&of(|m| m.switches as f64 / m.phase.ok.max(1) as f64)),
+            "busy_share_of_machine": paired(&of(|m| m.cpu_seconds / (m.phase_seconds * cpus()))),
+            "cpu_us_per_invocation_by_role": by_role(&pairs),
             "errors": errors,
         }));
     }
@@ -916,26 +973,10 @@ async fn compare_switching(
             .iter()
             .map(|(on, off)| (on.cpu_us_per_invocation(), off.cpu_us_per_invocation()))
             .collect();
-        // Where the difference goes: each role's CPU per invocation (on-CPU time from the
-        // scheduler; the probes and softirq work count in whichever process they ran in).
-        let by_role: serde_json::Map<String, serde_json::Value> = ROLES
-            .iter()
-            .enumerate()
-            .map(|(i, role)| {
-                let us = |m: &Measured| m.role_cpu_seconds[i] * 1e6 / m.phase.ok.max(1) as f64;
-                let v: Vec<(f64, f64)> = pairs.iter().map(|(on, off)| (us(on), us(off))).collect();
-                let (on, off): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
-                let round2 = |x: f64| (x * 100.0).round() / 100.0;
-                (
-                    role.to_string(),
-                    serde_json::json!({ "on": round2(median(&on)), "off": round2(median(&off)) }),
-                )
-            })
-            .collect();
         cpu = serde_json::json!({
             "rate": point.cpu_rate,
             "cpu": paired(&per_invocation),
-            "cpu_us_per_invocation_by_role_medians": by_role,
+            "cpu_us_per_invocation_by_role": by_role(&pairs),
         });
     }
     // Leave the cluster as it started: spans on, the probes (ours) dropped.
