@@ -31,9 +31,9 @@ pub enum Which {
         /// their median and its 95% confidence interval.
         #[arg(long, value_name = "N")]
         compare_telemetry: Option<usize>,
-        /// What "on" means for --compare-telemetry: all (spans and eBPF probes), spans,
-        /// probes, or none (an A/A run: the method's own noise). "Off" is always neither (host
-        /// and VM samples stay on).
+        /// The telemetry the cluster runs with: all (spans and eBPF probes), spans, probes, or
+        /// none (host and VM samples stay on). With --compare-telemetry, what "on" means; "off"
+        /// is always none, so none there is an A/A run: the method's own noise.
         #[arg(long, default_value = "all")]
         telemetry: String,
         /// Invocations/s of the open-loop run that measures CPU per invocation (below
@@ -597,17 +597,12 @@ pub async fn run(which: Which) -> Result<ExitCode> {
                 payload_bytes,
                 cpu_rate,
             };
-            let telemetry = if compare_telemetry.is_some() {
-                measured
-            } else {
-                Telemetry::All
-            };
             chain(
                 stages,
                 &concurrency,
                 loading,
                 &data_plane,
-                telemetry,
+                measured,
                 compare_telemetry,
             )
             .await?
