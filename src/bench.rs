@@ -40,6 +40,11 @@ pub enum Which {
         /// saturation, where telemetry's cost shows as CPU time); 0 skips it.
         #[arg(long, default_value_t = 8000.0)]
         cpu_rate: f64,
+        /// Another build of the probes' object for --compare-telemetry to attach instead of the
+        /// embedded one (e.g. one with an empty program, to tell a program's cost from its
+        /// attachment's).
+        #[arg(long, value_name = "OBJECT")]
+        probes_object: Option<std::path::PathBuf>,
     },
     /// What the eBPF probes add to each context switch and each TCP send or receive: two
     /// ping-pong loops (a pipe: two switches per round trip; loopback TCP: two sends, two
@@ -583,6 +588,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             compare_telemetry,
             telemetry,
             cpu_rate,
+            probes_object,
         } => {
             let measured = match telemetry.as_str() {
                 "all" => Telemetry::All,
@@ -596,6 +602,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
                 duration,
                 payload_bytes,
                 cpu_rate,
+                probes_object,
             };
             chain(
                 stages,
@@ -877,6 +884,7 @@ async fn compare_switching(
     concurrency: &[usize],
     rounds: usize,
     on: Telemetry,
+    probes_object: Option<&[u8]>,
 ) -> Result<serde_json::Value> {
     let pids: Vec<u32> = cluster
         .agents
@@ -889,7 +897,11 @@ async fn compare_switching(
     let mut probes_note = String::from("not part of this comparison");
     let mut probes = None;
     if on.probes() {
-        match prescient_agent::probes::Probes::load() {
+        let loaded = match probes_object {
+            Some(object) => prescient_agent::probes::Probes::load_object(object),
+            None => prescient_agent::probes::Probes::load(),
+        };
+        match loaded {
             Ok(mut p) => {
                 p.set_attached(false)?;
                 // Each worker counted in a group of its own, as its agent would count it: their
@@ -999,6 +1011,8 @@ struct Loading {
     payload_bytes: usize,
     /// Invocations/s of the run that measures CPU per invocation (0: none).
     cpu_rate: f64,
+    /// The probes' object to compare with, if not the embedded one.
+    probes_object: Option<std::path::PathBuf>,
 }
 
 async fn chain(
@@ -1013,7 +1027,14 @@ async fn chain(
         duration,
         payload_bytes,
         cpu_rate,
+        probes_object,
     } = loading;
+    let probes_object = probes_object
+        .map(|path| {
+            std::fs::read(&path)
+                .with_context(|| format!("cannot read the probes' object {}", path.display()))
+        })
+        .transpose()?;
     if stages == 0 {
         bail!("--stages must be at least 1");
     }
@@ -1051,7 +1072,9 @@ async fn chain(
             cpu_rate,
         };
         if let Some(rounds) = compare {
-            return compare_switching(&cluster, &point, concurrency, rounds, telemetry).await;
+            let probes = probes_object.as_deref();
+            return compare_switching(&cluster, &point, concurrency, rounds, telemetry, probes)
+                .await;
         }
         let (results, cpu_us, ok) = point.measure(concurrency).await?;
         Ok(serde_json::json!({
