@@ -45,6 +45,11 @@ pub enum Which {
         /// attachment's).
         #[arg(long, value_name = "OBJECT")]
         probes_object: Option<std::path::PathBuf>,
+        /// An A/A run of the switching itself for --compare-telemetry: telemetry (as
+        /// --telemetry) on in both phases of a pair, the probes detached and attached again
+        /// before each phase, so what switching costs shows apart from what telemetry costs.
+        #[arg(long)]
+        reattach_aa: bool,
     },
     /// What the eBPF probes add to each context switch and each TCP send or receive: two
     /// ping-pong loops (a pipe: two switches per round trip; loopback TCP: two sends, two
@@ -589,6 +594,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             telemetry,
             cpu_rate,
             probes_object,
+            reattach_aa,
         } => {
             let measured = match telemetry.as_str() {
                 "all" => Telemetry::All,
@@ -603,6 +609,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
                 payload_bytes,
                 cpu_rate,
                 probes_object,
+                reattach_aa,
             };
             chain(
                 stages,
@@ -874,6 +881,16 @@ fn paired(pairs: &[(f64, f64)]) -> serde_json::Value {
     })
 }
 
+/// What a comparison switches, and how.
+struct Switching<'a> {
+    /// What "on" means.
+    on: Telemetry,
+    /// The probes' object to attach, if not the embedded one.
+    probes_object: Option<&'a [u8]>,
+    /// Both phases on, the probes re-attached before each (an A/A run of the switching).
+    reattach_aa: bool,
+}
+
 /// Measures one cluster under one unbroken load per concurrency, switching its telemetry on
 /// and off between short phases: spans by signal (SIGUSR1 off, SIGUSR2 on, to every agent and
 /// worker), the probes by attaching and detaching them (loaded once, here). The same
@@ -883,9 +900,13 @@ async fn compare_switching(
     point: &Point<'_>,
     concurrency: &[usize],
     rounds: usize,
-    on: Telemetry,
-    probes_object: Option<&[u8]>,
+    how: Switching<'_>,
 ) -> Result<serde_json::Value> {
+    let Switching {
+        on,
+        probes_object,
+        reattach_aa,
+    } = how;
     let pids: Vec<u32> = cluster
         .agents
         .iter()
@@ -937,9 +958,13 @@ async fn compare_switching(
         }
     };
     let mut switch = |measuring: bool| -> Result<()> {
+        let measuring = measuring || reattach_aa;
         let spans = measuring && on.spans();
         signal_all(if spans { libc::SIGUSR2 } else { libc::SIGUSR1 });
         if let Some(p) = probes.as_mut() {
+            if reattach_aa {
+                p.set_attached(false)?;
+            }
             p.set_attached(measuring)?;
         }
         Ok(())
@@ -995,6 +1020,7 @@ async fn compare_switching(
             phases (ABBA), each measured after a settling time of random length (between the two \
             settle_seconds); ratios are on/off per pair",
         "telemetry_on": on.name(),
+        "reattach_aa": reattach_aa,
         "probes": probes_note,
         "rounds": rounds,
         "seconds_per_phase": point.duration,
@@ -1013,6 +1039,8 @@ struct Loading {
     cpu_rate: f64,
     /// The probes' object to compare with, if not the embedded one.
     probes_object: Option<std::path::PathBuf>,
+    /// Compare telemetry on with itself, re-attaching the probes before every phase.
+    reattach_aa: bool,
 }
 
 async fn chain(
@@ -1028,6 +1056,7 @@ async fn chain(
         payload_bytes,
         cpu_rate,
         probes_object,
+        reattach_aa,
     } = loading;
     let probes_object = probes_object
         .map(|path| {
@@ -1073,8 +1102,12 @@ async fn chain(
         };
         if let Some(rounds) = compare {
             let probes = probes_object.as_deref();
-            return compare_switching(&cluster, &point, concurrency, rounds, telemetry, probes)
-                .await;
+            let how = Switching {
+                on: telemetry,
+                probes_object: probes,
+                reattach_aa,
+            };
+            return compare_switching(&cluster, &point, concurrency, rounds, how).await;
         }
         let (results, cpu_us, ok) = point.measure(concurrency).await?;
         Ok(serde_json::json!({
