@@ -253,9 +253,6 @@ fn on_cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// Nanoseconds the machine's CPUs have been busy since some fixed point: wall time on every
-/// CPU less the idle residency the cpuidle driver reports (in µs), else 10 ms ticks from
-/// `/proc/stat`.
 /// Context switches on this machine since boot (`ctxt` in /proc/stat; 0 if unreadable).
 fn context_switches() -> u64 {
     std::fs::read_to_string("/proc/stat")
@@ -268,6 +265,15 @@ fn context_switches() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPUs online: what [`machine_busy_ns`] counts wall time on.
+fn online_cpus() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64
+}
+
+/// Nanoseconds the machine's CPUs have been busy since some fixed point: wall time on every
+/// CPU less the idle residency the cpuidle driver reports (in µs), else 10 ms ticks from
+/// `/proc/stat`.
 fn machine_busy_ns() -> u64 {
     let idle_us = (|| -> Option<u64> {
         let mut total = 0;
@@ -292,8 +298,7 @@ fn machine_busy_ns() -> u64 {
         }
         (cpus > 0).then_some(total)
     })();
-    // SAFETY: sysconf has no preconditions.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    let cpus = online_cpus();
     match idle_us {
         Some(idle_us) => {
             let mut ts = libc::timespec {
@@ -821,11 +826,6 @@ fn by_role(pairs: &[(Measured, Measured)]) -> serde_json::Map<String, serde_json
         .collect()
 }
 
-/// CPUs this machine has online.
-fn cpus() -> f64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
-}
-
 /// The sign-test 95% interval of the median of `sorted` (ascending): order statistics, so no
 /// assumption about the noise; None with too few values.
 fn sign_test_ci95(sorted: &[f64]) -> Option<(f64, f64)> {
@@ -985,12 +985,12 @@ async fn compare_switching(
             "throughput_rps": paired(&of(|m| m.phase.rps)),
             "p50_us": paired(&of(|m| m.phase.p50_us as f64)),
             "cpu_us_per_invocation": paired(&of(Measured::cpu_us_per_invocation)),
-            // Below 1.0: the machine idles between wake-ups at this concurrency, so time added
-            // on the request path costs throughput even where CPU is spare.
             // Each switch costs a wake-up, a system call and cold caches: telemetry that
             // changes how requests batch per wake-up costs more than its own CPU time.
             "context_switches_per_invocation": paired(&of(|m| m.switches as f64 / m.phase.ok.max(1) as f64)),
-            "busy_share_of_machine": paired(&of(|m| m.cpu_seconds / (m.phase_seconds * cpus()))),
+            // Below 1.0: the machine idles between wake-ups at this concurrency, so time added
+            // on the request path costs throughput even where CPU is spare.
+            "busy_share_of_machine": paired(&of(|m| m.cpu_seconds / (m.phase_seconds * online_cpus() as f64))),
             "cpu_us_per_invocation_by_role": by_role(&pairs),
             "errors": errors,
         }));

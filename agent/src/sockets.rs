@@ -91,13 +91,14 @@ impl Diag {
     /// Every TCP socket of this namespace (IPv4 and IPv6) with its counters.
     pub fn tcp_sockets(&self) -> io::Result<Vec<TcpCounts>> {
         let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            self.dump(family, &mut out)?;
+            self.dump(family, &mut buf, &mut out)?;
         }
         Ok(out)
     }
 
-    fn dump(&self, family: u8, out: &mut Vec<TcpCounts>) -> io::Result<()> {
+    fn dump(&self, family: u8, buf: &mut [u8], out: &mut Vec<TcpCounts>) -> io::Result<()> {
         const REQ: usize = NLMSG_HDR + 56;
         let mut req = [0u8; REQ];
         req[0..4].copy_from_slice(&(REQ as u32).to_ne_bytes());
@@ -127,7 +128,6 @@ impl Diag {
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut buf = vec![0u8; 64 << 10];
         loop {
             // SAFETY: reads into our buffer, at most its length.
             let n =
