@@ -265,6 +265,27 @@ fn context_switches() -> u64 {
         .unwrap_or(0)
 }
 
+/// Inter-processor interrupts that wake another CPU since boot: rescheduling and function-call
+/// IPIs (`RES` and `CAL` in /proc/interrupts; the kernel queues a remote wake-up through the
+/// latter). In a VM each one is an exit; 0 if unreadable.
+fn wakeup_ipis() -> u64 {
+    std::fs::read_to_string("/proc/interrupts")
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    let l = l.trim_start();
+                    l.strip_prefix("RES:").or_else(|| l.strip_prefix("CAL:"))
+                })
+                .flat_map(|counts| {
+                    counts
+                        .split_whitespace()
+                        .map_while(|c| c.parse::<u64>().ok())
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// CPUs online: what [`machine_busy_ns`] counts wall time on.
 fn online_cpus() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -725,6 +746,8 @@ struct Measured {
     phase_seconds: f64,
     /// Context switches on the whole machine during the phase.
     switches: u64,
+    /// Wake-up IPIs on the whole machine during the phase.
+    ipis: u64,
     cpu_seconds: f64,
     role_cpu_seconds: [f64; 4],
 }
@@ -773,12 +796,14 @@ async fn alternate(
                 load.take();
                 let (before, roles_before) = (machine_busy_ns(), roles());
                 let switches_before = context_switches();
+                let ipis_before = wakeup_ipis();
                 let started = std::time::Instant::now();
                 tokio::time::sleep(Duration::from_secs_f64(point.duration)).await;
                 let phase = load.take();
                 let phase_seconds = started.elapsed().as_secs_f64();
                 let busy_ns = machine_busy_ns().saturating_sub(before);
                 let switches = context_switches().saturating_sub(switches_before);
+                let ipis = wakeup_ipis().saturating_sub(ipis_before);
                 let roles_after = roles();
                 let mut role_cpu_seconds = [0.0; 4];
                 for (i, r) in role_cpu_seconds.iter_mut().enumerate() {
@@ -788,6 +813,7 @@ async fn alternate(
                     phase,
                     phase_seconds,
                     switches,
+                    ipis,
                     cpu_seconds: busy_ns as f64 / 1e9,
                     role_cpu_seconds,
                 });
@@ -988,6 +1014,10 @@ async fn compare_switching(
             // Each switch costs a wake-up, a system call and cold caches: telemetry that
             // changes how requests batch per wake-up costs more than its own CPU time.
             "context_switches_per_invocation": paired(&of(|m| m.switches as f64 / m.phase.ok.max(1) as f64)),
+            // A wake-up sent to another CPU costs that CPU an interrupt (a VM exit in a VM) and
+            // the woken task a cache moved across: cheap work that shifts which CPU wakes
+            // whom can cost more than itself.
+            "wakeup_ipis_per_invocation": paired(&of(|m| m.ipis as f64 / m.phase.ok.max(1) as f64)),
             // Below 1.0: the machine idles between wake-ups at this concurrency, so time added
             // on the request path costs throughput even where CPU is spare.
             "busy_share_of_machine": paired(&of(|m| m.cpu_seconds / (m.phase_seconds * online_cpus() as f64))),
