@@ -117,6 +117,9 @@ struct Deployed {
     task: Rc<str>,
     kernel: Runner,
     inputs: Vec<String>,
+    /// A single-input task's input port: its arrivals are recorded under this task's own names
+    /// (compared by pointer in the span buffer), not the request's freshly decoded copies.
+    only_input: Option<Rc<str>>,
     /// Each output port and the input ports it feeds, from this replica's own version of the
     /// graph (none: a graph output).
     outputs: Vec<(Rc<str>, Vec<crate::routes::InputPort>)>,
@@ -211,6 +214,10 @@ impl Worker {
                     task: task.as_str().into(),
                     kernel,
                     inputs: t.inputs.iter().map(|p| p.name.clone()).collect(),
+                    only_input: match t.inputs.as_slice() {
+                        [only] => Some(only.name.as_str().into()),
+                        _ => None,
+                    },
                     outputs,
                     sink,
                 }));
@@ -260,7 +267,17 @@ impl Worker {
             // Recorded once the outputs are on their way, off the invocation's critical path.
             if let (Some(arrival), Some(start), Some(end)) = (arrival, start, end) {
                 if arrival.edge_pending {
-                    self.record_edge(&hop, arrival.unix_ns);
+                    match &d.only_input {
+                        Some(port) => self.spans.record_arrival(
+                            &d.graph_id,
+                            &d.task,
+                            port,
+                            arrival.unix_ns,
+                            arrival.unix_ns.saturating_sub(hop.sent_unix_ns),
+                            hop.payload.len() as u64,
+                        ),
+                        None => self.record_edge(&hop, arrival.unix_ns),
+                    }
                 }
                 let queue_ns = start.ns_since(arrival.at);
                 let exec_ns = end.ns_since(start);
