@@ -6,13 +6,11 @@
 //! batch cannot be handed on, its executions are counted as dropped and the count travels with
 //! the next batch.
 //!
-//! Why recording only appends: an execution's record is written as plain numbers to a staging
-//! buffer, and the buffer is folded into the sketches at the 1 Hz flush (or when it is full).
-//! Updating sketches per request touched a dozen cache lines (tree nodes, three sketches'
-//! buckets, reference counts) that the kernel's networking had evicted since the last request;
-//! that, not the arithmetic, was most of what spans cost. Folding every 128 records still did
-//! it between requests, a batch at a time: in the chain benchmark, folding at the flush instead
-//! halved what spans and probes together cost in throughput and CPU.
+//! Why recording only appends: an execution's record is written as plain numbers to a short
+//! staging buffer, and the buffer is folded into the sketches a batch at a time. Updating
+//! sketches per request touched a dozen cache lines (tree nodes, three sketches' buckets,
+//! reference counts) that the kernel's networking had evicted since the last request; that,
+//! not the arithmetic, was most of what spans cost.
 
 use prescient_schemas::agent_capnp::telemetry_batch;
 use prescient_schemas::sketch::Sketch;
@@ -24,10 +22,9 @@ use std::rc::Rc;
 /// the per-second windows regardless.
 const SAMPLE_PER_SECOND: u32 = 32;
 
-/// Staged records folded into the sketches at once when the 1 Hz flush has not come first: it
-/// bounds the buffers (at most 0.6 MiB of executions, 80 bytes each, and 0.25 MiB of arrivals)
-/// and keeps folding off the request path below 8,192 executions a second per process.
-const FOLD_AT: usize = 8192;
+/// Staged records folded into the sketches at once: small enough to stay in cache (80 bytes
+/// each), large enough that folding runs with the sketches warm.
+const FOLD_AT: usize = 128;
 
 /// One execution, as measured on the request path.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
