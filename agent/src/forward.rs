@@ -35,7 +35,7 @@ impl Forwarder {
             host: host.into(),
             pool,
             routes: RefCell::default(),
-            rng: Rng::from_entropy(),
+            rng: crate::routes::rng_from_entropy(),
             parked: RefCell::default(),
             failed: RefCell::default(),
         }

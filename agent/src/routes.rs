@@ -1,14 +1,12 @@
-//! Routing tables: which replicas serve each task, and the choice of one per request.
-//!
-//! Choice: a task with several inputs (a join) needs every input of one invocation at the same
-//! replica, so it is chosen by rendezvous hashing on the invocation; any other task is chosen by
-//! power of two choices on outstanding requests, among replicas on the same host when there are
-//! any (chain affinity keeps a chain local).
+//! Routing tables: which replicas serve each task, indexed for the request path. The choice of
+//! one per request is `prescient_policy::balance` (rendezvous for joins, power of two choices
+//! on outstanding requests with chain affinity), over this table and the peer pool's load.
 
 use crate::dataplane::PeerPool;
+pub use prescient_policy::balance::Rng;
+use prescient_policy::balance::{self, Candidate, Load};
 use prescient_schemas::agent_capnp::routing_table;
 use prescient_schemas::{codec, Endpoint, GraphRecord};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -134,86 +132,42 @@ impl GraphRoutes {
         exclude: &[Rc<str>],
         rng: &Rng,
     ) -> Option<&Route> {
-        let all: Vec<&Route> = self
-            .replicas(task)
-            .iter()
-            .filter(|r| !exclude.iter().any(|x| **x == *r.addr))
-            .collect();
-        if all.is_empty() {
-            return None;
-        }
-        let joins = self.inputs.get(task).is_some_and(|i| i.len() > 1);
-        if joins {
-            return all
-                .into_iter()
-                .max_by_key(|r| rendezvous(invocation, &r.replica));
-        }
-        let local: Vec<&Route> = all
-            .iter()
-            .copied()
-            .filter(|r| *r.host == *local_host)
-            .collect();
-        let pool_of = if local.is_empty() { all } else { local };
-        if pool_of.len() == 1 {
-            return Some(pool_of[0]);
-        }
-        let a = rng.below(pool_of.len());
-        let mut b = rng.below(pool_of.len() - 1);
-        if b >= a {
-            b += 1;
-        }
-        let (ra, rb) = (pool_of[a], pool_of[b]);
-        Some(if pool.outstanding(&rb.addr) < pool.outstanding(&ra.addr) {
-            rb
-        } else {
-            ra
-        })
+        let req = balance::Request {
+            invocation,
+            join: self.inputs.get(task).is_some_and(|i| i.len() > 1),
+            local_host,
+        };
+        balance::choose(
+            self.replicas(task),
+            &req,
+            |r| !exclude.iter().any(|x| **x == *r.addr),
+            pool,
+            rng,
+        )
     }
 }
 
-fn rendezvous(invocation: u64, replica: &str) -> u64 {
-    // FNV-1a over the replica name, mixed with the invocation (splitmix64 finaliser).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in replica.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+impl Candidate for Route {
+    fn replica(&self) -> &str {
+        &self.replica
     }
-    let mut z = h ^ invocation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    fn host(&self) -> &str {
+        &self.host
+    }
 }
 
-/// A small, fast, non-cryptographic generator (xorshift64*), one per thread of execution.
-pub struct Rng(Cell<u64>);
+/// The data plane's load: requests outstanding to a replica's address.
+impl Load<Route> for PeerPool {
+    type Metric = usize;
+    fn load(&self, r: &Route) -> usize {
+        self.outstanding(&r.addr)
+    }
+}
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(Cell::new(seed | 1))
-    }
-    pub fn from_entropy() -> Rng {
-        let t = crate::dataplane::now_unix_ns();
-        Rng::new(t ^ (u64::from(std::process::id()) << 32))
-    }
-    pub fn next_u64(&self) -> u64 {
-        let mut x = self.0.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn below(&self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// Uniform in (0, 1].
-    pub fn unit(&self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&self) -> f64 {
-        let (u1, u2) = (self.unit(), self.unit());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
+/// A generator seeded from the clock and the process id.
+pub fn rng_from_entropy() -> Rng {
+    let t = crate::dataplane::now_unix_ns();
+    Rng::new(t ^ (u64::from(std::process::id()) << 32))
 }
 
 #[cfg(test)]

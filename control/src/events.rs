@@ -31,13 +31,12 @@ impl EventLog {
     }
 
     /// Stores a decision with its reason, then announces it.
-    pub async fn record(&self, kind: &str, subject: &str, reason: String) {
-        let (registry, kind_s, subject_s) =
-            (self.registry.clone(), kind.to_string(), subject.to_string());
-        let stored = tokio::task::spawn_blocking(move || {
-            registry.record_event(crate::server::now_ms(), &kind_s, &subject_s, reason)
-        })
-        .await;
+    pub async fn record(&self, event: &prescient_policy::Event) {
+        let (kind, subject) = (event.kind(), event.subject());
+        let (registry, e) = (self.registry.clone(), event.clone());
+        let stored =
+            tokio::task::spawn_blocking(move || registry.record_event(crate::clock::unix_ms(), &e))
+                .await;
         match stored {
             Ok(Ok(e)) => self.publish(Some(e)),
             Ok(Err(e)) => warn!(%kind, %subject, "event not stored: {e}"),

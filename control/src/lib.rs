@@ -1,15 +1,14 @@
-//! The Prescient control node: the Cap'n Proto API, the durable graph registry and the event log.
-//!
-//! Later issues add the monitoring service, the replication controller and the forecaster here;
-//! their decision code stays pure (`(snapshot, config, now) -> actions`).
+//! The Prescient control node: the Cap'n Proto API, the durable graph registry, the event log,
+//! the monitoring store, and the executor of the decisions `prescient-policy` takes.
 
 pub mod artifacts;
+pub mod clock;
 pub mod cluster;
 pub mod events;
 pub mod metrics;
 pub mod monitor;
-pub mod placement;
 pub mod server;
+pub mod session;
 pub mod store;
 
 pub use cluster::{Cluster, ClusterConfig};

@@ -1,6 +1,7 @@
 //! What the control node exposes on `/metrics` (Prometheus text format).
 
-use crate::cluster::{AgentState, Cluster, ReplicaState};
+use crate::cluster::Cluster;
+use prescient_policy::snapshot::Health;
 use prescient_schemas::prom::Exposition;
 
 /// Quantiles are over this many recent seconds; counters are since start.
@@ -8,23 +9,24 @@ const SUMMARY_WINDOW_S: u64 = 60;
 
 pub fn render(cluster: &Cluster, now_s: u64) -> String {
     let mut e = Exposition::default();
-    let agents = cluster.agents.borrow();
+    let state = cluster.state.borrow();
     e.family(
         "prescient_agents",
         "gauge",
         "Host agents known to the control node, by state.",
     );
-    for state in ["ready", "lost"] {
-        let n = agents
+    for label in ["ready", "lost"] {
+        let n = state
+            .hosts
             .values()
-            .filter(|a| match a.state {
-                AgentState::Ready => state == "ready",
-                AgentState::Lost => state == "lost",
+            .filter(|h| match h.health {
+                Health::Ready => label == "ready",
+                Health::Lost => label == "lost",
             })
             .count();
-        e.sample("prescient_agents", &[("state", state)], n as f64);
+        e.sample("prescient_agents", &[("state", label)], n as f64);
     }
-    let deployments = cluster.deployments.borrow();
+    let deployments = &state.deployments;
     e.family(
         "prescient_graphs_deployed",
         "gauge",
@@ -46,18 +48,15 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
     );
     for (id, d) in deployments.iter() {
         for t in &d.record.graph.tasks {
-            for (state, want) in [
-                ("ready", ReplicaState::Ready),
-                ("provisioning", ReplicaState::Provisioning),
-            ] {
+            for (label, want) in [("ready", true), ("provisioning", false)] {
                 let n = d
                     .replicas
                     .iter()
-                    .filter(|r| r.task == t.id && r.state == want)
+                    .filter(|r| r.task == t.id && r.is_ready() == want)
                     .count();
                 e.sample(
                     "prescient_replicas",
-                    &[("graph", id), ("task", &t.id), ("state", state)],
+                    &[("graph", id), ("task", &t.id), ("state", label)],
                     n as f64,
                 );
             }
@@ -130,8 +129,11 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         "summary",
         "End-to-end latency per chain (maximal path), from admission at an ingress to the end of the chain's sink task: quantiles over the last 60 s.",
     );
-    for (g, d) in deployments.iter() {
-        for c in monitor.chain_stats(g, d.chains(), SUMMARY_WINDOW_S, now_s) {
+    for g in deployments.keys() {
+        let Some(chains) = cluster.chains(g) else {
+            continue;
+        };
+        for c in monitor.chain_stats(g, &chains, SUMMARY_WINDOW_S, now_s) {
             if c.count == 0 {
                 continue;
             }

@@ -7,6 +7,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 /// Seconds of per-second windows kept (roll-ups of 1 s, 10 s and 1 min are merges of these).
 pub const RETENTION_S: u64 = 600;
 
+/// How far ahead of the control node's clock an agent's second may be (clock skew).
+pub const MAX_SKEW_S: u64 = 3600;
+
+/// Whether a second an agent sent can be a real one now: not further ahead than the skew
+/// allowed, not older than the windows kept. Others are refused (and counted), so a broken
+/// clock or a hostile agent cannot push every real window out.
+pub fn plausible_second(second: u64, now_s: u64) -> bool {
+    second <= now_s.saturating_add(MAX_SKEW_S) && second.saturating_add(RETENTION_S) >= now_s
+}
+
 /// One task execution as measured by its worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpanView {
@@ -91,6 +101,35 @@ pub struct ChainsOf {
     pub joins: std::collections::HashSet<String>,
     /// Percentile and target in ns.
     pub objective: Option<(f64, u64)>,
+}
+
+impl ChainsOf {
+    /// A graph version's chains, joins and objective.
+    pub fn of(record: &prescient_schemas::GraphRecord) -> ChainsOf {
+        let chains = prescient_schemas::ValidatedGraph::new(record.graph.clone())
+            .map(|v| {
+                v.chains()
+                    .iter()
+                    .map(|c| c.iter().map(|t| t.to_string()).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ChainsOf {
+            chains,
+            joins: record
+                .graph
+                .tasks
+                .iter()
+                .filter(|t| t.inputs.len() > 1)
+                .map(|t| t.id.clone())
+                .collect(),
+            objective: record
+                .graph
+                .objective
+                .as_ref()
+                .map(|o| (o.percentile, o.target_ns)),
+        }
+    }
 }
 
 /// One chain (maximal path) over a window.
@@ -191,6 +230,8 @@ pub struct Monitor {
     tasks: HashMap<(String, String), VecDeque<(u64, Second)>>,
     /// Spans workers dropped under back-pressure, per host.
     pub dropped: BTreeMap<String, u64>,
+    /// Windows refused for an implausible second, per host.
+    pub refused: BTreeMap<String, u64>,
 }
 
 impl Monitor {
@@ -199,7 +240,7 @@ impl Monitor {
         let series = self.tasks.entry(key).or_default();
         while series
             .front()
-            .is_some_and(|(t, _)| *t + RETENTION_S < second)
+            .is_some_and(|(t, _)| t.saturating_add(RETENTION_S) < second)
         {
             series.pop_front();
         }
@@ -247,7 +288,7 @@ impl Monitor {
             .or_default();
         while series
             .front()
-            .is_some_and(|(t, _)| *t + RETENTION_S < second)
+            .is_some_and(|(t, _)| t.saturating_add(RETENTION_S) < second)
         {
             series.pop_front();
         }
@@ -540,6 +581,22 @@ mod tests {
             output_bytes: 20,
             ok,
         }
+    }
+
+    #[test]
+    fn an_absurd_second_is_refused_and_cannot_overflow_the_windows() {
+        let now = 1_800_000_000;
+        assert!(plausible_second(now, now));
+        assert!(plausible_second(now + MAX_SKEW_S, now));
+        assert!(!plausible_second(u64::MAX, now));
+        assert!(!plausible_second(now - RETENTION_S - 1, now));
+        // Even if one got in, the windows' arithmetic saturates instead of overflowing.
+        let mut m = Monitor::default();
+        m.record(&span("a", u64::MAX / 1_000_000_000, 1, true));
+        m.record(&span("a", 1000, 1, true));
+        m.record_edge("g1", "a", "x", u64::MAX, 1, &Sketch::default());
+        m.record_edge("g1", "a", "x", 1000, 1, &Sketch::default());
+        assert_eq!(m.task_stats("g1", 10, 1000)[0].count, 1);
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! whatever the client checked, since clients are not trusted.
 
 use crate::artifacts::{ArtifactStore, Upload};
-use crate::cluster::{AgentState, Cluster, RegistryCap};
+use crate::clock::unix_ms as now_ms;
+use crate::cluster::Cluster;
 use crate::events::EventLog;
+use crate::session::RegistryCap;
 use crate::store::{Event, Registry, StoreError};
 use capnp::capability::Rc as CapRc;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures::AsyncReadExt;
+use prescient_policy::snapshot::Health;
 use prescient_schemas::api_capnp::artifact_upload;
 use prescient_schemas::api_capnp::{control, event_sink, subscription};
 use prescient_schemas::codec;
@@ -19,7 +22,6 @@ use prescient_schemas::ValidatedGraph;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
@@ -53,12 +55,6 @@ impl Limits {
             .nesting_limit(self.max_nesting);
         o
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Shared state of the API: the registry, the event log and the live cluster.
@@ -100,7 +96,7 @@ impl Control {
 
     fn publish(&self, event: Option<Event>) {
         self.events.publish(event);
-        self.cluster.reconcile_soon();
+        self.cluster.graphs_changed();
     }
 }
 
@@ -226,29 +222,23 @@ impl control::Server for Control {
         mut results: control::ListAgentsResults,
     ) -> Result<(), capnp::Error> {
         let agents = self.cluster.agents.borrow();
-        let deployments = self.cluster.deployments.borrow();
+        let state = self.cluster.state.borrow();
         let mut list = results.get().init_agents(agents.len() as u32);
         for (i, a) in agents.values().enumerate() {
             let mut b = list.reborrow().get(i as u32);
             b.set_name(a.name.as_str());
-            b.set_state(match a.state {
-                AgentState::Ready => "ready",
-                AgentState::Lost => "lost",
+            let Some(host) = state.hosts.get(&a.name) else {
+                continue;
+            };
+            b.set_state(match host.health {
+                Health::Ready => "ready",
+                Health::Lost => "lost",
             });
             b.set_last_heartbeat_ms(a.last_heartbeat_unix_ms);
-            let (mut cpu, mut mem, mut n) = (u64::from(a.cpus) * 1000, a.memory_bytes, 0);
-            for d in deployments.values() {
-                for r in d.replicas.iter().filter(|r| r.host == a.name) {
-                    n += 1;
-                    if let Some(t) = d.record.graph.task(&r.task) {
-                        cpu = cpu.saturating_sub(t.resources.cpu_millicores.into());
-                        mem = mem.saturating_sub(t.resources.memory_bytes);
-                    }
-                }
-            }
-            b.set_replicas(n);
-            b.set_cpu_millicores_free(cpu as u32);
-            b.set_memory_bytes_free(mem);
+            let free = prescient_policy::placement::host_view(&state, host);
+            b.set_replicas(free.replicas as u32);
+            b.set_cpu_millicores_free(free.cpu_free_millicores.min(u64::from(u32::MAX)) as u32);
+            b.set_memory_bytes_free(free.memory_free_bytes);
             let mut h = b.reborrow().init_host();
             h.set_name(a.name.as_str());
             h.set_hostname(a.hostname.as_str());
@@ -278,8 +268,8 @@ impl control::Server for Control {
         mut results: control::ListReplicasResults,
     ) -> Result<(), capnp::Error> {
         let id = text(params.get()?.get_graph_id())?;
-        let deployments = self.cluster.deployments.borrow();
-        let Some(d) = deployments.get(&id) else {
+        let state = self.cluster.state.borrow();
+        let Some(d) = state.deployments.get(&id) else {
             results.get().init_replicas(0);
             return Ok(());
         };
@@ -292,9 +282,10 @@ impl control::Server for Control {
             b.set_task(rep.task.as_str());
             b.set_host(rep.host.as_str());
             b.set_data_plane_addr(rep.addr.as_str());
-            b.set_state(match rep.state {
-                crate::cluster::ReplicaState::Ready => "ready",
-                crate::cluster::ReplicaState::Provisioning => "provisioning",
+            b.set_state(if rep.is_ready() {
+                "ready"
+            } else {
+                "provisioning"
             });
             if let Some(v) = self.cluster.monitor.borrow().vms.get(&rep.id) {
                 b.set_has_load(true);
@@ -329,8 +320,8 @@ impl control::Server for Control {
             encode_task_stats(&e2e, r.reborrow().init_end_to_end());
         }
         let edges = monitor.edge_stats(&id, window, now_s);
-        let deployments = self.cluster.deployments.borrow();
-        let deployment = deployments.get(&id);
+        let state = self.cluster.state.borrow();
+        let deployment = state.deployments.get(&id);
         let sources: std::collections::HashMap<(String, String), String> = deployment
             .map(|d| {
                 d.record
@@ -354,8 +345,10 @@ impl control::Server for Control {
             b.set_transfer_p50_ns(e.transfer_p50_ns);
             b.set_transfer_p99_ns(e.transfer_p99_ns);
         }
-        let chain_stats = deployment
-            .map(|d| monitor.chain_stats(&id, d.chains(), window, now_s))
+        let chain_stats = self
+            .cluster
+            .chains(&id)
+            .map(|c| monitor.chain_stats(&id, &c, window, now_s))
             .unwrap_or_default();
         let mut list = r.reborrow().init_chains(chain_stats.len() as u32);
         for (i, c) in chain_stats.iter().enumerate() {
@@ -591,11 +584,10 @@ impl artifact_upload::Server for UploadCap {
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
         if created {
             self.events
-                .record(
-                    "artifact-uploaded",
-                    &digest.to_string(),
-                    format!("{size} bytes stored"),
-                )
+                .record(&prescient_policy::Event::ArtifactUploaded {
+                    digest: digest.to_string(),
+                    bytes: size,
+                })
                 .await;
         }
         let mut r = results.get();

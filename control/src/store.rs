@@ -3,6 +3,7 @@
 //! Architecture invariant: a write returns only after its transaction is committed with
 //! `Durability::Immediate` (fsynced), so an accepted graph survives `kill -9`.
 
+use prescient_policy::Event as PolicyEvent;
 use prescient_schemas::api_capnp;
 use prescient_schemas::codec::{self, DecodeError};
 use prescient_schemas::{GraphRecord, TaskGraph};
@@ -180,22 +181,14 @@ impl Registry {
             tx.open_table(VERSIONS)?
                 .insert((id.as_str(), version), bytes.as_slice())?;
             names.insert(record.graph.name.as_str(), id.as_str())?;
-            let reason = if version == 1 {
-                format!(
-                    "new graph {:?}: {} tasks, {} edges",
-                    record.graph.name,
-                    record.graph.tasks.len(),
-                    record.graph.edges.len()
-                )
-            } else {
-                format!(
-                    "graph {:?} changed: version {} replaces {}",
-                    record.graph.name,
-                    version,
-                    version - 1
-                )
+            let submitted = PolicyEvent::GraphSubmitted {
+                graph_id: id.clone(),
+                name: record.graph.name.clone(),
+                version,
+                tasks: record.graph.tasks.len(),
+                edges: record.graph.edges.len(),
             };
-            let event = append_event(&tx, now_ms, "graph-submitted", &id, reason)?;
+            let event = append_event(&tx, now_ms, &submitted)?;
             Submitted {
                 record,
                 created: true,
@@ -261,11 +254,12 @@ impl Registry {
             };
             tx.open_table(NAMES)?.remove(record.graph.name.as_str())?;
             tx.open_table(REMOVED)?.insert(id, now_ms)?;
-            let reason = format!(
-                "graph {:?} version {} removed by request",
-                record.graph.name, record.version
-            );
-            let event = append_event(&tx, now_ms, "graph-removed", id, reason)?;
+            let removed = PolicyEvent::GraphRemoved {
+                graph_id: id.to_string(),
+                name: record.graph.name.clone(),
+                version: record.version,
+            };
+            let event = append_event(&tx, now_ms, &removed)?;
             (record, event)
         };
         tx.commit()?;
@@ -273,15 +267,9 @@ impl Registry {
     }
 
     /// Records an event (a decision or state change) durably.
-    pub fn record_event(
-        &self,
-        now_ms: u64,
-        kind: &str,
-        subject: &str,
-        reason: String,
-    ) -> Result<Event, StoreError> {
+    pub fn record_event(&self, now_ms: u64, event: &PolicyEvent) -> Result<Event, StoreError> {
         let tx = self.db.begin_write()?;
-        let event = append_event(&tx, now_ms, kind, subject, reason)?;
+        let event = append_event(&tx, now_ms, event)?;
         tx.commit()?;
         Ok(event)
     }
@@ -321,7 +309,59 @@ pub struct HistoryPoint {
 /// (written by an older version) reads its missing fields as 0.
 const HISTORY_FIELDS: usize = 10;
 
+/// The minute a control node started in was partly seen by the node before it: its first
+/// flushes of that minute merge with what was already stored (read once, kept here) instead of
+/// replacing it with partial counts.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryBaselines {
+    /// Unix minute this node started in; rows of earlier minutes merge too.
+    pub started_minute: u64,
+    stored: std::collections::HashMap<(String, String, u64), Option<HistoryPoint>>,
+}
+
+impl HistoryBaselines {
+    pub fn new(started_minute: u64) -> HistoryBaselines {
+        HistoryBaselines {
+            started_minute,
+            stored: Default::default(),
+        }
+    }
+}
+
 impl HistoryPoint {
+    /// Two roll-ups of one minute as one: counts add and the mean is weighted by count.
+    /// Quantiles cannot be merged from quantiles: p50s are weighted by count, p99s take the
+    /// larger (an upper bound).
+    pub fn merge(self, o: HistoryPoint) -> HistoryPoint {
+        let weighted = |a: u64, na: u64, b: u64, nb: u64| {
+            let n = na.saturating_add(nb);
+            if n == 0 {
+                0
+            } else {
+                ((u128::from(a) * u128::from(na) + u128::from(b) * u128::from(nb)) / u128::from(n))
+                    as u64
+            }
+        };
+        HistoryPoint {
+            minute: self.minute,
+            count: self.count.saturating_add(o.count),
+            errors: self.errors.saturating_add(o.errors),
+            exec_p50_ns: weighted(self.exec_p50_ns, self.count, o.exec_p50_ns, o.count),
+            exec_p99_ns: self.exec_p99_ns.max(o.exec_p99_ns),
+            exec_mean_ns: weighted(self.exec_mean_ns, self.count, o.exec_mean_ns, o.count),
+            queue_p50_ns: weighted(self.queue_p50_ns, self.count, o.queue_p50_ns, o.count),
+            queue_p99_ns: self.queue_p99_ns.max(o.queue_p99_ns),
+            sink_count: self.sink_count.saturating_add(o.sink_count),
+            sink_p50_ns: weighted(
+                self.sink_p50_ns,
+                self.sink_count,
+                o.sink_p50_ns,
+                o.sink_count,
+            ),
+            sink_p99_ns: self.sink_p99_ns.max(o.sink_p99_ns),
+        }
+    }
+
     fn to_bytes(self) -> [u8; HISTORY_FIELDS * 8] {
         let mut b = [0u8; HISTORY_FIELDS * 8];
         for (i, v) in [
@@ -367,8 +407,13 @@ impl HistoryPoint {
 }
 
 impl Registry {
-    /// Writes (or rewrites, for a minute still filling) per-minute roll-ups.
-    pub fn put_history(&self, rows: &[(String, String, HistoryPoint)]) -> Result<(), StoreError> {
+    /// Writes (or rewrites, for a minute still filling) per-minute roll-ups. Rows of the
+    /// minute this node started in (or earlier) merge with what an earlier run stored.
+    pub fn put_history(
+        &self,
+        rows: &[(String, String, HistoryPoint)],
+        baselines: &mut HistoryBaselines,
+    ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -376,10 +421,26 @@ impl Registry {
         {
             let mut t = tx.open_table(HISTORY)?;
             for (g, task, p) in rows {
-                t.insert(
-                    (g.as_str(), task.as_str(), p.minute),
-                    p.to_bytes().as_slice(),
-                )?;
+                let key = (g.as_str(), task.as_str(), p.minute);
+                let mut row = *p;
+                if p.minute <= baselines.started_minute {
+                    let stored = match baselines.stored.get(&(g.clone(), task.clone(), p.minute)) {
+                        Some(s) => *s,
+                        None => {
+                            let s = t
+                                .get(key)?
+                                .map(|v| HistoryPoint::from_bytes(p.minute, v.value()));
+                            baselines
+                                .stored
+                                .insert((g.clone(), task.clone(), p.minute), s);
+                            s
+                        }
+                    };
+                    if let Some(s) = stored {
+                        row = s.merge(row);
+                    }
+                }
+                t.insert(key, row.to_bytes().as_slice())?;
             }
         }
         tx.commit()?;
@@ -408,18 +469,16 @@ impl Registry {
 fn append_event(
     tx: &redb::WriteTransaction,
     now_ms: u64,
-    kind: &str,
-    subject: &str,
-    reason: String,
+    typed: &PolicyEvent,
 ) -> Result<Event, StoreError> {
     let mut events = tx.open_table(EVENTS)?;
     let seq = events.last()?.map_or(1, |(k, _)| k.value() + 1);
     let event = Event {
         seq,
         at_ms: now_ms,
-        kind: kind.into(),
-        subject: subject.into(),
-        reason,
+        kind: typed.kind().into(),
+        subject: typed.subject(),
+        reason: typed.reason(),
     };
     events.insert(seq, event.to_bytes().as_slice())?;
     Ok(event)
@@ -445,6 +504,41 @@ estimate = "1ms"
         )
         .unwrap()
         .graph
+    }
+
+    #[test]
+    fn a_restarted_node_merges_the_minute_it_started_in() {
+        let dir = std::env::temp_dir().join(format!("prescient-history-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reg = Registry::open(&dir).unwrap();
+        let point = |minute, count, p50, p99| HistoryPoint {
+            minute,
+            count,
+            exec_p50_ns: p50,
+            exec_p99_ns: p99,
+            exec_mean_ns: p50,
+            ..HistoryPoint::default()
+        };
+        let row = |p: HistoryPoint| vec![("g1".to_string(), "t".to_string(), p)];
+        // The first node saw 30 executions of minute 100 before it was killed.
+        let mut first = HistoryBaselines::new(90);
+        reg.put_history(&row(point(100, 30, 1000, 5000)), &mut first)
+            .unwrap();
+        // The restarted node (started in minute 100) saw 10 more, flushed twice as they grew.
+        let mut second = HistoryBaselines::new(100);
+        reg.put_history(&row(point(100, 6, 2000, 3000)), &mut second)
+            .unwrap();
+        reg.put_history(&row(point(100, 10, 2000, 3000)), &mut second)
+            .unwrap();
+        // A later minute is its own.
+        reg.put_history(&row(point(101, 7, 500, 900)), &mut second)
+            .unwrap();
+        let h = reg.history("g1", "t", 100, 101).unwrap();
+        assert_eq!(h[0].count, 40, "merged once, not replaced nor added twice");
+        assert_eq!(h[0].exec_p50_ns, 1250);
+        assert_eq!(h[0].exec_p99_ns, 5000);
+        assert_eq!(h[1].count, 7);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -72,10 +72,13 @@ fn main() -> Result<()> {
             ..Limits::default()
         },
         cluster: prescient_control::ClusterConfig {
-            heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
-            startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
-            min_replicas: args.min_replicas.max(1),
-            drain: std::time::Duration::from_millis(args.drain_ms),
+            policy: prescient_policy::Config {
+                heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+                startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
+                min_replicas: args.min_replicas.max(1),
+                drain: std::time::Duration::from_millis(args.drain_ms),
+                ..prescient_policy::Config::default()
+            },
             history_flush: std::time::Duration::from_millis(args.history_flush_ms.max(100)),
         },
     };
@@ -94,7 +97,7 @@ fn main() -> Result<()> {
             let render: std::rc::Rc<dyn Fn() -> String> = std::rc::Rc::new(move || {
                 prescient_control::metrics::render(
                     &cluster,
-                    prescient_control::server::now_ms() / 1000,
+                    prescient_control::clock::unix_ms() / 1000,
                 )
             });
             tokio::task::spawn_local(metrics_http::serve(listener, render));

@@ -1,0 +1,175 @@
+//! The agents' side of the control node's RPC: `Registry` (register) and the `AgentSession`
+//! each registration gets (heartbeats, telemetry batches, replica exits).
+
+use crate::cluster::Cluster;
+use capnp::capability::Rc as CapRc;
+use prescient_schemas::agent_capnp::{agent_session, registry};
+use prescient_schemas::sketch::Sketch;
+use std::rc::Rc;
+use tracing::warn;
+
+/// The `Registry` capability agents register through.
+pub struct RegistryCap(pub Rc<Cluster>);
+
+impl registry::Server for RegistryCap {
+    async fn register(
+        self: CapRc<Self>,
+        params: registry::RegisterParams,
+        mut results: registry::RegisterResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, generation) =
+            self.0
+                .register(p.get_host()?, p.get_agent()?, p.get_replicas()?)?;
+        let mut r = results.get();
+        r.set_host_id(name.as_str());
+        r.set_session(capnp_rpc::new_client(Session {
+            cluster: self.0.clone(),
+            name,
+            generation,
+        }));
+        Ok(())
+    }
+}
+
+struct Session {
+    cluster: Rc<Cluster>,
+    name: String,
+    generation: u64,
+}
+
+impl agent_session::Server for Session {
+    async fn heartbeat(
+        self: CapRc<Self>,
+        _: agent_session::HeartbeatParams,
+        mut results: agent_session::HeartbeatResults,
+    ) -> Result<(), capnp::Error> {
+        if !self.cluster.heartbeat(&self.name, self.generation) {
+            return Err(capnp::Error::disconnected(format!(
+                "agent {} must register again (its session was replaced or it was declared lost)",
+                self.name
+            )));
+        }
+        results.get().set_ok(true);
+        Ok(())
+    }
+
+    async fn telemetry(
+        self: CapRc<Self>,
+        params: agent_session::TelemetryParams,
+        _: agent_session::TelemetryResults,
+    ) -> Result<(), capnp::Error> {
+        let batch = params.get()?.get_batch()?;
+        let mut monitor = self.cluster.monitor.borrow_mut();
+        let dropped = batch.get_dropped_spans();
+        if dropped > 0 {
+            *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
+        }
+        for h in batch.get_hosts()? {
+            monitor.record_host(
+                &self.name,
+                crate::monitor::HostPoint {
+                    at_unix_ms: h.get_at_unix_ms(),
+                    cpu_util: h.get_cpu_util(),
+                    cpu_steal: h.get_cpu_steal(),
+                    memory_used_bytes: h.get_memory_used_bytes(),
+                    memory_total_bytes: h.get_memory_total_bytes(),
+                    net_rx_bytes: h.get_net_rx_bytes(),
+                    net_tx_bytes: h.get_net_tx_bytes(),
+                    run_delay_ns: h.get_run_delay_ns(),
+                    gpu_util: h.get_gpu_util()?.iter().collect(),
+                    gpu_memory_used_bytes: h.get_gpu_memory_used_bytes()?.iter().collect(),
+                    gpu_power_watts: h.get_gpu_power_watts()?.iter().collect(),
+                    gpu_temperature_c: h.get_gpu_temperature_c()?.iter().collect(),
+                    run_queue: if h.get_probes() {
+                        Some(Sketch::decode(h.get_run_queue_latency_ns()?)?)
+                    } else {
+                        None
+                    },
+                },
+            );
+        }
+        for v in batch.get_vms()? {
+            monitor.vms.insert(
+                v.get_replica()?.to_str()?.to_string(),
+                crate::monitor::VmPoint {
+                    host: self.name.clone(),
+                    graph_id: v.get_graph_id()?.to_str()?.to_string(),
+                    task: v.get_task()?.to_str()?.to_string(),
+                    cpu_cores: v.get_cpu_cores(),
+                    memory_bytes: v.get_memory_bytes(),
+                    cpu_limit_cores: v.get_cpu_limit_cores(),
+                    memory_limit_bytes: v.get_memory_limit_bytes(),
+                    gpu_memory_bytes: v.get_gpu_memory_bytes(),
+                    probes: if v.get_probed() {
+                        Some(crate::monitor::VmProbePoint {
+                            run_queue: Sketch::decode(v.get_run_queue_latency_ns()?)?,
+                            tcp_sent_bytes: v.get_tcp_sent_bytes(),
+                            tcp_received_bytes: v.get_tcp_received_bytes(),
+                        })
+                    } else {
+                        None
+                    },
+                },
+            );
+        }
+        let now_s = crate::clock::unix_ms() / 1000;
+        let mut refused = 0u64;
+        for e in batch.get_edges()? {
+            if !crate::monitor::plausible_second(e.get_second(), now_s) {
+                refused += 1;
+                continue;
+            }
+            monitor.record_edge(
+                e.get_graph_id()?.to_str()?,
+                e.get_task()?.to_str()?,
+                e.get_port()?.to_str()?,
+                e.get_second(),
+                e.get_bytes(),
+                &Sketch::decode(e.get_transfer_ns()?)?,
+            );
+        }
+        // Every execution arrives aggregated in windows; the span sample is for tracing.
+        for w in batch.get_windows()? {
+            if !crate::monitor::plausible_second(w.get_second(), now_s) {
+                refused += 1;
+                continue;
+            }
+            monitor.record_window(&crate::monitor::WindowView {
+                graph_id: w.get_graph_id()?.to_str()?.to_string(),
+                task: w.get_task()?.to_str()?.to_string(),
+                second: w.get_second(),
+                errors: w.get_errors(),
+                input_bytes: w.get_input_bytes(),
+                output_bytes: w.get_output_bytes(),
+                exec: Sketch::decode(w.get_exec_ns()?)?,
+                queue: Sketch::decode(w.get_queue_ns()?)?,
+                transfer: Sketch::decode(w.get_transfer_ns()?)?,
+                sink: if w.has_sink_ns() {
+                    Sketch::decode(w.get_sink_ns()?)?
+                } else {
+                    Sketch::default()
+                },
+            });
+        }
+        if refused > 0 {
+            warn!(agent = %self.name, refused, now_s, "telemetry windows refused: their second is not plausible (clock skew over {}s, or older than the {}s kept)", crate::monitor::MAX_SKEW_S, crate::monitor::RETENTION_S);
+            *monitor.refused.entry(self.name.clone()).or_insert(0) += refused;
+        }
+        Ok(())
+    }
+
+    async fn replica_down(
+        self: CapRc<Self>,
+        params: agent_session::ReplicaDownParams,
+        _: agent_session::ReplicaDownResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let replica = p.get_replica()?.to_str()?.to_string();
+        let reason = p.get_reason()?.to_str()?.to_string();
+        self.cluster
+            .replica_down(&self.name, &replica, &reason)
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! Replica choice, the one copy: the agents' data plane and the simulator both pick replicas
+//! here. A join (a task with several inputs) needs every input of one invocation at the same
+//! replica, so it is chosen by rendezvous hashing on the invocation; any other task by power of
+//! two choices on load among the replicas on the sender's host when there are any (chain
+//! affinity keeps a chain local), else among all.
+//!
+//! Generic over [`Load`], as linkerd2-proxy's balancer is over `tower::load::Load`: the data
+//! plane's load is outstanding requests per peer, the simulator's its replicas' queues.
+
+use std::cell::Cell;
+
+/// A replica as replica choice sees it.
+pub trait Candidate {
+    /// The replica's id (what rendezvous hashing hashes).
+    fn replica(&self) -> &str;
+    /// The host it runs on (what chain affinity compares).
+    fn host(&self) -> &str;
+}
+
+/// How loaded each endpoint is, smaller is better (outstanding requests, a latency estimate).
+pub trait Load<E> {
+    type Metric: PartialOrd;
+    fn load(&self, candidate: &E) -> Self::Metric;
+}
+
+/// What one choice is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The invocation the request belongs to (a join's inputs meet by it).
+    pub invocation: u64,
+    /// The task has several inputs.
+    pub join: bool,
+    /// The sender's host.
+    pub local_host: &'a str,
+}
+
+/// Picks the replica for `req` among the `usable` ones of `candidates`, without allocating.
+pub fn choose<'a, E, L>(
+    candidates: &'a [E],
+    req: &Request<'_>,
+    usable: impl Fn(&E) -> bool,
+    loads: &L,
+    rng: &Rng,
+) -> Option<&'a E>
+where
+    E: Candidate,
+    L: Load<E>,
+{
+    if req.join {
+        return candidates
+            .iter()
+            .filter(|e| usable(e))
+            .max_by_key(|e| rendezvous(req.invocation, e.replica()));
+    }
+    let (mut all, mut local) = (0usize, 0usize);
+    for e in candidates.iter().filter(|e| usable(e)) {
+        all += 1;
+        local += usize::from(e.host() == req.local_host);
+    }
+    let in_pool = |e: &&E| usable(e) && (local == 0 || e.host() == req.local_host);
+    let n = if local > 0 { local } else { all };
+    match n {
+        0 => None,
+        1 => candidates.iter().find(in_pool),
+        _ => {
+            let a = rng.below(n);
+            let mut b = rng.below(n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let ea = candidates.iter().filter(in_pool).nth(a)?;
+            let eb = candidates.iter().filter(in_pool).nth(b)?;
+            Some(if loads.load(eb) < loads.load(ea) {
+                eb
+            } else {
+                ea
+            })
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) score of a replica for an invocation.
+pub fn rendezvous(invocation: u64, replica: &str) -> u64 {
+    // FNV-1a over the replica name, mixed with the invocation (splitmix64 finaliser).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in replica.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let mut z = h ^ invocation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A small, fast, non-cryptographic generator (xorshift64*), one per thread of execution;
+/// seeded by the caller (from entropy on the data plane, from `--seed` in the simulator).
+#[derive(Debug)]
+pub struct Rng(Cell<u64>);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(Cell::new(seed | 1))
+    }
+    pub fn next_u64(&self) -> u64 {
+        let mut x = self.0.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Uniform in (0, 1].
+    pub fn unit(&self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&self) -> f64 {
+        let (u1, u2) = (self.unit(), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::{prop, prop_assert, prop_assert_eq, proptest, Strategy};
+
+    #[derive(Debug, Clone)]
+    struct E {
+        id: String,
+        host: String,
+        load: u32,
+    }
+    impl Candidate for E {
+        fn replica(&self) -> &str {
+            &self.id
+        }
+        fn host(&self) -> &str {
+            &self.host
+        }
+    }
+    struct Own;
+    impl Load<E> for Own {
+        type Metric = u32;
+        fn load(&self, e: &E) -> u32 {
+            e.load
+        }
+    }
+
+    fn candidates() -> impl Strategy<Value = Vec<E>> {
+        prop::collection::vec((0u8..3, 0u32..5), 1..8).prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (h, load))| E {
+                    id: format!("g1.t.r{i}"),
+                    host: format!("h{h}"),
+                    load,
+                })
+                .collect()
+        })
+    }
+
+    fn req(invocation: u64, join: bool) -> Request<'static> {
+        Request {
+            invocation,
+            join,
+            local_host: "h0",
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_local_replica_is_chosen_whenever_there_is_one(es in candidates(), seed: u64) {
+            let rng = Rng::new(seed);
+            let got = choose(&es, &req(1, false), |_| true, &Own, &rng).unwrap();
+            let any_local = es.iter().any(|e| e.host == "h0");
+            prop_assert_eq!(got.host == "h0", any_local);
+        }
+
+        #[test]
+        fn two_choices_never_pick_the_one_most_loaded(es in candidates(), seed: u64) {
+            let rng = Rng::new(seed);
+            let pool: Vec<&E> = if es.iter().any(|e| e.host == "h0") {
+                es.iter().filter(|e| e.host == "h0").collect()
+            } else {
+                es.iter().collect()
+            };
+            let max = pool.iter().map(|e| e.load).max().unwrap();
+            let at_max = pool.iter().filter(|e| e.load == max).count();
+            let got = choose(&es, &req(1, false), |_| true, &Own, &rng).unwrap();
+            if pool.len() > 1 && at_max == 1 {
+                prop_assert!(got.load < max, "{:?} from {:?}", got, pool);
+            }
+        }
+
+        #[test]
+        fn joins_are_sticky_and_skip_what_is_unusable(es in candidates(), inv: u64, seed: u64) {
+            let rng = Rng::new(seed);
+            let first = choose(&es, &req(inv, true), |_| true, &Own, &rng).unwrap();
+            let again = choose(&es, &req(inv, true), |_| true, &Own, &rng).unwrap();
+            prop_assert_eq!(&first.id, &again.id);
+            // Without the chosen one, another is chosen (or none is left).
+            let other = choose(&es, &req(inv, true), |e| e.id != first.id, &Own, &rng);
+            prop_assert_eq!(other.is_none(), es.len() == 1);
+            prop_assert!(other.is_none_or(|o| o.id != first.id));
+        }
+    }
+
+    #[test]
+    fn joins_spread_across_invocations() {
+        let es: Vec<E> = (0..3)
+            .map(|i| E {
+                id: format!("r{i}"),
+                host: "h0".into(),
+                load: 0,
+            })
+            .collect();
+        let rng = Rng::new(7);
+        let seen: std::collections::HashSet<&str> = (0..100)
+            .map(|inv| {
+                choose(&es, &req(inv, true), |_| true, &Own, &rng)
+                    .unwrap()
+                    .id
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn nothing_usable_chooses_nothing() {
+        let es = vec![E {
+            id: "r1".into(),
+            host: "h0".into(),
+            load: 0,
+        }];
+        let rng = Rng::new(1);
+        assert!(choose(&es, &req(1, false), |_| false, &Own, &rng).is_none());
+        assert!(choose(&[] as &[E], &req(1, true), |_| true, &Own, &rng).is_none());
+    }
+}

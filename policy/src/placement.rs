@@ -1,0 +1,318 @@
+//! Placement: which host gets each new replica. Pure: a function of the hosts' free resources and
+//! the replicas wanted, so the live node and the simulator make the same choices.
+//!
+//! Policy: a host must fit the replica's CPU, memory, GPUs, GPU memory and network bandwidth
+//! (where the host knows its NICs' speed); among those, hosts without a replica of the same task
+//! come first (anti-affinity: losing one host never loses a task),
+//! then the host with the most free CPU (spread), then the fewest replicas, then by name.
+
+use crate::snapshot::{Health, Host, Snapshot};
+use prescient_schemas::quantity::format_bytes;
+use prescient_schemas::Resources;
+
+/// A host as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostView {
+    pub name: String,
+    pub cpu_free_millicores: u64,
+    pub memory_free_bytes: u64,
+    pub gpus_free: u32,
+    pub gpu_memory_free_bytes: u64,
+    /// `None`: the host does not know its NICs' speed, so bandwidth is not checked.
+    pub network_free_bits_per_sec: Option<u64>,
+    pub replicas: usize,
+}
+
+/// The ready hosts with what they have free: capacity less every replica they hold, retiring
+/// ones included (those hold their resources until they are gone).
+pub fn host_views(s: &Snapshot) -> Vec<HostView> {
+    s.hosts
+        .values()
+        .filter(|h| h.health == Health::Ready)
+        .map(|h| host_view(s, h))
+        .collect()
+}
+
+/// One host with what it has free.
+pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
+    let c = h.capacity;
+    let mut v = HostView {
+        name: h.name.clone(),
+        cpu_free_millicores: c.cpu_millicores,
+        memory_free_bytes: c.memory_bytes,
+        gpus_free: c.gpus,
+        gpu_memory_free_bytes: c.gpu_memory_bytes,
+        network_free_bits_per_sec: c.network_bits_per_sec,
+        replicas: 0,
+    };
+    for r in s
+        .deployments
+        .values()
+        .flat_map(|d| d.replicas.iter().chain(&d.retiring))
+        .filter(|r| r.host == h.name)
+    {
+        v.take(&r.resources);
+    }
+    v
+}
+
+impl HostView {
+    fn fits(&self, r: &Resources) -> bool {
+        self.cpu_free_millicores >= u64::from(r.cpu_millicores)
+            && self.memory_free_bytes >= r.memory_bytes
+            && self.gpus_free >= r.gpus
+            && self.gpu_memory_free_bytes >= r.gpu_memory_bytes
+            && self
+                .network_free_bits_per_sec
+                .is_none_or(|n| n >= r.network_bits_per_sec)
+    }
+
+    fn take(&mut self, r: &Resources) {
+        self.cpu_free_millicores = self
+            .cpu_free_millicores
+            .saturating_sub(u64::from(r.cpu_millicores));
+        self.memory_free_bytes = self.memory_free_bytes.saturating_sub(r.memory_bytes);
+        self.gpus_free = self.gpus_free.saturating_sub(r.gpus);
+        self.gpu_memory_free_bytes = self
+            .gpu_memory_free_bytes
+            .saturating_sub(r.gpu_memory_bytes);
+        self.network_free_bits_per_sec = self
+            .network_free_bits_per_sec
+            .map(|n| n.saturating_sub(r.network_bits_per_sec));
+        self.replicas += 1;
+    }
+}
+
+fn describe(r: &Resources) -> String {
+    let mut s = format!(
+        "{}m CPU, {} memory, {} GPUs",
+        r.cpu_millicores,
+        format_bytes(r.memory_bytes),
+        r.gpus
+    );
+    if r.gpu_memory_bytes > 0 {
+        s += &format!(", {} GPU memory", format_bytes(r.gpu_memory_bytes));
+    }
+    if r.network_bits_per_sec > 0 {
+        s += &format!(", {} Mbit/s", r.network_bits_per_sec / 1_000_000);
+    }
+    s
+}
+
+fn describe_free(h: &HostView) -> String {
+    let mut s = format!(
+        "{} with {}m CPU, {} memory, {} GPUs",
+        h.name,
+        h.cpu_free_millicores,
+        format_bytes(h.memory_free_bytes),
+        h.gpus_free
+    );
+    if h.gpu_memory_free_bytes > 0 {
+        s += &format!(", {} GPU memory", format_bytes(h.gpu_memory_free_bytes));
+    }
+    if let Some(n) = h.network_free_bits_per_sec {
+        s += &format!(", {} Mbit/s", n / 1_000_000);
+    }
+    s
+}
+
+/// Replicas wanted for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Need {
+    pub graph_id: String,
+    pub task: String,
+    pub resources: Resources,
+    pub count: usize,
+    /// Hosts already running a replica of this task.
+    pub occupied: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Place {
+        graph_id: String,
+        task: String,
+        host: String,
+        reason: String,
+    },
+    Unplaceable {
+        graph_id: String,
+        task: String,
+        reason: String,
+    },
+}
+
+/// Decides where each wanted replica goes, in the order the needs are given.
+pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
+    let mut hosts: Vec<HostView> = hosts.to_vec();
+    let mut out = Vec::new();
+    for need in needs {
+        let mut occupied = need.occupied.clone();
+        for _ in 0..need.count {
+            let r = &need.resources;
+            let best = hosts
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.fits(r))
+                .min_by(|(_, a), (_, b)| {
+                    let key = |h: &HostView| {
+                        (
+                            occupied.contains(&h.name),
+                            std::cmp::Reverse(h.cpu_free_millicores),
+                            h.replicas,
+                        )
+                    };
+                    key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+                })
+                .map(|(i, _)| i);
+            let Some(i) = best else {
+                let largest = hosts
+                    .iter()
+                    .max_by_key(|h| h.cpu_free_millicores)
+                    .map_or("no hosts are ready".to_string(), |h| {
+                        format!("the most free is {}", describe_free(h))
+                    });
+                out.push(Decision::Unplaceable {
+                    graph_id: need.graph_id.clone(),
+                    task: need.task.clone(),
+                    reason: format!("no host has {} free: {largest}", describe(r)),
+                });
+                break;
+            };
+            let h = &mut hosts[i];
+            let reason = format!(
+                "{} needs a replica; {} fits it ({}m of {}m CPU free{}) and is the least loaded",
+                need.task,
+                h.name,
+                r.cpu_millicores,
+                h.cpu_free_millicores,
+                if occupied.contains(&h.name) {
+                    ", though it already runs one"
+                } else {
+                    ""
+                }
+            );
+            h.take(r);
+            occupied.push(h.name.clone());
+            out.push(Decision::Place {
+                graph_id: need.graph_id.clone(),
+                task: need.task.clone(),
+                host: h.name.clone(),
+                reason,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cpu: u64) -> HostView {
+        HostView {
+            name: name.into(),
+            cpu_free_millicores: cpu,
+            memory_free_bytes: 8 << 30,
+            gpus_free: 0,
+            gpu_memory_free_bytes: 0,
+            network_free_bits_per_sec: None,
+            replicas: 0,
+        }
+    }
+
+    fn need(task: &str, cpu: u32, count: usize) -> Need {
+        Need {
+            graph_id: "g1".into(),
+            task: task.into(),
+            resources: Resources {
+                cpu_millicores: cpu,
+                ..Resources::default()
+            },
+            count,
+            occupied: vec![],
+        }
+    }
+
+    fn hosts_of(d: &[Decision]) -> Vec<&str> {
+        d.iter()
+            .map(|d| match d {
+                Decision::Place { host, .. } => host.as_str(),
+                Decision::Unplaceable { .. } => "-",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_spreads_one_stage_per_host() {
+        let hosts = [host("a", 2000), host("b", 2000), host("c", 2000)];
+        let d = place(
+            &[need("s1", 500, 1), need("s2", 500, 1), need("s3", 500, 1)],
+            &hosts,
+        );
+        assert_eq!(hosts_of(&d), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn replicas_of_one_task_avoid_sharing_a_host() {
+        let hosts = [host("a", 4000), host("b", 1000)];
+        let d = place(&[need("t", 500, 2)], &hosts);
+        assert_eq!(hosts_of(&d), ["a", "b"]);
+    }
+
+    #[test]
+    fn what_does_not_fit_is_unplaceable_with_a_reason() {
+        let d = place(&[need("big", 3000, 1)], &[host("a", 2000)]);
+        match &d[0] {
+            Decision::Unplaceable { reason, .. } => {
+                assert!(reason.contains("3000m CPU"), "{reason}");
+                assert!(reason.contains("a with 2000m"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn gpu_memory_and_bandwidth_must_fit() {
+        let mut gpu = host("gpu", 4000);
+        gpu.gpus_free = 1;
+        gpu.gpu_memory_free_bytes = 16 << 30;
+        gpu.network_free_bits_per_sec = Some(1_000_000_000);
+        let mut n = need("infer", 500, 1);
+        n.resources.gpus = 1;
+        n.resources.gpu_memory_bytes = 24 << 30;
+        let d = place(std::slice::from_ref(&n), std::slice::from_ref(&gpu));
+        match &d[0] {
+            Decision::Unplaceable { reason, .. } => {
+                let want = format!("{} GPU memory", format_bytes(24 << 30));
+                let free = format!("{} GPU memory", format_bytes(16 << 30));
+                assert!(reason.contains(&want), "{reason}");
+                assert!(reason.contains(&free), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        n.resources.gpu_memory_bytes = 8 << 30;
+        n.resources.network_bits_per_sec = 2_000_000_000;
+        assert!(matches!(
+            place(std::slice::from_ref(&n), std::slice::from_ref(&gpu))[0],
+            Decision::Unplaceable { .. }
+        ));
+        n.resources.network_bits_per_sec = 400_000_000;
+        let d = place(&[n.clone(), n.clone(), n], &[gpu]);
+        // Two would fit in 16 GiB and 1 Gbit/s, but the host has one GPU.
+        assert_eq!(hosts_of(&d), ["gpu", "-", "-"]);
+    }
+
+    #[test]
+    fn unknown_nic_speed_does_not_block_a_reservation() {
+        let mut n = need("t", 100, 1);
+        n.resources.network_bits_per_sec = 10_000_000_000;
+        assert_eq!(hosts_of(&place(&[n], &[host("a", 1000)])), ["a"]);
+    }
+
+    #[test]
+    fn resources_are_deducted_as_replicas_are_placed() {
+        let d = place(&[need("t", 1500, 2)], &[host("a", 2000)]);
+        assert_eq!(hosts_of(&d), ["a", "-"]);
+    }
+}

@@ -1,0 +1,307 @@
+//! `plan`: one reconcile pass as a pure function. Heartbeat loss, registration reports,
+//! removed graphs and new versions, replicas missing (placed with backoff), routing tables due,
+//! and the replaced version's drain and retirement, in that order.
+
+use crate::action::{apply, Action};
+use crate::placement::{self, Decision, Need};
+use crate::snapshot::{Health, ReplicaState, Snapshot, MAX_EPOCH};
+use crate::Config;
+use prescient_schemas::ValidatedGraph;
+use std::time::Duration;
+
+/// Decides what to do now. `now` is time since the driver's origin (the control node's start),
+/// the same clock as every [`Duration`] in the snapshot.
+pub fn plan(snapshot: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut work = snapshot.clone();
+    let mut out = Vec::new();
+    let mut emit = |work: &mut Snapshot, a: Action| {
+        apply(work, &a, now);
+        out.push(a);
+    };
+    for a in lost_hosts(&work, config, now) {
+        emit(&mut work, a);
+    }
+    for a in reports(&work) {
+        emit(&mut work, a);
+    }
+    // After a restart, agents get `startup_grace` to report what they run before anything is
+    // placed, so a restart re-provisions nothing that still runs.
+    if now < config.startup_grace {
+        return out;
+    }
+    for a in stale(&work) {
+        emit(&mut work, a);
+    }
+    for a in placements(&work, config, now) {
+        emit(&mut work, a);
+    }
+    for a in publications(&work) {
+        emit(&mut work, a);
+    }
+    for a in drains(&work, config, now) {
+        emit(&mut work, a);
+    }
+    out
+}
+
+/// When a pass is next due even if nothing changes: a heartbeat deadline, a backoff ending, a
+/// drain ending, the end of the startup grace.
+pub fn next_deadline(s: &Snapshot, config: &Config, now: Duration) -> Option<Duration> {
+    let heartbeats = s
+        .hosts
+        .values()
+        .filter(|h| h.health == Health::Ready)
+        .map(|h| h.last_heartbeat + config.heartbeat_timeout);
+    let backoffs = s.deployments.values().flat_map(|d| {
+        d.failures
+            .values()
+            .map(|f| f.last_at + config.backoff.delay(f.count))
+    });
+    let drains = s.deployments.values().filter_map(|d| d.drain_until);
+    let grace = (now < config.startup_grace).then_some(config.startup_grace);
+    heartbeats
+        .chain(backoffs)
+        .chain(drains)
+        .chain(grace)
+        .filter(|t| *t > now)
+        .min()
+}
+
+fn lost_hosts(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    s.hosts
+        .values()
+        .filter(|h| h.health == Health::Ready)
+        .filter(|h| now.saturating_sub(h.last_heartbeat) > config.heartbeat_timeout)
+        .map(|h| Action::MarkLost {
+            host: h.name.clone(),
+            silent: now.saturating_sub(h.last_heartbeat),
+            limit: config.heartbeat_timeout,
+            replicas: s
+                .deployments
+                .values()
+                .flat_map(|d| &d.replicas)
+                .filter(|r| r.host == h.name)
+                .map(|r| r.id.clone())
+                .collect(),
+        })
+        .collect()
+}
+
+fn reports(s: &Snapshot) -> Vec<Action> {
+    let mut out = Vec::new();
+    for h in s.hosts.values().filter(|h| h.health == Health::Ready) {
+        let Some(reported) = &h.reported else {
+            continue;
+        };
+        // Replicas believed to be on this host that it no longer runs (provisioning ones are
+        // on their way and answer for themselves).
+        let forget = s
+            .deployments
+            .values()
+            .flat_map(|d| &d.replicas)
+            .filter(|r| r.host == h.name && matches!(r.state, ReplicaState::Ready { .. }))
+            .filter(|r| !reported.iter().any(|x| x.replica == r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        let (mut adopt, mut adopt_retiring, mut orphans) = (Vec::new(), Vec::new(), Vec::new());
+        for r in reported {
+            let Some(record) = s.wanted.get(&r.graph_id) else {
+                orphans.push(r.clone());
+                continue;
+            };
+            let d = s.deployments.get(&r.graph_id);
+            let known = d.is_some_and(|d| {
+                d.replicas
+                    .iter()
+                    .chain(&d.retiring)
+                    .any(|x| x.id == r.replica)
+            });
+            if known {
+                continue;
+            }
+            // A replica of the live version is adopted; one of an older version serves until
+            // the live version is ready, like any replaced version's.
+            if r.version == record.version {
+                adopt.push(r.clone());
+            } else if r.version < record.version {
+                adopt_retiring.push(r.clone());
+            } else {
+                orphans.push(r.clone());
+            }
+        }
+        out.push(Action::AcceptReport {
+            host: h.name.clone(),
+            adopt,
+            adopt_retiring,
+            forget,
+            orphans,
+        });
+    }
+    out
+}
+
+fn stale(s: &Snapshot) -> Vec<Action> {
+    s.deployments
+        .iter()
+        .filter_map(|(id, d)| match s.wanted.get(id) {
+            None => Some(Action::Undeploy {
+                graph_id: id.clone(),
+                replicas: d.replicas.len() + d.retiring.len(),
+            }),
+            Some(r) if r.version != d.record.version => Some(Action::SwitchVersion {
+                graph_id: id.clone(),
+                from: d.record.version,
+                to: r.version,
+                moved: d.replicas.len(),
+            }),
+            Some(_) => None,
+        })
+        .collect()
+}
+
+/// Replicas needed per task (today the policy minimum for every task), placed in topological
+/// order per graph; a task whose replicas keep failing waits out its backoff.
+fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut needs = Vec::new();
+    for (id, record) in &s.wanted {
+        let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
+            continue;
+        };
+        let d = s.deployments.get(id);
+        for task in v.topological_order() {
+            let backing_off = d
+                .and_then(|d| d.failures.get(task))
+                .is_some_and(|f| f.last_at + config.backoff.delay(f.count) > now);
+            if backing_off {
+                continue;
+            }
+            let have: Vec<&str> = d
+                .map(|d| {
+                    d.replicas
+                        .iter()
+                        .filter(|r| r.task == task)
+                        .map(|r| r.host.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let Some(t) = record.graph.task(task) else {
+                continue;
+            };
+            if have.len() < config.min_replicas {
+                needs.push(Need {
+                    graph_id: id.clone(),
+                    task: task.to_string(),
+                    resources: t.resources,
+                    count: config.min_replicas - have.len(),
+                    occupied: have.iter().map(|h| h.to_string()).collect(),
+                });
+            }
+        }
+    }
+    let mut next: std::collections::BTreeMap<String, u64> = s
+        .deployments
+        .iter()
+        .map(|(id, d)| (id.clone(), d.next_replica))
+        .collect();
+    let mut out = Vec::new();
+    for decision in placement::place(&needs, &placement::host_views(s)) {
+        match decision {
+            Decision::Place {
+                graph_id,
+                task,
+                host,
+                reason,
+            } => {
+                let Some(t) = s.wanted.get(&graph_id).and_then(|r| r.graph.task(&task)) else {
+                    continue;
+                };
+                let n = next.entry(graph_id.clone()).or_insert(1);
+                let replica = format!("{graph_id}.{task}.r{n}");
+                *n += 1;
+                out.push(Action::Place {
+                    resources: t.resources,
+                    graph_id: graph_id.clone(),
+                    task,
+                    replica,
+                    host,
+                    reason,
+                });
+            }
+            Decision::Unplaceable {
+                graph_id,
+                task,
+                reason,
+            } => {
+                let said = s
+                    .deployments
+                    .get(&graph_id)
+                    .and_then(|d| d.unplaceable.get(&task));
+                if said != Some(&reason) {
+                    out.push(Action::Unplaceable {
+                        graph_id,
+                        task,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A new epoch where the ready replicas changed. While a replaced version still serves, the
+/// table switches only once every task of the new version has a ready replica.
+fn publications(s: &Snapshot) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (id, d) in &s.deployments {
+        if !d.retiring.is_empty() && !d.complete() {
+            continue;
+        }
+        let ready = d.ready();
+        if d.published > 0 && d.epoch == d.published && d.published_ready == ready {
+            continue;
+        }
+        if ready.is_empty() && d.published == 0 {
+            continue;
+        }
+        // Adoption refuses epochs above MAX_EPOCH, so this never overflows in practice; if it
+        // would, the table stays as it is rather than going back.
+        let Some(epoch) = d.epoch.checked_add(1).filter(|e| *e <= MAX_EPOCH + 1) else {
+            continue;
+        };
+        out.push(Action::Publish {
+            graph_id: id.clone(),
+            epoch,
+            ready,
+        });
+    }
+    out
+}
+
+fn drains(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (id, d) in &s.deployments {
+        if d.retiring.is_empty() {
+            continue;
+        }
+        match d.drain_until {
+            None if d.published > 0 && d.complete() && d.published_ready == d.ready() => {
+                out.push(Action::StartDrain {
+                    graph_id: id.clone(),
+                    version: d.record.version,
+                    drain: config.drain,
+                    until: now + config.drain,
+                    replicas: d.retiring.iter().map(|r| r.id.clone()).collect(),
+                })
+            }
+            Some(until) if until <= now => out.push(Action::Retire {
+                graph_id: id.clone(),
+                version: d.record.version,
+                drain: config.drain,
+                replicas: d.retiring.clone(),
+            }),
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,172 @@
+//! The cluster as decisions see it: hosts, the graphs wanted, and each graph's deployment.
+//!
+//! Plain data. The control node keeps its live state in these types (beside its RPC clients) and
+//! hands `&Snapshot` to [`crate::plan`]; the simulator builds the same types in virtual time.
+//! Times are [`Duration`]s since an origin the driver picks (the control node's start).
+
+use prescient_schemas::{GraphRecord, Resources};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Routing-table epochs above this are refused when an agent reports them: at a thousand
+/// publications a second a real cluster takes nine thousand years to get there, and refusing
+/// leaves room for `epoch + 1` never to overflow.
+pub const MAX_EPOCH: u64 = 1 << 48;
+
+/// Everything a pass of [`crate::plan`] reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Registered agents by name (one per host).
+    pub hosts: BTreeMap<String, Host>,
+    /// The latest version of every live graph, by id.
+    pub wanted: BTreeMap<String, GraphRecord>,
+    /// What runs for each graph, by id.
+    pub deployments: BTreeMap<String, Deployment>,
+}
+
+/// One host agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    pub name: String,
+    pub health: Health,
+    pub last_heartbeat: Duration,
+    pub capacity: Capacity,
+    /// The replicas the agent said it runs when it last registered, not yet reconciled with the
+    /// deployments (adopted, forgotten or retired by the next pass).
+    pub reported: Option<Vec<Reported>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    /// No heartbeat within the timeout; must register again to be used.
+    Lost,
+}
+
+/// What a host offers in total (free is worked out from the replicas it holds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    /// Over all its GPUs.
+    pub gpu_memory_bytes: u64,
+    /// Over all its NICs; `None` when no NIC reports a speed (loopback, some virtual NICs):
+    /// bandwidth reservations are then not checked on this host.
+    pub network_bits_per_sec: Option<u64>,
+}
+
+/// A replica an agent reported at registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reported {
+    pub replica: String,
+    pub graph_id: String,
+    pub task: String,
+    pub version: u32,
+    pub epoch: u64,
+    pub addr: String,
+}
+
+/// One graph's replicas and routing state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    /// The version the replicas in `replicas` run.
+    pub record: GraphRecord,
+    /// The routing-table epoch (only grows).
+    pub epoch: u64,
+    /// The epoch last pushed to agents (0: none yet).
+    pub published: u64,
+    /// The ready replicas (`id@host`, sorted) in the last published table.
+    pub published_ready: Vec<String>,
+    pub replicas: Vec<Replica>,
+    /// Replicas of a replaced version: they serve until the new version is ready, then drain.
+    pub retiring: Vec<Replica>,
+    /// When the retiring replicas' drain ends (set once the new version's table is out).
+    pub drain_until: Option<Duration>,
+    /// The number the next replica id gets (`<graph>.<task>.r<N>`, never reused).
+    pub next_replica: u64,
+    /// Provisioning failures and crashes in a row, per task.
+    pub failures: BTreeMap<String, Failures>,
+    /// The last "cannot place" reason per task, so it is recorded once, not every pass.
+    pub unplaceable: BTreeMap<String, String>,
+}
+
+impl Deployment {
+    pub fn new(record: GraphRecord) -> Deployment {
+        Deployment {
+            record,
+            epoch: 0,
+            published: 0,
+            published_ready: Vec::new(),
+            replicas: Vec::new(),
+            retiring: Vec::new(),
+            drain_until: None,
+            next_replica: 1,
+            failures: BTreeMap::new(),
+            unplaceable: BTreeMap::new(),
+        }
+    }
+
+    /// The ready replicas as `id@host`, sorted: what a routing table holds.
+    pub fn ready(&self) -> Vec<String> {
+        let mut ready: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|r| r.is_ready())
+            .map(|r| format!("{}@{}", r.id, r.host))
+            .collect();
+        ready.sort();
+        ready
+    }
+
+    /// Whether every task of the current version has a ready replica.
+    pub fn complete(&self) -> bool {
+        self.record
+            .graph
+            .tasks
+            .iter()
+            .all(|t| self.replicas.iter().any(|r| r.task == t.id && r.is_ready()))
+    }
+
+    pub fn replica(&self, id: &str) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.id == id)
+    }
+}
+
+/// One replica of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    pub id: String,
+    pub task: String,
+    pub host: String,
+    /// Its data-plane address (empty while provisioning).
+    pub addr: String,
+    pub state: ReplicaState,
+    /// What it holds on its host (its task's resources when it was placed).
+    pub resources: Resources,
+}
+
+impl Replica {
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ReplicaState::Ready { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    Provisioning { since: Duration },
+    Ready { since: Duration },
+}
+
+/// Failures in a row of one task's replicas (provisioning failed, or a ready replica crashed
+/// before it had run for `Backoff::stable_after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failures {
+    pub count: u32,
+    pub last_at: Duration,
+}
+
+/// Parses the number of a replica id (`<graph>.<task>.r<N>`).
+pub fn replica_number(id: &str) -> Option<u64> {
+    id.rsplit_once(".r").and_then(|(_, n)| n.parse().ok())
+}
