@@ -41,9 +41,7 @@ pub struct Summary {
     pub edges: u32,
 }
 
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
-    Ok(r?.to_str()?.to_string())
-}
+use prescient_schemas::codec::text;
 
 fn remote(addr: &str, e: capnp::Error) -> anyhow::Error {
     anyhow!("control node at {addr}: {}", e.extra)
@@ -262,7 +260,7 @@ impl ControlClient {
                     .get_tasks()?
                     .iter()
                     .map(text)
-                    .collect::<Result<Vec<String>>>()?,
+                    .collect::<capnp::Result<Vec<String>>>()?,
                 count: c.get_count(),
                 p50_us: c.get_p50_ns() as f64 / 1e3,
                 p90_us: c.get_p90_ns() as f64 / 1e3,

@@ -16,6 +16,7 @@ use futures::AsyncReadExt as _;
 use prescient_schemas::agent_capnp::{agent, agent_session, worker_command};
 use prescient_schemas::api_capnp::control;
 use prescient_schemas::codec;
+use prescient_schemas::codec::text;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -902,7 +903,7 @@ impl agent::Server for AgentCap {
         params: agent::RetireParams,
         _: agent::RetireResults,
     ) -> Result<(), capnp::Error> {
-        let replica = params.get()?.get_replica()?.to_str()?.to_string();
+        let replica = text(params.get()?.get_replica())?;
         self.node.retire(&replica);
         Ok(())
     }
@@ -922,7 +923,7 @@ impl agent::Server for AgentCap {
         params: agent::RemoveGraphParams,
         _: agent::RemoveGraphResults,
     ) -> Result<(), capnp::Error> {
-        let id = params.get()?.get_graph_id()?.to_str()?.to_string();
+        let id = text(params.get()?.get_graph_id())?;
         self.node.remove_graph(&id);
         Ok(())
     }

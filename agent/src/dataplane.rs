@@ -9,6 +9,7 @@
 
 use bytes::Bytes;
 use capnp::message::ReaderOptions;
+use prescient_schemas::codec::text;
 use prescient_schemas::dataplane_capnp::{frame, request};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -269,11 +270,6 @@ pub enum Inbound {
     Output(OutputMsg),
     Invoke(InvokeMsg),
     Reply(ReplyMsg),
-}
-
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
-    r?.to_string()
-        .map_err(|e| capnp::Error::failed(e.to_string()))
 }
 
 fn decode<S: capnp::message::ReaderSegments>(

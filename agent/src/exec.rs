@@ -5,6 +5,7 @@
 //! checked against the digest in the graph just before use.
 
 use bytes::Bytes;
+use prescient_schemas::codec::text;
 use prescient_schemas::exec_capnp::{exec_request, exec_response};
 use prescient_schemas::Digest;
 use sha2::Digest as _;
@@ -79,7 +80,7 @@ impl ExecProcess {
                     Err(e) => break format!("it wrote a malformed response: {e}"),
                 };
                 let decoded = msg.get_root::<exec_response::Reader<'_>>().and_then(|r| {
-                    let error = r.get_error()?.to_str()?.to_string();
+                    let error = text(r.get_error())?;
                     Ok((r.get_id(), Bytes::copy_from_slice(r.get_output()?), error))
                 });
                 match decoded {

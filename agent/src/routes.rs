@@ -42,11 +42,7 @@ impl GraphRoutes {
         let mut replicas: HashMap<String, Vec<Route>> = HashMap::new();
         let entries = r.get_entries().map_err(|e| e.to_string())?;
         for e in entries {
-            let t = |x: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, String> {
-                x.map_err(|e| e.to_string())?
-                    .to_string()
-                    .map_err(|e| e.to_string())
-            };
+            let t = |x| codec::text(x).map_err(|e| e.to_string());
             replicas.entry(t(e.get_task())?).or_default().push(Route {
                 replica: t(e.get_replica())?.into(),
                 host: t(e.get_host())?.into(),

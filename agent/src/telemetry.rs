@@ -400,7 +400,7 @@ mod tests {
     fn windows(batch: &[u8]) -> Vec<(u64, String, String, String, u64, u64)> {
         let msg = decode(batch);
         let b = msg.get_root::<telemetry_batch::Reader<'_>>().unwrap();
-        let text = |t: capnp::Result<capnp::text::Reader<'_>>| t.unwrap().to_string().unwrap();
+        let text = |t| prescient_schemas::codec::text(t).unwrap();
         let mut out: Vec<_> = b
             .get_windows()
             .unwrap()

@@ -14,7 +14,8 @@ use prescient_policy::observe;
 use prescient_policy::snapshot::{Capacity, Deployment, Health, Reported, Snapshot};
 use prescient_policy::{apply, Action, Event};
 use prescient_schemas::agent_capnp::{agent, replica_spec, routing_table};
-use prescient_schemas::{codec, GraphRecord};
+use prescient_schemas::codec::{self, text};
+use prescient_schemas::GraphRecord;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -304,9 +305,6 @@ impl Cluster {
             prescient_schemas::agent_capnp::replica_info::Owned,
         >,
     ) -> Result<(String, u64), capnp::Error> {
-        let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, capnp::Error> {
-            Ok(t?.to_str()?.to_string())
-        };
         let name = text(host.get_name())?;
         if name.is_empty() {
             return Err(capnp::Error::failed("an agent must have a name".into()));
@@ -492,7 +490,7 @@ impl Cluster {
                 match req.send().promise.await {
                     Ok(reply) => reply
                         .get()
-                        .and_then(|r| Ok(r.get_data_plane_addr()?.to_str()?.to_string()))
+                        .and_then(|r| text(r.get_data_plane_addr()))
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.extra),
                 }

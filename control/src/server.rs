@@ -17,7 +17,7 @@ use futures::AsyncReadExt;
 use prescient_policy::snapshot::Health;
 use prescient_schemas::api_capnp::artifact_upload;
 use prescient_schemas::api_capnp::{control, event_sink, subscription};
-use prescient_schemas::codec;
+use prescient_schemas::codec::{self, text};
 use prescient_schemas::ValidatedGraph;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -98,11 +98,6 @@ impl Control {
         self.events.publish(event);
         self.cluster.graphs_changed();
     }
-}
-
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Error> {
-    r?.to_string()
-        .map_err(|e| capnp::Error::failed(format!("text is not UTF-8: {e}")))
 }
 
 impl control::Server for Control {

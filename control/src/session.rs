@@ -4,6 +4,7 @@
 use crate::cluster::Cluster;
 use capnp::capability::Rc as CapRc;
 use prescient_schemas::agent_capnp::{agent_session, registry};
+use prescient_schemas::codec::text;
 use prescient_schemas::sketch::Sketch;
 use std::rc::Rc;
 use tracing::warn;
@@ -91,11 +92,11 @@ impl agent_session::Server for Session {
         }
         for v in batch.get_vms()? {
             monitor.vms.insert(
-                v.get_replica()?.to_str()?.to_string(),
+                text(v.get_replica())?,
                 crate::monitor::VmPoint {
                     host: self.name.clone(),
-                    graph_id: v.get_graph_id()?.to_str()?.to_string(),
-                    task: v.get_task()?.to_str()?.to_string(),
+                    graph_id: text(v.get_graph_id())?,
+                    task: text(v.get_task())?,
                     cpu_cores: v.get_cpu_cores(),
                     memory_bytes: v.get_memory_bytes(),
                     cpu_limit_cores: v.get_cpu_limit_cores(),
@@ -136,8 +137,8 @@ impl agent_session::Server for Session {
                 continue;
             }
             monitor.record_window(&crate::monitor::WindowView {
-                graph_id: w.get_graph_id()?.to_str()?.to_string(),
-                task: w.get_task()?.to_str()?.to_string(),
+                graph_id: text(w.get_graph_id())?,
+                task: text(w.get_task())?,
                 second: w.get_second(),
                 errors: w.get_errors(),
                 input_bytes: w.get_input_bytes(),
@@ -165,8 +166,8 @@ impl agent_session::Server for Session {
         _: agent_session::ReplicaDownResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let replica = p.get_replica()?.to_str()?.to_string();
-        let reason = p.get_reason()?.to_str()?.to_string();
+        let replica = text(p.get_replica())?;
+        let reason = text(p.get_reason())?;
         self.cluster
             .replica_down(&self.name, &replica, &reason)
             .await;

@@ -76,9 +76,7 @@ impl Event {
     }
 
     pub fn decode(r: api_capnp::event::Reader<'_>) -> Result<Event, DecodeError> {
-        let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, DecodeError> {
-            Ok(t?.to_str()?.to_string())
-        };
+        let text = codec::text;
         Ok(Event {
             seq: r.get_seq(),
             at_ms: r.get_at_ms(),

@@ -26,8 +26,11 @@ impl From<capnp::NotInSchema> for DecodeError {
     }
 }
 
-fn text(r: capnp::text::Reader<'_>) -> Result<String, DecodeError> {
-    Ok(r.to_str()?.to_string())
+/// A Cap'n Proto text field as a `String`: the one helper every crate uses. A field that is
+/// malformed or not UTF-8 is an error naming why.
+pub fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    r?.to_string()
+        .map_err(|e| capnp::Error::failed(format!("text field is not UTF-8: {e}")))
 }
 
 /// Writes `graph` into `b`. Deterministic: the same graph always yields the same bytes.
@@ -132,12 +135,12 @@ pub fn decode_graph(r: wire::graph::Reader<'_>) -> Result<TaskGraph, DecodeError
         let (from, to) = (e.get_from()?, e.get_to()?);
         edges.push(Edge {
             from: Endpoint {
-                task: text(from.get_task()?)?,
-                port: text(from.get_port()?)?,
+                task: text(from.get_task())?,
+                port: text(from.get_port())?,
             },
             to: Endpoint {
-                task: text(to.get_task()?)?,
-                port: text(to.get_port()?)?,
+                task: text(to.get_task())?,
+                port: text(to.get_port())?,
             },
         });
     }
@@ -151,7 +154,7 @@ pub fn decode_graph(r: wire::graph::Reader<'_>) -> Result<TaskGraph, DecodeError
         None
     };
     Ok(TaskGraph {
-        name: text(r.get_name()?)?,
+        name: text(r.get_name())?,
         tasks,
         edges,
         objective,
@@ -159,7 +162,7 @@ pub fn decode_graph(r: wire::graph::Reader<'_>) -> Result<TaskGraph, DecodeError
 }
 
 pub fn decode_task(t: wire::task::Reader<'_>) -> Result<Task, DecodeError> {
-    let id = text(t.get_id()?)?;
+    let id = text(t.get_id())?;
     let r = t.get_resources()?;
     Ok(Task {
         code: decode_code(&id, t.get_code()?)?,
@@ -191,13 +194,13 @@ fn decode_code(task: &str, c: wire::code_ref::Reader<'_>) -> Result<CodeRef, Dec
     let args = |a: wire::artifact::Reader<'_>| -> Result<(Digest, Vec<String>), DecodeError> {
         let mut args = Vec::new();
         for arg in a.get_args()? {
-            args.push(text(arg?)?);
+            args.push(text(arg)?);
         }
         Ok((digest(task, a.get_sha256()?)?, args))
     };
     let kind = match c.which().map_err(|_| DecodeError::NotInSchema("code"))? {
         Which::Builtin(b) => CodeKind::Builtin {
-            name: text(b?.get_name()?)?,
+            name: text(b?.get_name())?,
         },
         Which::Exec(a) => {
             let (sha256, args) = args(a?)?;
@@ -211,13 +214,13 @@ fn decode_code(task: &str, c: wire::code_ref::Reader<'_>) -> Result<CodeRef, Dec
             let g = g?;
             CodeKind::GpuKernel {
                 sha256: digest(task, g.get_sha256()?)?,
-                entry: text(g.get_entry()?)?,
+                entry: text(g.get_entry())?,
             }
         }
     };
     let mut params = Vec::new();
     for p in c.get_params()? {
-        params.push((text(p.get_key()?)?, text(p.get_value()?)?));
+        params.push((text(p.get_key())?, text(p.get_value())?));
     }
     Ok(CodeRef { kind, params })
 }
@@ -239,7 +242,7 @@ fn decode_ports(
             Which::Json(()) => PortType::Json,
             Which::Tensor(tr) => {
                 let tr = tr?;
-                let name = text(tr.get_dtype()?)?;
+                let name = text(tr.get_dtype())?;
                 let dtype = DType::parse(&name).ok_or(DecodeError::DType(name))?;
                 let shape = if tr.has_shape() {
                     Some(tr.get_shape()?.iter().collect())
@@ -250,7 +253,7 @@ fn decode_ports(
             }
         };
         out.push(Port {
-            name: text(p.get_name()?)?,
+            name: text(p.get_name())?,
             ty,
         });
     }
@@ -273,7 +276,7 @@ pub fn encode_record(rec: &GraphRecord, mut b: wire::graph_record::Builder<'_>) 
 }
 
 pub fn decode_record(r: wire::graph_record::Reader<'_>) -> Result<GraphRecord, DecodeError> {
-    let id = text(r.get_id()?)?;
+    let id = text(r.get_id())?;
     Ok(GraphRecord {
         digest: digest(&id, r.get_digest()?)?,
         version: r.get_version(),
