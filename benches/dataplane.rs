@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prescient_agent::dataplane::{decode_frame, encode_request, Hop, PeerPool};
-use prescient_agent::routes::{GraphRoutes, Rng, Route};
+use prescient_agent::request_path::routes::{GraphRoutes, Rng, Route};
 use prescient_schemas::{codec, file, GraphRecord, ValidatedGraph};
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -119,9 +119,9 @@ fn telemetry(c: &mut Criterion) {
 
 /// One timestamp: a span takes three per execution.
 fn stamp(c: &mut Criterion) {
-    prescient_agent::clock::init();
+    prescient_agent::telemetry::clock::init();
     c.bench_function("clock/stamp", |b| {
-        b.iter(|| black_box(prescient_agent::clock::Stamp::now()))
+        b.iter(|| black_box(prescient_agent::telemetry::clock::Stamp::now()))
     });
 }
 
@@ -129,16 +129,16 @@ fn stamp(c: &mut Criterion) {
 /// stamps, and the execution's record (sketches, a sample check). The arrival's wall-clock time
 /// is read for the deadline check with spans on or off.
 fn span_path(c: &mut Criterion) {
-    use prescient_agent::clock::Stamp;
     use prescient_agent::dataplane::now_unix_ns;
-    use prescient_agent::telemetry::{Execution, SpanBuffer};
+    use prescient_agent::telemetry::clock::Stamp;
+    use prescient_agent::telemetry::spans::{Execution, SpanBuffer};
     use std::rc::Rc;
     let spans = SpanBuffer::default();
     let (graph, task, port, replica): (Rc<str>, Rc<str>, Rc<str>, Rc<str>) =
         ("g1".into(), "s2".into(), "x".into(), "g1.s2.r1".into());
     let mut invocation = 0u64;
     let now_unix = now_unix_ns();
-    prescient_agent::clock::init();
+    prescient_agent::telemetry::clock::init();
     c.bench_function("telemetry/execution", |b| {
         b.iter(|| {
             invocation += 1;

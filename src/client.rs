@@ -344,13 +344,18 @@ impl ControlClient {
         Ok((digest, r.get_size(), r.get_created()))
     }
 
-    /// Prints every event after `since`, then each new one as it happens, until the
-    /// connection ends.
-    pub async fn follow_events(self, since: u64, json: bool) -> Result<()> {
+    /// Hands every event after `since`, then each new one as it happens, to `on_event`, until
+    /// the connection ends.
+    pub async fn follow_events(
+        self,
+        since: u64,
+        on_event: impl Fn(&Event) -> Result<()> + 'static,
+    ) -> Result<()> {
         let mut req = self.client.watch_events_request();
         req.get().set_since_seq(since);
-        req.get()
-            .set_sink(capnp_rpc::new_client(EventPrinter { json }));
+        req.get().set_sink(capnp_rpc::new_client(EventSink {
+            on_event: Box::new(on_event),
+        }));
         let reply = req
             .send()
             .promise
@@ -502,11 +507,14 @@ fn summary(s: prescient_schemas::api_capnp::graph_summary::Reader<'_>) -> Result
     })
 }
 
-struct EventPrinter {
-    json: bool,
+/// What `follow_events` does with each event.
+type OnEvent = Box<dyn Fn(&Event) -> Result<()>>;
+
+struct EventSink {
+    on_event: OnEvent,
 }
 
-impl event_sink::Server for EventPrinter {
+impl event_sink::Server for EventSink {
     async fn event(
         self: capnp::capability::Rc<Self>,
         params: event_sink::EventParams,
@@ -514,6 +522,6 @@ impl event_sink::Server for EventPrinter {
     ) -> Result<(), capnp::Error> {
         let e = Event::decode(params.get()?.get_event()?)
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        crate::output::print_event(&e, self.json).map_err(|e| capnp::Error::failed(e.to_string()))
+        (self.on_event)(&e).map_err(|e| capnp::Error::failed(e.to_string()))
     }
 }

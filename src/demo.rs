@@ -228,15 +228,13 @@ async fn walk_through(dir: &Path) -> Result<()> {
 }
 
 fn restart_control(dir: &Path, addr: &str) -> Result<crate::local::Proc> {
-    let exe = std::env::current_exe()?.with_file_name("prescient-control");
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["--listen", addr, "--data-dir"])
-        .arg(dir.join("control"))
-        .args(["--startup-grace-ms", "3000"]);
-    crate::local::start(
+    use prescient::launch::{self, Binaries, CONTROL_READY};
+    let mut cmd = Binaries::siblings()?.control(addr, &dir.join("control"));
+    cmd.args(["--startup-grace-ms", "3000"]);
+    Ok(launch::start(
         cmd,
         &dir.join("control.log"),
-        "prescient-control listening on ",
+        CONTROL_READY,
         "control",
-    )
+    )?)
 }

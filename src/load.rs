@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use prescient_agent::dataplane::IngressConn;
-use prescient_agent::routes::Rng;
+use prescient_agent::request_path::routes::Rng;
 use serde::Serialize;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
@@ -160,7 +160,7 @@ impl Continuous {
                 let (stats, stop) = (stats.clone(), stop.clone());
                 let invoke = invoke.clone();
                 tasks.push(tokio::task::spawn_local(async move {
-                    let rng = prescient_agent::routes::rng_from_entropy();
+                    let rng = prescient_agent::request_path::routes::rng_from_entropy();
                     let start = Instant::now();
                     let mut at = 0.0f64;
                     let mut sent = 0usize;
@@ -280,7 +280,7 @@ pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
             }
         }
         Mode::Open { .. } | Mode::Trace { .. } => {
-            let rng = prescient_agent::routes::rng_from_entropy();
+            let rng = prescient_agent::request_path::routes::rng_from_entropy();
             let mut schedule: Box<dyn Iterator<Item = Duration>> = match &spec.mode {
                 Mode::Open { rate } => {
                     mode_name = format!("open, Poisson at {rate}/s");

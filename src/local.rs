@@ -1,60 +1,10 @@
-//! A cluster on this machine: a control node and agents started as real child processes, for
-//! `prescient demo` and `prescient bench`.
+//! A cluster on this machine: a control node and agents started as real child processes
+//! (through [`prescient::launch`]), for `prescient demo` and `prescient bench`.
 
-use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-/// A child process that is killed (SIGKILL) and reaped when dropped.
-pub struct Proc {
-    pub child: Child,
-    pub addr: String,
-    pub name: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name(name);
-    if !bin.exists() {
-        bail!(
-            "{} is missing: build every binary first (`cargo build --release --bins`, or run `cargo xtask demo`)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-pub fn start(mut cmd: Command, log: &Path, prefix: &str, name: &str) -> Result<Proc> {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(log_file)
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let Some(rest) = line.trim().strip_prefix(prefix) else {
-        let _ = child.kill();
-        bail!("{name} did not start; see {}", log.display());
-    };
-    let addr = rest.rsplit(' ').next().unwrap_or(rest).to_string();
-    Ok(Proc {
-        child,
-        addr,
-        name: name.to_string(),
-    })
-}
+use anyhow::{bail, Result};
+pub use prescient::launch::Proc;
+use prescient::launch::{self, Binaries, AGENT_READY, CONTROL_READY};
+use std::path::Path;
 
 pub struct LocalCluster {
     pub control: Proc,
@@ -63,16 +13,14 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start_control(dir: &Path, grace_ms: u64) -> Result<Proc> {
-        let mut cmd = Command::new(sibling("prescient-control")?);
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("control"))
-            .args(["--startup-grace-ms", &grace_ms.to_string()]);
-        start(
+        let mut cmd = Binaries::siblings()?.control("127.0.0.1:0", &dir.join("control"));
+        cmd.args(["--startup-grace-ms", &grace_ms.to_string()]);
+        Ok(launch::start(
             cmd,
             &dir.join("control.log"),
-            "prescient-control listening on ",
+            CONTROL_READY,
             "control",
-        )
+        )?)
     }
 
     pub fn start_agent(
@@ -84,36 +32,21 @@ impl LocalCluster {
         spans: bool,
         probes: bool,
     ) -> Result<Proc> {
-        let mut cmd = Command::new(sibling("prescient-agent")?);
+        let mut cmd = Binaries::siblings()?.agent(control, name, cpus);
         if !probes {
             cmd.arg("--no-probes");
         }
         if !spans {
             cmd.arg("--no-telemetry");
         }
-        cmd.args(["--data-plane", data_plane])
-            .args([
-                "--control",
-                control,
-                "--listen",
-                "127.0.0.1:0",
-                "--name",
-                name,
-            ])
-            .args([
-                "--cpus",
-                &cpus.to_string(),
-                "--memory",
-                "4GiB",
-                "--data-dir",
-            ])
+        cmd.args(["--data-plane", data_plane, "--data-dir"])
             .arg(dir.join(name));
-        start(
+        Ok(launch::start(
             cmd,
             &dir.join(format!("{name}.log")),
-            "prescient-agent ",
+            AGENT_READY,
             name,
-        )
+        )?)
     }
 
     /// Starts a control node and `agents` agents named a1, a2, ... each offering `cpus` CPUs,

@@ -235,7 +235,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Events { since, follow } => {
             let c = ControlClient::connect(&cli.control).await?;
             if follow {
-                c.follow_events(since, json).await?;
+                c.follow_events(since, move |e| output::print_event(e, json))
+                    .await?;
                 bail!("the control node at {} closed the connection", cli.control);
             }
             for e in c.events(since, 10_000).await? {

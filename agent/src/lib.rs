@@ -2,23 +2,19 @@
 //! task replicas, keeps their routing tables current, and runs the ingress where invocations
 //! enter. Workers (same binary, `worker` subcommand) run the task code and carry requests
 //! between themselves over the data plane.
+//!
+//! - [`node`] — the agent process: its session with control, the `Agent` capability, the
+//!   replicas it runs, its telemetry hand-off and `/metrics`.
+//! - [`provision`] — provisioners (process slots today; VMs next) and cgroup limits.
+//! - [`worker`] and [`runtime`] — one task replica, and what runs its code (builtin, exec, onnx).
+//! - [`request_path`] — routing tables, forwarding with retry, the ingress.
+//! - [`dataplane`] — frames over TCP: codec, writer, reader, peer pool.
+//! - [`telemetry`] — spans, host samples, eBPF probes, socket counters.
 
-pub mod agent;
-pub mod btf;
-pub mod cgroup;
-pub mod clock;
 pub mod dataplane;
-pub mod exec;
-pub mod forward;
-pub mod host;
-pub mod hostmon;
-pub mod ingress;
-pub mod kernels;
-pub mod onnx;
-pub mod probes;
-pub mod provisioner;
-pub mod routes;
-pub mod sockets;
+pub mod node;
+pub mod provision;
+pub mod request_path;
+pub mod runtime;
 pub mod telemetry;
-pub mod transfer;
 pub mod worker;

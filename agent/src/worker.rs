@@ -6,9 +6,10 @@
 //! stdin); it exits when that stream ends, so a worker never outlives its agent.
 
 use crate::dataplane::{self, encode_output, now_unix_us, Hop, OutputMsg, Sender};
-use crate::forward::Forwarder;
-use crate::kernels::Kernel;
-use crate::routes::GraphRoutes;
+use crate::request_path::forward::Forwarder;
+use crate::request_path::routes::GraphRoutes;
+use crate::runtime::builtin::Kernel;
+use crate::runtime::Runner;
 use bytes::Bytes;
 use prescient_schemas::agent_capnp::worker_command;
 use prescient_schemas::{codec, GraphRecord};
@@ -16,8 +17,42 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
+use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+/// Why a worker could not take a command or start serving.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("malformed command from the agent: {0}")]
+    Command(#[from] capnp::Error),
+    #[error("a command this worker does not know (from a newer agent?): {0}")]
+    Unknown(#[from] capnp::NotInSchema),
+    #[error("malformed graph in a deploy command: {0}")]
+    Graph(#[from] codec::DecodeError),
+    #[error("malformed routing table: {0}")]
+    Routes(#[from] crate::request_path::routes::RoutesError),
+    #[error("graph {graph} has no task {task:?}")]
+    NoTask { graph: String, task: String },
+    #[error("task {task}: {source}")]
+    Kernel {
+        task: String,
+        source: crate::runtime::builtin::KernelError,
+    },
+    #[error(transparent)]
+    Artifact(#[from] crate::runtime::exec::ArtifactError),
+    #[error(transparent)]
+    Onnx(#[from] crate::runtime::onnx::OnnxError),
+    #[error("the agent closed stdin before deploying a task")]
+    NoDeploy,
+    #[error("the first command must deploy a task")]
+    NotDeployFirst,
+    #[error("binding the data plane on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
 
 /// What an agent tells its worker.
 pub enum Command {
@@ -33,32 +68,18 @@ pub enum Command {
 }
 
 impl Command {
-    pub fn decode(r: worker_command::Reader<'_>) -> Result<Command, String> {
-        let s = |e: capnp::Error| e.to_string();
-        Ok(match r.which().map_err(|e| e.to_string())? {
+    pub fn decode(r: worker_command::Reader<'_>) -> Result<Command, WorkerError> {
+        Ok(match r.which()? {
             worker_command::Deploy(spec) => {
-                let spec = spec.map_err(s)?;
+                let spec = spec?;
                 Command::Deploy {
-                    replica: spec
-                        .get_replica()
-                        .map_err(s)?
-                        .to_string()
-                        .map_err(|e| e.to_string())?,
-                    record: codec::decode_record(spec.get_graph().map_err(s)?)
-                        .map_err(|e| e.to_string())?,
-                    task: spec
-                        .get_task()
-                        .map_err(s)?
-                        .to_string()
-                        .map_err(|e| e.to_string())?,
-                    artifact_path: spec
-                        .get_artifact_path()
-                        .map_err(s)?
-                        .to_string()
-                        .map_err(|e| e.to_string())?,
+                    replica: codec::text(spec.get_replica())?,
+                    record: codec::decode_record(spec.get_graph()?)?,
+                    task: codec::text(spec.get_task())?,
+                    artifact_path: codec::text(spec.get_artifact_path())?,
                 }
             }
-            worker_command::Routes(t) => Command::Routes(GraphRoutes::decode(t.map_err(s)?)?),
+            worker_command::Routes(t) => Command::Routes(GraphRoutes::decode(t?)?),
             worker_command::Drain(()) => Command::Drain,
         })
     }
@@ -88,27 +109,8 @@ pub fn read_commands(
     rx
 }
 
-fn decode_command(msg: &Message) -> Result<Command, String> {
-    msg.get_root::<worker_command::Reader<'_>>()
-        .map_err(|e| e.to_string())
-        .and_then(Command::decode)
-}
-
-/// What runs a task: a builtin kernel, or an artifact subprocess.
-enum Runner {
-    Builtin(Kernel),
-    Exec(Rc<crate::exec::ExecProcess>),
-    Onnx(Rc<crate::onnx::OnnxModel>),
-}
-
-impl Runner {
-    async fn run(&self, inputs: &[Bytes], rng: &crate::routes::Rng) -> Result<Bytes, String> {
-        match self {
-            Runner::Builtin(k) => k.run(inputs, rng).await,
-            Runner::Exec(p) => p.run(inputs).await,
-            Runner::Onnx(m) => m.run(inputs),
-        }
-    }
+fn decode_command(msg: &Message) -> Result<Command, WorkerError> {
+    Command::decode(msg.get_root::<worker_command::Reader<'_>>()?)
 }
 
 struct Deployed {
@@ -122,7 +124,7 @@ struct Deployed {
     only_input: Option<Rc<str>>,
     /// Each output port and the input ports it feeds, from this replica's own version of the
     /// graph (none: a graph output).
-    outputs: Vec<(Rc<str>, Vec<crate::routes::InputPort>)>,
+    outputs: Vec<(Rc<str>, Vec<crate::request_path::routes::InputPort>)>,
     /// Some output is a graph output: the chains through this task end here.
     sink: bool,
 }
@@ -131,7 +133,7 @@ struct Deployed {
 #[derive(Clone, Copy)]
 struct Arrival {
     unix_ns: u64,
-    at: crate::clock::Stamp,
+    at: crate::telemetry::clock::Stamp,
     /// Its edge's record (transfer time, bytes) is left to the execution, which makes it after
     /// forwarding the outputs: single-input tasks only (a join's inputs are recorded as they
     /// come).
@@ -149,7 +151,7 @@ struct Join {
 
 pub struct Worker {
     replica: RefCell<Rc<str>>,
-    spans: crate::telemetry::SpanBuffer,
+    spans: crate::telemetry::spans::SpanBuffer,
     fwd: Forwarder,
     task: RefCell<Option<Rc<Deployed>>>,
     joins: RefCell<HashMap<(Rc<str>, u64), Join>>,
@@ -163,7 +165,7 @@ fn ack(acks: &[(Sender, u64)]) {
 
 impl Worker {
     /// Applies a command; `Ok(false)` means stop serving.
-    fn apply(&self, cmd: Command) -> Result<bool, String> {
+    fn apply(&self, cmd: Command) -> Result<bool, WorkerError> {
         match cmd {
             Command::Deploy {
                 replica,
@@ -174,26 +176,32 @@ impl Worker {
                 let t = record
                     .graph
                     .task(&task)
-                    .ok_or_else(|| format!("graph {} has no task {task:?}", record.id))?;
+                    .ok_or_else(|| WorkerError::NoTask {
+                        graph: record.id.clone(),
+                        task: task.clone(),
+                    })?;
                 let kernel = match &t.code.kind {
                     prescient_schemas::CodeKind::Exec { sha256, args } => {
                         let path = std::path::Path::new(&artifact_path);
-                        crate::exec::verify(path, sha256)?;
-                        Runner::Exec(crate::exec::ExecProcess::start(path, args)?)
+                        crate::runtime::exec::verify(path, sha256)?;
+                        Runner::Exec(crate::runtime::exec::ExecProcess::start(path, args)?)
                     }
                     prescient_schemas::CodeKind::Onnx { sha256, .. } => {
                         let path = std::path::Path::new(&artifact_path);
-                        crate::exec::verify(path, sha256)?;
-                        let model = crate::onnx::OnnxModel::load(path, t)?;
+                        crate::runtime::exec::verify(path, sha256)?;
+                        let model = crate::runtime::onnx::OnnxModel::load(path, t)?;
                         Runner::Onnx(Rc::new(model))
                     }
-                    _ => Runner::Builtin(
-                        Kernel::from_code(&t.code).map_err(|e| format!("task {task}: {e}"))?,
-                    ),
+                    _ => Runner::Builtin(Kernel::from_code(&t.code).map_err(|source| {
+                        WorkerError::Kernel {
+                            task: task.clone(),
+                            source,
+                        }
+                    })?),
                 };
                 info!(%replica, %task, graph = %record.id, "task deployed");
                 *self.replica.borrow_mut() = replica.into();
-                let outputs: Vec<(Rc<str>, Vec<crate::routes::InputPort>)> = t
+                let outputs: Vec<(Rc<str>, Vec<crate::request_path::routes::InputPort>)> = t
                     .outputs
                     .iter()
                     .map(|p| {
@@ -249,9 +257,9 @@ impl Worker {
     ) {
         tokio::task::spawn_local(async move {
             let arrival = arrival.filter(|_| self.spans.enabled());
-            let start = arrival.map(|_| crate::clock::Stamp::now());
+            let start = arrival.map(|_| crate::telemetry::clock::Stamp::now());
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
-            let end = start.map(|_| crate::clock::Stamp::now());
+            let end = start.map(|_| crate::telemetry::clock::Stamp::now());
             let (ok, output_bytes) = (result.is_ok(), result.as_ref().map_or(0, |o| o.len()));
             match result {
                 Err(e) => {
@@ -288,7 +296,7 @@ impl Worker {
                     &d.graph_id,
                     &d.task,
                     &replica,
-                    crate::telemetry::Execution {
+                    crate::telemetry::spans::Execution {
                         invocation: hop.invocation,
                         queue_ns,
                         exec_ns,
@@ -394,7 +402,7 @@ impl dataplane::Handler for Worker {
             .is_some_and(|d| d.inputs.len() <= 1 && d.task == hop.task);
         let arrival = self.spans.enabled().then(|| Arrival {
             unix_ns: now_ns,
-            at: crate::clock::Stamp::now(),
+            at: crate::telemetry::clock::Stamp::now(),
             edge_pending: single_input,
         });
         if arrival.is_some_and(|a| !a.edge_pending) {
@@ -488,7 +496,11 @@ impl dataplane::Handler for Worker {
 /// The worker process: reads its task from stdin, warms it, binds its data plane, says
 /// `prescient-worker ready ADDR` on stdout, then serves until stdin ends or it is drained.
 /// Must run in a `LocalSet`.
-pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> Result<(), String> {
+pub async fn run(
+    host: &str,
+    listen: std::net::SocketAddr,
+    telemetry: bool,
+) -> Result<(), WorkerError> {
     use std::io::Write;
     let mut commands = read_commands(std::io::stdin());
     let (pool, mut lost) = dataplane::PeerPool::new();
@@ -502,29 +514,28 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
     if !telemetry {
         worker.spans.disable();
     }
-    crate::telemetry::install_switch_signals();
-    crate::clock::init();
+    crate::telemetry::spans::install_switch_signals();
+    crate::telemetry::clock::init();
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    let first = commands
-        .recv()
-        .await
-        .ok_or("the agent closed stdin before deploying a task")?;
+    let first = commands.recv().await.ok_or(WorkerError::NoDeploy)?;
     let first = decode_command(&first)?;
     if !matches!(first, Command::Deploy { .. }) {
-        return Err("the first command must deploy a task".into());
+        return Err(WorkerError::NotDeployFirst);
     }
     if let Err(e) = worker.apply(first) {
         say(format!("prescient-worker failed: {e}"));
         return Err(e);
     }
-    let listener = dataplane::Listener::bind(listen)
-        .await
-        .map_err(|e| format!("binding the data plane on {listen}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let bind = |source| WorkerError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = dataplane::Listener::bind(listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
     say(format!("prescient-worker ready {addr}"));
     let server = tokio::task::spawn_local(dataplane::serve(listener, worker.clone()));
     let w = worker.clone();
@@ -536,7 +547,7 @@ pub async fn run(host: &str, listen: std::net::SocketAddr, telemetry: bool) -> R
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     // After the ready line, stdout carries telemetry batches to the agent.
-    let batches = crate::telemetry::BatchWriter::new(std::io::stdout());
+    let batches = crate::telemetry::spans::BatchWriter::new(std::io::stdout());
     loop {
         tokio::select! {
             _ = flush.tick() => {

@@ -139,11 +139,12 @@ impl Cluster {
         tokio::task::spawn_local(self.clone().flush_history());
         let mut listed: Option<Instant> = None;
         loop {
-            if self.relist.replace(false) || listed.is_none_or(|t| t.elapsed() > RELIST) {
-                match self.list_graphs().await {
-                    Ok(()) => listed = Some(Instant::now()),
-                    Err(e) => warn!("listing graphs failed: {e}"),
-                }
+            let due = self.relist.replace(false) || listed.is_none_or(|t| t.elapsed() > RELIST);
+            match due && self.list_graphs().await {
+                true => listed = Some(Instant::now()),
+                // Retried on the next pass.
+                false if due => self.relist.set(true),
+                false => {}
             }
             // Nothing is decided before the graphs wanted are known: an empty list would
             // undeploy everything agents report.
@@ -159,14 +160,24 @@ impl Cluster {
         }
     }
 
-    async fn list_graphs(&self) -> Result<(), String> {
+    /// Reads the graphs wanted from the registry; false (and a warning) when it cannot.
+    async fn list_graphs(&self) -> bool {
         let reg = self.registry.clone();
-        let graphs = tokio::task::spawn_blocking(move || reg.list())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        self.state.borrow_mut().wanted = graphs.into_iter().map(|r| (r.id.clone(), r)).collect();
-        Ok(())
+        match tokio::task::spawn_blocking(move || reg.list()).await {
+            Ok(Ok(graphs)) => {
+                self.state.borrow_mut().wanted =
+                    graphs.into_iter().map(|r| (r.id.clone(), r)).collect();
+                true
+            }
+            Ok(Err(e)) => {
+                warn!("listing graphs failed: {e}");
+                false
+            }
+            Err(e) => {
+                warn!("listing graphs failed: {e}");
+                false
+            }
+        }
     }
 
     async fn flush_history(self: Rc<Self>) {

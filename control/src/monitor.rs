@@ -156,24 +156,8 @@ pub struct Totals {
     pub exec_ns_sum: f64,
 }
 
-/// One second of one host, as its agent sampled it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct HostPoint {
-    pub at_unix_ms: u64,
-    pub cpu_util: f32,
-    pub cpu_steal: f32,
-    pub memory_used_bytes: u64,
-    pub memory_total_bytes: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub run_delay_ns: u64,
-    pub gpu_util: Vec<f32>,
-    pub gpu_memory_used_bytes: Vec<u64>,
-    pub gpu_power_watts: Vec<f32>,
-    pub gpu_temperature_c: Vec<f32>,
-    /// Run-queue waits on every CPU in the interval, where the host runs the eBPF probes.
-    pub run_queue: Option<Sketch>,
-}
+/// One host's sample for one interval (the wire mapping is `prescient_schemas::host_sample`).
+pub type HostPoint = prescient_schemas::host_sample::HostSample;
 
 /// One replica's VM in the last interval.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -67,28 +67,7 @@ impl agent_session::Server for Session {
             *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
         }
         for h in batch.get_hosts()? {
-            monitor.record_host(
-                &self.name,
-                crate::monitor::HostPoint {
-                    at_unix_ms: h.get_at_unix_ms(),
-                    cpu_util: h.get_cpu_util(),
-                    cpu_steal: h.get_cpu_steal(),
-                    memory_used_bytes: h.get_memory_used_bytes(),
-                    memory_total_bytes: h.get_memory_total_bytes(),
-                    net_rx_bytes: h.get_net_rx_bytes(),
-                    net_tx_bytes: h.get_net_tx_bytes(),
-                    run_delay_ns: h.get_run_delay_ns(),
-                    gpu_util: h.get_gpu_util()?.iter().collect(),
-                    gpu_memory_used_bytes: h.get_gpu_memory_used_bytes()?.iter().collect(),
-                    gpu_power_watts: h.get_gpu_power_watts()?.iter().collect(),
-                    gpu_temperature_c: h.get_gpu_temperature_c()?.iter().collect(),
-                    run_queue: if h.get_probes() {
-                        Some(Sketch::decode(h.get_run_queue_latency_ns()?)?)
-                    } else {
-                        None
-                    },
-                },
-            );
+            monitor.record_host(&self.name, crate::monitor::HostPoint::decode(h)?);
         }
         for v in batch.get_vms()? {
             monitor.vms.insert(

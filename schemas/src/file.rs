@@ -233,7 +233,7 @@ struct RawCode {
 }
 
 impl RawCode {
-    fn into_code(self) -> Result<CodeRef, String> {
+    fn into_code(self) -> Result<CodeRef, &'static str> {
         let given = [
             self.builtin.is_some(),
             self.exec.is_some(),
@@ -241,16 +241,14 @@ impl RawCode {
             self.gpu_kernel.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
-            return Err(
-                "code must name exactly one of builtin, exec, onnx or gpu_kernel".to_string(),
-            );
+            return Err("code must name exactly one of builtin, exec, onnx or gpu_kernel");
         }
         if self.entry.is_some() && self.gpu_kernel.is_none() {
-            return Err("code.entry only applies to gpu_kernel".into());
+            return Err("code.entry only applies to gpu_kernel");
         }
         let kind = if let Some(name) = self.builtin {
             if !self.args.is_empty() {
-                return Err("builtin kernels take params, not args".into());
+                return Err("builtin kernels take params, not args");
             }
             CodeKind::Builtin { name }
         } else if let Some(d) = self.exec {

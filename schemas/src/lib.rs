@@ -16,6 +16,7 @@ pub use generated::{agent_capnp, api_capnp, dataplane_capnp, exec_capnp, graph_c
 
 pub mod codec;
 pub mod file;
+pub mod host_sample;
 pub mod model;
 pub mod prom;
 pub mod quantity;

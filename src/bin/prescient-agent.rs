@@ -8,8 +8,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod config_args;
 #[path = "../metrics_http.rs"]
 mod metrics_http;
-use prescient_agent::agent::{AgentConfig, AgentNode};
 use prescient_agent::dataplane::Transport;
+use prescient_agent::node::{AgentConfig, AgentNode};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -142,12 +142,12 @@ fn main() -> Result<()> {
         }
         Some(Sub::BenchSink { listen, data_plane }) => {
             if data_plane == "raw" {
-                return Ok(prescient_agent::transfer::raw_sink(listen)?);
+                return Ok(prescient_agent::dataplane::transfer::raw_sink(listen)?);
             }
             let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
             return Ok(on_transport(
                 transport,
-                prescient_agent::transfer::sink(listen),
+                prescient_agent::dataplane::transfer::sink(listen),
             )??);
         }
         Some(Sub::BenchSource {
@@ -158,11 +158,11 @@ fn main() -> Result<()> {
             window,
         }) => {
             let seconds = if data_plane == "raw" {
-                prescient_agent::transfer::raw_source(&to, bytes, payload)?
+                prescient_agent::dataplane::transfer::raw_source(&to, bytes, payload)?
             } else {
                 let (transport, _) = Transport::choose(&data_plane).map_err(anyhow::Error::msg)?;
                 on_transport(transport, async move {
-                    prescient_agent::transfer::source(&to, bytes, payload, window).await
+                    prescient_agent::dataplane::transfer::source(&to, bytes, payload, window).await
                 })?
                 .map_err(anyhow::Error::msg)?
             };

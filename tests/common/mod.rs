@@ -1,6 +1,7 @@
 //! Helpers for integration tests: real `prescient-control` processes and CLI runs.
 #![allow(dead_code)]
 
+use prescient::launch::{self, Binaries, Proc, AGENT_READY, CONTROL_READY};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -36,9 +37,24 @@ impl Drop for TempDir {
     }
 }
 
+/// The daemons built for this test run.
+pub fn binaries() -> Binaries {
+    Binaries {
+        control: CONTROL.into(),
+        agent: AGENT.into(),
+    }
+}
+
+/// Starts `cmd` through the shared launcher, failing the test with the daemon's log.
+fn launch(mut cmd: Command, log: &Path, ready: &str, name: &str) -> Proc {
+    cmd.env("PRESCIENT_LOG", "info");
+    launch::start(cmd, log, ready, name)
+        .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(log).unwrap_or_default()))
+}
+
 /// A control node running as a child process on an ephemeral loopback port.
 pub struct Control {
-    child: Child,
+    proc: Proc,
     pub addr: String,
     pub log: PathBuf,
 }
@@ -53,36 +69,19 @@ impl Control {
         static N: AtomicU32 = AtomicU32::new(0);
         let log =
             data_dir.with_extension(format!("control-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        let mut child = Command::new(CONTROL)
-            .args(["--listen", listen, "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("PRESCIENT_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting prescient-control");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("prescient-control listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "control node did not start: {line:?}\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .to_string();
-        Control { child, addr, log }
+        let mut cmd = binaries().control(listen, data_dir);
+        cmd.args(extra);
+        let proc = launch(cmd, &log, CONTROL_READY, "control");
+        Control {
+            addr: proc.addr.clone(),
+            proc,
+            log,
+        }
     }
 
     /// SIGKILL: no chance to flush or shut down cleanly.
     pub fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.proc.kill9().unwrap();
     }
 
     pub fn log_text(&self) -> String {
@@ -90,7 +89,7 @@ impl Control {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.proc.child.try_wait().unwrap().is_none()
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -135,13 +134,6 @@ impl Control {
     }
 }
 
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub fn cli(addr: &str, args: &[&str]) -> Output {
     Command::new(CLI)
         .arg("--control")
@@ -160,7 +152,7 @@ pub fn repo_path(rel: &str) -> String {
 
 /// A host agent running as a child process.
 pub struct Agent {
-    child: Child,
+    proc: Proc,
     pub name: String,
     pub ingress: String,
     pub log: PathBuf,
@@ -169,58 +161,19 @@ pub struct Agent {
 impl Agent {
     pub fn start(control: &str, name: &str, cpus: u32, log_dir: &Path) -> Agent {
         let log = log_dir.join(format!("agent-{name}.log"));
-        let mut child = Command::new(AGENT)
-            .args([
-                "--control",
-                control,
-                "--listen",
-                "127.0.0.1:0",
-                "--name",
-                name,
-            ])
-            .args([
-                "--cpus",
-                &cpus.to_string(),
-                "--memory",
-                "4GiB",
-                "--heartbeat-ms",
-                "200",
-            ])
-            .env("PRESCIENT_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting prescient-agent");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ingress = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|_| line.starts_with("prescient-agent "))
-            .unwrap_or_else(|| panic!("agent did not start: {line:?}"))
-            .to_string();
+        let mut cmd = binaries().agent(control, name, cpus);
+        cmd.args(["--heartbeat-ms", "200"]);
+        let proc = launch(cmd, &log, AGENT_READY, name);
         Agent {
-            child,
+            ingress: proc.addr.clone(),
+            proc,
             name: name.to_string(),
-            ingress,
             log,
         }
     }
-}
 
-impl Agent {
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.pid()
     }
 }
 

@@ -5,12 +5,16 @@
 //! `cargo xtask build-ebpf`         build the eBPF probes (installs rust-src and bpf-linker)
 //! `cargo xtask demo`               build the binaries and run `prescient demo` (the main job)
 //! `cargo xtask test`               the whole test suite (the README's test command)
-//! `cargo xtask lint`               fmt check, codegen check, clippy with warnings as errors
+//! `cargo xtask lint`               fmt check, codegen check, clippy with warnings as errors, tidy
+//! `cargo xtask tidy`               layout rules: file length, module docs, the decision crate's
+//!                                  dependencies, typed errors in libraries, README length
 //! `cargo xtask ci`                 lint, then test: what `.ci/run` runs
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod tidy;
 
 const SCHEMAS: &[&str] = &[
     "graph.capnp",
@@ -32,18 +36,20 @@ fn main() -> Result<()> {
         }
         Some("ci") => lint().and_then(|()| test()),
         Some("lint") => lint(),
+        Some("tidy") => tidy::tidy(&root()),
         Some("test") => test(),
         Some("demo") => demo(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <codegen [--check] | deps | build-ebpf | demo | test | lint | ci>\n\
+                "usage: cargo xtask <codegen [--check] | deps | build-ebpf | demo | test | lint | tidy | ci>\n\
                  codegen  regenerate schemas/src/generated from schemas/capnp (--check: fail if stale)\n\
                  deps     install prerequisites (capnproto) through apt-get when missing\n\
                  build-ebpf  build the eBPF probes into target/ebpf (the agent embeds them)\n\
                  onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
-                 lint     fmt check, codegen check, clippy with warnings as errors\n\
+                 lint     fmt check, codegen check, clippy with warnings as errors, tidy\n\
+                 tidy     file length, module docs, decision-crate dependencies, typed errors, README length\n\
                  ci       lint, then test"
             );
             bail!("no task given")
@@ -295,5 +301,6 @@ fn lint() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    tidy::tidy(&root())
 }

@@ -5,7 +5,7 @@
 //! after [`MAX_ATTEMPTS`], into an error output that names the task and the replica.
 
 use crate::dataplane::{encode_output, now_unix_us, Hop, Lost, OutputMsg, PeerPool};
-use crate::routes::{GraphRoutes, Rng};
+use crate::request_path::routes::{GraphRoutes, Rng};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -35,7 +35,7 @@ impl Forwarder {
             host: host.into(),
             pool,
             routes: RefCell::default(),
-            rng: crate::routes::rng_from_entropy(),
+            rng: crate::request_path::routes::rng_from_entropy(),
             parked: RefCell::default(),
             failed: RefCell::default(),
         }
@@ -206,7 +206,7 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::Route;
+    use crate::request_path::routes::Route;
     use prescient_schemas::{codec, file, GraphRecord};
 
     fn table(epoch: u64, replicas: &[(&str, &str)]) -> GraphRoutes {

@@ -115,9 +115,10 @@ impl Probes {
             return Err(ProbeError::NotBuilt);
         }
         // One read of the kernel's BTF: our reader finds offsets, aya's loads the programs.
-        let data = std::fs::read(crate::btf::VMLINUX).map_err(ProbeError::NoBtf)?;
+        let data = std::fs::read(crate::telemetry::btf::VMLINUX).map_err(ProbeError::NoBtf)?;
         let invalid = |e: String| ProbeError::NoBtf(std::io::Error::other(e));
-        let raw_btf = crate::btf::Btf::parse(&data).map_err(|e| invalid(e.to_string()))?;
+        let raw_btf =
+            crate::telemetry::btf::Btf::parse(&data).map_err(|e| invalid(e.to_string()))?;
         let aya_btf = aya::Btf::parse(&data, aya::Endianness::default())
             .map_err(|e| invalid(e.to_string()))?;
         // Kernels before 5.6 keep sk_protocol in a bitfield; then all inet bytes count.
@@ -270,7 +271,7 @@ impl Probes {
 
     /// Watched sockets that closed since the previous call, with the VM each counts in.
     /// Taken out of the kernel's table.
-    pub fn take_closed(&self) -> Vec<crate::sockets::Closed> {
+    pub fn take_closed(&self) -> Vec<Closed> {
         let mut closed = self.closed.borrow_mut();
         let found: Vec<(u64, ClosedSocket)> = closed.iter().filter_map(Result::ok).collect();
         let table = self.table.borrow();
@@ -279,7 +280,7 @@ impl Probes {
             .map(|(cookie, c)| {
                 // Removed one by one: a socket that closes while this runs stays for next time.
                 let _ = closed.remove(&cookie);
-                crate::sockets::Closed {
+                Closed {
                     cookie,
                     written: c.written,
                     read: c.read,
@@ -326,6 +327,16 @@ pub type CpuHistogram = [u64; LATENCY_BUCKETS + 1];
 
 /// What the probes saw of a group of processes (a VM) or a host over some interval, and the
 /// TCP bytes its sockets carried (from [`crate::sockets`]).
+/// A closed socket's final counts, as the probes recorded them at its close.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub cookie: u64,
+    pub written: u64,
+    pub read: u64,
+    /// The VM the probes charged it to (None: that VM is gone).
+    pub vm: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeUsage {
     pub runq_waits: u64,

@@ -10,6 +10,7 @@
 //! what each socket had carried at the previous read; [`settle`] is its pure core (tested
 //! without a kernel).
 
+use crate::telemetry::probes::Closed;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -237,16 +238,6 @@ pub fn socket_inodes(pid: u32) -> Vec<u64> {
         .collect()
 }
 
-/// A closed socket's final counts, from the probes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Closed {
-    pub cookie: u64,
-    pub written: u64,
-    pub read: u64,
-    /// The VM the probes charged it to (None: that VM is gone).
-    pub vm: Option<String>,
-}
-
 /// What a socket had carried when last read, and whose it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
@@ -349,7 +340,7 @@ impl SocketLedger {
     pub fn sample(
         &mut self,
         vms: &[(String, Vec<u32>)],
-        probes: &crate::probes::Probes,
+        probes: &crate::telemetry::probes::Probes,
     ) -> HashMap<String, (u64, u64)> {
         let mut owner = HashMap::new();
         // Each namespace's sockets are read through a process that lives in it.

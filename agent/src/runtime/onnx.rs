@@ -11,6 +11,7 @@ use prescient_schemas::{DType, PortType, Task};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use thiserror::Error;
 
 /// Where `libonnxruntime.so` is looked for, in order.
 pub fn runtime_candidates() -> Vec<PathBuf> {
@@ -30,25 +31,79 @@ pub fn runtime_candidates() -> Vec<PathBuf> {
     out
 }
 
-fn runtime() -> Result<&'static ort::environment::Environment, String> {
-    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+/// Why an ONNX model could not be loaded or run.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum OnnxError {
+    #[error("ONNX Runtime not found (looked for {looked}); set PRESCIENT_ONNXRUNTIME or run `cargo xtask onnxruntime`")]
+    RuntimeMissing { looked: String },
+    #[error("{doing} ONNX Runtime from {path}: {reason}")]
+    Runtime {
+        doing: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("loading model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("task {task} has {ports} input ports but the model takes {inputs} inputs ({names})")]
+    InputCount {
+        task: String,
+        ports: usize,
+        inputs: usize,
+        names: String,
+    },
+    #[error("task {task}: input port {port} {problem}")]
+    Port {
+        task: String,
+        port: String,
+        problem: &'static str,
+    },
+    #[error("task {task}: dtype {dtype} is not supported for ONNX inputs yet")]
+    DType { task: String, dtype: &'static str },
+    #[error("the model has no outputs")]
+    NoOutputs,
+    #[error("input {input}: {bytes} bytes is not a whole number of {dtype}")]
+    Ragged {
+        input: String,
+        bytes: usize,
+        dtype: &'static str,
+    },
+    #[error("input {input}: {elems} elements do not fit shape {shape:?}")]
+    Shape {
+        input: String,
+        elems: usize,
+        shape: Vec<i64>,
+    },
+    #[error("building a tensor: {0}")]
+    Tensor(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("output {0} has a type this agent cannot return yet")]
+    OutputType(String),
+}
+
+fn runtime() -> Result<&'static ort::environment::Environment, OnnxError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, OnnxError>> = OnceLock::new();
     ENV.get_or_init(|| {
         let candidates = runtime_candidates();
         let Some(path) = candidates.iter().find(|p| p.exists()) else {
-            return Err(format!(
-                "ONNX Runtime not found (looked for {}); set PRESCIENT_ONNXRUNTIME or run `cargo xtask onnxruntime`",
-                candidates
+            return Err(OnnxError::RuntimeMissing {
+                looked: candidates
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+                    .join(", "),
+            });
+        };
+        let failed = |doing, e: &dyn std::fmt::Display| OnnxError::Runtime {
+            doing,
+            path: path.clone(),
+            reason: e.to_string(),
         };
         ort::init_from(path)
-            .map_err(|e| format!("loading ONNX Runtime from {}: {e}", path.display()))?
+            .map_err(|e| failed("loading", &e))?
             .with_name("prescient")
             .build()
-            .map_err(|e| format!("starting ONNX Runtime from {}: {e}", path.display()))
+            .map_err(|e| failed("starting", &e))
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -78,46 +133,49 @@ fn elem_size(d: DType) -> Option<usize> {
 impl OnnxModel {
     /// Loads the model at `path` for `task`, matching the task's input ports to the model's
     /// inputs in order.
-    pub fn load(path: &Path, task: &Task) -> Result<OnnxModel, String> {
+    pub fn load(path: &Path, task: &Task) -> Result<OnnxModel, OnnxError> {
         let env = runtime()?;
         let session = ort::session::Session::builder(env)
             .and_then(|mut b| b.commit_from_file(path))
-            .map_err(|e| format!("loading model {}: {e}", path.display()))?;
+            .map_err(|e| OnnxError::Model {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let model_inputs: Vec<String> = session
             .inputs()
             .iter()
             .map(|o| o.name().to_string())
             .collect();
         if model_inputs.len() != task.inputs.len() {
-            return Err(format!(
-                "task {} has {} input ports but the model takes {} inputs ({})",
-                task.id,
-                task.inputs.len(),
-                model_inputs.len(),
-                model_inputs.join(", ")
-            ));
+            return Err(OnnxError::InputCount {
+                task: task.id.clone(),
+                ports: task.inputs.len(),
+                inputs: model_inputs.len(),
+                names: model_inputs.join(", "),
+            });
         }
         let mut inputs = Vec::new();
         for (port, name) in task.inputs.iter().zip(model_inputs) {
             let PortType::Tensor { dtype, shape } = &port.ty else {
-                return Err(format!(
-                    "task {}: input port {} must be a tensor type for an ONNX model",
-                    task.id, port.name
-                ));
+                return Err(OnnxError::Port {
+                    task: task.id.clone(),
+                    port: port.name.clone(),
+                    problem: "must be a tensor type for an ONNX model",
+                });
             };
             if elem_size(*dtype).is_none() {
-                return Err(format!(
-                    "task {}: dtype {} is not supported for ONNX inputs yet",
-                    task.id,
-                    dtype.as_str()
-                ));
+                return Err(OnnxError::DType {
+                    task: task.id.clone(),
+                    dtype: dtype.as_str(),
+                });
             }
             let shape = shape.clone().unwrap_or_else(|| vec![-1]);
             if shape.iter().filter(|d| **d < 0).count() > 1 {
-                return Err(format!(
-                    "task {}: input port {} may have at most one dynamic dimension",
-                    task.id, port.name
-                ));
+                return Err(OnnxError::Port {
+                    task: task.id.clone(),
+                    port: port.name.clone(),
+                    problem: "may have at most one dynamic dimension",
+                });
             }
             inputs.push(Input {
                 name,
@@ -129,7 +187,7 @@ impl OnnxModel {
             .outputs()
             .first()
             .map(|o| o.name().to_string())
-            .ok_or("the model has no outputs")?;
+            .ok_or(OnnxError::NoOutputs)?;
         Ok(OnnxModel {
             session: RefCell::new(session),
             inputs,
@@ -137,7 +195,7 @@ impl OnnxModel {
         })
     }
 
-    pub fn run(&self, inputs: &[Bytes]) -> Result<Bytes, String> {
+    pub fn run(&self, inputs: &[Bytes]) -> Result<Bytes, OnnxError> {
         let mut values: Vec<(
             std::borrow::Cow<'static, str>,
             ort::session::SessionInputValue<'static>,
@@ -145,12 +203,11 @@ impl OnnxModel {
         for (spec, bytes) in self.inputs.iter().zip(inputs) {
             let size = elem_size(spec.dtype).expect("checked at load");
             if bytes.len() % size != 0 {
-                return Err(format!(
-                    "input {}: {} bytes is not a whole number of {}",
-                    spec.name,
-                    bytes.len(),
-                    spec.dtype.as_str()
-                ));
+                return Err(OnnxError::Ragged {
+                    input: spec.name.clone(),
+                    bytes: bytes.len(),
+                    dtype: spec.dtype.as_str(),
+                });
             }
             let elems = bytes.len() / size;
             let known: i64 = spec.shape.iter().filter(|d| **d >= 0).product();
@@ -166,10 +223,11 @@ impl OnnxModel {
                 })
                 .collect();
             if shape.iter().product::<usize>() != elems {
-                return Err(format!(
-                    "input {}: {elems} elements do not fit shape {:?}",
-                    spec.name, spec.shape
-                ));
+                return Err(OnnxError::Shape {
+                    input: spec.name.clone(),
+                    elems,
+                    shape: spec.shape.clone(),
+                });
             }
             let value: ort::session::SessionInputValue<'static> = match spec.dtype {
                 DType::F32 => tensor(shape, bytes, f32::from_le_bytes)?,
@@ -185,7 +243,7 @@ impl OnnxModel {
         let mut session = self.session.borrow_mut();
         let outputs = session
             .run(values)
-            .map_err(|e| format!("inference failed: {e}"))?;
+            .map_err(|e| OnnxError::Inference(e.to_string()))?;
         let out = &outputs[self.output.as_str()];
         if let Ok((_, data)) = out.try_extract_tensor::<f32>() {
             return Ok(Bytes::from(
@@ -201,10 +259,7 @@ impl OnnxModel {
                     .collect::<Vec<u8>>(),
             ));
         }
-        Err(format!(
-            "output {} has a type this agent cannot return yet",
-            self.output
-        ))
+        Err(OnnxError::OutputType(self.output.clone()))
     }
 }
 
@@ -212,7 +267,7 @@ fn tensor<T, const N: usize>(
     shape: Vec<usize>,
     bytes: &[u8],
     from: fn([u8; N]) -> T,
-) -> Result<ort::session::SessionInputValue<'static>, String>
+) -> Result<ort::session::SessionInputValue<'static>, OnnxError>
 where
     T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
 {
@@ -220,6 +275,7 @@ where
         .chunks_exact(N)
         .map(|c| from(c.try_into().expect("chunks are N bytes")))
         .collect();
-    let t = ort::value::Tensor::from_array((shape, data)).map_err(|e| e.to_string())?;
+    let t = ort::value::Tensor::from_array((shape, data))
+        .map_err(|e| OnnxError::Tensor(e.to_string()))?;
     Ok(t.into())
 }

@@ -3,7 +3,8 @@
 //! Every kernel takes its inputs in port order and produces one value, sent on every output
 //! port. With several inputs, pass-through kernels concatenate them in port order.
 
-use crate::routes::Rng;
+use super::TaskError;
+use crate::request_path::routes::Rng;
 use bytes::Bytes;
 use prescient_schemas::quantity::parse_duration_ns;
 use prescient_schemas::{CodeKind, CodeRef};
@@ -147,7 +148,7 @@ impl Kernel {
     }
 
     /// Runs the kernel on `inputs` (in port order).
-    pub async fn run(&self, inputs: &[Bytes], rng: &Rng) -> Result<Bytes, String> {
+    pub async fn run(&self, inputs: &[Bytes], rng: &Rng) -> Result<Bytes, TaskError> {
         let joined = || -> Bytes {
             match inputs {
                 [one] => one.clone(),
@@ -181,15 +182,14 @@ impl Kernel {
             }
             Kernel::Fail { p } => {
                 if rng.unit() <= *p {
-                    Err("kernel `fail` failed as configured".into())
+                    Err(TaskError::Injected)
                 } else {
                     Ok(joined())
                 }
             }
             Kernel::Tokenize => {
                 let input = joined();
-                let text =
-                    std::str::from_utf8(&input).map_err(|e| format!("input is not UTF-8: {e}"))?;
+                let text = std::str::from_utf8(&input).map_err(TaskError::NotUtf8)?;
                 let tokens: Vec<String> = text
                     .split_whitespace()
                     .map(|t| format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")))

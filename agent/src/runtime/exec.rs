@@ -4,6 +4,7 @@
 //! Architecture invariant: an artifact is only ever run from a local copy whose sha256 was
 //! checked against the digest in the graph just before use.
 
+use super::TaskError;
 use bytes::Bytes;
 use prescient_schemas::codec::text;
 use prescient_schemas::exec_capnp::{exec_request, exec_response};
@@ -11,24 +12,46 @@ use prescient_schemas::Digest;
 use sha2::Digest as _;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
+/// Why an artifact could not be started.
+#[derive(Debug, Error)]
+pub enum ArtifactError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("artifact digest mismatch: the graph names {expected} but the bytes hash to {actual}; refusing to run it")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("starting {path}: {source}")]
+    Start {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Checks that the file at `path` has the sha256 `expected`.
-pub fn verify(path: &Path, expected: &Digest) -> Result<(), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+pub fn verify(path: &Path, expected: &Digest) -> Result<(), ArtifactError> {
+    let bytes = std::fs::read(path).map_err(|source| ArtifactError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let actual = Digest(sha2::Sha256::digest(&bytes).into());
     if actual != *expected {
-        return Err(format!(
-            "artifact digest mismatch: the graph names {expected} but the bytes hash to {actual}; refusing to run it"
-        ));
+        return Err(ArtifactError::DigestMismatch {
+            expected: *expected,
+            actual,
+        });
     }
     Ok(())
 }
 
-type Pending = RefCell<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>;
+type Pending = RefCell<HashMap<u64, oneshot::Sender<Result<Bytes, TaskError>>>>;
 
 /// A running artifact.
 pub struct ExecProcess {
@@ -41,7 +64,7 @@ pub struct ExecProcess {
 impl ExecProcess {
     /// Starts the artifact. If it exits, the worker exits too, so the agent reports the
     /// replica lost and the control node replaces it.
-    pub fn start(path: &Path, args: &[String]) -> Result<Rc<ExecProcess>, String> {
+    pub fn start(path: &Path, args: &[String]) -> Result<Rc<ExecProcess>, ArtifactError> {
         let mut child = tokio::process::Command::new(path)
             .args(args)
             .stdin(std::process::Stdio::piped())
@@ -49,7 +72,10 @@ impl ExecProcess {
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", path.display()))?;
+            .map_err(|source| ArtifactError::Start {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let (requests, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -89,7 +115,7 @@ impl ExecProcess {
                             let _ = tx.send(if error.is_empty() {
                                 Ok(output)
                             } else {
-                                Err(error)
+                                Err(TaskError::Artifact(error))
                             });
                         }
                     }
@@ -98,7 +124,7 @@ impl ExecProcess {
             };
             error!(artifact = %shown, "exec artifact stopped serving: {why}; the worker exits");
             for (_, tx) in p.borrow_mut().drain() {
-                let _ = tx.send(Err(format!("the exec artifact stopped: {why}")));
+                let _ = tx.send(Err(TaskError::ExecStopped(why.clone())));
             }
             std::process::exit(3);
         });
@@ -110,7 +136,7 @@ impl ExecProcess {
         }))
     }
 
-    pub async fn run(&self, inputs: &[Bytes]) -> Result<Bytes, String> {
+    pub async fn run(&self, inputs: &[Bytes]) -> Result<Bytes, TaskError> {
         let id = self.next.get();
         self.next.set(id + 1);
         let mut msg = capnp::message::Builder::new_default();
@@ -130,9 +156,9 @@ impl ExecProcess {
             .is_err()
         {
             self.pending.borrow_mut().remove(&id);
-            return Err("the exec artifact is not running".into());
+            return Err(TaskError::ExecNotRunning);
         }
         rx.await
-            .map_err(|_| "the exec artifact stopped".to_string())?
+            .map_err(|_| TaskError::ExecStopped("its reply was lost".into()))?
     }
 }

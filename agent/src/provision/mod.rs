@@ -5,7 +5,9 @@
 //! The trait is shaped for VMs: provisioning takes seconds and is awaited; resources are given
 //! whole at creation; the worker is told what to run after it boots and answers when warm.
 
-use crate::cgroup::{Cgroup, Hierarchy};
+pub mod cgroup;
+
+use crate::provision::cgroup::{Cgroup, Hierarchy};
 use prescient_schemas::Resources;
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -3,6 +3,7 @@
 //! the kernel allows them.
 
 use prescient_schemas::agent_capnp::host_sample;
+use prescient_schemas::host_sample::HostSample;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct CpuTimes {
@@ -11,65 +12,25 @@ struct CpuTimes {
     total: u64,
 }
 
-/// One second of this host.
+/// One second of this host, with what the agent reads before it goes on the wire.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostSampleRec {
-    pub at_unix_ms: u64,
-    pub cpu_util: f32,
-    pub cpu_steal: f32,
-    pub memory_used_bytes: u64,
-    pub memory_total_bytes: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub run_delay_ns: u64,
-    pub gpu_util: Vec<f32>,
-    pub gpu_memory_used_bytes: Vec<u64>,
-    pub gpu_power_watts: Vec<f32>,
-    pub gpu_temperature_c: Vec<f32>,
+    /// What goes to the control node (its run-queue sketch is filled from `runq_hist`).
+    pub sample: HostSample,
     /// GPU memory held per process (pid), summed over GPUs: the agent adds up each VM's.
     pub gpu_memory_by_pid: std::collections::HashMap<u32, u64>,
     /// Run-queue waits on all CPUs in the interval (log2 ns buckets), from the eBPF probes.
-    pub runq_hist: Option<crate::probes::CpuHistogram>,
+    pub runq_hist: Option<crate::telemetry::probes::CpuHistogram>,
 }
 
 impl HostSampleRec {
-    pub fn encode(&self, mut b: host_sample::Builder<'_>) {
-        b.set_at_unix_ms(self.at_unix_ms);
-        b.set_cpu_util(self.cpu_util);
-        b.set_cpu_steal(self.cpu_steal);
-        b.set_memory_used_bytes(self.memory_used_bytes);
-        b.set_memory_total_bytes(self.memory_total_bytes);
-        b.set_net_rx_bytes(self.net_rx_bytes);
-        b.set_net_tx_bytes(self.net_tx_bytes);
-        b.set_run_delay_ns(self.run_delay_ns);
-        let mut g = b.reborrow().init_gpu_util(self.gpu_util.len() as u32);
-        for (i, u) in self.gpu_util.iter().enumerate() {
-            g.set(i as u32, *u);
-        }
-        let mut m = b
-            .reborrow()
-            .init_gpu_memory_used_bytes(self.gpu_memory_used_bytes.len() as u32);
-        for (i, u) in self.gpu_memory_used_bytes.iter().enumerate() {
-            m.set(i as u32, *u);
-        }
-        let mut p = b
-            .reborrow()
-            .init_gpu_power_watts(self.gpu_power_watts.len() as u32);
-        for (i, w) in self.gpu_power_watts.iter().enumerate() {
-            p.set(i as u32, *w);
-        }
-        let mut t = b
-            .reborrow()
-            .init_gpu_temperature_c(self.gpu_temperature_c.len() as u32);
-        for (i, c) in self.gpu_temperature_c.iter().enumerate() {
-            t.set(i as u32, *c);
-        }
-        if let Some(hist) = &self.runq_hist {
-            let sketch = crate::probes::histogram_sketch(hist);
-            b.set_probes(true);
-            b.set_run_queue_p99_ns(sketch.quantile(0.99) as u64);
-            sketch.encode(b.init_run_queue_latency_ns());
-        }
+    pub fn encode(&self, b: host_sample::Builder<'_>) {
+        let mut sample = self.sample.clone();
+        sample.run_queue = self
+            .runq_hist
+            .as_ref()
+            .map(|h| crate::telemetry::probes::histogram_sketch(h));
+        sample.encode(b);
     }
 }
 
@@ -176,14 +137,17 @@ impl HostSampler {
         let mem = read("/proc/meminfo");
         let total_mem = meminfo(&mem, "MemTotal:");
         let mut rec = HostSampleRec {
-            at_unix_ms: now_unix_ms,
-            cpu_util: cpu.busy.saturating_sub(pc.busy) as f32 / total,
-            cpu_steal: cpu.steal.saturating_sub(pc.steal) as f32 / total,
-            memory_used_bytes: total_mem.saturating_sub(meminfo(&mem, "MemAvailable:")),
-            memory_total_bytes: total_mem,
-            net_rx_bytes: net.0.saturating_sub(pn.0),
-            net_tx_bytes: net.1.saturating_sub(pn.1),
-            run_delay_ns: delay.saturating_sub(pd),
+            sample: HostSample {
+                at_unix_ms: now_unix_ms,
+                cpu_util: cpu.busy.saturating_sub(pc.busy) as f32 / total,
+                cpu_steal: cpu.steal.saturating_sub(pc.steal) as f32 / total,
+                memory_used_bytes: total_mem.saturating_sub(meminfo(&mem, "MemAvailable:")),
+                memory_total_bytes: total_mem,
+                net_rx_bytes: net.0.saturating_sub(pn.0),
+                net_tx_bytes: net.1.saturating_sub(pn.1),
+                run_delay_ns: delay.saturating_sub(pd),
+                ..Default::default()
+            },
             ..Default::default()
         };
         if !self.nvml_tried {
@@ -194,13 +158,16 @@ impl HostSampler {
             let count = nvml.device_count().unwrap_or(0);
             for i in 0..count {
                 if let Ok(d) = nvml.device_by_index(i) {
-                    rec.gpu_util
+                    rec.sample
+                        .gpu_util
                         .push(d.utilization_rates().map_or(0.0, |u| u.gpu as f32 / 100.0));
-                    rec.gpu_memory_used_bytes
+                    rec.sample
+                        .gpu_memory_used_bytes
                         .push(d.memory_info().map_or(0, |m| m.used));
-                    rec.gpu_power_watts
+                    rec.sample
+                        .gpu_power_watts
                         .push(d.power_usage().map_or(0.0, |mw| mw as f32 / 1000.0));
-                    rec.gpu_temperature_c.push(
+                    rec.sample.gpu_temperature_c.push(
                         d.temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
                             .map_or(0.0, |c| c as f32),
                     );
@@ -268,7 +235,10 @@ mod tests {
         assert!(s.sample(0).is_none(), "the first call primes the counters");
         std::thread::sleep(std::time::Duration::from_millis(50));
         let r = s.sample(1).expect("a sample");
-        assert!((0.0..=1.0).contains(&r.cpu_util), "{r:?}");
-        assert!(r.memory_used_bytes > 0 && r.memory_used_bytes < r.memory_total_bytes);
+        assert!((0.0..=1.0).contains(&r.sample.cpu_util), "{r:?}");
+        assert!(
+            r.sample.memory_used_bytes > 0
+                && r.sample.memory_used_bytes < r.sample.memory_total_bytes
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! replicas, collects the graph's outputs as the sinks send them back, and enforces deadlines.
 
 use crate::dataplane::{self, now_unix_us, Hop, InvokeMsg, OutputMsg, ReplyMsg, Sender};
-use crate::forward::Forwarder;
-use crate::routes::GraphRoutes;
+use crate::request_path::forward::Forwarder;
+use crate::request_path::routes::GraphRoutes;
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -23,7 +23,7 @@ struct Pending {
 pub struct Ingress {
     fwd: Forwarder,
     /// End-to-end latency of every invocation admitted here, per graph and second.
-    latency: crate::telemetry::SpanBuffer,
+    latency: crate::telemetry::spans::SpanBuffer,
     /// The task name of end-to-end records (empty: the whole graph), allocated once.
     whole_graph: Rc<str>,
     /// Where sinks send outputs: this ingress's own data-plane address.
@@ -100,7 +100,7 @@ impl Ingress {
         deadline_ms: u32,
     ) -> (
         Result<Vec<(String, Bytes)>, String>,
-        Option<(Rc<str>, crate::telemetry::Execution)>,
+        Option<(Rc<str>, crate::telemetry::spans::Execution)>,
     ) {
         let mut latency = None;
         let result = self
@@ -114,7 +114,7 @@ impl Ingress {
         graph: &str,
         mut inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
-        latency: &mut Option<(Rc<str>, crate::telemetry::Execution)>,
+        latency: &mut Option<(Rc<str>, crate::telemetry::spans::Execution)>,
     ) -> Result<Vec<(String, Bytes)>, String> {
         let Some(routes) = self.lookup(graph) else {
             return Err(format!(
@@ -166,7 +166,10 @@ impl Ingress {
         );
         let deadline_unix_us = now_unix_us() + u64::from(deadline_ms) * 1000;
         let admitted_ns = dataplane::now_unix_ns();
-        let admitted = self.latency.enabled().then(crate::clock::Stamp::now);
+        let admitted = self
+            .latency
+            .enabled()
+            .then(crate::telemetry::clock::Stamp::now);
         for (name, value) in inputs {
             let (task, port) = name
                 .rsplit_once('.')
@@ -187,10 +190,10 @@ impl Ingress {
         }
         let result = self.wait(&routes, invocation, deadline_ms, rx).await;
         if let Some(admitted) = admitted.filter(|_| self.latency.enabled()) {
-            let execution = crate::telemetry::Execution {
+            let execution = crate::telemetry::spans::Execution {
                 invocation,
                 queue_ns: 0,
-                exec_ns: crate::clock::Stamp::now().ns_since(admitted),
+                exec_ns: crate::telemetry::clock::Stamp::now().ns_since(admitted),
                 input_bytes: 0,
                 output_bytes: result
                     .as_ref()

@@ -10,6 +10,15 @@ use prescient_schemas::{codec, Endpoint, GraphRecord};
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// Why a routing table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("{0}")]
+    Wire(#[from] capnp::Error),
+    #[error("its graph: {0}")]
+    Graph(#[from] codec::DecodeError),
+}
+
 /// A (task, input port) an output feeds.
 pub type InputPort = (Rc<str>, Rc<str>);
 
@@ -36,18 +45,18 @@ pub struct GraphRoutes {
 }
 
 impl GraphRoutes {
-    pub fn decode(r: routing_table::Reader<'_>) -> Result<GraphRoutes, String> {
-        let record = codec::decode_record(r.get_graph().map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+    pub fn decode(r: routing_table::Reader<'_>) -> Result<GraphRoutes, RoutesError> {
+        let record = codec::decode_record(r.get_graph()?)?;
         let mut replicas: HashMap<String, Vec<Route>> = HashMap::new();
-        let entries = r.get_entries().map_err(|e| e.to_string())?;
-        for e in entries {
-            let t = |x| codec::text(x).map_err(|e| e.to_string());
-            replicas.entry(t(e.get_task())?).or_default().push(Route {
-                replica: t(e.get_replica())?.into(),
-                host: t(e.get_host())?.into(),
-                addr: t(e.get_data_plane_addr())?.into(),
-            });
+        for e in r.get_entries()? {
+            replicas
+                .entry(codec::text(e.get_task())?)
+                .or_default()
+                .push(Route {
+                    replica: codec::text(e.get_replica())?.into(),
+                    host: codec::text(e.get_host())?.into(),
+                    addr: codec::text(e.get_data_plane_addr())?.into(),
+                });
         }
         Ok(GraphRoutes::new(record, r.get_epoch(), replicas))
     }

@@ -1,0 +1,173 @@
+//! The data plane: Cap'n Proto frames over TCP between clients, ingresses and workers.
+//!
+//! Each connection has one writer task that drains its queue into one buffer per wake-up, so
+//! frames produced together leave in one `write` (batched writes). Requests are tracked per
+//! connection until the receiver acknowledges them; a broken connection hands every unacked
+//! request back to its owner (through `lost`) to be retried on another replica.
+//!
+//! Architecture invariant: nothing here blocks; all of it runs on one `LocalSet` thread.
+
+pub mod transfer;
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How data-plane sockets are driven: readiness (epoll, through tokio) or completion (io_uring,
+/// through tokio-uring). Chosen once per process at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Epoll,
+    IoUring,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Epoll => "epoll",
+            Transport::IoUring => "io_uring",
+        }
+    }
+
+    /// `auto` takes io_uring when this kernel lets the process create a ring, else epoll;
+    /// the reason for the choice is returned for a log line.
+    pub fn choose(requested: &str) -> Result<(Transport, String), String> {
+        let probe = || {
+            io_uring::IoUring::new(8)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        match requested {
+            "epoll" => Ok((Transport::Epoll, "requested".into())),
+            "io_uring" => probe()
+                .map(|()| (Transport::IoUring, "requested".into()))
+                .map_err(|e| format!("io_uring was requested but is unavailable: {e}")),
+            "auto" => Ok(match probe() {
+                Ok(()) => (Transport::IoUring, "the kernel supports io_uring".into()),
+                Err(e) => (Transport::Epoll, format!("io_uring unavailable ({e})")),
+            }),
+            other => Err(format!(
+                "unknown data plane {other:?}: expected auto, epoll or io_uring"
+            )),
+        }
+    }
+}
+
+static TRANSPORT: std::sync::OnceLock<Transport> = std::sync::OnceLock::new();
+
+/// Sets this process's transport (once, before any connection); epoll when never set.
+pub fn set_transport(t: Transport) {
+    let _ = TRANSPORT.set(t);
+}
+
+pub fn transport() -> Transport {
+    TRANSPORT.get().copied().unwrap_or(Transport::Epoll)
+}
+
+/// A connected socket, driven by the process's transport.
+#[derive(Clone)]
+enum Conn {
+    Epoll(Rc<TcpStream>),
+    Uring(Rc<tokio_uring::net::TcpStream>),
+}
+
+async fn connect(addr: &str) -> std::io::Result<Conn> {
+    match transport() {
+        Transport::Epoll => {
+            let s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(Conn::Epoll(Rc::new(s)))
+        }
+        Transport::IoUring => {
+            let sa: std::net::SocketAddr = addr.parse().map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+            })?;
+            let s = tokio_uring::net::TcpStream::connect(sa).await?;
+            s.set_nodelay(true)?;
+            Ok(Conn::Uring(Rc::new(s)))
+        }
+    }
+}
+
+/// A data-plane listener.
+pub enum Listener {
+    Epoll(TcpListener),
+    Uring(tokio_uring::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds with this process's transport.
+    pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<Listener> {
+        Ok(match transport() {
+            Transport::Epoll => Listener::Epoll(TcpListener::bind(addr).await?),
+            Transport::IoUring => Listener::Uring(tokio_uring::net::TcpListener::bind(addr)?),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Listener::Epoll(l) => l.local_addr(),
+            Listener::Uring(l) => l.local_addr(),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Conn, std::net::SocketAddr)> {
+        match self {
+            Listener::Epoll(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Conn::Epoll(Rc::new(s)), peer))
+            }
+            Listener::Uring(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Conn::Uring(Rc::new(s)), peer))
+            }
+        }
+    }
+}
+
+thread_local! {
+    static IO_BYTES: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Data-plane bytes (read, written) by this thread's connections.
+pub fn io_bytes() -> (u64, u64) {
+    IO_BYTES.with(Cell::get)
+}
+
+fn count_io(read: usize, written: usize) {
+    IO_BYTES.with(|c| {
+        let (r, w) = c.get();
+        c.set((r + read as u64, w + written as u64));
+    });
+}
+
+/// Largest frame accepted (a payload plus its envelope).
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
+
+pub fn now_unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+mod codec;
+mod peers;
+mod reader;
+mod writer;
+
+pub use codec::*;
+pub use peers::*;
+pub use reader::*;
+pub use writer::*;
+
+#[cfg(test)]
+mod tests;

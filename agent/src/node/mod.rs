@@ -1,0 +1,269 @@
+//! The agent process: its session with the control node (register, heartbeat, reconnect with
+//! backoff), the `Agent` capability control drives it through, and the workers it runs.
+//!
+//! Architecture invariant: losing the control node changes nothing on the request path. Workers
+//! keep their routing tables and keep serving; on reconnect the agent reports the replicas it
+//! runs so a restarted control node adopts them instead of provisioning new ones.
+
+pub mod inventory;
+mod replicas;
+use replicas::AgentCap;
+use report::ProbeTotals;
+mod report;
+
+use crate::dataplane::{self, PeerPool};
+use crate::node::inventory::HostInventory;
+use crate::provision::{ProcessProvisioner, Provisioner};
+use crate::request_path::ingress::Ingress;
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::AsyncReadExt as _;
+use prescient_schemas::agent_capnp::agent_session;
+use prescient_schemas::api_capnp::control;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// Longest wait between attempts to reach the control node. A restarted control node waits
+/// its start-up grace (longer than this plus a heartbeat) for agents before placing anything.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable name of this agent (defaults to the hostname).
+    pub name: String,
+    /// The control node's API address.
+    pub control: String,
+    /// The ingress (data plane) address clients send invocations to.
+    pub listen: SocketAddr,
+    pub cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub heartbeat: Duration,
+    /// The binary that runs workers (`<exe> worker ...`).
+    pub worker_exe: std::path::PathBuf,
+    /// Where the agent keeps its state (the artifact cache).
+    pub data_dir: std::path::PathBuf,
+    /// How workers drive their data-plane sockets.
+    pub data_plane: crate::dataplane::Transport,
+    /// Whether workers record per-request spans.
+    pub telemetry: bool,
+    /// Whether to load the eBPF probes (without them, or without the rights, procfs alone).
+    pub probes: bool,
+}
+
+/// A routing table's epoch and its encoding as a worker command.
+type EncodedTable = (u64, Rc<Vec<u8>>);
+
+struct Replica {
+    /// The worker's cgroup (shared with its supervisor, which drops it when the worker ends).
+    cgroup: Option<Rc<crate::provision::cgroup::Cgroup>>,
+    /// The worker process, which is the VM when there is no cgroup.
+    pid: Option<u32>,
+    limits: prescient_schemas::Resources,
+    graph_id: String,
+    version: u32,
+    task: String,
+    addr: String,
+    commands: mpsc::UnboundedSender<Rc<Vec<u8>>>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+pub struct AgentNode {
+    config: AgentConfig,
+    inventory: HostInventory,
+    ingress: Rc<Ingress>,
+    ingress_addr: String,
+    provisioner: ProcessProvisioner,
+    replicas: RefCell<HashMap<String, Replica>>,
+    /// Latest routing table per graph, encoded as a worker command, with its epoch.
+    tables: RefCell<HashMap<String, EncodedTable>>,
+    session: RefCell<Option<agent_session::Client>>,
+    control: RefCell<Option<control::Client>>,
+    /// Workers' telemetry batches waiting to go to the control node (bounded; oldest dropped).
+    telemetry: RefCell<std::collections::VecDeque<TelemetryMessage>>,
+    telemetry_dropped: std::cell::Cell<u64>,
+    /// The eBPF probes, when they loaded; `probe_status` says so, or why not.
+    probes: Option<crate::telemetry::probes::Probes>,
+    probe_status: String,
+    /// What the probes counted per replica and on the host since they loaded (for /metrics).
+    probe_totals: RefCell<ProbeTotals>,
+    /// Each VM's TCP sockets, read once a second with the probes.
+    sockets: RefCell<crate::telemetry::sockets::SocketLedger>,
+}
+
+type TelemetryMessage = capnp::message::Reader<capnp::serialize::OwnedSegments>;
+
+/// Worker batches held while the control node is slow or away.
+const MAX_QUEUED_BATCHES: usize = 256;
+
+impl AgentNode {
+    /// Binds the ingress and prepares the provisioner. Must run in a `LocalSet`.
+    pub async fn start(config: AgentConfig) -> std::io::Result<Rc<AgentNode>> {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let ingress_addr = listener.local_addr()?.to_string();
+        let (pool, lost) = PeerPool::new();
+        let ingress = Ingress::new(&config.name, &ingress_addr, pool);
+        // The ingress always uses epoll: it also serves plain clients, and it is one hop of many.
+        tokio::task::spawn_local(dataplane::serve(
+            dataplane::Listener::Epoll(listener),
+            ingress.clone(),
+        ));
+        tokio::task::spawn_local(ingress.clone().handle_lost(lost));
+        let inventory = HostInventory::read(config.cpus, config.memory_bytes);
+        let mut provisioner = ProcessProvisioner::new(
+            config.worker_exe.clone(),
+            config.name.clone(),
+            config.listen.ip(),
+        );
+        provisioner.data_plane = config.data_plane;
+        provisioner.telemetry = config.telemetry;
+        let (probes, probe_status) = if config.probes {
+            match crate::telemetry::probes::Probes::load() {
+                Ok(p) => {
+                    let status = format!(
+                        "ebpf: run-queue latency and CPU time (tp_btf sched_switch), TCP bytes (per-socket counters by sock_diag, closes by tp_btf inet_sock_set_state{})",
+                        // sock_diag reads TCP sockets only; the close probe tells TCP apart
+                        // where the kernel's BTF gives sk_protocol's offset.
+                        if p.tcp_only { "" } else { "; any inet socket's close taken for TCP" }
+                    );
+                    info!("probes: {status}");
+                    (Some(p), status)
+                }
+                Err(e) => {
+                    // Said once; the host and VM samples carry on from procfs and cgroups.
+                    warn!("eBPF probes off, using procfs and cgroups only: {e}");
+                    (None, format!("off: {e}"))
+                }
+            }
+        } else {
+            (None, "off: --no-probes".to_string())
+        };
+        Ok(Rc::new(AgentNode {
+            config,
+            inventory,
+            ingress,
+            ingress_addr,
+            provisioner,
+            replicas: RefCell::default(),
+            tables: RefCell::default(),
+            session: RefCell::default(),
+            control: RefCell::default(),
+            telemetry: RefCell::default(),
+            telemetry_dropped: Default::default(),
+            probes,
+            probe_status,
+            probe_totals: RefCell::default(),
+            sockets: RefCell::default(),
+        }))
+    }
+
+    pub fn ingress_addr(&self) -> &str {
+        &self.ingress_addr
+    }
+
+    /// Keeps a session with the control node for as long as the agent runs.
+    pub async fn run(self: Rc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.clone().session_once().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    warn!(control = %self.config.control, "lost the control node; reconnecting");
+                }
+                Err(e) => warn!(
+                    control = %self.config.control,
+                    "cannot register with the control node: {e}; retrying in {backoff:?}"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session_once(self: Rc<Self>) -> Result<(), String> {
+        let stream = tokio::net::TcpStream::connect(&self.config.control)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r),
+            futures::io::BufWriter::new(w),
+            rpc_twoparty_capnp::Side::Client,
+            Default::default(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let control: control::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let mut connection = tokio::task::spawn_local(rpc);
+        let e = |e: capnp::Error| e.to_string();
+        let registry = control
+            .agents_request()
+            .send()
+            .promise
+            .await
+            .map_err(e)?
+            .get()
+            .map_err(e)?
+            .get_registry()
+            .map_err(e)?;
+        let mut req = registry.register_request();
+        {
+            let mut p = req.get();
+            self.inventory.encode(
+                &self.config.name,
+                self.provisioner.kind(),
+                &self.ingress_addr,
+                &self.probe_status,
+                p.reborrow().init_host(),
+            );
+            p.set_agent(capnp_rpc::new_client(AgentCap { node: self.clone() }));
+            let replicas = self.replicas.borrow();
+            let tables = self.tables.borrow();
+            let mut list = p.init_replicas(replicas.len() as u32);
+            for (i, (name, r)) in replicas.iter().enumerate() {
+                let mut b = list.reborrow().get(i as u32);
+                b.set_replica(name.as_str());
+                b.set_graph_id(r.graph_id.as_str());
+                b.set_version(r.version);
+                b.set_task(r.task.as_str());
+                b.set_data_plane_addr(r.addr.as_str());
+                b.set_epoch(tables.get(&r.graph_id).map_or(0, |(e, _)| *e));
+            }
+        }
+        let reply = req.send().promise.await.map_err(e)?;
+        let reply = reply.get().map_err(e)?;
+        let session = reply.get_session().map_err(e)?;
+        let host_id = reply
+            .get_host_id()
+            .map_err(e)?
+            .to_string()
+            .map_err(|x| x.to_string())?;
+        info!(%host_id, ingress = %self.ingress_addr, "registered with the control node");
+        *self.session.borrow_mut() = Some(session.clone());
+        *self.control.borrow_mut() = Some(control.clone());
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(self.config.heartbeat);
+        let result = loop {
+            tokio::select! {
+                _ = &mut connection => break Ok(()),
+                _ = tick.tick() => {
+                    seq += 1;
+                    let mut hb = session.heartbeat_request();
+                    hb.get().set_seq(seq);
+                    match tokio::time::timeout(self.config.heartbeat * 3, hb.send().promise).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => break if seq == 1 { Err(err.to_string()) } else { Ok(()) },
+                        Err(_) => break Ok(()),
+                    }
+                }
+            }
+        };
+        *self.session.borrow_mut() = None;
+        *self.control.borrow_mut() = None;
+        connection.abort();
+        result
+    }
+}

@@ -1,0 +1,196 @@
+//! `prescient bench`: benchmarks that start their own cluster of real processes on this machine
+//! and print JSON, so figures are measured side by side in one run.
+
+use crate::client::{ControlClient, SubmitOutcome};
+use crate::local::{wait_deployed, LocalCluster, Telemetry};
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use prescient_schemas::file;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Subcommand, Debug)]
+pub enum Which {
+    /// A chain of no-op (identity) stages, one stage per agent, closed-loop load.
+    Chain {
+        #[arg(long, default_value_t = 3)]
+        stages: usize,
+        /// Invocations in flight; a comma-separated list runs each in turn.
+        #[arg(long, default_value = "1,16", value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// Seconds measured per concurrency (after a one-second warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 64)]
+        payload_bytes: usize,
+        /// How the workers drive their sockets: epoll, io_uring or auto.
+        #[arg(long, default_value = "epoll")]
+        data_plane: String,
+        /// Run with telemetry on and off under one unbroken load, switched between phases of
+        /// `--duration` seconds, `N` pairs (ABBA), and report what it costs: per-pair ratios,
+        /// their median and its 95% confidence interval.
+        #[arg(long, value_name = "N")]
+        compare_telemetry: Option<usize>,
+        /// The telemetry the cluster runs with: all (spans and eBPF probes), spans, probes, or
+        /// none (host and VM samples stay on). With --compare-telemetry, what "on" means; "off"
+        /// is always none, so none there is an A/A run: the method's own noise.
+        #[arg(long, default_value = "all")]
+        telemetry: String,
+        /// Invocations/s of the open-loop run that measures CPU per invocation (below
+        /// saturation, where telemetry's cost shows as CPU time); 0 skips it.
+        #[arg(long, default_value_t = 8000.0)]
+        cpu_rate: f64,
+        /// Another build of the probes' object for --compare-telemetry to attach instead of the
+        /// embedded one (e.g. one with an empty program, to tell a program's cost from its
+        /// attachment's).
+        #[arg(long, value_name = "OBJECT", hide = true)]
+        probes_object: Option<std::path::PathBuf>,
+        /// An A/A run of the switching itself for --compare-telemetry: telemetry (as
+        /// --telemetry) on in both phases of a pair, the probes detached and attached again
+        /// before each phase, so what switching costs shows apart from what telemetry costs.
+        #[arg(long, hide = true)]
+        reattach_aa: bool,
+    },
+    /// What the eBPF probes add to each context switch and each TCP send or receive: two
+    /// ping-pong loops (a pipe: two switches per round trip; loopback TCP: two sends, two
+    /// receives and two switches) timed with the probes attached and detached, alternating in
+    /// this one process. Needs root.
+    Probes {
+        /// Measured pairs (attached, detached).
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+        /// Round trips per measurement.
+        #[arg(long, default_value_t = 20000)]
+        round_trips: usize,
+        /// Another build of the probes' object (repeatable): each is measured in the same
+        /// rounds as the embedded one, attached in turn, so builds compare side by side.
+        #[arg(long, value_name = "OBJECT")]
+        variant: Vec<std::path::PathBuf>,
+        /// Count this benchmark's process in a group, as a VM's processes are (their switches
+        /// take the longer path); by default it is untracked, like the host's other processes.
+        #[arg(long)]
+        tracked: bool,
+    },
+    /// What an idle cluster costs: a control node, 3 agents and a deployed 3-stage chain with
+    /// no load, CPU time of every process (from /proc) over `--seconds`, with telemetry on
+    /// (spans, 1 Hz host and VM samples, eBPF probes where they load) and off, alternating.
+    Idle {
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Measured pairs (on, off).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
+    /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
+    /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
+    Transfer {
+        #[arg(long, default_value = "1GiB")]
+        bytes: String,
+        #[arg(long, default_value = "1MiB")]
+        payload: String,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
+
+/// A chain graph of `stages` identity tasks.
+pub fn chain_graph(stages: usize) -> String {
+    let mut g = format!("name = \"bench-chain-{stages}\"\n");
+    for i in 1..=stages {
+        g.push_str(&format!(
+            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"identity\" }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"10us\"\nresources = {{ cpu = \"1\", memory = \"64MiB\" }}\n"
+        ));
+    }
+    for i in 1..stages {
+        g.push_str(&format!(
+            "\n[[edge]]\nfrom = \"s{i}.y\"\nto = \"s{}.x\"\n",
+            i + 1
+        ));
+    }
+    g
+}
+
+/// The middle value (the upper one of an even count); 0 for none.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub async fn run(which: Which) -> Result<ExitCode> {
+    let report = match which {
+        Which::Transfer {
+            bytes,
+            payload,
+            repeat,
+        } => transfer::transfer(&bytes, &payload, repeat)?,
+        Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
+        Which::Probes {
+            rounds,
+            round_trips,
+            variant,
+            tracked,
+        } => probes::probes(rounds, round_trips, &variant, tracked)?,
+        Which::Chain {
+            stages,
+            concurrency,
+            duration,
+            payload_bytes,
+            data_plane,
+            compare_telemetry,
+            telemetry,
+            cpu_rate,
+            probes_object,
+            reattach_aa,
+        } => {
+            let measured = match telemetry.as_str() {
+                "all" => Telemetry::All,
+                "spans" => Telemetry::SpansOnly,
+                "probes" => Telemetry::ProbesOnly,
+                // Both sides off: the method's own noise (an A/A comparison).
+                "none" => Telemetry::Off,
+                other => bail!("--telemetry must be all, spans, probes or none, not {other:?}"),
+            };
+            let loading = chain::Loading {
+                duration,
+                payload_bytes,
+                cpu_rate,
+                probes_object,
+                reattach_aa,
+            };
+            chain::chain(
+                stages,
+                &concurrency,
+                loading,
+                &data_plane,
+                measured,
+                compare_telemetry,
+            )
+            .await?
+        }
+    };
+    crate::output::print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Submits the bench chain of `stages` no-op stages to `cluster` and waits until it serves.
+async fn deploy_chain(
+    cluster: &LocalCluster,
+    stages: usize,
+) -> Result<(ControlClient, prescient_schemas::GraphRecord)> {
+    let client = ControlClient::connect(&cluster.control.addr).await?;
+    let f = file::parse("bench-chain.toml", &chain_graph(stages))?;
+    let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+        bail!("the bench graph was rejected");
+    };
+    wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
+    Ok((client, record))
+}
+
+mod chain;
+mod idle;
+mod probes;
+mod procfs;
+mod transfer;
+
+use procfs::*;
