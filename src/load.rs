@@ -74,7 +74,11 @@ impl Stats {
         }
     }
 
-    fn record(&mut self, started: Instant, result: Result<Vec<(String, Bytes)>, String>) {
+    fn record(
+        &mut self,
+        started: Instant,
+        result: Result<Vec<(String, Bytes)>, prescient_agent::dataplane::InvokeError>,
+    ) {
         let us = started.elapsed().as_micros() as u64;
         match result {
             Ok(_) => {
@@ -83,6 +87,7 @@ impl Stats {
             }
             Err(e) => {
                 self.errors += 1;
+                let e = e.to_string();
                 if self.samples.len() < 5 && !self.samples.contains(&e) {
                     self.samples.push(e);
                 }

@@ -8,13 +8,12 @@ use prescient_schemas::dataplane_capnp::{frame, request};
 use std::rc::Rc;
 
 /// Decodes one whole frame (for tools and benchmarks; connections decode in place).
-pub fn decode_frame(bytes: &[u8]) -> Result<Inbound, String> {
+pub fn decode_frame(bytes: &[u8]) -> Result<Inbound, FrameError> {
     let mut words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
     capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
     let mut slice = &capnp::Word::words_to_bytes(&words)[..bytes.len()];
-    let msg = capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())
-        .map_err(|e| e.to_string())?;
-    decode(&msg).map_err(|e| e.to_string())
+    let msg = capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())?;
+    Ok(decode(&msg)?)
 }
 
 pub(super) fn reader_options() -> ReaderOptions {

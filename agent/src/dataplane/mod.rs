@@ -12,7 +12,44 @@ pub mod transfer;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
+
+/// Why a connection's frames stopped being read.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("frame has {0} segments")]
+    Segments(usize),
+    #[error("frame of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] capnp::Error),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a transport could not be used.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("io_uring was requested but is unavailable: {0}")]
+    Unavailable(std::io::Error),
+    #[error("unknown data plane {0:?}: expected auto, epoll or io_uring")]
+    Unknown(String),
+}
+
+/// Why an invocation through an ingress connection got no outputs.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum InvokeError {
+    #[error("connection to the ingress is closed")]
+    Closed,
+    #[error("connection to the ingress closed before the reply")]
+    ClosedBeforeReply,
+    /// The ingress answered with an error (a task's, a deadline, an unknown graph).
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// How data-plane sockets are driven: readiness (epoll, through tokio) or completion (io_uring,
 /// through tokio-uring). Chosen once per process at start-up.
@@ -32,24 +69,18 @@ impl Transport {
 
     /// `auto` takes io_uring when this kernel lets the process create a ring, else epoll;
     /// the reason for the choice is returned for a log line.
-    pub fn choose(requested: &str) -> Result<(Transport, String), String> {
-        let probe = || {
-            io_uring::IoUring::new(8)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        };
+    pub fn choose(requested: &str) -> Result<(Transport, String), TransportError> {
+        let probe = || io_uring::IoUring::new(8).map(|_| ());
         match requested {
             "epoll" => Ok((Transport::Epoll, "requested".into())),
             "io_uring" => probe()
                 .map(|()| (Transport::IoUring, "requested".into()))
-                .map_err(|e| format!("io_uring was requested but is unavailable: {e}")),
+                .map_err(TransportError::Unavailable),
             "auto" => Ok(match probe() {
                 Ok(()) => (Transport::IoUring, "the kernel supports io_uring".into()),
                 Err(e) => (Transport::Epoll, format!("io_uring unavailable ({e})")),
             }),
-            other => Err(format!(
-                "unknown data plane {other:?}: expected auto, epoll or io_uring"
-            )),
+            other => Err(TransportError::Unknown(other.to_string())),
         }
     }
 }

@@ -111,7 +111,7 @@ impl PeerPool {
                     sender.close();
                     match result {
                         Ok(()) => "connection closed by the replica".to_string(),
-                        Err(e) => e,
+                        Err(e) => e.to_string(),
                     }
                 }
             };
@@ -228,7 +228,7 @@ impl IngressConn {
         graph: &str,
         inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
-    ) -> Result<Vec<(String, Bytes)>, String> {
+    ) -> Result<Vec<(String, Bytes)>, InvokeError> {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -241,12 +241,12 @@ impl IngressConn {
         });
         if !self.sender.send(frame) {
             self.pending.borrow_mut().remove(&id);
-            return Err("connection to the ingress is closed".into());
+            return Err(InvokeError::Closed);
         }
         match rx.await {
             Ok(r) if r.error.is_empty() => Ok(r.outputs),
-            Ok(r) => Err(r.error),
-            Err(_) => Err("connection to the ingress closed before the reply".into()),
+            Ok(r) => Err(InvokeError::Failed(r.error)),
+            Err(_) => Err(InvokeError::ClosedBeforeReply),
         }
     }
 }

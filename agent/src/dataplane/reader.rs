@@ -45,13 +45,13 @@ unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
 }
 
 /// Bytes a frame occupies, once its segment table is readable; `Err` for a frame over limits.
-pub(super) fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
+pub(super) fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let segments = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize + 1;
     if segments > 512 {
-        return Err(format!("frame has {segments} segments"));
+        return Err(FrameError::Segments(segments));
     }
     let header = (4 + 4 * segments).div_ceil(8) * 8;
     if buf.len() < 4 + 4 * segments {
@@ -64,9 +64,7 @@ pub(super) fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
     }
     let total = header + words * 8;
     if total > MAX_FRAME_BYTES {
-        return Err(format!(
-            "frame of {total} bytes is over the {MAX_FRAME_BYTES}-byte limit"
-        ));
+        return Err(FrameError::TooLarge(total));
     }
     Ok(Some(total))
 }
@@ -105,7 +103,7 @@ pub(super) fn read_draining(stream: &TcpStream, buf: &mut [u8]) -> std::io::Resu
 pub(super) async fn read_frames(
     stream: Conn,
     mut on_frame: impl FnMut(Inbound),
-) -> Result<(), String> {
+) -> Result<(), FrameError> {
     // Words, not bytes: frames start 8-byte aligned, so they are read in place.
     let mut buf = AlignedBuf {
         words: capnp::Word::allocate_zeroed_vec(8 << 10),
@@ -121,9 +119,8 @@ pub(super) async fn read_frames(
             let frame = {
                 let mut slice = &bytes[..len];
                 let msg =
-                    capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())
-                        .map_err(|e| format!("malformed frame: {e}"))?;
-                decode(&msg).map_err(|e| format!("malformed frame: {e}"))?
+                    capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())?;
+                decode(&msg)?
             };
             start += len;
             on_frame(frame);
@@ -146,7 +143,7 @@ pub(super) async fn read_frames(
         }
         let n = match &stream {
             Conn::Epoll(s) => {
-                s.readable().await.map_err(|e| e.to_string())?;
+                s.readable().await?;
                 match read_draining(s, &mut buf.bytes_mut()[end..]) {
                     Ok(n) => n,
                     Err(e)
@@ -157,7 +154,7 @@ pub(super) async fn read_frames(
                     {
                         continue
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             Conn::Uring(s) => {
@@ -165,7 +162,7 @@ pub(super) async fn read_frames(
                 let total = buf.words.len() * 8;
                 let (result, slice) = s.read(buf.slice(end..total)).await;
                 buf = slice.into_inner();
-                result.map_err(|e| e.to_string())?
+                result?
             }
         };
         count_io(n, 0);
@@ -173,7 +170,7 @@ pub(super) async fn read_frames(
             return if start == end {
                 Ok(())
             } else {
-                Err("connection closed in the middle of a frame".into())
+                Err(FrameError::Truncated)
             };
         }
         end += n;

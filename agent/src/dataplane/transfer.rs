@@ -27,13 +27,18 @@ pub async fn sink(listen: std::net::SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The sink went away during a transfer.
+#[derive(Debug, thiserror::Error)]
+#[error("sink lost: {0}")]
+pub struct SinkLost(pub String);
+
 /// Sends `total` bytes in `payload`-byte requests to `to`; returns seconds taken.
 pub async fn source(
     to: &str,
     total: u64,
     payload: usize,
     window_bytes: usize,
-) -> Result<f64, String> {
+) -> Result<f64, SinkLost> {
     let (pool, mut lost) = PeerPool::new();
     let addr: Rc<str> = to.into();
     let body = Bytes::from(vec![0xa5u8; payload]);
@@ -63,7 +68,7 @@ pub async fn source(
     while pool.outstanding(&addr) > 0 {
         pool.acked().await;
         if let Ok(l) = lost.try_recv() {
-            return Err(format!("sink lost: {}", l.reason));
+            return Err(SinkLost(l.reason));
         }
     }
     let started = Instant::now();
@@ -75,7 +80,7 @@ pub async fn source(
         }
         pool.acked().await;
         if let Ok(l) = lost.try_recv() {
-            return Err(format!("sink lost: {}", l.reason));
+            return Err(SinkLost(l.reason));
         }
     }
     Ok(started.elapsed().as_secs_f64())

@@ -25,17 +25,29 @@ pub struct HostInventory {
     pub gpus: Vec<Gpu>,
 }
 
+/// Why the GPUs could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("NVML unavailable: {0}")]
+    Unavailable(nvml_wrapper::error::NvmlError),
+    #[error("NVML device count: {0}")]
+    Count(nvml_wrapper::error::NvmlError),
+    #[error("NVML device {index}: {source}")]
+    Device {
+        index: u32,
+        source: nvml_wrapper::error::NvmlError,
+    },
+}
+
 /// The GPUs NVML reports, or why there are none (no driver, no device, no permission).
-pub fn read_gpus() -> Result<Vec<Gpu>, String> {
-    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("NVML device count: {e}"))?;
+pub fn read_gpus() -> Result<Vec<Gpu>, GpuError> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(GpuError::Unavailable)?;
+    let count = nvml.device_count().map_err(GpuError::Count)?;
     let mut gpus = Vec::new();
     for index in 0..count {
         let d = nvml
             .device_by_index(index)
-            .map_err(|e| format!("NVML device {index}: {e}"))?;
+            .map_err(|source| GpuError::Device { index, source })?;
         gpus.push(Gpu {
             index,
             name: d.name().unwrap_or_default(),
@@ -144,7 +156,7 @@ mod tests {
         // Without a GPU driver this is an explanation, never a panic.
         match read_gpus() {
             Ok(g) => assert_eq!(g, h.gpus),
-            Err(why) => assert!(why.contains("NVML"), "{why}"),
+            Err(why) => assert!(why.to_string().contains("NVML"), "{why}"),
         }
     }
 }

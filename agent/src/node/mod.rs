@@ -19,6 +19,7 @@ use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures::AsyncReadExt as _;
 use prescient_schemas::agent_capnp::agent_session;
 use prescient_schemas::api_capnp::control;
+use prescient_schemas::codec::text;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +27,15 @@ use std::rc::Rc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+/// Why a session with the control node could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("{0}")]
+    Rpc(#[from] capnp::Error),
+}
 
 /// Longest wait between attempts to reach the control node. A restarted control node waits
 /// its start-up grace (longer than this plus a heartbeat) for agents before placing anything.
@@ -183,11 +193,9 @@ impl AgentNode {
         }
     }
 
-    async fn session_once(self: Rc<Self>) -> Result<(), String> {
-        let stream = tokio::net::TcpStream::connect(&self.config.control)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    async fn session_once(self: Rc<Self>) -> Result<(), SessionError> {
+        let stream = tokio::net::TcpStream::connect(&self.config.control).await?;
+        stream.set_nodelay(true)?;
         let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
         let network = twoparty::VatNetwork::new(
             futures::io::BufReader::new(r),
@@ -198,17 +206,13 @@ impl AgentNode {
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let control: control::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let mut connection = tokio::task::spawn_local(rpc);
-        let e = |e: capnp::Error| e.to_string();
         let registry = control
             .agents_request()
             .send()
             .promise
-            .await
-            .map_err(e)?
-            .get()
-            .map_err(e)?
-            .get_registry()
-            .map_err(e)?;
+            .await?
+            .get()?
+            .get_registry()?;
         let mut req = registry.register_request();
         {
             let mut p = req.get();
@@ -233,14 +237,10 @@ impl AgentNode {
                 b.set_epoch(tables.get(&r.graph_id).map_or(0, |(e, _)| *e));
             }
         }
-        let reply = req.send().promise.await.map_err(e)?;
-        let reply = reply.get().map_err(e)?;
-        let session = reply.get_session().map_err(e)?;
-        let host_id = reply
-            .get_host_id()
-            .map_err(e)?
-            .to_string()
-            .map_err(|x| x.to_string())?;
+        let reply = req.send().promise.await?;
+        let reply = reply.get()?;
+        let session = reply.get_session()?;
+        let host_id = text(reply.get_host_id())?;
         info!(%host_id, ingress = %self.ingress_addr, "registered with the control node");
         *self.session.borrow_mut() = Some(session.clone());
         *self.control.borrow_mut() = Some(control.clone());
@@ -255,7 +255,7 @@ impl AgentNode {
                     hb.get().set_seq(seq);
                     match tokio::time::timeout(self.config.heartbeat * 3, hb.send().promise).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(err)) => break if seq == 1 { Err(err.to_string()) } else { Ok(()) },
+                        Ok(Err(err)) => break if seq == 1 { Err(err.into()) } else { Ok(()) },
                         Err(_) => break Ok(()),
                     }
                 }

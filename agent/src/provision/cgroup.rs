@@ -12,6 +12,19 @@ pub struct CgroupError {
     source: std::io::Error,
 }
 
+/// Why no cgroup hierarchy can limit workers here.
+#[derive(Debug, Error)]
+pub enum NoCgroups {
+    #[error("cgroup {version} at {mount} is not writable: {source}")]
+    NotWritable {
+        version: &'static str,
+        mount: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup hierarchy with cpu and memory controllers under {0}")]
+    NoControllers(PathBuf),
+}
+
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(|source| CgroupError {
         path: path.to_path_buf(),
@@ -43,27 +56,25 @@ impl Hierarchy {
 
     /// Finds a writable hierarchy with CPU and memory controllers under `mount` (normally
     /// `/sys/fs/cgroup`), creating Prescient's parent group `group` in it. `Err` says why none.
-    pub fn detect(mount: &Path, group: &str) -> Result<Hierarchy, String> {
+    pub fn detect(mount: &Path, group: &str) -> Result<Hierarchy, NoCgroups> {
+        let not_writable = |version, source| NoCgroups::NotWritable {
+            version,
+            mount: mount.to_path_buf(),
+            source,
+        };
         let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).ok();
         if let Some(c) = controllers {
             let has = |name: &str| c.split_whitespace().any(|x| x == name);
             if has("cpu") && has("memory") {
                 let root = mount.join(group);
-                let setup = std::fs::create_dir_all(&root)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        // Children of `root` need the controllers delegated to them.
-                        let _ =
-                            std::fs::write(mount.join("cgroup.subtree_control"), "+cpu +memory");
-                        std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
-                            .map_err(|e| e.to_string())
-                    });
+                let setup = std::fs::create_dir_all(&root).and_then(|()| {
+                    // Children of `root` need the controllers delegated to them.
+                    let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu +memory");
+                    std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
+                });
                 return match setup {
                     Ok(()) => Ok(Hierarchy::V2 { root }),
-                    Err(e) => Err(format!(
-                        "cgroup v2 at {} is not writable: {e}",
-                        mount.display()
-                    )),
+                    Err(e) => Err(not_writable("v2", e)),
                 };
             }
         }
@@ -86,16 +97,10 @@ impl Hierarchy {
                     memory,
                     cpuacct,
                 }),
-                Err(e) => Err(format!(
-                    "cgroup v1 at {} is not writable: {e}",
-                    mount.display()
-                )),
+                Err(e) => Err(not_writable("v1", e)),
             };
         }
-        Err(format!(
-            "no cgroup hierarchy with cpu and memory controllers under {}",
-            mount.display()
-        ))
+        Err(NoCgroups::NoControllers(mount.to_path_buf()))
     }
 
     /// Creates the group `name` with a CPU quota and a memory limit.

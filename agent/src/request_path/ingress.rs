@@ -11,13 +11,39 @@ use std::rc::Rc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// Why an invocation got no outputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvocationError {
+    #[error("graph {graph:?} is not deployed (no routing table at host {host})")]
+    NotDeployed { graph: String, host: String },
+    #[error("graph {graph} has no input {input:?} (its inputs: {inputs})")]
+    NoSuchInput {
+        graph: String,
+        input: String,
+        inputs: String,
+    },
+    #[error("graph {graph}: missing input(s) {missing}")]
+    MissingInputs { graph: String, missing: String },
+    #[error("the ingress dropped the invocation")]
+    Dropped,
+    #[error("deadline of {deadline_ms} ms exceeded in graph {graph}; still waiting for {waiting}")]
+    Deadline {
+        deadline_ms: u32,
+        graph: String,
+        waiting: String,
+    },
+    /// A task failed (its replica's error, naming task and replica).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Deadline when an invocation names none.
 pub const DEFAULT_DEADLINE_MS: u32 = 10_000;
 
 struct Pending {
     outputs: Vec<Option<Bytes>>,
     names: Rc<[String]>,
-    tx: oneshot::Sender<Result<Vec<(String, Bytes)>, String>>,
+    tx: oneshot::Sender<Result<Vec<(String, Bytes)>, InvocationError>>,
 }
 
 pub struct Ingress {
@@ -99,7 +125,7 @@ impl Ingress {
         inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
     ) -> (
-        Result<Vec<(String, Bytes)>, String>,
+        Result<Vec<(String, Bytes)>, InvocationError>,
         Option<(Rc<str>, crate::telemetry::spans::Execution)>,
     ) {
         let mut latency = None;
@@ -115,12 +141,12 @@ impl Ingress {
         mut inputs: Vec<(String, Bytes)>,
         deadline_ms: u32,
         latency: &mut Option<(Rc<str>, crate::telemetry::spans::Execution)>,
-    ) -> Result<Vec<(String, Bytes)>, String> {
+    ) -> Result<Vec<(String, Bytes)>, InvocationError> {
         let Some(routes) = self.lookup(graph) else {
-            return Err(format!(
-                "graph {graph:?} is not deployed (no routing table at host {})",
-                self.fwd.host
-            ));
+            return Err(InvocationError::NotDeployed {
+                graph: graph.to_string(),
+                host: self.fwd.host.to_string(),
+            });
         };
         let entry_names: Vec<String> = routes.graph_inputs.iter().map(|e| e.to_string()).collect();
         // A single unnamed input feeds a graph with a single input.
@@ -129,11 +155,11 @@ impl Ingress {
         }
         for (name, _) in &inputs {
             if !entry_names.contains(name) {
-                return Err(format!(
-                    "graph {} has no input {name:?} (its inputs: {})",
-                    routes.graph_id,
-                    entry_names.join(", ")
-                ));
+                return Err(InvocationError::NoSuchInput {
+                    graph: routes.graph_id.to_string(),
+                    input: name.clone(),
+                    inputs: entry_names.join(", "),
+                });
             }
         }
         let mut missing = entry_names
@@ -141,11 +167,10 @@ impl Ingress {
             .filter(|n| !inputs.iter().any(|(k, _)| k == *n))
             .peekable();
         if missing.peek().is_some() {
-            return Err(format!(
-                "graph {}: missing input(s) {}",
-                routes.graph_id,
-                missing.cloned().collect::<Vec<_>>().join(", ")
-            ));
+            return Err(InvocationError::MissingInputs {
+                graph: routes.graph_id.to_string(),
+                missing: missing.cloned().collect::<Vec<_>>().join(", "),
+            });
         }
         let deadline_ms = if deadline_ms == 0 {
             DEFAULT_DEADLINE_MS
@@ -218,11 +243,11 @@ impl Ingress {
         routes: &GraphRoutes,
         invocation: u64,
         deadline_ms: u32,
-        rx: oneshot::Receiver<Result<Vec<(String, Bytes)>, String>>,
-    ) -> Result<Vec<(String, Bytes)>, String> {
+        rx: oneshot::Receiver<Result<Vec<(String, Bytes)>, InvocationError>>,
+    ) -> Result<Vec<(String, Bytes)>, InvocationError> {
         match tokio::time::timeout(Duration::from_millis(deadline_ms.into()), rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("the ingress dropped the invocation".into()),
+            Ok(Err(_)) => Err(InvocationError::Dropped),
             Err(_) => {
                 let pending = self.pending.borrow_mut().remove(&invocation);
                 let waiting: Vec<String> = pending
@@ -235,11 +260,11 @@ impl Ingress {
                             .collect()
                     })
                     .unwrap_or_default();
-                Err(format!(
-                    "deadline of {deadline_ms} ms exceeded in graph {}; still waiting for {}",
-                    routes.graph_id,
-                    waiting.join(", ")
-                ))
+                Err(InvocationError::Deadline {
+                    deadline_ms,
+                    graph: routes.graph_id.to_string(),
+                    waiting: waiting.join(", "),
+                })
             }
         }
     }
@@ -259,7 +284,7 @@ impl dataplane::Handler for Ingress {
         };
         if !out.error.is_empty() {
             if let Some(p) = pending.remove(&out.invocation) {
-                let _ = p.tx.send(Err(out.error));
+                let _ = p.tx.send(Err(InvocationError::Failed(out.error)));
             }
             return;
         }
@@ -293,7 +318,7 @@ impl dataplane::Handler for Ingress {
                 Err(error) => ReplyMsg {
                     id: inv.id,
                     outputs: vec![],
-                    error,
+                    error: error.to_string(),
                 },
             };
             from.send(dataplane::encode_reply(&reply));
