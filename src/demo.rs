@@ -215,7 +215,13 @@ async fn walk_through(dir: &Path) -> Result<()> {
     let (_, replicas) = client.replicas(graph).await?;
     print!("{}", output::replicas_table(&replicas));
 
-    step(7, "what the control node decided, and why");
+    step(
+        7,
+        "a replica that keeps crashing is replaced after a doubling wait, not at once",
+    );
+    crash_loop(&client, &ids[0].0, "infer").await?;
+
+    step(8, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
@@ -224,6 +230,51 @@ async fn walk_through(dir: &Path) -> Result<()> {
          the control node restart interrupted {} of them",
         report.sent, report.errors, report.p50_us, report.p99_us, report.errors
     );
+    Ok(())
+}
+
+/// Kills the worker of `task`'s replica twice in a row and shows how the control node reacts:
+/// each crash is an event saying how long it waits before placing a replacement.
+async fn crash_loop(client: &ControlClient, graph: &str, task: &str) -> Result<()> {
+    let since = client.events(0, 100_000).await?.last().map_or(0, |e| e.seq);
+    for round in 1..=2 {
+        let (_, replicas) = client.replicas(graph).await?;
+        let Some(victim) = replicas
+            .iter()
+            .find(|r| r.task == task && r.state == "ready")
+            .map(|r| r.replica.clone())
+        else {
+            bail!("{graph} has no ready replica of {task} to crash");
+        };
+        let killed = std::process::Command::new("pkill")
+            .args(["-9", "-f", &format!("worker .*replica {victim}( |$)")])
+            .status()
+            .context("running pkill")?;
+        if !killed.success() {
+            bail!("no worker process found for {victim}");
+        }
+        println!("crash {round}: killed the worker of {victim} (SIGKILL)");
+        // Wait for its replacement to be ready before the next crash.
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (_, now) = client.replicas(graph).await?;
+            if now
+                .iter()
+                .any(|r| r.task == task && r.state == "ready" && r.replica != victim)
+            {
+                break;
+            }
+            if std::time::Instant::now() > until {
+                bail!("{victim} was not replaced within 30 s");
+            }
+        }
+    }
+    for e in client.events(since, 1000).await? {
+        if matches!(e.kind.as_str(), "replica-lost" | "replica-placed") {
+            output::print_event(&e, false)?;
+        }
+    }
     Ok(())
 }
 

@@ -52,24 +52,51 @@ where
             .filter(|e| usable(e))
             .max_by_key(|e| rendezvous(req.invocation, e.replica()));
     }
-    let (mut all, mut local) = (0usize, 0usize);
-    for e in candidates.iter().filter(|e| usable(e)) {
-        all += 1;
-        local += usize::from(e.host() == req.local_host);
+    // One pass: the first usable candidates' indices on the stack (local ones apart), so a
+    // choice allocates nothing and reads each candidate once; past `SMALL` of either, the
+    // rest are counted and found again by position.
+    const SMALL: usize = 32;
+    let (mut all, mut local) = ([0u32; SMALL], [0u32; SMALL]);
+    let (mut n_all, mut n_local) = (0usize, 0usize);
+    for (i, e) in candidates.iter().enumerate() {
+        if !usable(e) {
+            continue;
+        }
+        if n_all < SMALL {
+            all[n_all] = i as u32;
+        }
+        n_all += 1;
+        if e.host() == req.local_host {
+            if n_local < SMALL {
+                local[n_local] = i as u32;
+            }
+            n_local += 1;
+        }
     }
-    let in_pool = |e: &&E| usable(e) && (local == 0 || e.host() == req.local_host);
-    let n = if local > 0 { local } else { all };
+    let (pool, n, local_only) = if n_local > 0 {
+        (&local, n_local, true)
+    } else {
+        (&all, n_all, false)
+    };
+    let nth = |k: usize| -> Option<&'a E> {
+        if k < SMALL {
+            return candidates.get(pool[k] as usize);
+        }
+        candidates
+            .iter()
+            .filter(|e| usable(e) && (!local_only || e.host() == req.local_host))
+            .nth(k)
+    };
     match n {
         0 => None,
-        1 => candidates.iter().find(in_pool),
+        1 => nth(0),
         _ => {
             let a = rng.below(n);
             let mut b = rng.below(n - 1);
             if b >= a {
                 b += 1;
             }
-            let ea = candidates.iter().filter(in_pool).nth(a)?;
-            let eb = candidates.iter().filter(in_pool).nth(b)?;
+            let (ea, eb) = (nth(a)?, nth(b)?);
             Some(if loads.load(eb) < loads.load(ea) {
                 eb
             } else {
@@ -151,7 +178,7 @@ mod tests {
     }
 
     fn candidates() -> impl Strategy<Value = Vec<E>> {
-        prop::collection::vec((0u8..3, 0u32..5), 1..8).prop_map(|v| {
+        prop::collection::vec((0u8..3, 0u32..5), 1..80).prop_map(|v| {
             v.into_iter()
                 .enumerate()
                 .map(|(i, (h, load))| E {
