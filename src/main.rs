@@ -622,9 +622,7 @@ async fn submit(
         }
         SubmitOutcome::Rejected(problems) => {
             for p in &problems {
-                let at = f
-                    .source
-                    .locate(p.task.as_deref(), p.edge, p.kind == "invalid-objective");
+                let at = f.source.locate(p.task.as_deref(), p.edge, &p.kind);
                 eprintln!("error: {at}: {}", p.message);
             }
             if json {

@@ -87,12 +87,36 @@ struct LatencyObjective {
   targetNs @1 :UInt64;
 }
 
+struct TaskScaling {
+  # Per-task overrides of a graph's scaling policy; 0 means "the graph's value".
+  task @0 :Text;
+  minReplicas @1 :UInt32;
+  maxReplicas @2 :UInt32;
+  maxConcurrency @3 :UInt32;
+  targetUtilisation @4 :Float64;
+}
+
+struct ScalingPolicy {
+  # How the control node sizes a graph's tasks (see the README's `[scaling]` table).
+  minReplicas @0 :UInt32;
+  maxReplicas @1 :UInt32;
+  maxVms @2 :UInt32;            # replicas of the whole graph at most; 0: no budget beyond maxReplicas
+  targetUtilisation @3 :Float64;
+  windowNs @4 :UInt64;
+  scaleOutCooldownNs @5 :UInt64;
+  scaleInCooldownNs @6 :UInt64;
+  maxConcurrency @7 :UInt32;
+  tasks @8 :List(TaskScaling);
+}
+
 struct Graph {
   name @0 :Text;
   tasks @1 :List(Task);
   edges @2 :List(Edge);
   objective @3 :LatencyObjective;
   hasObjective @4 :Bool;
+  scaling @5 :ScalingPolicy;
+  hasScaling @6 :Bool;
 }
 
 struct GraphRecord {

@@ -2,6 +2,7 @@
 
 use crate::graph_capnp as wire;
 use crate::model::*;
+use crate::scaling::{ScalingPolicy, TaskScaling};
 use thiserror::Error;
 
 /// A Cap'n Proto message that does not describe a valid model value.
@@ -52,10 +53,57 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
     }
     b.set_has_objective(graph.objective.is_some());
     if let Some(o) = &graph.objective {
-        let mut ob = b.init_objective();
+        let mut ob = b.reborrow().init_objective();
         ob.set_percentile(o.percentile);
         ob.set_target_ns(o.target_ns);
     }
+    b.set_has_scaling(graph.scaling.is_some());
+    if let Some(s) = &graph.scaling {
+        let mut sb = b.init_scaling();
+        sb.set_min_replicas(s.min_replicas);
+        sb.set_max_replicas(s.max_replicas);
+        sb.set_max_vms(s.max_vms.unwrap_or(0));
+        sb.set_target_utilisation(s.target_utilisation);
+        sb.set_window_ns(s.window_ns);
+        sb.set_scale_out_cooldown_ns(s.scale_out_cooldown_ns);
+        sb.set_scale_in_cooldown_ns(s.scale_in_cooldown_ns);
+        sb.set_max_concurrency(s.max_concurrency);
+        let mut tasks = sb.init_tasks(s.tasks.len() as u32);
+        for (i, t) in s.tasks.iter().enumerate() {
+            let mut tb = tasks.reborrow().get(i as u32);
+            tb.set_task(t.task.as_str());
+            tb.set_min_replicas(t.min_replicas.unwrap_or(0));
+            tb.set_max_replicas(t.max_replicas.unwrap_or(0));
+            tb.set_max_concurrency(t.max_concurrency.unwrap_or(0));
+            tb.set_target_utilisation(t.target_utilisation.unwrap_or(0.0));
+        }
+    }
+}
+
+fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, DecodeError> {
+    let some = |v: u32| (v > 0).then_some(v);
+    let mut tasks = Vec::new();
+    for t in s.get_tasks()? {
+        let u = t.get_target_utilisation();
+        tasks.push(TaskScaling {
+            task: text(t.get_task())?,
+            min_replicas: some(t.get_min_replicas()),
+            max_replicas: some(t.get_max_replicas()),
+            max_concurrency: some(t.get_max_concurrency()),
+            target_utilisation: (u > 0.0).then_some(u),
+        });
+    }
+    Ok(ScalingPolicy {
+        min_replicas: s.get_min_replicas(),
+        max_replicas: s.get_max_replicas(),
+        max_vms: some(s.get_max_vms()),
+        target_utilisation: s.get_target_utilisation(),
+        window_ns: s.get_window_ns(),
+        scale_out_cooldown_ns: s.get_scale_out_cooldown_ns(),
+        scale_in_cooldown_ns: s.get_scale_in_cooldown_ns(),
+        max_concurrency: s.get_max_concurrency(),
+        tasks,
+    })
 }
 
 pub fn encode_task(t: &Task, mut b: wire::task::Builder<'_>) {
@@ -153,11 +201,17 @@ pub fn decode_graph(r: wire::graph::Reader<'_>) -> Result<TaskGraph, DecodeError
     } else {
         None
     };
+    let scaling = if r.get_has_scaling() {
+        Some(decode_scaling(r.get_scaling()?)?)
+    } else {
+        None
+    };
     Ok(TaskGraph {
         name: text(r.get_name())?,
         tasks,
         edges,
         objective,
+        scaling,
     })
 }
 
@@ -396,13 +450,53 @@ mod tests {
                     }
                 }),
             ),
+            prop::option::of(scaling()),
         )
-            .prop_map(|(name, tasks, edges, objective)| TaskGraph {
+            .prop_map(|(name, tasks, edges, objective, scaling)| TaskGraph {
                 name,
                 tasks,
                 edges,
                 objective,
+                scaling,
             })
+    }
+
+    fn scaling() -> impl Strategy<Value = ScalingPolicy> {
+        let task = (
+            name(),
+            prop::option::of(1u32..100),
+            prop::option::of(1u32..100),
+            prop::option::of(1u32..100),
+            prop::option::of(0.01f64..1.0),
+        )
+            .prop_map(|(task, min_replicas, max_replicas, max_concurrency, u)| {
+                TaskScaling {
+                    task,
+                    min_replicas,
+                    max_replicas,
+                    max_concurrency,
+                    target_utilisation: u,
+                }
+            });
+        (
+            (any::<u32>(), any::<u32>(), prop::option::of(1u32..1000)),
+            (0.01f64..1.0, any::<u64>(), any::<u64>(), any::<u64>()),
+            any::<u32>(),
+            prop::collection::vec(task, 0..3),
+        )
+            .prop_map(
+                |((min, max, vms), (u, w, out, inn), mc, tasks)| ScalingPolicy {
+                    min_replicas: min,
+                    max_replicas: max,
+                    max_vms: vms,
+                    target_utilisation: u,
+                    window_ns: w,
+                    scale_out_cooldown_ns: out,
+                    scale_in_cooldown_ns: inn,
+                    max_concurrency: mc,
+                    tasks,
+                },
+            )
     }
 
     proptest! {
@@ -423,6 +517,7 @@ mod tests {
             tasks: vec![],
             edges: vec![],
             objective: None,
+            scaling: None,
         };
         let rec = GraphRecord {
             id: "g1".into(),

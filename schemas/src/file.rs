@@ -20,6 +20,7 @@
 
 use crate::model::*;
 use crate::quantity;
+use crate::scaling::{ScalingPolicy, TaskScaling};
 use crate::validate::Problem;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -64,6 +65,8 @@ pub struct SourceMap {
     tasks: HashMap<String, usize>,
     edges: Vec<usize>,
     objective: Option<usize>,
+    scaling: Option<usize>,
+    scaling_tasks: HashMap<String, usize>,
 }
 
 impl SourceMap {
@@ -83,12 +86,21 @@ impl SourceMap {
         (line.max(1), offset - start + 1)
     }
 
-    /// `file:line:column` of what a validation problem is about, or just the file.
-    pub fn locate(&self, task: Option<&str>, edge: Option<usize>, objective: bool) -> String {
-        let offset = edge
-            .and_then(|e| self.edges.get(e).copied())
-            .or_else(|| task.and_then(|t| self.tasks.get(t).copied()))
-            .or(if objective { self.objective } else { None });
+    /// `file:line:column` of what a validation problem (of `kind`) is about, or just the file.
+    pub fn locate(&self, task: Option<&str>, edge: Option<usize>, kind: &str) -> String {
+        let offset = if kind == "invalid-scaling" {
+            // A task's override, else the table.
+            task.and_then(|t| self.scaling_tasks.get(t).copied())
+                .or(self.scaling)
+        } else {
+            edge.and_then(|e| self.edges.get(e).copied())
+                .or_else(|| task.and_then(|t| self.tasks.get(t).copied()))
+                .or(if kind == "invalid-objective" {
+                    self.objective
+                } else {
+                    None
+                })
+        };
         match offset {
             Some(o) => {
                 let (l, c) = self.line_col(o);
@@ -100,8 +112,7 @@ impl SourceMap {
 
     /// A validation problem prefixed with its position in the file.
     pub fn describe(&self, p: &Problem) -> String {
-        let objective = matches!(p, Problem::InvalidObjective { .. });
-        format!("{}: {p}", self.locate(p.task(), p.edge(), objective))
+        format!("{}: {p}", self.locate(p.task(), p.edge(), p.kind()))
     }
 
     fn error(&self, span: Option<Range<usize>>, message: String) -> FileError {
@@ -175,12 +186,49 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
             target_ns: o.target.0,
         }
     });
+    // A table's span starts at the whitespace before its header.
+    let header = |o: usize| o + text[o..].len() - text[o..].trim_start().len();
+    let scaling = raw.scaling.map(|s| {
+        source.scaling = Some(header(s.span().start));
+        let s = s.into_inner();
+        let d = ScalingPolicy::default();
+        ScalingPolicy {
+            min_replicas: s.min_replicas.unwrap_or(d.min_replicas),
+            max_replicas: s.max_replicas.unwrap_or(d.max_replicas),
+            max_vms: s.max_vms,
+            target_utilisation: s.target_utilisation.unwrap_or(d.target_utilisation),
+            window_ns: s.window.map_or(d.window_ns, |w| w.0),
+            scale_out_cooldown_ns: s
+                .scale_out_cooldown
+                .map_or(d.scale_out_cooldown_ns, |w| w.0),
+            scale_in_cooldown_ns: s.scale_in_cooldown.map_or(d.scale_in_cooldown_ns, |w| w.0),
+            max_concurrency: s.max_concurrency.unwrap_or(d.max_concurrency),
+            tasks: s
+                .task
+                .into_iter()
+                .map(|(task, t)| {
+                    source
+                        .scaling_tasks
+                        .insert(task.clone(), header(t.span().start));
+                    let t = t.into_inner();
+                    TaskScaling {
+                        task,
+                        min_replicas: t.min_replicas,
+                        max_replicas: t.max_replicas,
+                        max_concurrency: t.max_concurrency,
+                        target_utilisation: t.target_utilisation,
+                    }
+                })
+                .collect(),
+        }
+    });
     Ok(GraphFile {
         graph: TaskGraph {
             name: raw.name,
             tasks,
             edges,
             objective,
+            scaling,
         },
         source,
     })
@@ -191,10 +239,37 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
 struct RawGraph {
     name: String,
     objective: Option<Spanned<RawObjective>>,
+    scaling: Option<Spanned<RawScaling>>,
     #[serde(default)]
     task: Vec<Spanned<RawTask>>,
     #[serde(default)]
     edge: Vec<Spanned<RawEdge>>,
+}
+
+/// The `[scaling]` table; every key optional (defaults in `ScalingPolicy::default`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaling {
+    min_replicas: Option<u32>,
+    max_replicas: Option<u32>,
+    max_vms: Option<u32>,
+    target_utilisation: Option<f64>,
+    window: Option<DurationNs>,
+    scale_out_cooldown: Option<DurationNs>,
+    scale_in_cooldown: Option<DurationNs>,
+    max_concurrency: Option<u32>,
+    /// Per-task overrides: `[scaling.task.ID]`.
+    #[serde(default)]
+    task: std::collections::BTreeMap<String, Spanned<RawTaskScaling>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTaskScaling {
+    min_replicas: Option<u32>,
+    max_replicas: Option<u32>,
+    max_concurrency: Option<u32>,
+    target_utilisation: Option<f64>,
 }
 
 #[derive(Deserialize)]

@@ -20,8 +20,10 @@ pub mod host_sample;
 pub mod model;
 pub mod prom;
 pub mod quantity;
+pub mod scaling;
 pub mod sketch;
 pub mod validate;
 
 pub use model::*;
+pub use scaling::{ScalingPolicy, TaskPolicy, TaskScaling};
 pub use validate::{Problem, ValidatedGraph};

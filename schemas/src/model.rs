@@ -13,6 +13,10 @@ pub struct TaskGraph {
     pub edges: Vec<Edge>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub objective: Option<LatencyObjective>,
+    /// How the control node sizes the tasks; `None`: one replica each (or the control node's
+    /// `--min-replicas`), no autoscaling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<crate::scaling::ScalingPolicy>,
 }
 
 impl TaskGraph {

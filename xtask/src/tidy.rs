@@ -13,10 +13,7 @@ const MAX_LINES: usize = 800;
 
 /// Files over the budget, at most this long. An entry may only shrink: a file that grows
 /// fails, one that shrinks must have its entry lowered (or removed once under the budget).
-const LONG_FILES: &[(&str, usize)] = &[
-    ("agent/src/telemetry/probes.rs", 814),
-    ("schemas/src/validate.rs", 829),
-];
+const LONG_FILES: &[(&str, usize)] = &[("agent/src/telemetry/probes.rs", 814)];
 
 /// The decision crate's direct dependencies.
 const POLICY_DEPENDENCIES: &[&str] = &["prescient-schemas"];

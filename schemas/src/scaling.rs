@@ -1,0 +1,272 @@
+//! A graph's scaling policy (the `[scaling]` table and its per-task overrides) and its checks.
+//! The control node's sizing reads it through `prescient-policy`.
+
+use crate::model::TaskGraph;
+use crate::validate::Problem;
+use serde::Serialize;
+
+/// A graph's scaling policy (the `[scaling]` table).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScalingPolicy {
+    /// Replicas of each task at least and at most.
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Replicas (VMs) of the whole graph at most; `None`: no budget beyond `max_replicas`.
+    pub max_vms: Option<u32>,
+    /// The share of a replica's capacity sizing aims for, in (0, 1].
+    pub target_utilisation: f64,
+    /// Arrival rate and service time are measured over this window.
+    pub window_ns: u64,
+    /// After a scale-out of a task, no further scale-out of it for this long.
+    pub scale_out_cooldown_ns: u64,
+    /// No scale-in of a task within this long of its last change, and no replica retired
+    /// within this long of being added.
+    pub scale_in_cooldown_ns: u64,
+    /// Executions at once in one replica (the rest queue at the replica).
+    pub max_concurrency: u32,
+    pub tasks: Vec<TaskScaling>,
+}
+
+impl Default for ScalingPolicy {
+    fn default() -> Self {
+        ScalingPolicy {
+            min_replicas: 1,
+            max_replicas: 8,
+            max_vms: None,
+            target_utilisation: 0.7,
+            window_ns: 10_000_000_000,
+            scale_out_cooldown_ns: 10_000_000_000,
+            scale_in_cooldown_ns: 60_000_000_000,
+            max_concurrency: 1,
+            tasks: Vec::new(),
+        }
+    }
+}
+
+/// One task's overrides of its graph's scaling policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TaskScaling {
+    pub task: String,
+    pub min_replicas: Option<u32>,
+    pub max_replicas: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub target_utilisation: Option<f64>,
+}
+
+/// A task's scaling policy with its overrides applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskPolicy {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub max_concurrency: u32,
+    pub target_utilisation: f64,
+}
+
+impl ScalingPolicy {
+    /// `task`'s policy: the graph's values with the task's overrides.
+    pub fn for_task(&self, task: &str) -> TaskPolicy {
+        let o = self.tasks.iter().find(|t| t.task == task);
+        TaskPolicy {
+            min_replicas: o.and_then(|o| o.min_replicas).unwrap_or(self.min_replicas),
+            max_replicas: o.and_then(|o| o.max_replicas).unwrap_or(self.max_replicas),
+            max_concurrency: o
+                .and_then(|o| o.max_concurrency)
+                .unwrap_or(self.max_concurrency),
+            target_utilisation: o
+                .and_then(|o| o.target_utilisation)
+                .unwrap_or(self.target_utilisation),
+        }
+    }
+}
+
+/// Replicas of one task at most, and one graph's at most: far beyond any real fleet's need,
+/// low enough that a typo cannot order a million VMs.
+pub const MAX_REPLICAS: u32 = 10_000;
+
+/// Every problem of `graph`'s scaling policy `s`, each naming its key.
+pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Problem>) {
+    let mut bad = |task: Option<&str>, key: &'static str, message: String| {
+        problems.push(Problem::InvalidScaling {
+            task: task.map(str::to_string),
+            key,
+            message,
+        })
+    };
+    let utilisation_ok = |u: f64| u > 0.0 && u <= 1.0;
+    if !utilisation_ok(s.target_utilisation) {
+        bad(
+            None,
+            "target_utilisation",
+            format!("{} must be in (0, 1]", s.target_utilisation),
+        );
+    }
+    if s.window_ns == 0 {
+        bad(None, "window", "must be positive".into());
+    }
+    if s.max_concurrency == 0 {
+        bad(None, "max_concurrency", "must be at least 1".into());
+    }
+    if let Some(v) = s.max_vms {
+        let least: u64 = graph
+            .tasks
+            .iter()
+            .map(|t| u64::from(s.for_task(&t.id).min_replicas))
+            .sum();
+        if v == 0 || v > MAX_REPLICAS || u64::from(v) < least {
+            bad(
+                None,
+                "max_vms",
+                format!("{v} must cover every task's min_replicas ({least} in all) and be at most {MAX_REPLICAS}"),
+            );
+        }
+    }
+    for t in &s.tasks {
+        if graph.task(&t.task).is_none() {
+            bad(
+                Some(&t.task),
+                "task",
+                format!("the graph has no task {:?}", t.task),
+            );
+        }
+        if t.target_utilisation.is_some_and(|u| !utilisation_ok(u)) {
+            bad(
+                Some(&t.task),
+                "target_utilisation",
+                "must be in (0, 1]".into(),
+            );
+        }
+        if t.max_concurrency == Some(0) {
+            bad(
+                Some(&t.task),
+                "max_concurrency",
+                "must be at least 1".into(),
+            );
+        }
+    }
+    let tasks: Vec<Option<&str>> = std::iter::once(None)
+        .chain(s.tasks.iter().map(|t| Some(t.task.as_str())))
+        .collect();
+    for task in tasks {
+        let p = task.map_or(
+            TaskPolicy {
+                min_replicas: s.min_replicas,
+                max_replicas: s.max_replicas,
+                max_concurrency: s.max_concurrency,
+                target_utilisation: s.target_utilisation,
+            },
+            |t| s.for_task(t),
+        );
+        if p.max_replicas == 0 || p.max_replicas > MAX_REPLICAS {
+            bad(
+                task,
+                "max_replicas",
+                format!("{} must be in 1..={MAX_REPLICAS}", p.max_replicas),
+            );
+        } else if p.min_replicas > p.max_replicas {
+            bad(
+                task,
+                "min_replicas",
+                format!(
+                    "{} is above max_replicas {}",
+                    p.min_replicas, p.max_replicas
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::file;
+    use crate::validate::ValidatedGraph;
+
+    const CHAIN: &str = r#"
+name = "chain"
+[[task]]
+id = "a"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "1ms"
+[[task]]
+id = "b"
+code = { builtin = "sleep", params = { mean = "2ms" } }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "2ms"
+[[edge]]
+from = "a.y"
+to = "b.x"
+"#;
+
+    fn problems(scaling: &str) -> Vec<String> {
+        let text = format!("{CHAIN}{scaling}");
+        let f = file::parse("g.toml", &text).expect("parses");
+        match ValidatedGraph::new(f.graph.clone()) {
+            Ok(_) => vec![],
+            Err(ps) => ps.iter().map(|p| f.source.describe(p)).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let text = format!(
+            "{CHAIN}\n[scaling]\nmax_replicas = 4\nscale_in_cooldown = \"30s\"\n[scaling.task.b]\nmax_concurrency = 2\nmin_replicas = 2\n"
+        );
+        let g = file::parse("g.toml", &text).unwrap().graph;
+        let s = g.scaling.as_ref().unwrap();
+        assert_eq!(s.scale_in_cooldown_ns, 30_000_000_000);
+        assert_eq!(s.window_ns, 10_000_000_000, "defaulted");
+        let a = s.for_task("a");
+        let b = s.for_task("b");
+        assert_eq!(
+            (a.min_replicas, a.max_replicas, a.max_concurrency),
+            (1, 4, 1)
+        );
+        assert_eq!(
+            (b.min_replicas, b.max_replicas, b.max_concurrency),
+            (2, 4, 2)
+        );
+        assert!(ValidatedGraph::new(g).is_ok());
+        assert!(file::parse("g.toml", CHAIN)
+            .unwrap()
+            .graph
+            .scaling
+            .is_none());
+    }
+
+    #[test]
+    fn problems_name_file_line_and_key() {
+        let ps = problems("\n[scaling]\nmin_replicas = 5\nmax_replicas = 3\n");
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(
+            ps[0].starts_with("g.toml:19:")
+                && ps[0].contains("scaling.min_replicas: 5 is above max_replicas 3"),
+            "{ps:?}"
+        );
+        let ps = problems("\n[scaling]\n[scaling.task.nope]\nmax_concurrency = 0\n");
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert!(ps.iter().all(|p| p.starts_with("g.toml:20:")), "{ps:?}");
+        assert!(
+            ps[0].contains("scaling.task.nope.task: the graph has no task \"nope\""),
+            "{ps:?}"
+        );
+        assert!(
+            ps[1].contains("scaling.task.nope.max_concurrency"),
+            "{ps:?}"
+        );
+        let ps = problems("\n[scaling]\ntarget_utilisation = 1.5\nmax_vms = 1\n");
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert!(
+            ps[1].contains("scaling.max_vms: 1 must cover every task's min_replicas (2 in all)"),
+            "{ps:?}"
+        );
+        // Unknown keys are refused at parse time, with their line.
+        let text = format!("{CHAIN}\n[scaling]\nmax_replica = 3\n");
+        let e = file::parse("g.toml", &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("g.toml:20:") && e.contains("max_replica"),
+            "{e}"
+        );
+    }
+}
