@@ -27,7 +27,10 @@ pub struct RemoteProblem {
 }
 
 pub enum SubmitOutcome {
-    Accepted { record: GraphRecord, created: bool },
+    Accepted {
+        record: Box<GraphRecord>,
+        created: bool,
+    },
     Rejected(Vec<RemoteProblem>),
 }
 
@@ -84,7 +87,7 @@ impl ControlClient {
         use prescient_schemas::api_capnp::submit_result::Which;
         Ok(match result.which()? {
             Which::Accepted(r) => SubmitOutcome::Accepted {
-                record: codec::decode_record(r?)?,
+                record: Box::new(codec::decode_record(r?)?),
                 created: result.get_created(),
             },
             Which::Rejected(list) => {

@@ -184,7 +184,7 @@ async fn deploy_chain(
         bail!("the bench graph was rejected");
     };
     wait_deployed(&client, &record.id, stages, Duration::from_secs(30)).await?;
-    Ok((client, record))
+    Ok((client, *record))
 }
 
 mod chain;
