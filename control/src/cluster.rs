@@ -11,7 +11,7 @@ use crate::clock::unix_ms;
 use crate::events::EventLog;
 use crate::store::{HistoryBaselines, Registry};
 use prescient_policy::observe;
-use prescient_policy::snapshot::{Capacity, Deployment, Health, Reported, Snapshot};
+use prescient_policy::snapshot::{Capacity, Deployment, Health, Reported, Snapshot, TaskLoad};
 use prescient_policy::{apply, Action, Event};
 use prescient_schemas::agent_capnp::{agent, replica_spec, routing_table};
 use prescient_schemas::codec::{self, text};
@@ -27,6 +27,8 @@ use tracing::{info, warn};
 /// How often the loop plans when nothing asks it to, and re-reads the registry at the latest.
 const PERIOD: Duration = Duration::from_secs(2);
 const RELIST: Duration = Duration::from_secs(10);
+/// How many seconds behind the clock telemetry windows are complete.
+const TELEMETRY_LAG_S: u64 = 2;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClusterConfig {
@@ -212,6 +214,7 @@ impl Cluster {
     /// includes them), then do each one's I/O and record its event.
     pub async fn reconcile(self: &Rc<Self>) {
         let now = self.now();
+        self.read_load();
         let actions = {
             let mut state = self.state.borrow_mut();
             let actions = prescient_policy::plan(&state, &self.config.policy, now);
@@ -222,6 +225,45 @@ impl Cluster {
         };
         for a in actions {
             self.execute(&a).await;
+        }
+    }
+
+    /// Puts what monitoring measured over each scaled graph's window into the snapshot: the
+    /// arrival rate and mean service time of every task.
+    fn read_load(&self) {
+        // Windows reach the control node up to two seconds late (a worker hands its second to
+        // its agent at the next 1 s flush, the agent forwards once a second): seconds that
+        // recent are left out, or the rate would read low.
+        let now_s = (unix_ms() / 1000).saturating_sub(TELEMETRY_LAG_S);
+        let monitor = self.monitor.borrow();
+        let mut state = self.state.borrow_mut();
+        let windows: Vec<(String, u64)> = state
+            .wanted
+            .iter()
+            .filter_map(|(id, r)| {
+                let s = r.graph.scaling.as_ref()?;
+                Some((id.clone(), (s.window_ns / 1_000_000_000).clamp(1, 600)))
+            })
+            .collect();
+        for (id, window_s) in windows {
+            let Some(d) = state.deployments.get_mut(&id) else {
+                continue;
+            };
+            d.load = monitor
+                .task_stats(&id, window_s, now_s)
+                .into_iter()
+                .map(|t| {
+                    let load = TaskLoad {
+                        arrivals_per_s: t.per_second,
+                        service_s: t.exec_mean_ns as f64 / 1e9,
+                    };
+                    (t.task, load)
+                })
+                .collect();
+            // A task with no executions in the window has no load, not an unknown one.
+            for t in &d.record.graph.tasks {
+                d.load.entry(t.id.clone()).or_default();
+            }
         }
     }
 
@@ -279,7 +321,7 @@ impl Cluster {
                 }
             }
             Action::Publish { graph_id, .. } => self.push_table(graph_id).await,
-            Action::Retire { replicas, .. } => {
+            Action::Retire { replicas, .. } | Action::RetireDrained { replicas, .. } => {
                 for r in replicas {
                     self.retire(&r.host, &r.id).await;
                 }
@@ -287,7 +329,9 @@ impl Cluster {
             Action::MarkLost { .. }
             | Action::SwitchVersion { .. }
             | Action::Unplaceable { .. }
-            | Action::StartDrain { .. } => {}
+            | Action::StartDrain { .. }
+            | Action::ScaleOut { .. }
+            | Action::ScaleIn { .. } => {}
         }
         self.events
             .record(&action.event(&summary, reconnected))

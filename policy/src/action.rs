@@ -67,6 +67,30 @@ pub enum Action {
         until: Duration,
         replicas: Vec<String>,
     },
+    /// Sizing wants more replicas of a task (the `Place`s follow).
+    ScaleOut {
+        graph_id: String,
+        task: String,
+        from: u32,
+        to: u32,
+        reason: String,
+    },
+    /// Sizing wants one fewer: `replica` leaves the routing table and drains until `until`.
+    ScaleIn {
+        graph_id: String,
+        task: String,
+        replica: String,
+        from: u32,
+        drain: Duration,
+        until: Duration,
+        reason: String,
+    },
+    /// Stop scaled-in replicas whose drain is over.
+    RetireDrained {
+        graph_id: String,
+        drain: Duration,
+        replicas: Vec<Replica>,
+    },
     /// Stop the drained replicas.
     Retire {
         graph_id: String,
@@ -165,6 +189,44 @@ impl Action {
                 drain: *drain,
                 replicas: replicas.clone(),
             },
+            Action::ScaleOut {
+                graph_id,
+                task,
+                from,
+                to,
+                reason,
+            } => Event::ScaledOut {
+                graph_id: graph_id.clone(),
+                task: task.clone(),
+                from: *from,
+                to: *to,
+                reason: reason.clone(),
+            },
+            Action::ScaleIn {
+                graph_id,
+                task,
+                replica,
+                from,
+                drain,
+                reason,
+                ..
+            } => Event::ScaledIn {
+                graph_id: graph_id.clone(),
+                task: task.clone(),
+                replica: replica.clone(),
+                from: *from,
+                drain: *drain,
+                reason: reason.clone(),
+            },
+            Action::RetireDrained {
+                graph_id,
+                drain,
+                replicas,
+            } => Event::DrainedRetired {
+                graph_id: graph_id.clone(),
+                drain: *drain,
+                replicas: replicas.iter().map(|r| r.id.clone()).collect(),
+            },
             Action::Retire {
                 graph_id,
                 version,
@@ -187,6 +249,7 @@ fn adopted(r: &Reported, host: &str, d: &Deployment, now: Duration) -> Replica {
         host: host.to_string(),
         addr: r.addr.clone(),
         state: ReplicaState::Ready { since: now },
+        placed_at: now,
         resources: d
             .record
             .graph
@@ -294,6 +357,7 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
                 addr: String::new(),
                 state: ReplicaState::Provisioning { since: now },
                 resources: *resources,
+                placed_at: now,
             });
         }
         Action::Unplaceable {
@@ -321,6 +385,34 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
         } => {
             if let Some(d) = s.deployments.get_mut(graph_id) {
                 d.drain_until = Some(*until);
+            }
+        }
+        Action::ScaleOut { graph_id, task, .. } => {
+            if let Some(d) = deployment(s, graph_id) {
+                d.scaled.entry(task.clone()).or_default().out_at = Some(now);
+            }
+        }
+        Action::ScaleIn {
+            graph_id,
+            task,
+            replica,
+            until,
+            ..
+        } => {
+            if let Some(d) = s.deployments.get_mut(graph_id) {
+                if let Some(i) = d.replicas.iter().position(|r| r.id == *replica) {
+                    let r = d.replicas.remove(i);
+                    d.draining.push((r, *until));
+                }
+                d.scaled.entry(task.clone()).or_default().in_at = Some(now);
+            }
+        }
+        Action::RetireDrained {
+            graph_id, replicas, ..
+        } => {
+            if let Some(d) = s.deployments.get_mut(graph_id) {
+                d.draining
+                    .retain(|(x, _)| !replicas.iter().any(|r| r.id == x.id));
             }
         }
         Action::Retire {

@@ -92,6 +92,26 @@ pub enum Event {
         digest: String,
         bytes: u64,
     },
+    ScaledOut {
+        graph_id: String,
+        task: String,
+        from: u32,
+        to: u32,
+        reason: String,
+    },
+    ScaledIn {
+        graph_id: String,
+        task: String,
+        replica: String,
+        from: u32,
+        drain: Duration,
+        reason: String,
+    },
+    DrainedRetired {
+        graph_id: String,
+        drain: Duration,
+        replicas: Vec<String>,
+    },
 }
 
 fn list(items: &[String]) -> String {
@@ -120,6 +140,9 @@ impl Event {
             Event::ReplicasRetired { .. } => "replicas-retired",
             Event::GraphUndeployed { .. } => "graph-undeployed",
             Event::ArtifactUploaded { .. } => "artifact-uploaded",
+            Event::ScaledOut { .. } => "scale-out",
+            Event::ScaledIn { .. } => "scale-in",
+            Event::DrainedRetired { .. } => "replicas-retired",
         }
     }
 
@@ -139,6 +162,9 @@ impl Event {
             | Event::ReplicaLost { replica, .. } => replica.clone(),
             Event::ReplicaUnplaceable { graph_id, task, .. } => format!("{graph_id}.{task}"),
             Event::ArtifactUploaded { digest, .. } => digest.clone(),
+            Event::ScaledOut { graph_id, task, .. } => format!("{graph_id}.{task}"),
+            Event::ScaledIn { replica, .. } => replica.clone(),
+            Event::DrainedRetired { graph_id, .. } => graph_id.clone(),
         }
     }
 
@@ -261,6 +287,21 @@ impl Event {
                 format!("graph removed: retired {replicas} replicas")
             }
             Event::ArtifactUploaded { bytes, .. } => format!("{bytes} bytes stored"),
+            Event::ScaledOut {
+                from, to, reason, ..
+            } => format!("{from} -> {to} replicas: {reason}"),
+            Event::ScaledIn {
+                from,
+                drain,
+                reason,
+                ..
+            } => format!(
+                "{from} -> {} replicas: {reason}; out of the routing table, draining for {drain:?}",
+                from.saturating_sub(1)
+            ),
+            Event::DrainedRetired {
+                drain, replicas, ..
+            } => format!("scaled in; drained for {drain:?}: {}", list(replicas)),
         }
     }
 }

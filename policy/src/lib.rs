@@ -20,6 +20,7 @@ pub mod event;
 pub mod observe;
 pub mod placement;
 pub mod plan;
+pub mod scaling;
 pub mod snapshot;
 
 pub use action::{apply, Action};
@@ -85,5 +86,7 @@ impl Backoff {
     }
 }
 
+#[cfg(test)]
+mod scaling_tests;
 #[cfg(test)]
 mod tests;

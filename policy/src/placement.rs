@@ -48,7 +48,12 @@ pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
     for r in s
         .deployments
         .values()
-        .flat_map(|d| d.replicas.iter().chain(&d.retiring))
+        .flat_map(|d| {
+            d.replicas
+                .iter()
+                .chain(&d.retiring)
+                .chain(d.draining.iter().map(|(r, _)| r))
+        })
         .filter(|r| r.host == h.name)
     {
         v.take(&r.resources);

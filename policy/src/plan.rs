@@ -4,6 +4,7 @@
 
 use crate::action::{apply, Action};
 use crate::placement::{self, Decision, Need};
+use crate::scaling::{self, Sizing};
 use crate::snapshot::{Health, ReplicaState, Snapshot, MAX_EPOCH};
 use crate::Config;
 use prescient_schemas::ValidatedGraph;
@@ -35,6 +36,9 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: Duration) -> Vec<Action> 
     for a in placements(&work, config, now) {
         emit(&mut work, a);
     }
+    for a in scale_ins(&work, config, now) {
+        emit(&mut work, a);
+    }
     for a in publications(&work) {
         emit(&mut work, a);
     }
@@ -57,7 +61,11 @@ pub fn next_deadline(s: &Snapshot, config: &Config, now: Duration) -> Option<Dur
             .values()
             .map(|f| f.last_at + config.backoff.delay(f.count))
     });
-    let drains = s.deployments.values().filter_map(|d| d.drain_until);
+    let drains = s.deployments.values().flat_map(|d| {
+        d.drain_until
+            .into_iter()
+            .chain(d.draining.iter().map(|(_, t)| *t))
+    });
     let grace = (now < config.startup_grace).then_some(config.startup_grace);
     heartbeats
         .chain(backoffs)
@@ -159,20 +167,64 @@ fn stale(s: &Snapshot) -> Vec<Action> {
         .collect()
 }
 
-/// Replicas needed per task (today the policy minimum for every task), placed in topological
-/// order per graph; a task whose replicas keep failing waits out its backoff.
+/// Replicas needed per task — a graph's `[scaling]` sizing (see [`crate::scaling`]), or else
+/// the control node's minimum for every task — placed in topological order per graph; a task
+/// whose replicas keep failing waits out its backoff.
 fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
     let mut needs = Vec::new();
+    let mut out = Vec::new();
     for (id, record) in &s.wanted {
         let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
             continue;
         };
         let d = s.deployments.get(id);
+        let backing_off = |task: &str| {
+            d.and_then(|d| d.failures.get(task))
+                .is_some_and(|f| f.last_at + config.backoff.delay(f.count) > now)
+        };
+        // Sizing applies to the version deployed; a new version waits for its switch.
+        let sized = match (&record.graph.scaling, d) {
+            (Some(policy), Some(d)) if d.record.version == record.version => Some(
+                scaling::size(d, policy, now)
+                    .into_iter()
+                    .filter_map(|z| match z {
+                        Sizing::Out {
+                            task,
+                            from,
+                            to,
+                            reason,
+                        } if !backing_off(&task) => Some((task, from, to, reason)),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            (Some(policy), None) => Some(
+                record
+                    .graph
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        let min = policy.for_task(&t.id).min_replicas;
+                        let why = format!("{}: a new graph starts at its minimum of {min}", t.id);
+                        (t.id.clone(), 0, min, why)
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        for (task, from, to, reason) in sized.iter().flatten() {
+            if d.is_some() {
+                out.push(Action::ScaleOut {
+                    graph_id: id.clone(),
+                    task: task.clone(),
+                    from: *from,
+                    to: *to,
+                    reason: reason.clone(),
+                });
+            }
+        }
         for task in v.topological_order() {
-            let backing_off = d
-                .and_then(|d| d.failures.get(task))
-                .is_some_and(|f| f.last_at + config.backoff.delay(f.count) > now);
-            if backing_off {
+            if backing_off(task) {
                 continue;
             }
             let have: Vec<&str> = d
@@ -187,12 +239,19 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             let Some(t) = record.graph.task(task) else {
                 continue;
             };
-            if have.len() < config.min_replicas {
+            let wanted = match &sized {
+                Some(sized) => sized
+                    .iter()
+                    .find(|(t, ..)| t == task)
+                    .map_or(have.len(), |(_, _, to, _)| *to as usize),
+                None => config.min_replicas,
+            };
+            if have.len() < wanted {
                 needs.push(Need {
                     graph_id: id.clone(),
                     task: task.to_string(),
                     resources: t.resources,
-                    count: config.min_replicas - have.len(),
+                    count: wanted - have.len(),
                     occupied: have.iter().map(|h| h.to_string()).collect(),
                 });
             }
@@ -203,7 +262,6 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
         .iter()
         .map(|(id, d)| (id.clone(), d.next_replica))
         .collect();
-    let mut out = Vec::new();
     for decision in placement::place(&needs, &placement::host_views(s)) {
         match decision {
             Decision::Place {
@@ -278,9 +336,55 @@ fn publications(s: &Snapshot) -> Vec<Action> {
     out
 }
 
+/// One fewer replica where sizing says so (not while a version switch is under way).
+fn scale_ins(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (id, d) in &s.deployments {
+        let Some(policy) = s.wanted.get(id).and_then(|r| r.graph.scaling.as_ref()) else {
+            continue;
+        };
+        if !d.retiring.is_empty() || s.wanted[id].version != d.record.version {
+            continue;
+        }
+        for z in scaling::size(d, policy, now) {
+            if let Sizing::In {
+                task,
+                replica,
+                from,
+                reason,
+            } = z
+            {
+                out.push(Action::ScaleIn {
+                    graph_id: id.clone(),
+                    task,
+                    replica,
+                    from,
+                    drain: config.drain,
+                    until: now + config.drain,
+                    reason,
+                });
+            }
+        }
+    }
+    out
+}
+
 fn drains(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
     let mut out = Vec::new();
     for (id, d) in &s.deployments {
+        let done: Vec<_> = d
+            .draining
+            .iter()
+            .filter(|(_, until)| *until <= now)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if !done.is_empty() {
+            out.push(Action::RetireDrained {
+                graph_id: id.clone(),
+                drain: config.drain,
+                replicas: done,
+            });
+        }
         if d.retiring.is_empty() {
             continue;
         }

@@ -89,6 +89,28 @@ pub struct Deployment {
     pub failures: BTreeMap<String, Failures>,
     /// The last "cannot place" reason per task, so it is recorded once, not every pass.
     pub unplaceable: BTreeMap<String, String>,
+    /// Replicas scaled in: out of the routing table, serving what is on its way until then.
+    pub draining: Vec<(Replica, Duration)>,
+    /// What monitoring measured per task over the scaling window (the executor fills it).
+    pub load: BTreeMap<String, TaskLoad>,
+    /// When each task was last scaled out and in.
+    pub scaled: BTreeMap<String, Scaled>,
+}
+
+/// One task's load over the scaling window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TaskLoad {
+    /// Executions started per second.
+    pub arrivals_per_s: f64,
+    /// Mean execution time, seconds.
+    pub service_s: f64,
+}
+
+/// When a task's replica count last changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scaled {
+    pub out_at: Option<Duration>,
+    pub in_at: Option<Duration>,
 }
 
 impl Deployment {
@@ -104,6 +126,9 @@ impl Deployment {
             next_replica: 1,
             failures: BTreeMap::new(),
             unplaceable: BTreeMap::new(),
+            draining: Vec::new(),
+            load: BTreeMap::new(),
+            scaled: BTreeMap::new(),
         }
     }
 
@@ -144,6 +169,8 @@ pub struct Replica {
     pub state: ReplicaState,
     /// What it holds on its host (its task's resources when it was placed).
     pub resources: Resources,
+    /// When it was placed (or adopted): scale-in spares it for a cooldown after.
+    pub placed_at: Duration,
 }
 
 impl Replica {

@@ -1,0 +1,145 @@
+//! Sizing by utilisation: how many replicas each task of a graph with a `[scaling]` policy
+//! needs, from its arrival rate × service time ÷ `max_concurrency` against a target
+//! utilisation, within the task's minimum and maximum, the graph's VM budget and the cooldowns.
+//!
+//! Scale-out goes straight to what is needed (then waits its cooldown); scale-in removes one
+//! replica at a time, only when even one fewer would stay under `SCALE_IN_MARGIN` of the target
+//! (hysteresis), never within the scale-in cooldown of the task's last change, and never a
+//! replica placed less than that cooldown ago.
+
+use crate::snapshot::{Deployment, Replica, TaskLoad};
+use prescient_schemas::{ScalingPolicy, TaskPolicy};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Scale in only when one fewer replica would run at most this share of the target.
+pub const SCALE_IN_MARGIN: f64 = 0.8;
+
+/// What sizing decided for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sizing {
+    /// Grow from `from` to `to` replicas.
+    Out {
+        task: String,
+        from: u32,
+        to: u32,
+        reason: String,
+    },
+    /// Retire `replica` (`from` to `from - 1`).
+    In {
+        task: String,
+        replica: String,
+        from: u32,
+        reason: String,
+    },
+}
+
+/// Replicas a load needs at `p`'s target utilisation (fractional).
+pub fn replicas_needed(load: &TaskLoad, p: &TaskPolicy) -> f64 {
+    let capacity = f64::from(p.max_concurrency.max(1)) * p.target_utilisation.clamp(0.01, 1.0);
+    (load.arrivals_per_s.max(0.0) * load.service_s.max(0.0)) / capacity
+}
+
+fn explain(task: &str, load: &TaskLoad, p: &TaskPolicy, needed: f64) -> String {
+    let mut s = format!(
+        "{task}: {:.1} req/s × {:.2} ms ÷ ({} at once × {:.0}% target) = {needed:.2} replicas",
+        load.arrivals_per_s,
+        load.service_s * 1e3,
+        p.max_concurrency,
+        p.target_utilisation * 100.0
+    );
+    let _ = write!(s, " (min {}, max {})", p.min_replicas, p.max_replicas);
+    s
+}
+
+/// Sizes every task of `d` under `policy` at `now`. Tasks without a load reading keep what
+/// they have (raised to the minimum).
+pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing> {
+    let out_cooldown = Duration::from_nanos(policy.scale_out_cooldown_ns);
+    let in_cooldown = Duration::from_nanos(policy.scale_in_cooldown_ns);
+    let mut total: u32 = d.replicas.len() as u32;
+    let budget = policy.max_vms.unwrap_or(u32::MAX);
+    let mut out = Vec::new();
+    for t in &d.record.graph.tasks {
+        let p = policy.for_task(&t.id);
+        let mine: Vec<&Replica> = d.replicas.iter().filter(|r| r.task == t.id).collect();
+        let have = mine.len() as u32;
+        let scaled = d.scaled.get(&t.id).copied().unwrap_or_default();
+        let load = d.load.get(&t.id);
+        let needed = load.map(|l| replicas_needed(l, &p));
+        let want = needed
+            .map_or(have, |n| n.ceil() as u32)
+            .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        if want > have {
+            let cooling = scaled.out_at.is_some_and(|at| now < at + out_cooldown);
+            // The minimum is restored at once; growth beyond it waits out the cooldown.
+            let to = if cooling {
+                p.min_replicas.max(have)
+            } else {
+                want
+            };
+            let room = budget.saturating_sub(total);
+            let to = to.min(have + room);
+            if to > have {
+                let mut reason = match (load, needed) {
+                    (Some(l), Some(n)) => explain(&t.id, l, &p, n),
+                    _ => format!("{}: below its minimum of {}", t.id, p.min_replicas),
+                };
+                if to < want {
+                    let _ = write!(
+                        reason,
+                        "; {to} of the {want} wanted: the graph's budget is {budget} replicas"
+                    );
+                }
+                total += to - have;
+                out.push(Sizing::Out {
+                    task: t.id.clone(),
+                    from: have,
+                    to,
+                    reason,
+                });
+            }
+            continue;
+        }
+        // Over the maximum (the policy was lowered): shed regardless of load.
+        let over_max = have > p.max_replicas.max(p.min_replicas);
+        let reason = match (load, needed) {
+            _ if over_max => format!(
+                "{}: {have} replicas, over its maximum of {}",
+                t.id, p.max_replicas
+            ),
+            (Some(l), Some(n))
+                if have > p.min_replicas && n <= f64::from(have - 1) * SCALE_IN_MARGIN =>
+            {
+                format!(
+                    "{}; {} would be {:.0}% busy, under {:.0}% of the {:.0}% target",
+                    explain(&t.id, l, &p, n),
+                    have - 1,
+                    n / f64::from(have - 1) * p.target_utilisation * 100.0,
+                    SCALE_IN_MARGIN * 100.0,
+                    p.target_utilisation * 100.0
+                )
+            }
+            _ => continue,
+        };
+        let last_change = scaled.out_at.max(scaled.in_at);
+        if !over_max && last_change.is_some_and(|at| now < at + in_cooldown) {
+            continue;
+        }
+        // Spare replicas placed within the cooldown; of the rest, the newest goes.
+        let Some(victim) = mine
+            .iter()
+            .filter(|r| now >= r.placed_at + in_cooldown)
+            .max_by_key(|r| (r.placed_at, r.id.clone()))
+        else {
+            continue;
+        };
+        out.push(Sizing::In {
+            task: t.id.clone(),
+            replica: victim.id.clone(),
+            from: have,
+            reason,
+        });
+    }
+    out
+}

@@ -1,0 +1,104 @@
+//! Sizing by utilisation with real processes: a task under load scales out to what its
+//! arrival rate × service time needs, and back in once the load stops, with nothing failing.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GRAPH: &str = r#"
+name = "scaled"
+[[task]]
+id = "work"
+code = { builtin = "sleep", params = { mean = "20ms" } }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "20ms"
+
+[scaling]
+max_replicas = 4
+window = "2s"
+scale_out_cooldown = "2s"
+scale_in_cooldown = "4s"
+"#;
+
+fn ready(control: &Control) -> usize {
+    control.cli_json(&["replicas", "scaled"])["replicas"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|r| r["state"] == "ready").count())
+}
+
+fn wait_for(what: &str, control: &Control, limit: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < until,
+            "{what} within {limit:?}: {:#?}",
+            events(control)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
+    let dir = TempDir::new("scaling");
+    let control = Control::start(
+        dir.path(),
+        &["--startup-grace-ms", "0", "--drain-ms", "500"],
+    );
+    let _agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::start(&control.addr, &format!("a{i}"), 4, dir.path()))
+        .collect();
+    control.wait_agents(2);
+    let path = dir.path().join("scaled.toml");
+    std::fs::write(&path, GRAPH).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "scaled", 1, 1);
+    assert_eq!(ready(&control), 1, "a new graph starts at its minimum");
+
+    // 100/s × 20 ms ÷ 70% needs 2.9 replicas.
+    let load = Command::new(CLI)
+        .args(["--control", &control.addr, "--json", "load", "scaled"])
+        .args(["--rate", "100", "--duration", "9"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("a scale-out", &control, Duration::from_secs(9), || {
+        ready(&control) >= 3
+    });
+    let out = load.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    let ev = events(&control);
+    let (_, _, why) = ev
+        .iter()
+        .find(|(k, s, _)| k == "scale-out" && s == "g1.work")
+        .unwrap_or_else(|| panic!("no scale-out event: {ev:#?}"));
+    assert!(why.contains("req/s") && why.contains("replicas"), "{why}");
+
+    // The load is gone: one replica at a time back to the minimum, each drained and retired.
+    wait_for(
+        "scale-in to the minimum",
+        &control,
+        Duration::from_secs(30),
+        || ready(&control) == 1,
+    );
+    let ev = events(&control);
+    assert!(
+        ev.iter().filter(|(k, _, _)| k == "scale-in").count() >= 2,
+        "{ev:#?}"
+    );
+    wait_for(
+        "the drained replicas retired",
+        &control,
+        Duration::from_secs(5),
+        || {
+            events(&control)
+                .iter()
+                .any(|(k, _, r)| k == "replicas-retired" && r.starts_with("scaled in"))
+        },
+    );
+}
