@@ -72,6 +72,15 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
     let out = load.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["errors"], 0, "{report}");
+    // One replica serves one execution at a time (`max_concurrency` = 1 by default): until the
+    // scale-out, the rest queued at it, and that wait is measured as queueing, not execution.
+    let stats = control.cli_json(&["stats", "scaled", "--window", "30"]);
+    let work = &stats["tasks"][0];
+    let (exec_p50, queue_p99) = (
+        work["exec_p50_us"].as_f64().unwrap(),
+        work["queue_p99_us"].as_f64().unwrap(),
+    );
+    assert!(exec_p50 < 40_000.0 && queue_p99 > 5_000.0, "{stats}");
     let ev = events(&control);
     let (_, _, why) = ev
         .iter()

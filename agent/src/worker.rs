@@ -127,6 +127,9 @@ struct Deployed {
     outputs: Vec<(Rc<str>, Vec<crate::request_path::routes::InputPort>)>,
     /// Some output is a graph output: the chains through this task end here.
     sink: bool,
+    /// At most `max_concurrency` executions at once (graphs with a `[scaling]` policy); the
+    /// rest wait here, and the wait counts as their queueing.
+    gate: Option<tokio::sync::Semaphore>,
 }
 
 /// When a request arrived, for its span (None: spans were off).
@@ -228,6 +231,10 @@ impl Worker {
                     },
                     outputs,
                     sink,
+                    gate: record.graph.scaling.as_ref().map(|s| {
+                        let n = s.for_task(&task).max_concurrency.max(1);
+                        tokio::sync::Semaphore::new(n as usize)
+                    }),
                 }));
             }
             Command::Routes(table) => {
@@ -257,6 +264,11 @@ impl Worker {
     ) {
         tokio::task::spawn_local(async move {
             let arrival = arrival.filter(|_| self.spans.enabled());
+            // Never closed, so acquiring only waits.
+            let _permit = match &d.gate {
+                Some(gate) => gate.acquire().await.ok(),
+                None => None,
+            };
             let start = arrival.map(|_| crate::telemetry::clock::Stamp::now());
             let result = d.kernel.run(&inputs, &self.fwd.rng).await;
             let end = start.map(|_| crate::telemetry::clock::Stamp::now());
