@@ -172,6 +172,7 @@ async fn walk_through(dir: &Path) -> Result<()> {
         payload: bytes::Bytes::from(vec![b'x'; 256]),
         deadline_ms: 5000,
         ingresses: cluster.agents.iter().map(|a| a.addr.clone()).collect(),
+        objective_us: None,
     };
     let control_addr = cluster.control.addr.clone();
     let replay = tokio::task::spawn_local(load::run(spec, true));

@@ -37,6 +37,8 @@ pub struct Spec {
     pub payload: Bytes,
     pub deadline_ms: u32,
     pub ingresses: Vec<String>,
+    /// Report the share of invocations answered within this latency.
+    pub objective_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +57,9 @@ pub struct Report {
     pub mean_us: f64,
     /// Up to five distinct error messages.
     pub error_samples: Vec<String>,
+    /// The share of invocations answered without error within `Spec::objective_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub within_objective: Option<f64>,
 }
 
 struct Stats {
@@ -352,6 +357,10 @@ pub async fn run(spec: Spec, progress: bool) -> Result<Report> {
         max_us: s.hist.max(),
         mean_us: s.hist.mean(),
         error_samples: s.samples.clone(),
+        within_objective: spec.objective_us.map(|us| {
+            let within = s.hist.count_between(0, us);
+            within as f64 / (s.ok + s.errors).max(1) as f64
+        }),
     })
 }
 

@@ -504,6 +504,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
                     deadline_ms,
                     ingresses,
+                    objective_us: None,
                 },
                 !json,
             )

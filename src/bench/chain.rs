@@ -31,6 +31,7 @@ impl Point<'_> {
                 payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
                 deadline_ms: 10_000,
                 ingresses: vec![ingress.clone()],
+                objective_us: None,
             };
             crate::load::run(spec(1.0), false).await?;
             let r = crate::load::run(spec(duration), false).await?;
@@ -60,6 +61,7 @@ impl Point<'_> {
             payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
             deadline_ms: 10_000,
             ingresses: vec![ingress.clone()],
+            objective_us: None,
         };
         let before = busy();
         let r = crate::load::run(open, false).await?;
@@ -128,6 +130,7 @@ pub(super) async fn alternate(
         payload: bytes::Bytes::from(vec![b'x'; point.payload_bytes]),
         deadline_ms: 10_000,
         ingresses: vec![point.ingress.to_string()],
+        objective_us: None,
     };
     let mut load = crate::load::Continuous::start(&spec).await?;
     let mut pairs = Vec::new();

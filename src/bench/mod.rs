@@ -81,6 +81,18 @@ pub enum Which {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// Sizing by utilisation: a task serving one execution at a time (a `sleep` kernel) under
+    /// open-loop load ramping 0.5x, 1x, 2x, 4x, 8x one replica's capacity and back; replicas
+    /// needed against those serving, reaction time, latency, the share within the objective
+    /// (5x the service time), and how long the extras take to retire.
+    Scale {
+        /// Seconds per load step.
+        #[arg(long, default_value_t = 8.0)]
+        phase: f64,
+        /// The task's service time in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        service_ms: u64,
+    },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
     Transfer {
@@ -125,6 +137,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             repeat,
         } => transfer::transfer(&bytes, &payload, repeat)?,
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
+        Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
         Which::Probes {
             rounds,
             round_trips,
@@ -191,6 +204,7 @@ mod chain;
 mod idle;
 mod probes;
 mod procfs;
+mod scale;
 mod transfer;
 
 use procfs::*;
