@@ -106,6 +106,61 @@ where
     }
 }
 
+/// A peak-EWMA latency estimate of one replica, as linkerd2-proxy's `PeakEwma`: a slower
+/// observation is taken at once (the peak), faster ones pull the estimate down with time
+/// constant `decay`, so a replica that turns slow loses traffic on its next answer and wins it
+/// back gradually. No clock is read: times are arguments.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeakEwma {
+    cost_ns: f64,
+    updated_ns: u64,
+    decay_ns: f64,
+}
+
+/// How fast a latency estimate forgets a slow spell.
+pub const DEFAULT_DECAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        PeakEwma::new(DEFAULT_DECAY)
+    }
+}
+
+impl PeakEwma {
+    pub fn new(decay: std::time::Duration) -> PeakEwma {
+        PeakEwma {
+            cost_ns: 0.0,
+            updated_ns: 0,
+            decay_ns: decay.as_nanos().max(1) as f64,
+        }
+    }
+
+    /// Takes one round trip of `rtt_ns`, observed at `now_ns`.
+    pub fn observe(&mut self, rtt_ns: u64, now_ns: u64) {
+        let rtt = rtt_ns as f64;
+        if rtt >= self.cost_ns || self.updated_ns == 0 {
+            self.cost_ns = rtt;
+        } else {
+            let elapsed = now_ns.saturating_sub(self.updated_ns) as f64;
+            let w = (-elapsed / self.decay_ns).exp();
+            self.cost_ns = self.cost_ns * w + rtt * (1.0 - w);
+        }
+        self.updated_ns = now_ns;
+    }
+
+    /// The estimate, ns (0 before the first observation).
+    pub fn estimate_ns(&self) -> f64 {
+        self.cost_ns
+    }
+
+    /// The load replica choice compares: the estimate weighted by the requests outstanding
+    /// (plus the one being placed), so an unmeasured replica is tried and a slow one is
+    /// chosen less.
+    pub fn load(&self, outstanding: usize) -> f64 {
+        self.cost_ns * (outstanding + 1) as f64
+    }
+}
+
 /// Rendezvous (highest random weight) score of a replica for an invocation.
 pub fn rendezvous(invocation: u64, replica: &str) -> u64 {
     // FNV-1a over the replica name, mixed with the invocation (splitmix64 finaliser).
@@ -234,6 +289,25 @@ mod tests {
             prop_assert_eq!(other.is_none(), es.len() == 1);
             prop_assert!(other.is_none_or(|o| o.id != first.id));
         }
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_at_once_and_forgets_them_gradually() {
+        let mut e = PeakEwma::new(std::time::Duration::from_secs(1));
+        e.observe(1_000_000, 1);
+        assert_eq!(e.estimate_ns(), 1e6);
+        e.observe(10_000_000, 2);
+        assert_eq!(e.estimate_ns(), 1e7, "a slower answer counts at once");
+        // Fast answers pull it down: after one decay constant, 1/e of the gap is left.
+        e.observe(1_000_000, 1_000_000_002);
+        let left = (e.estimate_ns() - 1e6) / 9e6;
+        assert!((left - (-1.0f64).exp()).abs() < 1e-6, "{left}");
+        // A slow replica with one request out loses to a fast one with three.
+        let mut fast = PeakEwma::default();
+        fast.observe(1_000_000, 1);
+        let mut slow = PeakEwma::default();
+        slow.observe(10_000_000, 1);
+        assert!(fast.load(3) < slow.load(1));
     }
 
     #[test]

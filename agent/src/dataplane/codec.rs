@@ -165,7 +165,12 @@ pub fn encode_request(seq: u64, hop: &Hop) -> Vec<u8> {
         r.set_payload(&hop.payload);
         r.set_deadline_unix_us(hop.deadline_unix_us);
         r.set_reply_to(&*hop.reply_to);
-        r.set_sent_unix_ns(now_unix_ns());
+        // A hop the peer pool stamped keeps its time; others are sent now.
+        r.set_sent_unix_ns(if hop.sent_unix_ns > 0 {
+            hop.sent_unix_ns
+        } else {
+            now_unix_ns()
+        });
         r.set_attempt(hop.attempt);
         r.set_admitted_unix_ns(hop.admitted_unix_ns);
     }

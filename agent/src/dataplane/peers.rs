@@ -37,6 +37,8 @@ pub(super) struct Peer {
     sender: RefCell<PeerSender>,
     next_seq: Cell<u64>,
     unacked: RefCell<HashMap<u64, Hop>>,
+    /// Send-to-ack time: how long this replica takes to take a request off our hands.
+    latency: Cell<prescient_policy::balance::PeakEwma>,
     dead: Cell<bool>,
 }
 
@@ -63,6 +65,14 @@ impl PeerPool {
     }
 
     /// Requests sent to `addr` and not yet acknowledged.
+    /// Replica choice's load for `addr`: its peak-EWMA latency × (outstanding + 1).
+    pub fn load(&self, addr: &str) -> f64 {
+        self.peers
+            .borrow()
+            .get(addr)
+            .map_or(0.0, |p| p.latency.get().load(p.unacked.borrow().len()))
+    }
+
     pub fn outstanding(&self, addr: &str) -> usize {
         self.peers
             .borrow()
@@ -82,6 +92,7 @@ impl PeerPool {
             sender: RefCell::new(PeerSender::Connecting(tx)),
             next_seq: Cell::new(1),
             unacked: RefCell::new(HashMap::new()),
+            latency: Cell::default(),
             dead: Cell::new(false),
         });
         self.peers.borrow_mut().insert(addr.clone(), peer.clone());
@@ -101,9 +112,14 @@ impl PeerPool {
                     let result = read_frames(stream, |f| {
                         if let Inbound::Acks(seqs) = f {
                             let mut unacked = p2.unacked.borrow_mut();
+                            let now = now_unix_ns();
+                            let mut latency = p2.latency.get();
                             for s in seqs {
-                                unacked.remove(&s);
+                                if let Some(hop) = unacked.remove(&s) {
+                                    latency.observe(now.saturating_sub(hop.sent_unix_ns), now);
+                                }
                             }
+                            p2.latency.set(latency);
                             acked.notify_waiters();
                         }
                     })
@@ -143,7 +159,9 @@ impl PeerPool {
     }
 
     /// Sends a request to the replica at `addr`, tracking it until acknowledged.
-    pub fn send_request(self: &Rc<Self>, addr: &Rc<str>, hop: Hop) {
+    pub fn send_request(self: &Rc<Self>, addr: &Rc<str>, mut hop: Hop) {
+        // Stamped here (the frame carries it; a retry gets a fresh one) so the ack times it.
+        hop.sent_unix_ns = now_unix_ns();
         let peer = self.peer(addr);
         let seq = peer.next_seq.get();
         peer.next_seq.set(seq + 1);

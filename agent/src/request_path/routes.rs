@@ -161,11 +161,12 @@ impl Candidate for Route {
     }
 }
 
-/// The data plane's load: requests outstanding to a replica's address.
+/// The data plane's load: a peak-EWMA of each replica's send-to-ack time weighted by the
+/// requests outstanding to it, so a slow replica gets less traffic before any controller acts.
 impl Load<Route> for PeerPool {
-    type Metric = usize;
-    fn load(&self, r: &Route) -> usize {
-        self.outstanding(&r.addr)
+    type Metric = f64;
+    fn load(&self, r: &Route) -> f64 {
+        PeerPool::load(self, &r.addr)
     }
 }
 
