@@ -222,7 +222,13 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
     crash_loop(&client, &ids[0].0, "infer").await?;
 
-    step(8, "what the control node decided, and why");
+    step(
+        8,
+        "a graph with a [scaling] policy: load grows it, load loss shrinks it back",
+    );
+    scaling(&client, &cluster, dir).await?;
+
+    step(9, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
@@ -231,6 +237,81 @@ async fn walk_through(dir: &Path) -> Result<()> {
          the control node restart interrupted {} of them",
         report.sent, report.errors, report.p50_us, report.p99_us, report.errors
     );
+    Ok(())
+}
+
+const SCALED: &str = r#"name = "scaled-sleep"
+[[task]]
+id = "work"
+code = { builtin = "sleep", params = { mean = "20ms" } }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "20ms"
+
+[scaling]
+max_replicas = 4
+window = "2s"
+scale_out_cooldown = "2s"
+scale_in_cooldown = "4s"
+"#;
+
+/// Submits a task that serves one execution at a time, sends it twice what one replica can
+/// take, and prints the controller's sizing decisions as they happen, until it is back to one.
+async fn scaling(client: &ControlClient, cluster: &LocalCluster, dir: &Path) -> Result<()> {
+    let path = dir.join("scaled-sleep.toml");
+    std::fs::write(&path, SCALED)?;
+    let f = file::read(&path)?;
+    let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+        bail!("the scaled example was rejected");
+    };
+    let id = record.id.clone();
+    wait_deployed(client, &id, 1, Duration::from_secs(30)).await?;
+    println!("{id}: one replica of a 20 ms task serving one request at a time (50/s); sending 100/s for 8 s");
+    let mut seen = client.events(0, 100_000).await?.last().map_or(0, |e| e.seq);
+    let spec = load::Spec {
+        graph: id.clone(),
+        mode: load::Mode::Open { rate: 100.0 },
+        duration: Duration::from_secs(8),
+        payload: bytes::Bytes::from_static(b"x"),
+        deadline_ms: 10_000,
+        ingresses: cluster.agents.iter().map(|a| a.addr.clone()).collect(),
+        objective_us: Some(100_000),
+    };
+    let mut replay = Some(tokio::task::spawn_local(load::run(spec, false)));
+    let started = std::time::Instant::now();
+    let mut report = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        for e in client.events(seen, 1000).await? {
+            seen = e.seq;
+            if e.kind.starts_with("scale") || e.kind == "replicas-retired" {
+                print!("  +{:>4.1}s ", started.elapsed().as_secs_f64());
+                output::print_event(&e, false)?;
+            }
+        }
+        if replay.as_ref().is_some_and(|h| h.is_finished()) {
+            if let Some(h) = replay.take() {
+                report = Some(h.await??);
+            }
+        }
+        if report.is_some() && client.replicas(&id).await?.1.len() <= 1 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            println!("  (still scaling in after 60 s)");
+            break;
+        }
+    }
+    if let Some(r) = report {
+        println!(
+            "{id}: {} invocations, {} failed, p50 {} us, p99 {} us, {:.0}% within 100 ms (they queued until the scale-out)",
+            r.sent,
+            r.errors,
+            r.p50_us,
+            r.p99_us,
+            r.within_objective.unwrap_or(0.0) * 100.0
+        );
+    }
     Ok(())
 }
 

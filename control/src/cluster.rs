@@ -249,13 +249,28 @@ impl Cluster {
             let Some(d) = state.deployments.get_mut(&id) else {
                 continue;
             };
+            // A join's wait is for its other inputs, not a backlog: it stays out.
+            let joins: Vec<String> = d
+                .record
+                .graph
+                .tasks
+                .iter()
+                .filter(|t| t.inputs.len() > 1)
+                .map(|t| t.id.clone())
+                .collect();
             d.load = monitor
                 .task_stats(&id, window_s, now_s)
                 .into_iter()
                 .map(|t| {
+                    let queued = !joins.contains(&t.task);
                     let load = TaskLoad {
                         arrivals_per_s: t.per_second,
                         service_s: t.exec_mean_ns as f64 / 1e9,
+                        queue_s: if queued {
+                            t.queue_p50_ns as f64 / 1e9
+                        } else {
+                            0.0
+                        },
                     };
                     (t.task, load)
                 })

@@ -34,15 +34,24 @@ pub enum Sizing {
     },
 }
 
-/// Replicas a load needs at `p`'s target utilisation (fractional).
+/// Replicas a load needs at `p`'s target utilisation (fractional): the requests in the task
+/// (Little's law: rate × (wait + service)) over what one replica holds at the target. Without a
+/// backlog the wait is nil and this is rate × service; a saturated task's executions are capped
+/// at its capacity, and its growing wait is what asks for more.
 pub fn replicas_needed(load: &TaskLoad, p: &TaskPolicy) -> f64 {
     let capacity = f64::from(p.max_concurrency.max(1)) * p.target_utilisation.clamp(0.01, 1.0);
-    (load.arrivals_per_s.max(0.0) * load.service_s.max(0.0)) / capacity
+    let in_task = load.arrivals_per_s.max(0.0) * (load.service_s.max(0.0) + load.queue_s.max(0.0));
+    in_task / capacity
 }
 
 fn explain(task: &str, load: &TaskLoad, p: &TaskPolicy, needed: f64) -> String {
+    let queued = if load.queue_s > 0.0005 {
+        format!(" + {:.1} ms queued", load.queue_s * 1e3)
+    } else {
+        String::new()
+    };
     let mut s = format!(
-        "{task}: {:.1} req/s × {:.2} ms ÷ ({} at once × {:.0}% target) = {needed:.2} replicas",
+        "{task}: {:.1} req/s × ({:.2} ms{queued}) ÷ ({} at once × {:.0}% target) = {needed:.2} replicas",
         load.arrivals_per_s,
         load.service_s * 1e3,
         p.max_concurrency,

@@ -118,6 +118,7 @@ fn load(snap: &mut Snapshot, task: &str, per_s: f64, service_ms: f64) {
             TaskLoad {
                 arrivals_per_s: per_s,
                 service_s: service_ms / 1e3,
+                queue_s: 0.0,
             },
         );
 }
@@ -138,7 +139,7 @@ fn load_growth_scales_out_to_what_utilisation_needs_then_waits_its_cooldown() {
     };
     assert_eq!((*from, *to), (1, 3));
     assert!(
-        reason.contains("100.0 req/s × 20.00 ms") && reason.contains("2.86"),
+        reason.contains("100.0 req/s × (20.00 ms)") && reason.contains("2.86"),
         "{reason}"
     );
     assert_eq!(count(&snap, "infer"), 3);
@@ -156,6 +157,32 @@ fn load_growth_scales_out_to_what_utilisation_needs_then_waits_its_cooldown() {
     assert!(sizing(step(&mut snap, s(5.0))).is_empty());
     step(&mut snap, s(11.0));
     assert_eq!(count(&snap, "infer"), 5, "150 × 0.02 ÷ 0.7 = 4.3");
+}
+
+#[test]
+fn a_saturated_task_is_sized_by_its_backlog_not_its_capped_rate() {
+    let mut snap = cluster(policy());
+    step(&mut snap, s(0.0));
+    // One replica executes 50/s at most; 100/s arrive, so it reads 50/s and a growing wait.
+    snap.deployments
+        .get_mut("g1")
+        .expect("deployed")
+        .load
+        .insert(
+            "infer".into(),
+            TaskLoad {
+                arrivals_per_s: 50.0,
+                service_s: 0.02,
+                queue_s: 0.5,
+            },
+        );
+    let actions = step(&mut snap, s(1.0));
+    let Some(Action::ScaleOut { to, reason, .. }) = actions.first() else {
+        panic!("{actions:?}");
+    };
+    // 50 × (20 + 500 ms) ÷ 0.7 = 37 → the maximum.
+    assert_eq!(*to, 6);
+    assert!(reason.contains("+ 500.0 ms queued"), "{reason}");
 }
 
 #[test]

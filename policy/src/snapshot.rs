@@ -104,6 +104,10 @@ pub struct TaskLoad {
     pub arrivals_per_s: f64,
     /// Mean execution time, seconds.
     pub service_s: f64,
+    /// Median wait at the replica before executing, seconds. When a task is saturated its
+    /// executions per second are capped at what it can serve, so the wait is what shows the
+    /// backlog.
+    pub queue_s: f64,
 }
 
 /// When a task's replica count last changed.
