@@ -268,10 +268,15 @@ estimate = "40ms"
         assert!(std::time::Instant::now() < until, "incomplete: {s}");
         std::thread::sleep(Duration::from_millis(300));
     };
+    // Within 5%; a p99 may also be within 5 ms: of ~400 invocations it is the 4th slowest,
+    // and one scheduler stall of the client on this 2-core machine moves it by milliseconds,
+    // while what this guards against (windows merged across series, a unit slip) moves it by
+    // far more.
     let close = |what: &str, ours: f64, theirs: f64| {
         let diff = (ours - theirs).abs() / theirs;
+        let stall_us = if what.ends_with("p99") { 5000.0 } else { 0.0 };
         assert!(
-            diff <= 0.05,
+            diff <= 0.05 || (ours - theirs).abs() <= stall_us,
             "{what}: monitoring {ours:.0} us vs load generator {theirs:.0} us ({:.1}%)",
             diff * 100.0
         );
