@@ -62,6 +62,11 @@ fn metrics_parse_and_count_what_ran() {
         Some(1.0)
     );
     assert_eq!(value(&c, "prescient_graphs_deployed", &[]), Some(1.0));
+    // Every decision is counted by kind: this graph's three placements at least.
+    assert!(
+        value(&c, "prescient_events_total", &[("kind", "replica-placed")]).unwrap_or(0.0) >= 3.0,
+        "decisions by kind"
+    );
     assert_eq!(
         value(&c, "prescient_task_errors_total", &[("task", "infer")]),
         Some(0.0)

@@ -110,6 +110,11 @@ impl Cluster {
         self.started.elapsed()
     }
 
+    /// Decisions and state changes recorded since start, by kind.
+    pub fn event_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.events.counts()
+    }
+
     /// Asks the loop for a pass.
     pub fn reconcile_soon(&self) {
         self.kick.notify_one();

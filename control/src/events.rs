@@ -9,12 +9,23 @@ use tracing::{info, warn};
 pub struct EventLog {
     registry: Arc<Registry>,
     tx: broadcast::Sender<Event>,
+    /// Events announced since start, by kind (for `/metrics`).
+    counts: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl EventLog {
     pub fn new(registry: Arc<Registry>) -> EventLog {
         let (tx, _) = broadcast::channel(1024);
-        EventLog { registry, tx }
+        EventLog {
+            registry,
+            tx,
+            counts: Arc::default(),
+        }
+    }
+
+    /// How many events of each kind were announced since this node started.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -24,6 +35,9 @@ impl EventLog {
     /// Announces an event already stored (in the same transaction as the change it records).
     pub fn publish(&self, event: Option<Event>) {
         if let Some(e) = event {
+            if let Ok(mut counts) = self.counts.lock() {
+                *counts.entry(e.kind.clone()).or_insert(0) += 1;
+            }
             info!(seq = e.seq, kind = %e.kind, subject = %e.subject, reason = %e.reason, "event");
             // No receivers is fine: watchers catch up from the store.
             let _ = self.tx.send(e);

@@ -28,6 +28,14 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
     }
     let deployments = &state.deployments;
     e.family(
+        "prescient_events_total",
+        "counter",
+        "Decisions and state changes the control node recorded since it started, by kind.",
+    );
+    for (kind, n) in cluster.event_counts() {
+        e.sample("prescient_events_total", &[("kind", &kind)], n as f64);
+    }
+    e.family(
         "prescient_graphs_deployed",
         "gauge",
         "Graphs with a deployment.",
