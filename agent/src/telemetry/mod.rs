@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod clock;
+pub mod groups;
 pub mod host;
 pub mod probes;
 pub mod sockets;
