@@ -5,18 +5,8 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// These tests compare latencies measured in different processes: run in parallel with each
-/// other (the harness runs two at once) on a 2-core machine, one cluster's load stalls the
-/// other's client by more than the agreement checked. They take turns.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[test]
 fn every_execution_is_counted_and_timed() {
-    let _quiet = one_at_a_time();
     let dir = TempDir::new("telemetry");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let _a = Agent::start(&control.addr, "a1", 4, dir.path());
@@ -135,7 +125,6 @@ to = "slow.y"
 
 #[test]
 fn each_chain_is_timed_at_its_sink() {
-    let _quiet = one_at_a_time();
     let dir = TempDir::new("chains");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let _a = Agent::start(&control.addr, "a1", 4, dir.path());
@@ -233,7 +222,6 @@ to = "slow.y"
 
 #[test]
 fn monitoring_agrees_with_the_load_generator() {
-    let _quiet = one_at_a_time();
     let dir = TempDir::new("telemetry-agree");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let _a = Agent::start(&control.addr, "a1", 4, dir.path());
@@ -309,7 +297,6 @@ estimate = "40ms"
 
 #[test]
 fn history_survives_a_restart() {
-    let _quiet = one_at_a_time();
     let dir = TempDir::new("history");
     let data = dir.path().join("control");
     let control = Control::start(
@@ -385,7 +372,6 @@ fn history_survives_a_restart() {
 
 #[test]
 fn an_ingress_times_each_graph_apart() {
-    let _quiet = one_at_a_time();
     let dir = TempDir::new("two-graphs");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let _a = Agent::start(&control.addr, "a1", 4, dir.path());

@@ -186,10 +186,8 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
             target_ns: o.target.0,
         }
     });
-    // A table's span starts at the whitespace before its header.
-    let header = |o: usize| o + text[o..].len() - text[o..].trim_start().len();
     let scaling = raw.scaling.map(|s| {
-        source.scaling = Some(header(s.span().start));
+        source.scaling = Some(s.span().start);
         let s = s.into_inner();
         let d = ScalingPolicy::default();
         ScalingPolicy {
@@ -207,9 +205,7 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
                 .task
                 .into_iter()
                 .map(|(task, t)| {
-                    source
-                        .scaling_tasks
-                        .insert(task.clone(), header(t.span().start));
+                    source.scaling_tasks.insert(task.clone(), t.span().start);
                     let t = t.into_inner();
                     TaskScaling {
                         task,
