@@ -11,7 +11,9 @@ use crate::clock::unix_ms;
 use crate::events::EventLog;
 use crate::store::{HistoryBaselines, Registry};
 use prescient_policy::observe;
-use prescient_policy::snapshot::{Capacity, Deployment, Health, Reported, Snapshot, TaskLoad};
+use prescient_policy::snapshot::{
+    Capacity, ChainLoad, Deployment, Health, ReplicaHealth, Reported, Snapshot, TaskLoad,
+};
 use prescient_policy::{apply, Action, Event};
 use prescient_schemas::agent_capnp::{agent, replica_spec, routing_table};
 use prescient_schemas::codec::{self, text};
@@ -29,6 +31,11 @@ const PERIOD: Duration = Duration::from_secs(2);
 const RELIST: Duration = Duration::from_secs(10);
 /// How many seconds behind the clock telemetry windows are complete.
 const TELEMETRY_LAG_S: u64 = 2;
+
+/// A task's calibrated execution time is its best p50 over buckets this long...
+const CALIBRATION_BUCKET_S: u64 = 5;
+/// ...in this much recent history.
+const CALIBRATION_SPAN_S: u64 = 300;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClusterConfig {
@@ -233,8 +240,10 @@ impl Cluster {
         }
     }
 
-    /// Puts what monitoring measured over each scaled graph's window into the snapshot: the
-    /// arrival rate and mean service time of every task.
+    /// Puts what monitoring measured into each scaled graph's deployment: every task's arrival
+    /// rate, service time, queueing and calibrated execution time over the scaling window;
+    /// every ready replica's health and every chain's latency against the objective over the
+    /// detection window.
     fn read_load(&self) {
         // Windows reach the control node up to two seconds late (a worker hands its second to
         // its agent at the next 1 s flush, the agent forwards once a second): seconds that
@@ -242,15 +251,16 @@ impl Cluster {
         let now_s = (unix_ms() / 1000).saturating_sub(TELEMETRY_LAG_S);
         let monitor = self.monitor.borrow();
         let mut state = self.state.borrow_mut();
-        let windows: Vec<(String, u64)> = state
+        let windows: Vec<(String, u64, u64)> = state
             .wanted
             .iter()
             .filter_map(|(id, r)| {
                 let s = r.graph.scaling.as_ref()?;
-                Some((id.clone(), (s.window_ns / 1_000_000_000).clamp(1, 600)))
+                let secs = |ns: u64| (ns / 1_000_000_000).clamp(1, 600);
+                Some((id.clone(), secs(s.window_ns), secs(s.detect_window_ns)))
             })
             .collect();
-        for (id, window_s) in windows {
+        for (id, window_s, detect_s) in windows {
             let Some(d) = state.deployments.get_mut(&id) else {
                 continue;
             };
@@ -263,6 +273,13 @@ impl Cluster {
                 .filter(|t| t.inputs.len() > 1)
                 .map(|t| t.id.clone())
                 .collect();
+            let calibrated = monitor.replicas.calibrated(
+                &id,
+                CALIBRATION_BUCKET_S,
+                CALIBRATION_SPAN_S,
+                prescient_policy::replace::MIN_EXECUTIONS,
+                now_s,
+            );
             d.load = monitor
                 .task_stats(&id, window_s, now_s)
                 .into_iter()
@@ -276,6 +293,7 @@ impl Cluster {
                         } else {
                             0.0
                         },
+                        calibrated_s: calibrated.get(&t.task).map_or(0.0, |ns| *ns as f64 / 1e9),
                     };
                     (t.task, load)
                 })
@@ -284,6 +302,45 @@ impl Cluster {
             for t in &d.record.graph.tasks {
                 d.load.entry(t.id.clone()).or_default();
             }
+            d.health = monitor
+                .replicas
+                .stats(&id, detect_s, now_s)
+                .into_iter()
+                .filter(|r| d.replicas.iter().any(|x| x.id == r.replica))
+                .map(|r| {
+                    let queued = !joins.contains(&r.task);
+                    let health = ReplicaHealth {
+                        executions: r.executions,
+                        errors: r.errors,
+                        exec_p50_s: r.exec_p50_ns as f64 / 1e9,
+                        queue_p50_s: if queued {
+                            r.queue_p50_ns as f64 / 1e9
+                        } else {
+                            0.0
+                        },
+                        throttled_share: monitor
+                            .vms
+                            .get(&r.replica)
+                            .map_or(0.0, |v| f64::from(v.throttled_share)),
+                    };
+                    (r.replica, health)
+                })
+                .collect();
+            let chains = crate::monitor::ChainsOf::of(&d.record);
+            d.chains = monitor
+                .chain_stats(&id, &chains, detect_s, now_s)
+                .into_iter()
+                .filter_map(|c| {
+                    let (percentile, target_ns, measured_ns) = c.objective?;
+                    Some(ChainLoad {
+                        tasks: c.tasks,
+                        count: c.count,
+                        percentile,
+                        objective_s: target_ns as f64 / 1e9,
+                        measured_s: measured_ns as f64 / 1e9,
+                    })
+                })
+                .collect();
         }
     }
 
@@ -351,7 +408,9 @@ impl Cluster {
             | Action::Unplaceable { .. }
             | Action::StartDrain { .. }
             | Action::ScaleOut { .. }
-            | Action::ScaleIn { .. } => {}
+            | Action::ScaleIn { .. }
+            | Action::Replace { .. }
+            | Action::Shed { .. } => {}
         }
         self.events
             .record(&action.event(&summary, reconnected))

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod events;
 pub mod metrics;
 pub mod monitor;
+pub mod replica_windows;
 pub mod server;
 pub mod session;
 pub mod store;

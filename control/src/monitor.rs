@@ -37,6 +37,8 @@ pub struct SpanView {
 pub struct WindowView {
     pub graph_id: String,
     pub task: String,
+    /// The replica that ran them (empty from older agents).
+    pub replica: String,
     pub second: u64,
     pub errors: u64,
     pub input_bytes: u64,
@@ -171,6 +173,8 @@ pub struct VmPoint {
     pub memory_limit_bytes: u64,
     /// GPU memory its processes hold (NVML).
     pub gpu_memory_bytes: u64,
+    /// Share of its cgroup's CPU-bandwidth periods it was throttled in.
+    pub throttled_share: f32,
     /// What the eBPF probes saw of the VM, where its host runs them.
     pub probes: Option<VmProbePoint>,
 }
@@ -216,6 +220,8 @@ pub struct Monitor {
     pub dropped: BTreeMap<String, u64>,
     /// Windows refused for an implausible second, per host.
     pub refused: BTreeMap<String, u64>,
+    /// The same windows per replica, for the replacement triggers.
+    pub replicas: crate::replica_windows::ReplicaWindows,
 }
 
 impl Monitor {
@@ -358,6 +364,15 @@ impl Monitor {
         slot.input_bytes += w.input_bytes;
         slot.output_bytes += w.output_bytes;
         slot.errors += w.errors;
+        self.replicas.record(
+            &w.graph_id,
+            &w.task,
+            &w.replica,
+            w.second,
+            &w.exec,
+            &w.queue,
+            w.errors,
+        );
     }
 
     /// Per-minute roll-ups of every series touched at or after `since_s` (task "" is end to end).

@@ -81,6 +81,7 @@ impl agent_session::Server for Session {
                     cpu_limit_cores: v.get_cpu_limit_cores(),
                     memory_limit_bytes: v.get_memory_limit_bytes(),
                     gpu_memory_bytes: v.get_gpu_memory_bytes(),
+                    throttled_share: v.get_throttled_share(),
                     probes: if v.get_probed() {
                         Some(crate::monitor::VmProbePoint {
                             run_queue: Sketch::decode(v.get_run_queue_latency_ns()?)?,
@@ -118,6 +119,7 @@ impl agent_session::Server for Session {
             monitor.record_window(&crate::monitor::WindowView {
                 graph_id: text(w.get_graph_id())?,
                 task: text(w.get_task())?,
+                replica: text(w.get_replica())?,
                 second: w.get_second(),
                 errors: w.get_errors(),
                 input_bytes: w.get_input_bytes(),

@@ -85,6 +85,29 @@ pub enum Action {
         until: Duration,
         reason: String,
     },
+    /// A replica is bad (slow, failing, or on a contended host): a replacement is placed
+    /// elsewhere, and it serves until that is routed. `avoid_until`: its host is avoided by
+    /// placement until then (contention).
+    Replace {
+        graph_id: String,
+        task: String,
+        replica: String,
+        host: String,
+        trigger: crate::replace::Trigger,
+        avoid_until: Option<Duration>,
+        reason: String,
+    },
+    /// A replaced replica leaves the routing table and drains until `until`: `by` (its
+    /// replacements, none when there was no room for one and its peers carry the load) serve.
+    Shed {
+        graph_id: String,
+        task: String,
+        replica: String,
+        by: Vec<String>,
+        drain: Duration,
+        until: Duration,
+        reason: String,
+    },
     /// Stop scaled-in replicas whose drain is over.
     RetireDrained {
         graph_id: String,
@@ -218,6 +241,34 @@ impl Action {
                 drain: *drain,
                 reason: reason.clone(),
             },
+            Action::Replace {
+                graph_id,
+                task,
+                replica,
+                host,
+                trigger,
+                reason,
+                ..
+            } => Event::ReplicaReplacing {
+                graph_id: graph_id.clone(),
+                task: task.clone(),
+                replica: replica.clone(),
+                host: host.clone(),
+                trigger: trigger.to_string(),
+                reason: reason.clone(),
+            },
+            Action::Shed {
+                replica,
+                by,
+                drain,
+                reason,
+                ..
+            } => Event::ReplicaShed {
+                replica: replica.clone(),
+                by: by.clone(),
+                drain: *drain,
+                reason: reason.clone(),
+            },
             Action::RetireDrained {
                 graph_id,
                 drain,
@@ -271,6 +322,27 @@ fn deployment<'a>(s: &'a mut Snapshot, graph_id: &str) -> Option<&'a mut Deploym
 
 /// Makes the change `action` stands for in `s`, as of `now`.
 pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
+    apply_one(s, action, now);
+    // A replica that is gone (lost, crashed, retired) is no longer being replaced.
+    for d in s.deployments.values_mut() {
+        if !d.replacing.is_empty() {
+            let Deployment {
+                replacing,
+                replicas,
+                ..
+            } = d;
+            replacing.retain(|id, _| replicas.iter().any(|r| r.id == *id));
+            // A replacement that failed is placed again.
+            for x in replacing.values_mut() {
+                if x.by.as_ref().is_some_and(|b| !replicas.iter().any(|r| r.id == *b)) {
+                    x.by = None;
+                }
+            }
+        }
+    }
+}
+
+fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
     match action {
         Action::MarkLost { host, .. } => {
             if let Some(h) = s.hosts.get_mut(host) {
@@ -359,6 +431,20 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
                 resources: *resources,
                 placed_at: now,
             });
+            // The first replica placed for a task being replaced is its replacement.
+            let Deployment {
+                replacing,
+                replicas,
+                ..
+            } = d;
+            let bad = replicas
+                .iter()
+                .filter(|r| r.task == *task)
+                .find(|r| replacing.get(&r.id).is_some_and(|x| x.by.is_none()))
+                .map(|r| r.id.clone());
+            if let Some(x) = bad.and_then(|b| replacing.get_mut(&b)) {
+                x.by = Some(replica.clone());
+            }
         }
         Action::Unplaceable {
             graph_id,
@@ -405,6 +491,49 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
                     d.draining.push((r, *until));
                 }
                 d.scaled.entry(task.clone()).or_default().in_at = Some(now);
+            }
+        }
+        Action::Replace {
+            graph_id,
+            replica,
+            host,
+            trigger,
+            avoid_until,
+            reason,
+            ..
+        } => {
+            if let Some(d) = s.deployments.get_mut(graph_id) {
+                d.replacing.insert(
+                    replica.clone(),
+                    crate::snapshot::Replacing {
+                        since: now,
+                        trigger: *trigger,
+                        by: None,
+                    },
+                );
+            }
+            if let Some(until) = avoid_until {
+                s.contended.insert(
+                    host.clone(),
+                    crate::snapshot::Contended {
+                        until: *until,
+                        reason: reason.clone(),
+                    },
+                );
+            }
+        }
+        Action::Shed {
+            graph_id,
+            replica,
+            until,
+            ..
+        } => {
+            if let Some(d) = s.deployments.get_mut(graph_id) {
+                if let Some(i) = d.replicas.iter().position(|r| r.id == *replica) {
+                    let r = d.replicas.remove(i);
+                    d.draining.push((r, *until));
+                }
+                d.replacing.remove(replica);
             }
         }
         Action::RetireDrained {

@@ -112,6 +112,20 @@ pub enum Event {
         drain: Duration,
         replicas: Vec<String>,
     },
+    ReplicaReplacing {
+        graph_id: String,
+        task: String,
+        replica: String,
+        host: String,
+        trigger: String,
+        reason: String,
+    },
+    ReplicaShed {
+        replica: String,
+        by: Vec<String>,
+        drain: Duration,
+        reason: String,
+    },
 }
 
 fn list(items: &[String]) -> String {
@@ -143,6 +157,8 @@ impl Event {
             Event::ScaledOut { .. } => "scale-out",
             Event::ScaledIn { .. } => "scale-in",
             Event::DrainedRetired { .. } => "replicas-retired",
+            Event::ReplicaReplacing { .. } => "replace",
+            Event::ReplicaShed { .. } => "shed",
         }
     }
 
@@ -165,6 +181,9 @@ impl Event {
             Event::ScaledOut { graph_id, task, .. } => format!("{graph_id}.{task}"),
             Event::ScaledIn { replica, .. } => replica.clone(),
             Event::DrainedRetired { graph_id, .. } => graph_id.clone(),
+            Event::ReplicaReplacing { replica, .. } | Event::ReplicaShed { replica, .. } => {
+                replica.clone()
+            }
         }
     }
 
@@ -302,6 +321,23 @@ impl Event {
             Event::DrainedRetired {
                 drain, replicas, ..
             } => format!("scaled in; drained for {drain:?}: {}", list(replicas)),
+            Event::ReplicaReplacing {
+                task,
+                host,
+                trigger,
+                reason,
+                ..
+            } => format!("{trigger}: {reason}; placing another replica of {task} off {host}"),
+            Event::ReplicaShed {
+                by, drain, reason, ..
+            } => {
+                let by = if by.is_empty() {
+                    "its task's other replicas carry its load".to_string()
+                } else {
+                    format!("replaced by {}, which is routed", list(by))
+                };
+                format!("{reason}; {by}; out of the routing table, draining for {drain:?}")
+            }
         }
     }
 }

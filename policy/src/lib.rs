@@ -6,7 +6,10 @@
 //!   change to the snapshot, used by `plan` itself and by the executor.
 //! - [`observe`] — facts the executor hears (registrations, heartbeats, provisioning results,
 //!   exits), with the failure counting that backoff reads.
-//! - [`placement`] — which host gets a replica (fit, anti-affinity, spread).
+//! - [`scaling`] — sizing by utilisation and by the chains' objective.
+//! - [`replace`] — the triggers that replace a slow, failing or contended replica.
+//! - [`placement`] — which host gets a replica (fit, contention, chain locality,
+//!   anti-affinity, spread).
 //! - [`balance`] — which replica gets a request (rendezvous for joins, P2C with chain affinity).
 //! - [`event`] — the typed events every action and observation is recorded as.
 //!
@@ -20,6 +23,7 @@ pub mod event;
 pub mod observe;
 pub mod placement;
 pub mod plan;
+pub mod replace;
 pub mod scaling;
 pub mod snapshot;
 
@@ -86,6 +90,8 @@ impl Backoff {
     }
 }
 
+#[cfg(test)]
+mod replace_tests;
 #[cfg(test)]
 mod scaling_tests;
 #[cfg(test)]

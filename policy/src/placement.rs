@@ -4,7 +4,11 @@
 //! Policy: a host must fit the replica's CPU, memory, GPUs, GPU memory and network bandwidth
 //! (where the host knows its NICs' speed); among those, hosts without a replica of the same task
 //! come first (anti-affinity: losing one host never loses a task),
-//! then the host with the most free CPU (spread), then the fewest replicas, then by name.
+//! then the host with the most free CPU (spread), then the fewest replicas, then by name. Two
+//! things come before all of those: a host that is contended (a replica was moved off it for
+//! contention) is used only when no other fits, and a replica that grows a running chain goes
+//! where the same pass just put its upstream task's new replica (chain-local: the new copy of
+//! the chain keeps its hops on one host).
 
 use crate::snapshot::{Health, Host, Snapshot};
 use prescient_schemas::quantity::format_bytes;
@@ -21,15 +25,25 @@ pub struct HostView {
     /// `None`: the host does not know its NICs' speed, so bandwidth is not checked.
     pub network_free_bits_per_sec: Option<u64>,
     pub replicas: usize,
+    /// Why the host is avoided, while it is.
+    pub contended: Option<String>,
 }
 
 /// The ready hosts with what they have free: capacity less every replica they hold, retiring
-/// ones included (those hold their resources until they are gone).
-pub fn host_views(s: &Snapshot) -> Vec<HostView> {
+/// ones included (those hold their resources until they are gone); contended ones marked.
+pub fn host_views(s: &Snapshot, now: std::time::Duration) -> Vec<HostView> {
     s.hosts
         .values()
         .filter(|h| h.health == Health::Ready)
-        .map(|h| host_view(s, h))
+        .map(|h| {
+            let mut v = host_view(s, h);
+            v.contended = s
+                .contended
+                .get(&h.name)
+                .filter(|c| c.until > now)
+                .map(|c| c.reason.clone());
+            v
+        })
         .collect()
 }
 
@@ -44,6 +58,7 @@ pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
         gpu_memory_free_bytes: c.gpu_memory_bytes,
         network_free_bits_per_sec: c.network_bits_per_sec,
         replicas: 0,
+        contended: None,
     };
     for r in s
         .deployments
@@ -130,6 +145,9 @@ pub struct Need {
     pub count: usize,
     /// Hosts already running a replica of this task.
     pub occupied: Vec<String>,
+    /// The upstream task whose replica placed in the same pass this one should join (a chain
+    /// grown together); `None` for a new graph's first replicas, which spread.
+    pub near: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,8 +169,21 @@ pub enum Decision {
 pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
     let mut hosts: Vec<HostView> = hosts.to_vec();
     let mut out = Vec::new();
+    // Where this pass put each (graph, task)'s new replicas, for chain-local placement.
+    let mut placed: Vec<(&str, &str, String)> = Vec::new();
     for need in needs {
         let mut occupied = need.occupied.clone();
+        let near: Vec<String> = need
+            .near
+            .as_deref()
+            .map(|up| {
+                placed
+                    .iter()
+                    .filter(|(g, t, _)| *g == need.graph_id && *t == up)
+                    .map(|(_, _, h)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         for _ in 0..need.count {
             let r = &need.resources;
             let best = hosts
@@ -161,7 +192,10 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                 .filter(|(_, h)| h.fits(r))
                 .min_by(|(_, a), (_, b)| {
                     let key = |h: &HostView| {
+                        let with_upstream = near.contains(&h.name) && !occupied.contains(&h.name);
                         (
+                            h.contended.is_some(),
+                            !with_upstream,
                             occupied.contains(&h.name),
                             std::cmp::Reverse(h.cpu_free_millicores),
                             h.replicas,
@@ -185,8 +219,16 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                 break;
             };
             let h = &mut hosts[i];
-            let reason = format!(
-                "{} needs a replica; {} fits it ({}m of {}m CPU free{}) and is the least loaded",
+            let why = if near.contains(&h.name) && !occupied.contains(&h.name) {
+                format!(
+                    "and just got the new replica of its upstream {}: the chain stays local",
+                    need.near.as_deref().unwrap_or_default()
+                )
+            } else {
+                "and is the least loaded".to_string()
+            };
+            let mut reason = format!(
+                "{} needs a replica; {} fits it ({}m of {}m CPU free{}) {why}",
                 need.task,
                 h.name,
                 r.cpu_millicores,
@@ -197,6 +239,10 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                     ""
                 }
             );
+            if let Some(c) = &h.contended {
+                reason += &format!("; every other host is full, though it is contended ({c})");
+            }
+            placed.push((&need.graph_id, &need.task, h.name.clone()));
             h.take(r);
             occupied.push(h.name.clone());
             out.push(Decision::Place {
@@ -223,6 +269,7 @@ mod tests {
             gpu_memory_free_bytes: 0,
             network_free_bits_per_sec: None,
             replicas: 0,
+            contended: None,
         }
     }
 
@@ -236,6 +283,7 @@ mod tests {
             },
             count,
             occupied: vec![],
+            near: None,
         }
     }
 
@@ -313,6 +361,36 @@ mod tests {
         let mut n = need("t", 100, 1);
         n.resources.network_bits_per_sec = 10_000_000_000;
         assert_eq!(hosts_of(&place(&[n], &[host("a", 1000)])), ["a"]);
+    }
+
+    #[test]
+    fn a_grown_chain_stays_on_one_host_and_contended_hosts_are_avoided() {
+        let mut hosts = [host("a", 4000), host("b", 3000), host("c", 2000)];
+        let mut s2 = need("s2", 500, 1);
+        s2.near = Some("s1".into());
+        s2.occupied = vec!["a".into()];
+        let mut s1 = need("s1", 500, 1);
+        s1.occupied = vec!["a".into()];
+        // s1 goes to b (a has one; b is the least loaded of the rest); s2 follows it, though
+        // c would spread better.
+        let d = place(&[s1.clone(), s2.clone()], &hosts);
+        assert_eq!(hosts_of(&d), ["b", "b"]);
+        match &d[1] {
+            Decision::Place { reason, .. } => assert!(reason.contains("chain stays local"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        hosts[1].contended = Some("throttled".into());
+        assert_eq!(hosts_of(&place(&[s1.clone(), s2.clone()], &hosts)), ["c", "c"]);
+        // Only the contended host fits: it is used, and the reason says so.
+        let d = place(&[need("big", 2500, 1)], &hosts);
+        assert_eq!(hosts_of(&d), ["a"]);
+        hosts[0].cpu_free_millicores = 1000;
+        let d = place(&[need("big", 2500, 1)], &hosts);
+        assert_eq!(hosts_of(&d), ["b"]);
+        match &d[0] {
+            Decision::Place { reason, .. } => assert!(reason.contains("contended (throttled)"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

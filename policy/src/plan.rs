@@ -1,9 +1,11 @@
 //! `plan`: one reconcile pass as a pure function. Heartbeat loss, registration reports,
-//! removed graphs and new versions, replicas missing (placed with backoff), routing tables due,
-//! and the replaced version's drain and retirement, in that order.
+//! removed graphs and new versions, bad replicas to replace, replicas missing (placed with
+//! backoff), scale-ins, replaced replicas to shed, routing tables due, and drains and
+//! retirements, in that order.
 
 use crate::action::{apply, Action};
 use crate::placement::{self, Decision, Need};
+use crate::replace::{self, Trigger};
 use crate::scaling::{self, Sizing};
 use crate::snapshot::{Health, ReplicaState, Snapshot, MAX_EPOCH};
 use crate::Config;
@@ -33,10 +35,16 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: Duration) -> Vec<Action> 
     for a in stale(&work) {
         emit(&mut work, a);
     }
+    for a in replacements(&work, config, now) {
+        emit(&mut work, a);
+    }
     for a in placements(&work, config, now) {
         emit(&mut work, a);
     }
     for a in scale_ins(&work, config, now) {
+        emit(&mut work, a);
+    }
+    for a in sheds(&work, config, now) {
         emit(&mut work, a);
     }
     for a in publications(&work) {
@@ -239,20 +247,36 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             let Some(t) = record.graph.task(task) else {
                 continue;
             };
+            // A replica being replaced and its placed replacement count once for sizing; what
+            // is placed is what the healthy replicas lack of that.
+            let sized_have = d.map_or(have.len(), |d| d.sized_count(task));
             let wanted = match &sized {
                 Some(sized) => sized
                     .iter()
                     .find(|(t, ..)| t == task)
-                    .map_or(have.len(), |(_, _, to, _)| *to as usize),
+                    .map_or(sized_have, |(_, _, to, _)| *to as usize),
                 None => config.min_replicas,
             };
-            if have.len() < wanted {
+            let bad = d.map_or(0, |d| {
+                d.replicas
+                    .iter()
+                    .filter(|r| r.task == task && d.replacing.contains_key(&r.id))
+                    .count()
+            });
+            let healthy = have.len() - bad;
+            if healthy < wanted {
+                // A running graph's new replicas join the upstream task's new one where the
+                // same pass places both (the chain grows as a local copy).
+                let near = d
+                    .filter(|_| !have.is_empty())
+                    .and_then(|_| v.upstream(task).first().map(|u| u.to_string()));
                 needs.push(Need {
                     graph_id: id.clone(),
                     task: task.to_string(),
                     resources: t.resources,
-                    count: wanted - have.len(),
+                    count: wanted - healthy,
                     occupied: have.iter().map(|h| h.to_string()).collect(),
+                    near,
                 });
             }
         }
@@ -262,7 +286,7 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
         .iter()
         .map(|(id, d)| (id.clone(), d.next_replica))
         .collect();
-    for decision in placement::place(&needs, &placement::host_views(s)) {
+    for decision in placement::place(&needs, &placement::host_views(s, now)) {
         match decision {
             Decision::Place {
                 graph_id,
@@ -364,6 +388,85 @@ fn scale_ins(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                     reason,
                 });
             }
+        }
+    }
+    out
+}
+
+/// Replicas the replacement triggers find bad (see [`crate::replace`]), in graphs with a
+/// `[scaling]` policy whose version is settled.
+fn replacements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (id, d) in &s.deployments {
+        let Some(record) = s.wanted.get(id) else {
+            continue;
+        };
+        let Some(policy) = record.graph.scaling.as_ref() else {
+            continue;
+        };
+        if !d.retiring.is_empty() || record.version != d.record.version {
+            continue;
+        }
+        for v in replace::verdicts(d, policy, now) {
+            if v.surge {
+                let hold = Duration::from_nanos(policy.scale_in_cooldown_ns);
+                out.push(Action::Replace {
+                    graph_id: id.clone(),
+                    task: v.task,
+                    replica: v.replica,
+                    host: v.host,
+                    trigger: v.trigger,
+                    avoid_until: (v.trigger == Trigger::Contention).then_some(now + hold),
+                    reason: v.reason,
+                });
+            } else {
+                out.push(Action::Shed {
+                    graph_id: id.clone(),
+                    task: v.task,
+                    replica: v.replica,
+                    by: Vec::new(),
+                    drain: config.drain,
+                    until: now + config.drain,
+                    reason: format!(
+                        "{}: {}; no room for a replacement (its task's maximum or the graph's budget)",
+                        v.trigger, v.reason
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A replica being replaced leaves the table once a replacement placed after it went bad is
+/// ready and routed.
+fn sheds(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (id, d) in &s.deployments {
+        for (rid, rep) in &d.replacing {
+            let Some(bad) = d.replica(rid) else {
+                continue;
+            };
+            let by: Vec<String> = rep
+                .by
+                .iter()
+                .filter_map(|b| d.replica(b))
+                .filter(|o| o.is_ready())
+                .filter(|o| d.published_ready.contains(&format!("{}@{}", o.id, o.host)))
+                .map(|o| o.id.clone())
+                .collect();
+            if by.is_empty() {
+                continue;
+            }
+            out.push(Action::Shed {
+                graph_id: id.clone(),
+                task: bad.task.clone(),
+                replica: rid.clone(),
+                by,
+                drain: config.drain,
+                until: now + config.drain,
+                reason: format!("{} ({} for {:?})", rep.trigger, bad.host, now.saturating_sub(rep.since)),
+            });
         }
     }
     out

@@ -6,8 +6,13 @@
 //! replica at a time, only when even one fewer would stay under `SCALE_IN_MARGIN` of the target
 //! (hysteresis), never within the scale-in cooldown of the task's last change, and never a
 //! replica placed less than that cooldown ago.
+//!
+//! Besides utilisation, a chain over the graph's objective (its percentile at the sink above
+//! the target over the detection window) asks for one more replica of the task that makes the
+//! largest share of it (queueing + execution), each out-cooldown until the chain is back under;
+//! meanwhile no task on it scales in.
 
-use crate::snapshot::{Deployment, Replica, TaskLoad};
+use crate::snapshot::{ChainLoad, Deployment, Replica, TaskLoad};
 use prescient_schemas::{ScalingPolicy, TaskPolicy};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -61,6 +66,47 @@ fn explain(task: &str, load: &TaskLoad, p: &TaskPolicy, needed: f64) -> String {
     s
 }
 
+/// A chain's end-to-end measurements need this many invocations before they count.
+pub const MIN_CHAIN_COUNT: u64 = 10;
+
+/// The chains over their objective, and for each the task with the largest share of it
+/// (queueing + execution as the task's load measured them) with the reason.
+pub fn chains_over<'a>(
+    d: &'a Deployment,
+    policy: &ScalingPolicy,
+) -> Vec<(&'a ChainLoad, String, String)> {
+    let window = Duration::from_nanos(policy.detect_window_ns);
+    let mut out = Vec::new();
+    for c in &d.chains {
+        if c.count < MIN_CHAIN_COUNT || c.measured_s <= c.objective_s {
+            continue;
+        }
+        let cost = |t: &String| d.load.get(t).map_or(0.0, |l| l.queue_s + l.service_s);
+        let total: f64 = c.tasks.iter().map(cost).sum();
+        let Some(worst) = c
+            .tasks
+            .iter()
+            .max_by(|a, b| cost(a).total_cmp(&cost(b)).then_with(|| b.cmp(a)))
+        else {
+            continue;
+        };
+        let l = d.load.get(worst).copied().unwrap_or_default();
+        let share = if total > 0.0 { cost(worst) / total } else { 0.0 };
+        let reason = format!(
+            "chain {} p{} {:.1} ms > objective {:.1} ms over {window:?}; {worst} is {:.0}% of it (queueing {:.1} ms + execution {:.1} ms)",
+            c.tasks.join("->"),
+            c.percentile,
+            c.measured_s * 1e3,
+            c.objective_s * 1e3,
+            share * 100.0,
+            l.queue_s * 1e3,
+            l.service_s * 1e3
+        );
+        out.push((c, worst.clone(), reason));
+    }
+    out
+}
+
 /// Sizes every task of `d` under `policy` at `now`. Tasks without a load reading keep what
 /// they have (raised to the minimum).
 pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing> {
@@ -68,17 +114,23 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
     let in_cooldown = Duration::from_nanos(policy.scale_in_cooldown_ns);
     let mut total: u32 = d.replicas.len() as u32;
     let budget = policy.max_vms.unwrap_or(u32::MAX);
+    let over = chains_over(d, policy);
     let mut out = Vec::new();
     for t in &d.record.graph.tasks {
         let p = policy.for_task(&t.id);
         let mine: Vec<&Replica> = d.replicas.iter().filter(|r| r.task == t.id).collect();
-        let have = mine.len() as u32;
+        let have = d.sized_count(&t.id) as u32;
         let scaled = d.scaled.get(&t.id).copied().unwrap_or_default();
         let load = d.load.get(&t.id);
         let needed = load.map(|l| replicas_needed(l, &p));
-        let want = needed
-            .map_or(have, |n| n.ceil() as u32)
-            .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        let by_load = needed.map_or(have, |n| n.ceil() as u32);
+        let chain = over.iter().find(|(_, worst, _)| *worst == t.id);
+        let want = if chain.is_some() {
+            by_load.max(have + 1)
+        } else {
+            by_load
+        }
+        .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
         if want > have {
             let cooling = scaled.out_at.is_some_and(|at| now < at + out_cooldown);
             // The minimum is restored at once; growth beyond it waits out the cooldown.
@@ -90,8 +142,9 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
             let room = budget.saturating_sub(total);
             let to = to.min(have + room);
             if to > have {
-                let mut reason = match (load, needed) {
-                    (Some(l), Some(n)) => explain(&t.id, l, &p, n),
+                let mut reason = match (load, needed, chain) {
+                    (_, _, Some((_, _, why))) if by_load <= have => why.clone(),
+                    (Some(l), Some(n), _) => explain(&t.id, l, &p, n),
                     _ => format!("{}: below its minimum of {}", t.id, p.min_replicas),
                 };
                 if to < want {
@@ -112,6 +165,9 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
         }
         // Over the maximum (the policy was lowered): shed regardless of load.
         let over_max = have > p.max_replicas.max(p.min_replicas);
+        if !over_max && over.iter().any(|(c, ..)| c.tasks.contains(&t.id)) {
+            continue;
+        }
         let reason = match (load, needed) {
             _ if over_max => format!(
                 "{}: {have} replicas, over its maximum of {}",
@@ -135,11 +191,12 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
         if !over_max && last_change.is_some_and(|at| now < at + in_cooldown) {
             continue;
         }
-        // Spare replicas placed within the cooldown; of the rest, the newest goes.
+        // Spare replicas placed within the cooldown; of the rest, one being replaced goes
+        // first, then the newest.
         let Some(victim) = mine
             .iter()
             .filter(|r| now >= r.placed_at + in_cooldown)
-            .max_by_key(|r| (r.placed_at, r.id.clone()))
+            .max_by_key(|r| (d.replacing.contains_key(&r.id), r.placed_at, r.id.clone()))
         else {
             continue;
         };

@@ -8,11 +8,11 @@ use prescient_schemas::{codec, file, GraphRecord, ScalingPolicy};
 use proptest::prelude::{prop, prop_assert, proptest};
 use std::time::Duration;
 
-fn s(secs: f64) -> Duration {
+pub(crate) fn s(secs: f64) -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-fn graph(policy: ScalingPolicy) -> GraphRecord {
+pub(crate) fn graph(policy: ScalingPolicy) -> GraphRecord {
     let text = r#"
 name = "scaled"
 [[task]]
@@ -44,7 +44,7 @@ to = "infer.x"
     }
 }
 
-fn policy() -> ScalingPolicy {
+pub(crate) fn policy() -> ScalingPolicy {
     ScalingPolicy {
         max_replicas: 6,
         scale_out_cooldown_ns: 10_000_000_000,
@@ -53,7 +53,7 @@ fn policy() -> ScalingPolicy {
     }
 }
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     Config {
         startup_grace: Duration::ZERO,
         heartbeat_timeout: Duration::from_secs(1 << 30),
@@ -61,7 +61,7 @@ fn config() -> Config {
     }
 }
 
-fn cluster(policy: ScalingPolicy) -> Snapshot {
+pub(crate) fn cluster(policy: ScalingPolicy) -> Snapshot {
     let mut snap = Snapshot::default();
     for h in ["a1", "a2", "a3"] {
         let capacity = Capacity {
@@ -76,7 +76,7 @@ fn cluster(policy: ScalingPolicy) -> Snapshot {
     snap
 }
 
-fn step(snap: &mut Snapshot, now: Duration) -> Vec<Action> {
+pub(crate) fn step(snap: &mut Snapshot, now: Duration) -> Vec<Action> {
     let actions = plan(snap, &config(), now);
     for a in &actions {
         apply(snap, a, now);
@@ -84,6 +84,7 @@ fn step(snap: &mut Snapshot, now: Duration) -> Vec<Action> {
     let ids: Vec<String> = snap.deployments["g1"]
         .replicas
         .iter()
+        .filter(|r| !r.is_ready())
         .map(|r| r.id.clone())
         .collect();
     for id in ids {
@@ -93,14 +94,14 @@ fn step(snap: &mut Snapshot, now: Duration) -> Vec<Action> {
 }
 
 /// The actions that change replica counts (tables follow every change).
-fn sizing(actions: Vec<Action>) -> Vec<Action> {
+pub(crate) fn sizing(actions: Vec<Action>) -> Vec<Action> {
     actions
         .into_iter()
         .filter(|a| !matches!(a, Action::Publish { .. }))
         .collect()
 }
 
-fn count(snap: &Snapshot, task: &str) -> usize {
+pub(crate) fn count(snap: &Snapshot, task: &str) -> usize {
     snap.deployments["g1"]
         .replicas
         .iter()
@@ -108,7 +109,7 @@ fn count(snap: &Snapshot, task: &str) -> usize {
         .count()
 }
 
-fn load(snap: &mut Snapshot, task: &str, per_s: f64, service_ms: f64) {
+pub(crate) fn load(snap: &mut Snapshot, task: &str, per_s: f64, service_ms: f64) {
     snap.deployments
         .get_mut("g1")
         .expect("deployed")
@@ -119,6 +120,7 @@ fn load(snap: &mut Snapshot, task: &str, per_s: f64, service_ms: f64) {
                 arrivals_per_s: per_s,
                 service_s: service_ms / 1e3,
                 queue_s: 0.0,
+                ..TaskLoad::default()
             },
         );
 }
@@ -174,6 +176,7 @@ fn a_saturated_task_is_sized_by_its_backlog_not_its_capped_rate() {
                 arrivals_per_s: 50.0,
                 service_s: 0.02,
                 queue_s: 0.5,
+                ..TaskLoad::default()
             },
         );
     let actions = step(&mut snap, s(1.0));

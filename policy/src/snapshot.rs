@@ -22,6 +22,15 @@ pub struct Snapshot {
     pub wanted: BTreeMap<String, GraphRecord>,
     /// What runs for each graph, by id.
     pub deployments: BTreeMap<String, Deployment>,
+    /// Hosts a replica was moved off for contention: placement avoids them until then.
+    pub contended: BTreeMap<String, Contended>,
+}
+
+/// Why and until when a host is avoided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contended {
+    pub until: Duration,
+    pub reason: String,
 }
 
 /// One host agent.
@@ -95,6 +104,48 @@ pub struct Deployment {
     pub load: BTreeMap<String, TaskLoad>,
     /// When each task was last scaled out and in.
     pub scaled: BTreeMap<String, Scaled>,
+    /// What monitoring measured per ready replica over the detection window (the executor
+    /// fills it).
+    pub health: BTreeMap<String, ReplicaHealth>,
+    /// Replicas being replaced (by id): they serve until their task's replacement is routed,
+    /// then drain.
+    pub replacing: BTreeMap<String, Replacing>,
+    /// Each chain's end-to-end latency against the graph's objective over the detection
+    /// window (the executor fills it; empty without an objective).
+    pub chains: Vec<ChainLoad>,
+}
+
+/// One replica over the detection window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReplicaHealth {
+    pub executions: u64,
+    pub errors: u64,
+    pub exec_p50_s: f64,
+    pub queue_p50_s: f64,
+    /// The share of CPU-bandwidth periods its cgroup was throttled in (0 when it has no quota
+    /// or the host cannot tell).
+    pub throttled_share: f64,
+}
+
+/// Why a replica is being replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replacing {
+    pub since: Duration,
+    pub trigger: crate::replace::Trigger,
+    /// Its replacement, once placed (sizing counts the pair as one replica).
+    pub by: Option<String>,
+}
+
+/// One chain (source-to-sink path) against the graph's objective.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainLoad {
+    pub tasks: Vec<String>,
+    /// Invocations that completed at its sink in the window.
+    pub count: u64,
+    /// The objective's percentile (e.g. 99) and target, and the latency measured there.
+    pub percentile: f64,
+    pub objective_s: f64,
+    pub measured_s: f64,
 }
 
 /// One task's load over the scaling window.
@@ -108,6 +159,9 @@ pub struct TaskLoad {
     /// executions per second are capped at what it can serve, so the wait is what shows the
     /// backlog.
     pub queue_s: f64,
+    /// The task's calibrated execution p50, seconds: the best its p50 has been over recent
+    /// history (0: unknown). A lone replica slower than this by the slow factor is slow.
+    pub calibrated_s: f64,
 }
 
 /// When a task's replica count last changed.
@@ -133,6 +187,9 @@ impl Deployment {
             draining: Vec::new(),
             load: BTreeMap::new(),
             scaled: BTreeMap::new(),
+            health: BTreeMap::new(),
+            replacing: BTreeMap::new(),
+            chains: Vec::new(),
         }
     }
 
@@ -159,6 +216,19 @@ impl Deployment {
 
     pub fn replica(&self, id: &str) -> Option<&Replica> {
         self.replicas.iter().find(|r| r.id == id)
+    }
+
+    /// `task`'s replicas as sizing counts them: a replica being replaced and its placed
+    /// replacement are one.
+    pub fn sized_count(&self, task: &str) -> usize {
+        let all = self.replicas.iter().filter(|r| r.task == task).count();
+        let pairs = self
+            .replicas
+            .iter()
+            .filter(|r| r.task == task)
+            .filter(|r| self.replacing.get(&r.id).is_some_and(|x| x.by.is_some()))
+            .count();
+        all - pairs
     }
 }
 

@@ -308,7 +308,7 @@ fn a_new_version_starts_beside_the_old_switches_when_ready_then_drains() {
     );
     assert!(snap.deployments["g1"].retiring.is_empty());
     // Retired replicas free their hosts.
-    let free: u64 = crate::placement::host_views(&snap)
+    let free: u64 = crate::placement::host_views(&snap, Duration::ZERO)
         .iter()
         .map(|h| h.cpu_free_millicores)
         .sum();

@@ -106,6 +106,7 @@ struct VmSample {
   tcpSentBytes @9 :UInt64;      # TCP bytes the VM's processes sent in the interval
   tcpReceivedBytes @10 :UInt64;
   gpuMemoryBytes @11 :UInt64;   # NVML: GPU memory its processes hold, on all GPUs
+  throttledShare @12 :Float32;  # share of its cgroup's CPU-bandwidth periods it was throttled in, last interval
 }
 
 struct EdgeWindow {

@@ -107,6 +107,11 @@ struct ScalingPolicy {
   scaleInCooldownNs @6 :UInt64;
   maxConcurrency @7 :UInt32;
   tasks @8 :List(TaskScaling);
+  # Replacing a bad replica (0 on all four: the defaults; a record stored before they existed).
+  slowFactor @9 :Float64;       # a replica this many times slower than its reference is slow
+  errorRate @10 :Float64;       # a replica failing this share of its executions is failing
+  throttledShare @11 :Float64;  # a replica's cgroup throttled this share of an interval is contended
+  detectWindowNs @12 :UInt64;   # the replacement triggers' window
 }
 
 struct Graph {

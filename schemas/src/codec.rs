@@ -68,6 +68,10 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_scale_out_cooldown_ns(s.scale_out_cooldown_ns);
         sb.set_scale_in_cooldown_ns(s.scale_in_cooldown_ns);
         sb.set_max_concurrency(s.max_concurrency);
+        sb.set_slow_factor(s.slow_factor);
+        sb.set_error_rate(s.error_rate);
+        sb.set_throttled_share(s.throttled_share);
+        sb.set_detect_window_ns(s.detect_window_ns);
         let mut tasks = sb.init_tasks(s.tasks.len() as u32);
         for (i, t) in s.tasks.iter().enumerate() {
             let mut tb = tasks.reborrow().get(i as u32);
@@ -81,6 +85,9 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
 }
 
 fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, DecodeError> {
+    // Records stored before the replacement keys existed read 0 there: the defaults apply.
+    let d = ScalingPolicy::default();
+    let or_default = |v: f64, d: f64| if v > 0.0 { v } else { d };
     let some = |v: u32| (v > 0).then_some(v);
     let mut tasks = Vec::new();
     for t in s.get_tasks()? {
@@ -103,6 +110,13 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
         scale_in_cooldown_ns: s.get_scale_in_cooldown_ns(),
         max_concurrency: s.get_max_concurrency(),
         tasks,
+        slow_factor: or_default(s.get_slow_factor(), d.slow_factor),
+        error_rate: or_default(s.get_error_rate(), d.error_rate),
+        throttled_share: or_default(s.get_throttled_share(), d.throttled_share),
+        detect_window_ns: match s.get_detect_window_ns() {
+            0 => d.detect_window_ns,
+            n => n,
+        },
     })
 }
 
@@ -495,6 +509,10 @@ mod tests {
                     scale_in_cooldown_ns: inn,
                     max_concurrency: mc,
                     tasks,
+                    slow_factor: 1.0 + u * 4.0,
+                    error_rate: u,
+                    throttled_share: 1.0 - u / 2.0,
+                    detect_window_ns: w.max(1),
                 },
             )
     }

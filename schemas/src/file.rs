@@ -201,6 +201,10 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
                 .map_or(d.scale_out_cooldown_ns, |w| w.0),
             scale_in_cooldown_ns: s.scale_in_cooldown.map_or(d.scale_in_cooldown_ns, |w| w.0),
             max_concurrency: s.max_concurrency.unwrap_or(d.max_concurrency),
+            slow_factor: s.slow_factor.unwrap_or(d.slow_factor),
+            error_rate: s.error_rate.unwrap_or(d.error_rate),
+            throttled_share: s.throttled_share.unwrap_or(d.throttled_share),
+            detect_window_ns: s.detect_window.map_or(d.detect_window_ns, |w| w.0),
             tasks: s
                 .task
                 .into_iter()
@@ -254,6 +258,10 @@ struct RawScaling {
     scale_out_cooldown: Option<DurationNs>,
     scale_in_cooldown: Option<DurationNs>,
     max_concurrency: Option<u32>,
+    slow_factor: Option<f64>,
+    error_rate: Option<f64>,
+    throttled_share: Option<f64>,
+    detect_window: Option<DurationNs>,
     /// Per-task overrides: `[scaling.task.ID]`.
     #[serde(default)]
     task: std::collections::BTreeMap<String, Spanned<RawTaskScaling>>,

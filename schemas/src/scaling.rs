@@ -25,6 +25,17 @@ pub struct ScalingPolicy {
     /// Executions at once in one replica (the rest queue at the replica).
     pub max_concurrency: u32,
     pub tasks: Vec<TaskScaling>,
+    /// A replica whose execution p50 is this many times its reference (its task's other
+    /// replicas, or the task's calibrated p50) is slow, and is replaced.
+    pub slow_factor: f64,
+    /// A replica failing at least this share of its executions (and more than its task's other
+    /// replicas) is replaced.
+    pub error_rate: f64,
+    /// A replica whose cgroup was CPU-throttled for at least this share of an interval, while it
+    /// runs slow, is on a contended host: it is replaced elsewhere and the host avoided.
+    pub throttled_share: f64,
+    /// The replacement triggers look at this window.
+    pub detect_window_ns: u64,
 }
 
 impl Default for ScalingPolicy {
@@ -39,6 +50,10 @@ impl Default for ScalingPolicy {
             scale_in_cooldown_ns: 60_000_000_000,
             max_concurrency: 1,
             tasks: Vec::new(),
+            slow_factor: 2.0,
+            error_rate: 0.05,
+            throttled_share: 0.2,
+            detect_window_ns: 4_000_000_000,
         }
     }
 }
@@ -102,6 +117,24 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
     }
     if s.window_ns == 0 {
         bad(None, "window", "must be positive".into());
+    }
+    if s.detect_window_ns == 0 {
+        bad(None, "detect_window", "must be positive".into());
+    }
+    if !(s.slow_factor > 1.0 && s.slow_factor.is_finite()) {
+        bad(
+            None,
+            "slow_factor",
+            format!("{} must be above 1", s.slow_factor),
+        );
+    }
+    for (key, v) in [
+        ("error_rate", s.error_rate),
+        ("throttled_share", s.throttled_share),
+    ] {
+        if !utilisation_ok(v) {
+            bad(None, key, format!("{v} must be in (0, 1]"));
+        }
     }
     if s.max_concurrency == 0 {
         bad(None, "max_concurrency", "must be at least 1".into());

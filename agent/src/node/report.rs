@@ -21,12 +21,32 @@ impl Default for ProbeTotals {
     }
 }
 
+/// A replica cgroup's cumulative counters at one sample.
+pub(super) struct VmCounters {
+    cpu_ns: u64,
+    periods: u64,
+    throttled: u64,
+    at: std::time::Instant,
+}
+
+/// One replica's cgroup over the last interval.
+pub(super) struct VmUsage {
+    replica: String,
+    graph_id: String,
+    task: String,
+    cores: f32,
+    memory_bytes: u64,
+    limits: prescient_schemas::Resources,
+    /// Share of CPU-bandwidth periods it was throttled in.
+    throttled_share: f32,
+}
+
 impl AgentNode {
     /// Forwards workers' telemetry batches to the control node once a second.
     pub async fn forward_telemetry(self: Rc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut sampler = crate::telemetry::host::HostSampler::default();
-        let mut vm_cpu: HashMap<String, (u64, std::time::Instant)> = HashMap::new();
+        let mut vm_cpu: HashMap<String, VmCounters> = HashMap::new();
         let mut cpus = crate::telemetry::probes::CpuTracker::default();
         crate::telemetry::spans::install_switch_signals();
         crate::telemetry::clock::init();
@@ -50,15 +70,17 @@ impl AgentNode {
                     b.set_host_id(self.config.name.as_str());
                     sample.encode(b.reborrow().init_hosts(1).get(0));
                     let mut list = b.init_vms(vms.len() as u32);
-                    for (i, (replica, graph, task, cores, mem, limits)) in vms.iter().enumerate() {
+                    for (i, u) in vms.iter().enumerate() {
+                        let replica = &u.replica;
                         let mut v = list.reborrow().get(i as u32);
                         v.set_replica(replica.as_str());
-                        v.set_graph_id(graph.as_str());
-                        v.set_task(task.as_str());
-                        v.set_cpu_cores(*cores);
-                        v.set_memory_bytes(*mem);
-                        v.set_cpu_limit_cores(limits.cpu_millicores as f32 / 1000.0);
-                        v.set_memory_limit_bytes(limits.memory_bytes);
+                        v.set_graph_id(u.graph_id.as_str());
+                        v.set_task(u.task.as_str());
+                        v.set_cpu_cores(u.cores);
+                        v.set_memory_bytes(u.memory_bytes);
+                        v.set_cpu_limit_cores(u.limits.cpu_millicores as f32 / 1000.0);
+                        v.set_memory_limit_bytes(u.limits.memory_bytes);
+                        v.set_throttled_share(u.throttled_share);
                         if let Some(procs) = members.get(replica) {
                             v.set_gpu_memory_bytes(crate::telemetry::host::vm_gpu_memory(
                                 &sample.gpu_memory_by_pid,
@@ -160,42 +182,50 @@ impl AgentNode {
             .collect()
     }
 
-    /// CPU (cores, over the last interval) and memory of each replica's cgroup.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn sample_vms(
-        &self,
-        prev: &mut HashMap<String, (u64, std::time::Instant)>,
-    ) -> Vec<(
-        String,
-        String,
-        String,
-        f32,
-        u64,
-        prescient_schemas::Resources,
-    )> {
+    /// CPU (cores, over the last interval), memory and CPU throttling of each replica's cgroup.
+    pub(super) fn sample_vms(&self, prev: &mut HashMap<String, VmCounters>) -> Vec<VmUsage> {
         let now = std::time::Instant::now();
         let mut out = Vec::new();
         let replicas = self.replicas.borrow();
         prev.retain(|k, _| replicas.contains_key(k));
         for (name, r) in replicas.iter() {
-            let Some((cpu_ns, mem)) = r.cgroup.as_ref().and_then(|c| c.usage()) else {
+            let Some(cg) = r.cgroup.as_ref() else {
                 continue;
             };
-            let cores = match prev.insert(name.clone(), (cpu_ns, now)) {
-                Some((p, at)) => {
-                    cpu_ns.saturating_sub(p) as f32
-                        / now.duration_since(at).as_nanos().max(1) as f32
-                }
-                None => 0.0,
+            let Some((cpu_ns, mem)) = cg.usage() else {
+                continue;
             };
-            out.push((
-                name.clone(),
-                r.graph_id.clone(),
-                r.task.clone(),
+            let throttling = cg.throttling().unwrap_or_default();
+            let counters = VmCounters {
+                cpu_ns,
+                periods: throttling.0,
+                throttled: throttling.1,
+                at: now,
+            };
+            let (cores, throttled_share) = match prev.insert(name.clone(), counters) {
+                Some(p) => {
+                    let cores = cpu_ns.saturating_sub(p.cpu_ns) as f32
+                        / now.duration_since(p.at).as_nanos().max(1) as f32;
+                    let periods = throttling.0.saturating_sub(p.periods);
+                    let throttled = throttling.1.saturating_sub(p.throttled);
+                    let share = if periods == 0 {
+                        0.0
+                    } else {
+                        (throttled as f32 / periods as f32).min(1.0)
+                    };
+                    (cores, share)
+                }
+                None => (0.0, 0.0),
+            };
+            out.push(VmUsage {
+                replica: name.clone(),
+                graph_id: r.graph_id.clone(),
+                task: r.task.clone(),
                 cores,
-                mem,
-                r.limits,
-            ));
+                memory_bytes: mem,
+                limits: r.limits,
+                throttled_share,
+            });
         }
         out
     }

@@ -205,6 +205,18 @@ impl Cgroup {
         Some((cpu, mem))
     }
 
+    /// CPU-bandwidth enforcement periods so far and those in which the group was throttled
+    /// (cumulative; `cpu.stat`'s `nr_periods` and `nr_throttled`, the same in v1 and v2).
+    pub fn throttling(&self) -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string(self.dirs[0].join("cpu.stat")).ok()?;
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some((field("nr_periods ")?, field("nr_throttled ")?))
+    }
+
     /// The CPU limit as written, in millicores (for tests and `status`).
     pub fn cpu_millicores(&self) -> Option<u64> {
         let d = &self.dirs[0];

@@ -69,6 +69,22 @@ pub enum Kernel {
     Embed { dim: usize },
 }
 
+/// This thread's CPU time (ns).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID needs no setup.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        // No thread clock: wall time, so the loop still ends.
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        return ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 fn param<'a>(code: &'a CodeRef, key: &str) -> Option<&'a str> {
     code.params
         .iter()
@@ -162,9 +178,11 @@ impl Kernel {
                 Ok(joined())
             }
             Kernel::CpuBurn { us } => {
-                let until = Instant::now() + Duration::from_micros(*us);
+                // CPU time, not wall time: on a contended or throttled host the same work
+                // takes longer, as real compute does.
+                let until = thread_cpu_ns() + us.saturating_mul(1000);
                 let mut x = 0u64;
-                while Instant::now() < until {
+                while thread_cpu_ns() < until {
                     for _ in 0..64 {
                         x = std::hint::black_box(
                             x.wrapping_mul(6364136223846793005).wrapping_add(1),
