@@ -13,7 +13,7 @@ use crate::runtime::Runner;
 use bytes::Bytes;
 use prescient_schemas::agent_capnp::worker_command;
 use prescient_schemas::{codec, GraphRecord};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -158,6 +158,26 @@ pub struct Worker {
     fwd: Forwarder,
     task: RefCell<Option<Rc<Deployed>>>,
     joins: RefCell<HashMap<(Rc<str>, u64), Join>>,
+    /// Executions accepted and not finished (queued at the gate or running).
+    in_flight: Cell<usize>,
+}
+
+/// Counts an execution in flight for as long as it lives.
+struct InFlight(Rc<Worker>);
+
+impl InFlight {
+    fn new(w: &Rc<Worker>) -> InFlight {
+        w.in_flight.set(w.in_flight.get() + 1);
+        InFlight(w.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .set(self.0.in_flight.get().saturating_sub(1));
+    }
 }
 
 fn ack(acks: &[(Sender, u64)]) {
@@ -254,6 +274,15 @@ impl Worker {
         Ok(true)
     }
 
+    /// Nothing left to finish: no execution in flight, no join waiting for inputs, no request
+    /// waiting for a table, and every output acknowledged downstream.
+    fn idle(&self) -> bool {
+        self.in_flight.get() == 0
+            && self.joins.borrow().is_empty()
+            && self.fwd.parked() == 0
+            && self.fwd.pool.outstanding_total() == 0
+    }
+
     fn execute(
         self: Rc<Self>,
         d: Rc<Deployed>,
@@ -262,7 +291,9 @@ impl Worker {
         acks: Vec<(Sender, u64)>,
         arrival: Option<Arrival>,
     ) {
+        let counted = InFlight::new(&self);
         tokio::task::spawn_local(async move {
+            let _counted = counted;
             let arrival = arrival.filter(|_| self.spans.enabled());
             // Never closed, so acquiring only waits.
             let _permit = match &d.gate {
@@ -505,6 +536,9 @@ impl dataplane::Handler for Worker {
     }
 }
 
+/// How long a draining worker must have been idle before it exits.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// The worker process: reads its task from stdin, warms it, binds its data plane, says
 /// `prescient-worker ready ADDR` on stdout, then serves until stdin ends or it is drained.
 /// Must run in a `LocalSet`.
@@ -522,6 +556,7 @@ pub async fn run(
         fwd: Forwarder::new(host, pool),
         task: RefCell::default(),
         joins: RefCell::default(),
+        in_flight: Cell::new(0),
     });
     if !telemetry {
         worker.spans.disable();
@@ -560,7 +595,20 @@ pub async fn run(
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     // After the ready line, stdout carries telemetry batches to the agent.
     let batches = crate::telemetry::spans::BatchWriter::new(std::io::stdout());
+    let mut draining: Option<tokio::time::Instant> = None;
+    let mut commands_open = true;
     loop {
+        // Drained: it keeps serving what still arrives (upstream replicas switch tables a
+        // moment later), and stops once it has been idle for a little while.
+        if let Some(since) = draining {
+            if worker.idle() {
+                if since.elapsed() >= DRAIN_QUIET {
+                    break;
+                }
+            } else {
+                draining = Some(tokio::time::Instant::now());
+            }
+        }
         tokio::select! {
             _ = flush.tick() => {
                 if let Some((batch, n)) = worker.spans.take_batch(host) {
@@ -569,19 +617,32 @@ pub async fn run(
                     }
                 }
             }
-            cmd = commands.recv() => match cmd {
+            cmd = commands.recv(), if commands_open => match cmd {
                 Some(c) => match decode_command(&c).and_then(|c| worker.apply(c)) {
                     Ok(true) => {}
-                    Ok(false) => break,
+                    Ok(false) => {
+                        info!("draining: finishing what was accepted");
+                        draining = Some(tokio::time::Instant::now());
+                    }
                     Err(e) => warn!("command refused: {e}"),
                 },
+                // The agent is gone (or done with it after a drain).
+                None if draining.is_some() => commands_open = false,
                 None => break,
             },
             _ = tick.tick() => {
                 worker.sweep();
             }
+            _ = tokio::time::sleep(Duration::from_millis(20)), if draining.is_some() => {}
         }
     }
+    // What it measured while draining goes out before it exits.
+    if let Some((batch, n)) = worker.spans.take_batch(host) {
+        if !batches.send(batch) {
+            worker.spans.lost(n);
+        }
+    }
+    batches.finish();
     server.abort();
     retries.abort();
     Ok(())

@@ -318,6 +318,12 @@ impl Cluster {
                         } else {
                             0.0
                         },
+                        exec_p99_s: r.exec_p99_ns as f64 / 1e9,
+                        queue_p99_s: if queued {
+                            r.queue_p99_ns as f64 / 1e9
+                        } else {
+                            0.0
+                        },
                         throttled_share: monitor
                             .vms
                             .get(&r.replica)
@@ -326,6 +332,24 @@ impl Cluster {
                     (r.replica, health)
                 })
                 .collect();
+            // A replica being replaced queues because it is bad, not because the task needs
+            // more: sizing reads the queueing of the others (none, for a lone one).
+            for t in &d.record.graph.tasks {
+                let bad = |id: &str| d.replacing.contains_key(id);
+                if !d.replicas.iter().any(|r| r.task == t.id && bad(&r.id)) {
+                    continue;
+                }
+                let others = d
+                    .replicas
+                    .iter()
+                    .filter(|r| r.task == t.id && !bad(&r.id))
+                    .filter_map(|r| d.health.get(&r.id))
+                    .map(|h| h.queue_p50_s)
+                    .fold(0.0, f64::max);
+                if let Some(l) = d.load.get_mut(&t.id) {
+                    l.queue_s = others;
+                }
+            }
             let chains = crate::monitor::ChainsOf::of(&d.record);
             d.chains = monitor
                 .chain_stats(&id, &chains, detect_s, now_s)

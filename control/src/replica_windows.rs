@@ -27,6 +27,8 @@ pub struct ReplicaStats {
     pub errors: u64,
     pub exec_p50_ns: u64,
     pub queue_p50_ns: u64,
+    pub exec_p99_ns: u64,
+    pub queue_p99_ns: u64,
 }
 
 /// Per-second windows per (graph, replica), newest last, bounded by `RETENTION_S`.
@@ -112,6 +114,8 @@ impl ReplicaWindows {
                     errors: m.errors,
                     exec_p50_ns: m.exec.quantile(0.5).round() as u64,
                     queue_p50_ns: m.queue.quantile(0.5).round() as u64,
+                    exec_p99_ns: m.exec.quantile(0.99).round() as u64,
+                    queue_p99_ns: m.queue.quantile(0.99).round() as u64,
                 })
             })
             .collect();
@@ -186,7 +190,15 @@ mod tests {
         assert!(w.stats("g2", 5, 119).is_empty());
         // Past retention, a replica that stopped sending is swept.
         for sec in 0..RETENTION_S + 10 {
-            w.record("g1", "t", "g1.t.r3", 200 + RETENTION_S + sec, &fast, &none, 0);
+            w.record(
+                "g1",
+                "t",
+                "g1.t.r3",
+                200 + RETENTION_S + sec,
+                &fast,
+                &none,
+                0,
+            );
         }
         assert_eq!(w.series.len(), 1);
     }

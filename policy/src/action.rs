@@ -334,7 +334,10 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
             replacing.retain(|id, _| replicas.iter().any(|r| r.id == *id));
             // A replacement that failed is placed again.
             for x in replacing.values_mut() {
-                if x.by.as_ref().is_some_and(|b| !replicas.iter().any(|r| r.id == *b)) {
+                if x.by
+                    .as_ref()
+                    .is_some_and(|b| !replicas.iter().any(|r| r.id == *b))
+                {
                     x.by = None;
                 }
             }

@@ -376,11 +376,16 @@ mod tests {
         let d = place(&[s1.clone(), s2.clone()], &hosts);
         assert_eq!(hosts_of(&d), ["b", "b"]);
         match &d[1] {
-            Decision::Place { reason, .. } => assert!(reason.contains("chain stays local"), "{reason}"),
+            Decision::Place { reason, .. } => {
+                assert!(reason.contains("chain stays local"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         hosts[1].contended = Some("throttled".into());
-        assert_eq!(hosts_of(&place(&[s1.clone(), s2.clone()], &hosts)), ["c", "c"]);
+        assert_eq!(
+            hosts_of(&place(&[s1.clone(), s2.clone()], &hosts)),
+            ["c", "c"]
+        );
         // Only the contended host fits: it is used, and the reason says so.
         let d = place(&[need("big", 2500, 1)], &hosts);
         assert_eq!(hosts_of(&d), ["a"]);
@@ -388,7 +393,9 @@ mod tests {
         let d = place(&[need("big", 2500, 1)], &hosts);
         assert_eq!(hosts_of(&d), ["b"]);
         match &d[0] {
-            Decision::Place { reason, .. } => assert!(reason.contains("contended (throttled)"), "{reason}"),
+            Decision::Place { reason, .. } => {
+                assert!(reason.contains("contended (throttled)"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }

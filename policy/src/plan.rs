@@ -465,7 +465,12 @@ fn sheds(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                 by,
                 drain: config.drain,
                 until: now + config.drain,
-                reason: format!("{} ({} for {:?})", rep.trigger, bad.host, now.saturating_sub(rep.since)),
+                reason: format!(
+                    "{} ({} for {:?})",
+                    rep.trigger,
+                    bad.host,
+                    now.saturating_sub(rep.since)
+                ),
             });
         }
     }

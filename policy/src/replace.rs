@@ -121,7 +121,9 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
             };
             let peer_latency = median(peers.iter().map(|p| p.queue_p50_s + p.exec_p50_s).collect());
             let k = policy.slow_factor;
-            let verdict = if let Some(pr) = peer_rate.filter(|pr| rate >= policy.error_rate && rate > 2.0 * pr) {
+            let verdict = if let Some(pr) =
+                peer_rate.filter(|pr| rate >= policy.error_rate && rate > 2.0 * pr)
+            {
                 Some((
                     Trigger::Errors,
                     format!(

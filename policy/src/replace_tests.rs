@@ -18,6 +18,8 @@ fn health(snap: &mut Snapshot, replica: &str, exec_ms: f64, queue_ms: f64, throt
             errors: 0,
             exec_p50_s: exec_ms / 1e3,
             queue_p50_s: queue_ms / 1e3,
+            exec_p99_s: 2.0 * exec_ms / 1e3,
+            queue_p99_s: 2.0 * queue_ms / 1e3,
             throttled_share: throttled,
         },
     );
@@ -60,7 +62,11 @@ fn with_infer(policy: ScalingPolicy, n: usize) -> Snapshot {
         // 1 replica holds 35/s at 20 ms and 70%; ask for n, then drop the load reading.
         load(&mut snap, "infer", 35.0 * n as f64 - 1.0, 20.0);
         step(&mut snap, s(0.5));
-        snap.deployments.get_mut("g1").expect("deployed").load.clear();
+        snap.deployments
+            .get_mut("g1")
+            .expect("deployed")
+            .load
+            .clear();
     }
     assert_eq!(count(&snap, "infer"), n);
     step(&mut snap, s(1.0));
@@ -80,7 +86,10 @@ fn a_throttled_lone_replica_is_replaced_off_its_host_then_shed_once_the_new_one_
     let actions = step(&mut snap, s(11.0));
     let found = replaces(&actions);
     assert_eq!(found.len(), 1, "{actions:?}");
-    assert_eq!((found[0].0.as_str(), found[0].1), (bad.as_str(), Trigger::Contention));
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1),
+        (bad.as_str(), Trigger::Contention)
+    );
     assert!(
         found[0].2.contains("CPU-throttled in 90%") && found[0].2.contains("11.2×"),
         "{}",
@@ -99,7 +108,11 @@ fn a_throttled_lone_replica_is_replaced_off_its_host_then_shed_once_the_new_one_
         Action::Shed { replica, by, .. } => Some((replica.clone(), by.clone())),
         _ => None,
     });
-    assert_eq!(shed, Some((bad.clone(), vec![now[1].0.clone()])), "{actions:?}");
+    assert_eq!(
+        shed,
+        Some((bad.clone(), vec![now[1].0.clone()])),
+        "{actions:?}"
+    );
     assert_eq!(replicas_of(&snap, "infer"), vec![now[1].clone()]);
     assert!(snap.deployments["g1"].replacing.is_empty());
     let retired = sizing(step(&mut snap, s(13.0) + crate::Config::default().drain));
@@ -123,7 +136,10 @@ fn a_contended_host_is_avoided_by_later_placements_until_the_hold_ends() {
     // Load for 4 replicas on 3 hosts: the two healthy hosts take them first.
     load(&mut snap, "infer", 90.0, 20.0);
     step(&mut snap, s(30.0));
-    let hosts: Vec<String> = replicas_of(&snap, "infer").into_iter().map(|(_, h)| h).collect();
+    let hosts: Vec<String> = replicas_of(&snap, "infer")
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
     assert_eq!(hosts.len(), 3);
     assert!(!hosts.contains(&bad_host), "{hosts:?}");
 }
@@ -131,7 +147,10 @@ fn a_contended_host_is_avoided_by_later_placements_until_the_hold_ends() {
 #[test]
 fn an_outlier_among_its_peers_is_replaced_but_a_balanced_overload_is_not() {
     let mut snap = with_infer(policy(), 3);
-    let ids: Vec<String> = replicas_of(&snap, "infer").into_iter().map(|(id, _)| id).collect();
+    let ids: Vec<String> = replicas_of(&snap, "infer")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     // Everyone queues the same: load, not a bad replica.
     for id in &ids {
         health(&mut snap, id, 20.0, 300.0, 0.0);
@@ -143,8 +162,15 @@ fn an_outlier_among_its_peers_is_replaced_but_a_balanced_overload_is_not() {
     health(&mut snap, &ids[2], 45.0, 15.0, 0.0);
     let found = replaces(&step(&mut snap, s(11.0)));
     assert_eq!(found.len(), 1);
-    assert_eq!((found[0].0.as_str(), found[0].1), (ids[2].as_str(), Trigger::Slow));
-    assert!(found[0].2.contains("3.0× its task's other replicas'"), "{}", found[0].2);
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1),
+        (ids[2].as_str(), Trigger::Slow)
+    );
+    assert!(
+        found[0].2.contains("3.0× its task's other replicas'"),
+        "{}",
+        found[0].2
+    );
     assert!(snap.contended.is_empty(), "slowness alone marks no host");
 }
 
@@ -154,17 +180,27 @@ fn a_lone_replica_is_judged_on_execution_against_its_calibration_not_on_queueing
     let (id, _) = replicas_of(&snap, "infer")[0].clone();
     calibrate(&mut snap, "infer", 20.0);
     health(&mut snap, &id, 22.0, 500.0, 0.0);
-    assert!(replaces(&step(&mut snap, s(10.0))).is_empty(), "queueing is sizing's");
+    assert!(
+        replaces(&step(&mut snap, s(10.0))).is_empty(),
+        "queueing is sizing's"
+    );
     health(&mut snap, &id, 45.0, 0.0, 0.0);
     let found = replaces(&step(&mut snap, s(11.0)));
     assert_eq!(found.len(), 1);
-    assert!(found[0].2.contains("execution p50 45.0 ms is 2.2×"), "{}", found[0].2);
+    assert!(
+        found[0].2.contains("execution p50 45.0 ms is 2.2×"),
+        "{}",
+        found[0].2
+    );
 }
 
 #[test]
 fn errors_replace_a_replica_failing_more_than_its_peers_but_not_a_lone_one() {
     let mut snap = with_infer(policy(), 2);
-    let ids: Vec<String> = replicas_of(&snap, "infer").into_iter().map(|(id, _)| id).collect();
+    let ids: Vec<String> = replicas_of(&snap, "infer")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     for id in &ids {
         health(&mut snap, id, 20.0, 0.0, 0.0);
     }
@@ -173,8 +209,15 @@ fn errors_replace_a_replica_failing_more_than_its_peers_but_not_a_lone_one() {
     d.health.get_mut(&ids[1]).expect("set").errors = 2;
     let found = replaces(&step(&mut snap, s(10.0)));
     assert_eq!(found.len(), 1);
-    assert_eq!((found[0].0.as_str(), found[0].1), (ids[0].as_str(), Trigger::Errors));
-    assert!(found[0].2.contains("failed 20% of its 200"), "{}", found[0].2);
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1),
+        (ids[0].as_str(), Trigger::Errors)
+    );
+    assert!(
+        found[0].2.contains("failed 20% of its 200"),
+        "{}",
+        found[0].2
+    );
 
     let mut snap = with_infer(policy(), 1);
     let (id, _) = replicas_of(&snap, "infer")[0].clone();
@@ -192,7 +235,13 @@ fn a_replica_is_not_judged_before_a_window_of_serving_or_on_few_executions() {
     health(&mut snap, &id, 80.0, 0.0, 0.0);
     // Ready at 0 s; the 4 s window is not all its own before 4 s.
     assert!(replaces(&step(&mut snap, s(3.9))).is_empty());
-    snap.deployments.get_mut("g1").expect("deployed").health.get_mut(&id).expect("set").executions = 9;
+    snap.deployments
+        .get_mut("g1")
+        .expect("deployed")
+        .health
+        .get_mut(&id)
+        .expect("set")
+        .executions = 9;
     assert!(replaces(&step(&mut snap, s(10.0))).is_empty());
 }
 
@@ -205,13 +254,21 @@ fn at_the_maximum_a_bad_replica_with_peers_is_shed_and_a_lone_one_kept() {
         },
         2,
     );
-    let ids: Vec<String> = replicas_of(&snap, "infer").into_iter().map(|(id, _)| id).collect();
+    let ids: Vec<String> = replicas_of(&snap, "infer")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     health(&mut snap, &ids[0], 20.0, 0.0, 0.0);
     health(&mut snap, &ids[1], 90.0, 0.0, 0.0);
     let actions = step(&mut snap, s(10.0));
     assert!(replaces(&actions).is_empty());
     let shed = actions.iter().find_map(|a| match a {
-        Action::Shed { replica, by, reason, .. } => Some((replica.clone(), by.len(), reason.clone())),
+        Action::Shed {
+            replica,
+            by,
+            reason,
+            ..
+        } => Some((replica.clone(), by.len(), reason.clone())),
         _ => None,
     });
     let (replica, by, reason) = shed.expect("shed");
@@ -257,7 +314,11 @@ fn a_chain_over_its_objective_grows_the_task_that_makes_most_of_it() {
     chain(&mut snap, 31.0);
     let actions = step(&mut snap, s(2.0));
     let Some(Action::ScaleOut {
-        task, from, to, reason, ..
+        task,
+        from,
+        to,
+        reason,
+        ..
     }) = actions.first()
     else {
         panic!("{actions:?}");
@@ -274,7 +335,11 @@ fn a_chain_over_its_objective_grows_the_task_that_makes_most_of_it() {
     assert_eq!(count(&snap, "infer"), 3);
     // While the chain is over, nothing on it scales in, even with no load at all.
     load(&mut snap, "infer", 0.0, 20.0);
-    snap.deployments.get_mut("g1").expect("deployed").scaled.clear();
+    snap.deployments
+        .get_mut("g1")
+        .expect("deployed")
+        .scaled
+        .clear();
     let mut p = policy();
     p.max_replicas = 3;
     snap.wanted.get_mut("g1").expect("wanted").graph.scaling = Some(p);
@@ -338,4 +403,47 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_chain_is_attributed_by_replica_health_and_waits_while_its_worst_task_is_replaced() {
+    // The task-level load says nothing yet (its window is longer); the replicas' health does.
+    let setup = |throttled: f64| {
+        let mut snap = with_infer(policy(), 1);
+        let (bad, _) = replicas_of(&snap, "infer")[0].clone();
+        let (front, _) = replicas_of(&snap, "front")[0].clone();
+        load(&mut snap, "front", 10.0, 1.0);
+        load(&mut snap, "infer", 10.0, 1.0);
+        calibrate(&mut snap, "infer", 20.0);
+        health(&mut snap, &front, 1.0, 0.0, 0.0);
+        health(&mut snap, &bad, 21.0, 200.0, throttled);
+        chain(&mut snap, 300.0);
+        snap
+    };
+    let mut snap = setup(0.0);
+    let actions = step(&mut snap, s(11.0));
+    let out = actions.iter().find_map(|a| match a {
+        Action::ScaleOut { task, reason, .. } => Some((task.clone(), reason.clone())),
+        _ => None,
+    });
+    let (task, reason) = out.expect("the chain scales out");
+    assert_eq!(task, "infer");
+    assert!(
+        reason.contains("infer is 100% of it (queueing 400.0 ms + execution 42.0 ms at p99)"),
+        "{reason}"
+    );
+    // Throttled: contention replaces the replica, and the chain waits for that instead of
+    // growing the task, then and after its cooldown.
+    let mut snap = setup(0.9);
+    let actions = step(&mut snap, s(11.0));
+    assert_eq!(replaces(&actions).len(), 1, "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ScaleOut { .. })),
+        "{actions:?}"
+    );
+    let later = sizing(step(&mut snap, s(25.0)));
+    assert!(
+        !later.iter().any(|a| matches!(a, Action::ScaleOut { .. })),
+        "{later:?}"
+    );
 }

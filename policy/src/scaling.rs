@@ -69,38 +69,65 @@ fn explain(task: &str, load: &TaskLoad, p: &TaskPolicy, needed: f64) -> String {
 /// A chain's end-to-end measurements need this many invocations before they count.
 pub const MIN_CHAIN_COUNT: u64 = 10;
 
-/// The chains over their objective, and for each the task with the largest share of it
-/// (queueing + execution as the task's load measured them) with the reason.
+/// The chains over their objective, and for each the task with the largest share of it with
+/// the reason. A task's share is its worst replica's queueing + execution p99 over the
+/// detection window (the chain's latency is a tail percentile over that window), or its
+/// load's (queueing p50 + mean execution) where no replica has a reading. A chain whose worst task is being replaced waits for that.
 pub fn chains_over<'a>(
     d: &'a Deployment,
     policy: &ScalingPolicy,
 ) -> Vec<(&'a ChainLoad, String, String)> {
     let window = Duration::from_nanos(policy.detect_window_ns);
     let mut out = Vec::new();
+    let cost = |t: &String| -> (f64, f64) {
+        let worst = d
+            .replicas
+            .iter()
+            .filter(|r| r.task == *t)
+            .filter_map(|r| d.health.get(&r.id))
+            .map(|h| (h.queue_p99_s, h.exec_p99_s))
+            .max_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
+        worst.unwrap_or_else(|| {
+            d.load
+                .get(t)
+                .map_or((0.0, 0.0), |l| (l.queue_s, l.service_s))
+        })
+    };
     for c in &d.chains {
         if c.count < MIN_CHAIN_COUNT || c.measured_s <= c.objective_s {
             continue;
         }
-        let cost = |t: &String| d.load.get(t).map_or(0.0, |l| l.queue_s + l.service_s);
-        let total: f64 = c.tasks.iter().map(cost).sum();
-        let Some(worst) = c
-            .tasks
-            .iter()
-            .max_by(|a, b| cost(a).total_cmp(&cost(b)).then_with(|| b.cmp(a)))
-        else {
+        let total: f64 = c.tasks.iter().map(|t| cost(t).0 + cost(t).1).sum();
+        let Some(worst) = c.tasks.iter().max_by(|a, b| {
+            let (ca, cb) = (cost(a), cost(b));
+            (ca.0 + ca.1)
+                .total_cmp(&(cb.0 + cb.1))
+                .then_with(|| b.cmp(a))
+        }) else {
             continue;
         };
-        let l = d.load.get(worst).copied().unwrap_or_default();
-        let share = if total > 0.0 { cost(worst) / total } else { 0.0 };
+        let replacing = d
+            .replicas
+            .iter()
+            .any(|r| r.task == *worst && d.replacing.contains_key(&r.id));
+        if replacing {
+            continue;
+        }
+        let (queue, exec) = cost(worst);
+        let share = if total > 0.0 {
+            (queue + exec) / total
+        } else {
+            0.0
+        };
         let reason = format!(
-            "chain {} p{} {:.1} ms > objective {:.1} ms over {window:?}; {worst} is {:.0}% of it (queueing {:.1} ms + execution {:.1} ms)",
+            "chain {} p{} {:.1} ms > objective {:.1} ms over {window:?}; {worst} is {:.0}% of it (queueing {:.1} ms + execution {:.1} ms at p99)",
             c.tasks.join("->"),
             c.percentile,
             c.measured_s * 1e3,
             c.objective_s * 1e3,
             share * 100.0,
-            l.queue_s * 1e3,
-            l.service_s * 1e3
+            queue * 1e3,
+            exec * 1e3
         );
         out.push((c, worst.clone(), reason));
     }

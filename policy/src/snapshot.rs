@@ -122,6 +122,10 @@ pub struct ReplicaHealth {
     pub errors: u64,
     pub exec_p50_s: f64,
     pub queue_p50_s: f64,
+    /// The tail: p99 of execution and of queueing (what a chain's objective percentile is
+    /// made of).
+    pub exec_p99_s: f64,
+    pub queue_p99_s: f64,
     /// The share of CPU-bandwidth periods its cgroup was throttled in (0 when it has no quota
     /// or the host cannot tell).
     pub throttled_share: f64,

@@ -93,6 +93,25 @@ pub enum Which {
         #[arg(long, default_value_t = 20)]
         service_ms: u64,
     },
+    /// Replication of a slowed host's replica: a 3-stage CPU-bound chain (one stage per host)
+    /// under steady open-loop load with a p99 objective; after a healthy phase the middle
+    /// stage's host is slowed for real (its workers' cgroup CPU quota cut to a fifth), the
+    /// controller replaces and sheds the slowed replica; then the load stops. Chain p99
+    /// healthy, degraded and recovered, slowdown-to-serving time, decisions. Needs root.
+    Replication {
+        /// Seconds of the healthy phase (after 2 s of warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        healthy: f64,
+        /// Seconds measured just after the slowdown.
+        #[arg(long, default_value_t = 4.0)]
+        degraded: f64,
+        /// Seconds measured once the slowed replica is shed.
+        #[arg(long, default_value_t = 10.0)]
+        recovered: f64,
+        /// Invocations per second.
+        #[arg(long, default_value_t = 80.0)]
+        rate: f64,
+    },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
     Transfer {
@@ -138,6 +157,21 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         } => transfer::transfer(&bytes, &payload, repeat)?,
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
         Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
+        Which::Replication {
+            healthy,
+            degraded,
+            recovered,
+            rate,
+        } => {
+            replication::replication(replication::Plan {
+                healthy_s: healthy,
+                degraded_s: degraded,
+                recovered_s: recovered,
+                rate,
+                ..replication::Plan::default()
+            })
+            .await?
+        }
         Which::Probes {
             rounds,
             round_trips,
@@ -186,6 +220,19 @@ pub async fn run(which: Which) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A client of `cluster`'s control node once every agent has registered.
+async fn connect_registered(cluster: &LocalCluster) -> Result<ControlClient> {
+    let client = ControlClient::connect(&cluster.control.addr).await?;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while client.agents().await?.len() < cluster.agents.len() {
+        if std::time::Instant::now() > until {
+            bail!("the agents did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(client)
+}
+
 /// Submits the bench chain of `stages` no-op stages to `cluster` and waits until it serves.
 async fn deploy_chain(
     cluster: &LocalCluster,
@@ -204,6 +251,7 @@ mod chain;
 mod idle;
 mod probes;
 mod procfs;
+pub mod replication;
 mod scale;
 mod transfer;
 

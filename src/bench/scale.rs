@@ -53,14 +53,7 @@ async fn run_ramp(
     phase_s: f64,
     service_ms: u64,
 ) -> Result<serde_json::Value> {
-    let client = ControlClient::connect(&cluster.control.addr).await?;
-    let until = Instant::now() + Duration::from_secs(30);
-    while client.agents().await?.len() < cluster.agents.len() {
-        if Instant::now() > until {
-            bail!("the agents did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let client = connect_registered(cluster).await?;
     let f = file::parse("bench-scale.toml", &graph(service_ms))?;
     let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
         bail!("the bench graph was rejected");

@@ -80,6 +80,15 @@ impl PeerPool {
             .map_or(0, |p| p.unacked.borrow().len())
     }
 
+    /// Requests sent to any peer and not yet acknowledged.
+    pub fn outstanding_total(&self) -> usize {
+        self.peers
+            .borrow()
+            .values()
+            .map(|p| p.unacked.borrow().len())
+            .sum()
+    }
+
     pub(super) fn peer(self: &Rc<Self>, addr: &Rc<str>) -> Rc<Peer> {
         if let Some(p) = self.peers.borrow().get(addr) {
             if !p.dead.get() {

@@ -109,6 +109,9 @@ type TelemetryMessage = capnp::message::Reader<capnp::serialize::OwnedSegments>;
 /// Worker batches held while the control node is slow or away.
 const MAX_QUEUED_BATCHES: usize = 256;
 
+/// A retired worker that has not drained (finished what it accepted) by then is killed.
+pub const RETIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl AgentNode {
     /// Binds the ingress and prepares the provisioner. Must run in a `LocalSet`.
     pub async fn start(config: AgentConfig) -> std::io::Result<Rc<AgentNode>> {

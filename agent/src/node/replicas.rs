@@ -169,6 +169,7 @@ impl AgentNode {
                     Err(e) => format!("worker lost: {e}"),
                 },
                 _ = kill_rx => {
+                    // The receiver ends when its sender is dropped too; either way, stop.
                     let _ = child.kill().await;
                     drop(cgroup);
                     return;
@@ -227,6 +228,11 @@ impl AgentNode {
     }
 
     pub(super) async fn replica_exited(&self, replica: &str, reason: String) {
+        if !self.replicas.borrow().contains_key(replica) {
+            // Retired: it drained and exited, as it was told to.
+            info!(%replica, "retired replica drained: {reason}");
+            return;
+        }
         warn!(%replica, "{reason}");
         self.replicas.borrow_mut().remove(replica);
         let session = self.session.borrow().clone();
@@ -240,13 +246,34 @@ impl AgentNode {
         }
     }
 
+    /// Retires a replica gracefully: its worker is told to drain (finish what it has accepted
+    /// and see its outputs acknowledged downstream, then exit); one still running after
+    /// `RETIRE_TIMEOUT` is killed.
     pub(super) fn retire(&self, replica: &str) {
-        if let Some(mut r) = self.replicas.borrow_mut().remove(replica) {
-            info!(%replica, "retiring replica");
-            if let Some(k) = r.kill.take() {
-                let _ = k.send(());
-            }
+        let Some(mut r) = self.replicas.borrow_mut().remove(replica) else {
+            return;
+        };
+        info!(%replica, "retiring replica: draining its worker");
+        let mut msg = capnp::message::Builder::new_default();
+        msg.init_root::<worker_command::Builder<'_>>().set_drain(());
+        let drained = r
+            .commands
+            .send(Rc::new(capnp::serialize::write_message_to_words(&msg)))
+            .is_ok();
+        let Some(kill) = r.kill.take() else {
+            return;
+        };
+        if !drained {
+            let _ = kill.send(());
+            return;
         }
+        let replica = replica.to_string();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(RETIRE_TIMEOUT).await;
+            if kill.send(()).is_ok() {
+                warn!(%replica, "the retired worker did not drain within {RETIRE_TIMEOUT:?}: killed");
+            }
+        });
     }
 
     pub(super) fn set_routes(

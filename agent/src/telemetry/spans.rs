@@ -365,19 +365,26 @@ pub fn switched_off() -> bool {
 /// A writer thread for batches, so a slow reader never stalls the worker's event loop.
 pub struct BatchWriter {
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl BatchWriter {
     pub fn new(mut out: impl std::io::Write + Send + 'static) -> BatchWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             for batch in rx {
                 if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
                     return;
                 }
             }
         });
-        BatchWriter { tx }
+        BatchWriter { tx, thread }
+    }
+
+    /// Writes what is queued, then returns (a worker's last batch before it exits).
+    pub fn finish(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
     }
 
     /// Queues a batch; false when it had to be dropped.
