@@ -112,6 +112,9 @@ struct ScalingPolicy {
   errorRate @10 :Float64;       # a replica failing this share of its executions is failing
   throttledShare @11 :Float64;  # a replica's cgroup throttled this share of an interval is contended
   detectWindowNs @12 :UInt64;   # the replacement triggers' window
+  hedge @13 :Bool;              # hedged invocations (opt-in)
+  hedgeDelayNs @14 :UInt64;     # 0: the graph's recent p95 at the ingress
+  hedgeBudget @15 :Float64;     # extra invocations at most, as a share (0: the default)
 }
 
 struct Graph {

@@ -72,6 +72,9 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_error_rate(s.error_rate);
         sb.set_throttled_share(s.throttled_share);
         sb.set_detect_window_ns(s.detect_window_ns);
+        sb.set_hedge(s.hedge);
+        sb.set_hedge_delay_ns(s.hedge_delay_ns.unwrap_or(0));
+        sb.set_hedge_budget(s.hedge_budget);
         let mut tasks = sb.init_tasks(s.tasks.len() as u32);
         for (i, t) in s.tasks.iter().enumerate() {
             let mut tb = tasks.reborrow().get(i as u32);
@@ -88,6 +91,7 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
     // Records stored before the replacement keys existed read 0 there: the defaults apply.
     let d = ScalingPolicy::default();
     let or_default = |v: f64, d: f64| if v > 0.0 { v } else { d };
+    let some64 = |v: u64| (v > 0).then_some(v);
     let some = |v: u32| (v > 0).then_some(v);
     let mut tasks = Vec::new();
     for t in s.get_tasks()? {
@@ -117,6 +121,9 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
             0 => d.detect_window_ns,
             n => n,
         },
+        hedge: s.get_hedge(),
+        hedge_delay_ns: some64(s.get_hedge_delay_ns()),
+        hedge_budget: or_default(s.get_hedge_budget(), d.hedge_budget),
     })
 }
 
@@ -513,6 +520,9 @@ mod tests {
                     error_rate: u,
                     throttled_share: 1.0 - u / 2.0,
                     detect_window_ns: w.max(1),
+                    hedge: mc % 2 == 0,
+                    hedge_delay_ns: (out % 3 > 0).then_some(out.max(1)),
+                    hedge_budget: u,
                 },
             )
     }

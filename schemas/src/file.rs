@@ -205,6 +205,9 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
             error_rate: s.error_rate.unwrap_or(d.error_rate),
             throttled_share: s.throttled_share.unwrap_or(d.throttled_share),
             detect_window_ns: s.detect_window.map_or(d.detect_window_ns, |w| w.0),
+            hedge: s.hedge.unwrap_or(d.hedge),
+            hedge_delay_ns: s.hedge_delay.map(|w| w.0),
+            hedge_budget: s.hedge_budget.unwrap_or(d.hedge_budget),
             tasks: s
                 .task
                 .into_iter()
@@ -262,6 +265,9 @@ struct RawScaling {
     error_rate: Option<f64>,
     throttled_share: Option<f64>,
     detect_window: Option<DurationNs>,
+    hedge: Option<bool>,
+    hedge_delay: Option<DurationNs>,
+    hedge_budget: Option<f64>,
     /// Per-task overrides: `[scaling.task.ID]`.
     #[serde(default)]
     task: std::collections::BTreeMap<String, Spanned<RawTaskScaling>>,

@@ -36,6 +36,13 @@ pub struct ScalingPolicy {
     pub throttled_share: f64,
     /// The replacement triggers look at this window.
     pub detect_window_ns: u64,
+    /// Hedged invocations: an invocation not answered after the hedge delay is sent again
+    /// (to other replicas of its entry tasks), within the budget; the first answer wins.
+    pub hedge: bool,
+    /// `None`: the graph's recent end-to-end p95 at the ingress.
+    pub hedge_delay_ns: Option<u64>,
+    /// Hedges at most, as a share of invocations (a token bucket).
+    pub hedge_budget: f64,
 }
 
 impl Default for ScalingPolicy {
@@ -54,6 +61,9 @@ impl Default for ScalingPolicy {
             error_rate: 0.05,
             throttled_share: 0.2,
             detect_window_ns: 4_000_000_000,
+            hedge: false,
+            hedge_delay_ns: None,
+            hedge_budget: 0.05,
         }
     }
 }
@@ -128,9 +138,13 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
             format!("{} must be above 1", s.slow_factor),
         );
     }
+    if s.hedge_delay_ns == Some(0) {
+        bad(None, "hedge_delay", "must be positive".into());
+    }
     for (key, v) in [
         ("error_rate", s.error_rate),
         ("throttled_share", s.throttled_share),
+        ("hedge_budget", s.hedge_budget),
     ] {
         if !utilisation_ok(v) {
             bad(None, key, format!("{v} must be in (0, 1]"));

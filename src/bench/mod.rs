@@ -112,6 +112,27 @@ pub enum Which {
         #[arg(long, default_value_t = 80.0)]
         rate: f64,
     },
+    /// Hedged invocations against stragglers: one task, three replicas, each execution 10x
+    /// slower 5% of the time (`sleep` with `straggler_p`); p99 healthy (no stragglers), with
+    /// stragglers, and with stragglers and `hedge = true`, and the extra executions hedging
+    /// sent.
+    Hedging {
+        /// Seconds measured per phase (after 3 s of warm-up).
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// The task's mean service time.
+        #[arg(long, default_value_t = 10)]
+        mean_ms: u64,
+        /// Its distribution: fixed, uniform, exponential or lognormal.
+        #[arg(long, default_value = "exponential")]
+        dist: String,
+        #[arg(long, default_value_t = 0.05)]
+        straggler_p: f64,
+        #[arg(long, default_value_t = 10.0)]
+        straggler_x: f64,
+    },
     /// Bytes between two processes over the data plane (epoll and io_uring), beside a plain
     /// loopback TCP copy as the physical reference; runs interleaved, reports medians.
     Transfer {
@@ -157,6 +178,24 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         } => transfer::transfer(&bytes, &payload, repeat)?,
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
         Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
+        Which::Hedging {
+            seconds,
+            rate,
+            mean_ms,
+            dist,
+            straggler_p,
+            straggler_x,
+        } => {
+            hedging::hedging(hedging::Plan {
+                seconds,
+                rate,
+                mean_ms,
+                dist,
+                straggler_p,
+                straggler_x,
+            })
+            .await?
+        }
         Which::Replication {
             healthy,
             degraded,
@@ -248,6 +287,7 @@ async fn deploy_chain(
 }
 
 mod chain;
+mod hedging;
 mod idle;
 mod probes;
 mod procfs;

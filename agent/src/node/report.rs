@@ -258,6 +258,27 @@ impl AgentNode {
                 0.0
             },
         );
+        let hedging = &self.ingress.hedging;
+        for (name, help, v) in [
+            (
+                "prescient_hedges_sent_total",
+                "Invocations sent again by this ingress after their hedge delay.",
+                hedging.sent.get(),
+            ),
+            (
+                "prescient_hedges_won_total",
+                "Hedged invocations whose hedge answered first (the original's answer was ignored).",
+                hedging.won.get(),
+            ),
+            (
+                "prescient_hedges_denied_total",
+                "Hedges due but not sent: the budget was spent or no other replica could take it.",
+                hedging.denied.get(),
+            ),
+        ] {
+            e.family(name, "counter", help);
+            e.sample(name, &[("agent", agent)], v as f64);
+        }
         e.family(
             "prescient_agent_replicas",
             "gauge",

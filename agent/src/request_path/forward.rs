@@ -74,24 +74,44 @@ impl Forwarder {
         self.routes.borrow_mut().remove(graph_id);
     }
 
-    /// Sends `hop` to a replica of `hop.task`; on no replica, reports an error output.
-    pub fn send(&self, hop: Hop) {
+    /// Sends `hop` to a replica of `hop.task`; on no replica, reports an error output. Returns
+    /// the replica's address (none: parked for a newer table, or failed).
+    pub fn send(&self, hop: Hop) -> Option<Rc<str>> {
+        self.send_avoiding(hop, &[])
+    }
+
+    /// Whether a replica of `task` other than those at `avoid` is in `graph_id`'s table.
+    pub fn has_other(&self, graph_id: &str, task: &str, avoid: &[Rc<str>]) -> bool {
+        self.routes(graph_id).is_some_and(|r| {
+            r.replicas(task)
+                .iter()
+                .any(|x| !avoid.contains(&x.addr))
+        })
+    }
+
+    /// As [`Forwarder::send`], never to a replica at `avoid` (a hedge avoids its original's).
+    pub fn send_avoiding(&self, hop: Hop, avoid: &[Rc<str>]) -> Option<Rc<str>> {
         let routes = match self.routes(&hop.graph_id) {
             Some(r) if r.epoch >= hop.epoch => r,
             // The table this request was admitted under has not reached this process yet.
-            _ => return self.parked.borrow_mut().push(hop),
+            _ => {
+                self.parked.borrow_mut().push(hop);
+                return None;
+            }
         };
         // Nearly always empty: only a request lost with a replica has addresses to avoid.
         let exclude = {
             let failed = self.failed.borrow();
-            if failed.is_empty() {
+            let mut exclude = if failed.is_empty() {
                 Vec::new()
             } else {
                 failed
                     .get(&(hop.invocation, hop.task.clone()))
                     .map(|(_, a)| a.clone())
                     .unwrap_or_default()
-            }
+            };
+            exclude.extend(avoid.iter().cloned());
+            exclude
         };
         match routes.choose(
             &hop.task,
@@ -104,6 +124,7 @@ impl Forwarder {
             Some(route) => {
                 let addr = route.addr.clone();
                 self.pool.send_request(&addr, hop);
+                Some(addr)
             }
             None => {
                 self.failed
@@ -121,7 +142,8 @@ impl Forwarder {
                         exclude.iter().map(|a| &**a).collect::<Vec<_>>().join(", ")
                     )
                 };
-                self.fail(&hop, msg)
+                self.fail(&hop, msg);
+                None
             }
         }
     }

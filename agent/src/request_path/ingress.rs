@@ -44,6 +44,12 @@ struct Pending {
     outputs: Vec<Option<Bytes>>,
     names: Rc<[String]>,
     tx: oneshot::Sender<Result<Vec<(String, Bytes)>, InvocationError>>,
+    /// Its hedge's invocation id, once sent.
+    hedge: Option<u64>,
+    /// Copies in flight (2 once hedged) and errors heard: an error fails the invocation only
+    /// once every copy has failed.
+    copies: u8,
+    errors: u8,
 }
 
 pub struct Ingress {
@@ -55,7 +61,10 @@ pub struct Ingress {
     /// Where sinks send outputs: this ingress's own data-plane address.
     reply_to: Rc<str>,
     pending: RefCell<HashMap<u64, Pending>>,
+    /// Hedge invocation id → the invocation it copies.
+    aliases: RefCell<HashMap<u64, u64>>,
     next: Cell<u64>,
+    pub hedging: crate::request_path::hedge::Hedging,
 }
 
 impl Ingress {
@@ -66,7 +75,9 @@ impl Ingress {
             whole_graph: "".into(),
             reply_to: reply_to.into(),
             pending: RefCell::default(),
+            aliases: RefCell::default(),
             next: Cell::new(1),
+            hedging: Default::default(),
         })
     }
 
@@ -187,6 +198,9 @@ impl Ingress {
                 outputs: vec![None; names.len()],
                 names: names.clone(),
                 tx,
+                hedge: None,
+                copies: 1,
+                errors: 0,
             },
         );
         let deadline_unix_us = now_unix_us() + u64::from(deadline_ms) * 1000;
@@ -195,11 +209,18 @@ impl Ingress {
             .latency
             .enabled()
             .then(crate::telemetry::clock::Stamp::now);
+        let hedging = routes.record.graph.scaling.as_ref().filter(|s| s.hedge);
+        let delay = hedging.and_then(|s| {
+            let fixed = s.hedge_delay_ns.map(Duration::from_nanos);
+            self.hedging.admit(&routes.graph_id, s.hedge_budget, fixed)
+        });
+        let started = std::time::Instant::now();
+        let mut sent: Vec<(Hop, Option<Rc<str>>)> = Vec::new();
         for (name, value) in inputs {
             let (task, port) = name
                 .rsplit_once('.')
                 .expect("checked against the entry names");
-            self.fwd.send(Hop {
+            let hop = Hop {
                 invocation,
                 graph_id: routes.graph_id.clone(),
                 epoch: routes.epoch,
@@ -211,9 +232,28 @@ impl Ingress {
                 attempt: 0,
                 sent_unix_ns: 0,
                 admitted_unix_ns: admitted_ns,
-            });
+            };
+            let copy = delay.is_some().then(|| hop.clone());
+            let addr = self.fwd.send(hop);
+            sent.extend(copy.map(|c| (c, addr)));
         }
-        let result = self.wait(&routes, invocation, deadline_ms, rx).await;
+        let wait = self.wait(&routes, invocation, deadline_ms, rx);
+        let result = match delay {
+            None => wait.await,
+            Some(delay) => {
+                tokio::pin!(wait);
+                tokio::select! {
+                    r = &mut wait => r,
+                    _ = tokio::time::sleep(delay) => {
+                        self.hedge(invocation, sent);
+                        wait.await
+                    }
+                }
+            }
+        };
+        if hedging.is_some() && result.is_ok() {
+            self.hedging.record(&routes.graph_id, started.elapsed());
+        }
         if let Some(admitted) = admitted.filter(|_| self.latency.enabled()) {
             let execution = crate::telemetry::spans::Execution {
                 invocation,
@@ -233,6 +273,48 @@ impl Ingress {
         result
     }
 
+    /// Sends `invocation` again as a new invocation (so its copies never mix downstream) to
+    /// other replicas of its entry tasks, if it is still unanswered, the budget allows and
+    /// every entry task has another replica.
+    fn hedge(&self, invocation: u64, sent: Vec<(Hop, Option<Rc<str>>)>) {
+        let Some(graph_id) = sent.first().map(|(h, _)| h.graph_id.clone()) else {
+            return;
+        };
+        if !self.pending.borrow().contains_key(&invocation) {
+            return;
+        }
+        let alternatives = sent.iter().all(|(h, addr)| {
+            let avoid: Vec<Rc<str>> = addr.iter().cloned().collect();
+            self.fwd.has_other(&graph_id, &h.task, &avoid)
+        });
+        if !alternatives || !self.hedging.take(&graph_id) {
+            if !alternatives {
+                self.hedging.denied.set(self.hedging.denied.get() + 1);
+            }
+            return;
+        }
+        let id = self.next.get();
+        self.next.set(id + 1);
+        if let Some(p) = self.pending.borrow_mut().get_mut(&invocation) {
+            p.hedge = Some(id);
+            p.copies = 2;
+        }
+        self.aliases.borrow_mut().insert(id, invocation);
+        self.hedging.sent.set(self.hedging.sent.get() + 1);
+        for (mut hop, addr) in sent {
+            hop.invocation = id;
+            let avoid: Vec<Rc<str>> = addr.into_iter().collect();
+            self.fwd.send_avoiding(hop, &avoid);
+        }
+    }
+
+    /// Forgets `p`'s hedge alias (it is answered or timed out).
+    fn unalias(&self, p: &Pending) {
+        if let Some(h) = p.hedge {
+            self.aliases.borrow_mut().remove(&h);
+        }
+    }
+
     /// End-to-end latencies measured here, as a telemetry batch (task "" = the whole graph).
     pub fn take_latency_batch(&self) -> Option<Vec<u8>> {
         self.latency.take_batch(&self.fwd.host).map(|(b, _)| b)
@@ -250,6 +332,9 @@ impl Ingress {
             Ok(Err(_)) => Err(InvocationError::Dropped),
             Err(_) => {
                 let pending = self.pending.borrow_mut().remove(&invocation);
+                if let Some(p) = &pending {
+                    self.unalias(p);
+                }
                 let waiting: Vec<String> = pending
                     .map(|p| {
                         p.names
@@ -278,12 +363,19 @@ impl dataplane::Handler for Ingress {
     }
 
     fn output(self: Rc<Self>, out: OutputMsg) {
+        let alias = self.aliases.borrow().get(&out.invocation).copied();
+        let (id, via_hedge) = alias.map_or((out.invocation, false), |o| (o, true));
         let mut pending = self.pending.borrow_mut();
-        let Some(p) = pending.get_mut(&out.invocation) else {
-            return; // already answered (a retried duplicate) or timed out
+        let Some(p) = pending.get_mut(&id) else {
+            return; // already answered (a retried duplicate, a hedge's loser) or timed out
         };
         if !out.error.is_empty() {
-            if let Some(p) = pending.remove(&out.invocation) {
+            p.errors += 1;
+            if p.errors < p.copies {
+                return; // the other copy may still answer
+            }
+            if let Some(p) = pending.remove(&id) {
+                self.unalias(&p);
                 let _ = p.tx.send(Err(InvocationError::Failed(out.error)));
             }
             return;
@@ -293,7 +385,11 @@ impl dataplane::Handler for Ingress {
             p.outputs[i].get_or_insert(out.payload);
         }
         if p.outputs.iter().all(Option::is_some) {
-            if let Some(p) = pending.remove(&out.invocation) {
+            if let Some(p) = pending.remove(&id) {
+                self.unalias(&p);
+                if via_hedge {
+                    self.hedging.won.set(self.hedging.won.get() + 1);
+                }
                 let result = p
                     .names
                     .iter()

@@ -51,12 +51,21 @@ impl Delay {
     }
 }
 
+/// A `sleep` kernel's stragglers: with probability `p`, an execution is `factor` times slower
+/// (a GC pause, a noisy neighbour, a throttled clock).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Straggler {
+    pub p: f64,
+    pub factor: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kernel {
     /// Passes its input through.
     Identity,
-    /// Sleeps (without using CPU), then passes its input through.
-    Sleep(Delay),
+    /// Sleeps (without using CPU), then passes its input through; a straggler (probability
+    /// `p`) sleeps `factor` times as long.
+    Sleep(Delay, Option<Straggler>),
     /// Spins the CPU for `us` microseconds, then passes its input through.
     CpuBurn { us: u64 },
     /// The sha256 of its input.
@@ -140,7 +149,14 @@ impl Kernel {
             },
             "sleep" => {
                 let mean = duration("mean", "1ms")?;
-                Kernel::Sleep(match param(code, "dist").unwrap_or("fixed") {
+                let p = number("straggler_p", 0.0)?;
+                if p > 1.0 {
+                    return Err(err("straggler_p", "must be between 0 and 1".into()));
+                }
+                let straggler = (p > 0.0)
+                    .then(|| number("straggler_x", 10.0).map(|factor| Straggler { p, factor }))
+                    .transpose()?;
+                let delay = match param(code, "dist").unwrap_or("fixed") {
                     "fixed" => Delay::Fixed(mean),
                     "uniform" => Delay::Uniform {
                         lo: duration("min", "0s")?,
@@ -157,7 +173,8 @@ impl Kernel {
                             format!("{other:?}: expected fixed, uniform, exponential or lognormal"),
                         ))
                     }
-                })
+                };
+                Kernel::Sleep(delay, straggler)
             }
             other => return Err(KernelError::Unknown(other.into())),
         })
@@ -173,8 +190,12 @@ impl Kernel {
         };
         match self {
             Kernel::Identity => Ok(joined()),
-            Kernel::Sleep(d) => {
-                tokio::time::sleep(d.sample(rng)).await;
+            Kernel::Sleep(d, straggler) => {
+                let mut t = d.sample(rng);
+                if let Some(s) = straggler.filter(|s| rng.unit() < s.p) {
+                    t = t.mul_f64(s.factor.clamp(0.0, 1000.0));
+                }
+                tokio::time::sleep(t).await;
                 Ok(joined())
             }
             Kernel::CpuBurn { us } => {
