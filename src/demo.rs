@@ -228,7 +228,13 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
     scaling(&client, &cluster, dir).await?;
 
-    step(9, "what the control node decided, and why");
+    step(
+        9,
+        "a slowed host: the controller replaces its replica elsewhere, and says why",
+    );
+    crate::demo_replication::slowed_host(&client, &cluster).await?;
+
+    step(10, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }

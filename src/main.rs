@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod demo_replication;
 mod load;
 mod local;
 mod output;
@@ -399,7 +400,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Top { once, window } => {
             let c = ControlClient::connect(&cli.control).await?;
+            // The controller's latest decisions, newest last.
+            let mut decisions: std::collections::VecDeque<String> = Default::default();
+            let mut seen = 0;
             loop {
+                for e in c.events(seen, 10_000).await? {
+                    seen = e.seq;
+                    if output::DECISIONS.contains(&e.kind.as_str()) {
+                        if decisions.len() == 8 {
+                            decisions.pop_front();
+                        }
+                        decisions.push_back(output::event_line(&e));
+                    }
+                }
                 let mut frame = String::new();
                 if !once {
                     frame.push_str("\x1b[2J\x1b[H");
@@ -431,6 +444,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     frame.push_str(&output::chains_table(&chains));
                     frame.push('\n');
                     frame.push_str(&output::replicas_table(&replicas));
+                }
+                if !decisions.is_empty() {
+                    frame.push_str("\nlatest decisions:\n");
+                    for d in &decisions {
+                        frame.push_str(d);
+                        frame.push('\n');
+                    }
                 }
                 print!("{frame}");
                 if once {

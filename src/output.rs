@@ -394,6 +394,29 @@ pub fn bytes_json(b: &[u8]) -> serde_json::Value {
     }
 }
 
+/// Event kinds that are the controller's sizing and replacement decisions.
+pub const DECISIONS: &[&str] = &[
+    "scale-out",
+    "scale-in",
+    "replace",
+    "shed",
+    "replica-placed",
+    "replica-unplaceable",
+    "replicas-retired",
+];
+
+/// One event as a line of text.
+pub fn event_line(e: &Event) -> String {
+    format!(
+        "#{:<5} {}  {:<16} {:<6} {}",
+        e.seq,
+        format_time_ms(e.at_ms),
+        e.kind,
+        e.subject,
+        e.reason
+    )
+}
+
 pub fn print_event(e: &Event, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
@@ -406,15 +429,7 @@ pub fn print_event(e: &Event, json: bool) -> Result<()> {
         )?;
         writeln!(out)?;
     } else {
-        writeln!(
-            out,
-            "#{:<5} {}  {:<16} {:<6} {}",
-            e.seq,
-            format_time_ms(e.at_ms),
-            e.kind,
-            e.subject,
-            e.reason
-        )?;
+        writeln!(out, "{}", event_line(e))?;
     }
     out.flush()?;
     Ok(())

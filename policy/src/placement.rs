@@ -148,6 +148,10 @@ pub struct Need {
     /// The upstream task whose replica placed in the same pass this one should join (a chain
     /// grown together); `None` for a new graph's first replicas, which spread.
     pub near: Option<String>,
+    /// Hosts it must not go to, and why (a replacement never lands where its bad replica
+    /// runs, nor on a contended host).
+    pub exclude: Vec<String>,
+    pub exclude_why: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -189,7 +193,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
             let best = hosts
                 .iter()
                 .enumerate()
-                .filter(|(_, h)| h.fits(r))
+                .filter(|(_, h)| h.fits(r) && !need.exclude.contains(&h.name))
                 .min_by(|(_, a), (_, b)| {
                     let key = |h: &HostView| {
                         let with_upstream = near.contains(&h.name) && !occupied.contains(&h.name);
@@ -207,14 +211,24 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
             let Some(i) = best else {
                 let largest = hosts
                     .iter()
+                    .filter(|h| !need.exclude.contains(&h.name))
                     .max_by_key(|h| h.cpu_free_millicores)
                     .map_or("no hosts are ready".to_string(), |h| {
                         format!("the most free is {}", describe_free(h))
                     });
+                let besides = if need.exclude.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " besides {} ({})",
+                        need.exclude.join(", "),
+                        need.exclude_why
+                    )
+                };
                 out.push(Decision::Unplaceable {
                     graph_id: need.graph_id.clone(),
                     task: need.task.clone(),
-                    reason: format!("no host has {} free: {largest}", describe(r)),
+                    reason: format!("no host{besides} has {} free: {largest}", describe(r)),
                 });
                 break;
             };
@@ -284,6 +298,8 @@ mod tests {
             count,
             occupied: vec![],
             near: None,
+            exclude: vec![],
+            exclude_why: String::new(),
         }
     }
 

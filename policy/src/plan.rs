@@ -270,6 +270,30 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                 let near = d
                     .filter(|_| !have.is_empty())
                     .and_then(|_| v.upstream(task).first().map(|u| u.to_string()));
+                // Replacing: never where the bad replicas run, nor on a contended host.
+                let (exclude, exclude_why) = match d {
+                    Some(d) if bad > 0 => {
+                        let mut hosts: Vec<String> = d
+                            .replicas
+                            .iter()
+                            .filter(|r| r.task == task && d.replacing.contains_key(&r.id))
+                            .map(|r| r.host.clone())
+                            .chain(
+                                s.contended
+                                    .iter()
+                                    .filter(|(_, c)| c.until > now)
+                                    .map(|(h, _)| h.clone()),
+                            )
+                            .collect();
+                        hosts.sort();
+                        hosts.dedup();
+                        (
+                            hosts,
+                            "where the replicas being replaced run, or contended".to_string(),
+                        )
+                    }
+                    _ => (Vec::new(), String::new()),
+                };
                 needs.push(Need {
                     graph_id: id.clone(),
                     task: task.to_string(),
@@ -277,6 +301,8 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                     count: wanted - healthy,
                     occupied: have.iter().map(|h| h.to_string()).collect(),
                     near,
+                    exclude,
+                    exclude_why,
                 });
             }
         }

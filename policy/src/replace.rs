@@ -11,9 +11,10 @@
 //! - *host contention*: its cgroup was CPU-throttled in at least `throttled_share` of the
 //!   periods and its latency at the replica (queueing + execution p50) is `slow_factor` × the
 //!   reference; the host is then avoided by placement for the scale-in cooldown;
-//! - *slow*: with peers, its latency at the replica is `slow_factor` × theirs (a balanced
-//!   overload queues at every replica, so it does not count); alone, its execution p50 is
-//!   `slow_factor` × the calibrated one (queueing alone is load, which sizing answers).
+//! - *slow*: its execution p50 is `slow_factor` × its peers' (or, alone, the task's calibrated
+//!   one). Queueing alone does not count: a backlog is load (sizing answers it) or imbalance
+//!   (replica choice answers it) — a replica that kept a backlog from before a scale-out is
+//!   not slow.
 //!
 //! One replacement per task at a time; a replacement that would exceed the task's maximum or
 //! the graph's budget becomes a shed when peers can carry the load, and nothing otherwise.
@@ -120,6 +121,7 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
                 (n > 0).then(|| e as f64 / n as f64)
             };
             let peer_latency = median(peers.iter().map(|p| p.queue_p50_s + p.exec_p50_s).collect());
+            let peer_exec = median(peers.iter().map(|p| p.exec_p50_s).collect());
             let k = policy.slow_factor;
             let verdict = if let Some(pr) =
                 peer_rate.filter(|pr| rate >= policy.error_rate && rate > 2.0 * pr)
@@ -154,15 +156,15 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
                             ms(reference)
                         ),
                     ))
-                } else if peer_latency.is_some() && slow_latency {
+                } else if let Some(p) = peer_exec.filter(|p| *p > 0.0 && h.exec_p50_s >= k * p) {
                     Some((
                         Trigger::Slow,
                         format!(
-                            "{}: queueing + execution p50 {} is {:.1}× {against} {} over {window:?}",
+                            "{}: execution p50 {} is {:.1}× its task's other replicas' {} over {window:?}",
                             r.id,
-                            ms(latency),
-                            latency / reference,
-                            ms(reference)
+                            ms(h.exec_p50_s),
+                            h.exec_p50_s / p,
+                            ms(p)
                         ),
                     ))
                 } else if peer_latency.is_none()

@@ -110,7 +110,9 @@ pub fn chains_over<'a>(
             .replicas
             .iter()
             .any(|r| r.task == *worst && d.replacing.contains_key(&r.id));
-        if replacing {
+        // Tasks that add up to less than the objective do not make the excess now: it is the
+        // window's memory of a backlog already gone (a shed replica's queue) or the network.
+        if replacing || total <= c.objective_s {
             continue;
         }
         let (queue, exec) = cost(worst);

@@ -36,13 +36,15 @@ impl Default for Plan {
     }
 }
 
-fn graph(burn_us: u64) -> String {
+/// The chain: three `cpu_burn` stages of `burn_us` each, `cpu` each, a p99 objective of
+/// 60 ms, at most 3 replicas of each.
+pub(crate) fn graph(burn_us: u64, cpu: &str) -> String {
     let mut g = String::from(
         "name = \"bench-replication\"\nobjective = { percentile = 99, target = \"60ms\" }\n",
     );
     for i in 1..=3 {
         g.push_str(&format!(
-            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"cpu_burn\", params = {{ us = {burn_us} }} }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"{burn_us}us\"\nresources = {{ cpu = \"1\", memory = \"64MiB\" }}\n"
+            "\n[[task]]\nid = \"s{i}\"\ncode = {{ builtin = \"cpu_burn\", params = {{ us = {burn_us} }} }}\ninputs = {{ x = \"bytes\" }}\noutputs = {{ y = \"bytes\" }}\nestimate = \"{burn_us}us\"\nresources = {{ cpu = \"{cpu}\", memory = \"64MiB\" }}\n"
         ));
     }
     g.push_str(
@@ -101,7 +103,7 @@ fn cut_quota(replica: &str, share: f64) -> Result<()> {
 }
 
 /// Keeps every replica on `host` slowed, new ones included, until aborted.
-fn slow_host(
+pub(crate) fn slow_host(
     cluster_addr: String,
     graph_id: String,
     host: String,
@@ -149,7 +151,7 @@ fn ms(us: u64) -> f64 {
 
 async fn run(cluster: &LocalCluster, plan: Plan) -> Result<serde_json::Value> {
     let client = connect_registered(cluster).await?;
-    let f = file::parse("bench-replication.toml", &graph(plan.burn_us))?;
+    let f = file::parse("bench-replication.toml", &graph(plan.burn_us, "1"))?;
     let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
         bail!("the bench graph was rejected");
     };

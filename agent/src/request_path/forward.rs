@@ -82,11 +82,8 @@ impl Forwarder {
 
     /// Whether a replica of `task` other than those at `avoid` is in `graph_id`'s table.
     pub fn has_other(&self, graph_id: &str, task: &str, avoid: &[Rc<str>]) -> bool {
-        self.routes(graph_id).is_some_and(|r| {
-            r.replicas(task)
-                .iter()
-                .any(|x| !avoid.contains(&x.addr))
-        })
+        self.routes(graph_id)
+            .is_some_and(|r| r.replicas(task).iter().any(|x| !avoid.contains(&x.addr)))
     }
 
     /// As [`Forwarder::send`], never to a replica at `avoid` (a hedge avoids its original's).
