@@ -401,6 +401,7 @@ pub const DECISIONS: &[&str] = &[
     "replace",
     "shed",
     "replica-placed",
+    "replica-ready",
     "replica-unplaceable",
     "replicas-retired",
 ];

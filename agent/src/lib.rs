@@ -17,4 +17,5 @@ pub mod provision;
 pub mod request_path;
 pub mod runtime;
 pub mod telemetry;
+pub mod warmup;
 pub mod worker;

@@ -54,6 +54,14 @@ pub enum WorkerError {
     },
 }
 
+/// Recent inputs to warm up on, the task's recent execution p50 and how long at most.
+#[derive(Debug, Default)]
+pub struct WarmupPlan {
+    pub samples: Vec<Vec<Bytes>>,
+    pub target_ns: u64,
+    pub timeout: Duration,
+}
+
 /// What an agent tells its worker.
 pub enum Command {
     Deploy {
@@ -62,6 +70,7 @@ pub enum Command {
         task: String,
         /// The agent's verified local copy of the task's artifact, if it has one.
         artifact_path: String,
+        warmup: WarmupPlan,
     },
     Routes(GraphRoutes),
     Drain,
@@ -72,11 +81,24 @@ impl Command {
         Ok(match r.which()? {
             worker_command::Deploy(spec) => {
                 let spec = spec?;
+                let mut samples = Vec::new();
+                for s in spec.get_warmup()? {
+                    let mut inputs = Vec::new();
+                    for d in s.get_inputs()? {
+                        inputs.push(Bytes::copy_from_slice(d?));
+                    }
+                    samples.push(inputs);
+                }
                 Command::Deploy {
                     replica: codec::text(spec.get_replica())?,
                     record: codec::decode_record(spec.get_graph()?)?,
                     task: codec::text(spec.get_task())?,
                     artifact_path: codec::text(spec.get_artifact_path())?,
+                    warmup: WarmupPlan {
+                        samples,
+                        target_ns: spec.get_warmup_target_ns(),
+                        timeout: Duration::from_nanos(spec.get_warmup_timeout_ns()),
+                    },
                 }
             }
             worker_command::Routes(t) => Command::Routes(GraphRoutes::decode(t?)?),
@@ -160,6 +182,8 @@ pub struct Worker {
     joins: RefCell<HashMap<(Rc<str>, u64), Join>>,
     /// Executions accepted and not finished (queued at the gate or running).
     in_flight: Cell<usize>,
+    /// Recent inputs, for new replicas' warm-up.
+    samples: crate::warmup::Sampler,
 }
 
 /// Counts an execution in flight for as long as it lives.
@@ -195,6 +219,7 @@ impl Worker {
                 record,
                 task,
                 artifact_path,
+                warmup: _,
             } => {
                 let t = record
                     .graph
@@ -292,6 +317,10 @@ impl Worker {
         arrival: Option<Arrival>,
     ) {
         let counted = InFlight::new(&self);
+        if let Some(a) = &arrival {
+            self.samples
+                .offer(&d.graph_id, &d.task, &inputs, a.unix_ns / 1_000_000_000);
+        }
         tokio::task::spawn_local(async move {
             let _counted = counted;
             let arrival = arrival.filter(|_| self.spans.enabled());
@@ -557,6 +586,7 @@ pub async fn run(
         task: RefCell::default(),
         joins: RefCell::default(),
         in_flight: Cell::new(0),
+        samples: Default::default(),
     });
     if !telemetry {
         worker.spans.disable();
@@ -570,20 +600,45 @@ pub async fn run(
     };
     let first = commands.recv().await.ok_or(WorkerError::NoDeploy)?;
     let first = decode_command(&first)?;
-    if !matches!(first, Command::Deploy { .. }) {
+    let Command::Deploy { warmup, .. } = &first else {
         return Err(WorkerError::NotDeployFirst);
-    }
+    };
+    let plan = WarmupPlan {
+        samples: warmup.samples.clone(),
+        target_ns: warmup.target_ns,
+        timeout: warmup.timeout,
+    };
     if let Err(e) = worker.apply(first) {
         say(format!("prescient-worker failed: {e}"));
         return Err(e);
     }
+    // Warm before it is routed: the agent reports ready only after this line.
+    let deployed = worker.task.borrow().clone();
+    let warmed = match deployed {
+        Some(d) => {
+            crate::warmup::warm_up(
+                &d.kernel,
+                &plan.samples,
+                plan.target_ns,
+                plan.timeout,
+                &worker.fwd.rng,
+            )
+            .await
+        }
+        None => Default::default(),
+    };
     let bind = |source| WorkerError::Bind {
         addr: listen,
         source,
     };
     let listener = dataplane::Listener::bind(listen).await.map_err(bind)?;
     let addr = listener.local_addr().map_err(bind)?;
-    say(format!("prescient-worker ready {addr}"));
+    say(format!(
+        "prescient-worker ready {addr} warmup {} {} {}",
+        warmed.elapsed.as_nanos(),
+        warmed.executions,
+        warmed.stable
+    ));
     let server = tokio::task::spawn_local(dataplane::serve(listener, worker.clone()));
     let w = worker.clone();
     let retries = tokio::task::spawn_local(async move {
@@ -615,6 +670,9 @@ pub async fn run(
                     if !batches.send(batch) {
                         worker.spans.lost(n);
                     }
+                }
+                if let Some(batch) = worker.samples.take_batch(host) {
+                    let _ = batches.send(batch);
                 }
             }
             cmd = commands.recv(), if commands_open => match cmd {

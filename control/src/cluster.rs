@@ -43,6 +43,9 @@ pub struct ClusterConfig {
     pub policy: prescient_policy::Config,
     /// How often per-minute roll-ups are written to the registry (the forecaster's history).
     pub history_flush: Duration,
+    /// A new replica warms up on its task's recent inputs for at most this long before it is
+    /// routed (zero: no warm-up).
+    pub warmup_timeout: Duration,
 }
 
 /// What the control node knows of an agent beyond what decisions read.
@@ -387,6 +390,7 @@ impl Cluster {
                 self.push_all_tables_to(host).await;
             }
             Action::Undeploy { graph_id, .. } => {
+                self.monitor.borrow_mut().samples.remove_graph(graph_id);
                 let clients: Vec<agent::Client> = self
                     .agents
                     .borrow()
@@ -640,15 +644,44 @@ impl Cluster {
             Some(c) => {
                 let mut req = c.provision_request();
                 {
+                    let (samples, target_ns) = {
+                        let monitor = self.monitor.borrow();
+                        let now_s = unix_ms() / 1000;
+                        let target = monitor
+                            .task_stats(&record.id, 60, now_s)
+                            .into_iter()
+                            .find(|t| t.task == task)
+                            .map_or(0, |t| t.exec_p50_ns);
+                        (monitor.samples.of(&record.id, &task), target)
+                    };
                     let mut spec: replica_spec::Builder<'_> = req.get().init_spec();
                     spec.set_replica(id.as_str());
                     spec.set_task(task.as_str());
+                    spec.set_warmup_target_ns(target_ns);
+                    spec.set_warmup_timeout_ns(self.config.warmup_timeout.as_nanos() as u64);
+                    let mut list = spec.reborrow().init_warmup(samples.len() as u32);
+                    for (i, inputs) in samples.iter().enumerate() {
+                        let mut s = list.reborrow().get(i as u32);
+                        s.set_graph_id(record.id.as_str());
+                        s.set_task(task.as_str());
+                        let mut data = s.init_inputs(inputs.len() as u32);
+                        for (j, d) in inputs.iter().enumerate() {
+                            data.set(j as u32, d);
+                        }
+                    }
                     codec::encode_record(&record, spec.init_graph());
                 }
                 match req.send().promise.await {
                     Ok(reply) => reply
                         .get()
-                        .and_then(|r| text(r.get_data_plane_addr()))
+                        .and_then(|r| {
+                            Ok((
+                                text(r.get_data_plane_addr())?,
+                                Duration::from_nanos(r.get_warmup_ns()),
+                                r.get_warmup_executions(),
+                                r.get_warmup_stable(),
+                            ))
+                        })
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.extra),
                 }
@@ -656,9 +689,26 @@ impl Cluster {
         };
         let now = self.now();
         match result {
-            Ok(addr) => {
-                observe::provisioned(&mut self.state.borrow_mut(), &record.id, &id, &addr, now);
+            Ok((addr, warmup, executions, stable)) => {
+                let took = observe::provisioned_after_warmup(
+                    &mut self.state.borrow_mut(),
+                    &record.id,
+                    &id,
+                    &addr,
+                    warmup,
+                    now,
+                );
                 info!(replica = %id, %host, "replica ready");
+                self.events
+                    .record(&Event::ReplicaReady {
+                        replica: id.clone(),
+                        host: host.clone(),
+                        took,
+                        warmup,
+                        executions,
+                        stable,
+                    })
+                    .await;
             }
             Err(error) => {
                 let failed = observe::provision_failed(

@@ -8,6 +8,7 @@ pub mod events;
 pub mod metrics;
 pub mod monitor;
 pub mod replica_windows;
+pub mod samples;
 pub mod server;
 pub mod session;
 pub mod store;

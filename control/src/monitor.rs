@@ -222,6 +222,8 @@ pub struct Monitor {
     pub refused: BTreeMap<String, u64>,
     /// The same windows per replica, for the replacement triggers.
     pub replicas: crate::replica_windows::ReplicaWindows,
+    /// Recent inputs per task, for new replicas' warm-up.
+    pub samples: crate::samples::InputSamples,
 }
 
 impl Monitor {

@@ -66,6 +66,15 @@ impl agent_session::Server for Session {
         if dropped > 0 {
             *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
         }
+        for s in batch.get_samples()? {
+            let mut inputs = Vec::new();
+            for d in s.get_inputs()? {
+                inputs.push(d?.to_vec());
+            }
+            monitor
+                .samples
+                .record(&text(s.get_graph_id())?, &text(s.get_task())?, inputs);
+        }
         for h in batch.get_hosts()? {
             monitor.record_host(&self.name, crate::monitor::HostPoint::decode(h)?);
         }

@@ -126,6 +126,16 @@ pub enum Event {
         drain: Duration,
         reason: String,
     },
+    /// A replica is provisioned and warm: it joins the next routing table.
+    ReplicaReady {
+        replica: String,
+        host: String,
+        /// From placement to ready.
+        took: Duration,
+        warmup: Duration,
+        executions: u32,
+        stable: bool,
+    },
 }
 
 fn list(items: &[String]) -> String {
@@ -159,6 +169,7 @@ impl Event {
             Event::DrainedRetired { .. } => "replicas-retired",
             Event::ReplicaReplacing { .. } => "replace",
             Event::ReplicaShed { .. } => "shed",
+            Event::ReplicaReady { .. } => "replica-ready",
         }
     }
 
@@ -181,9 +192,9 @@ impl Event {
             Event::ScaledOut { graph_id, task, .. } => format!("{graph_id}.{task}"),
             Event::ScaledIn { replica, .. } => replica.clone(),
             Event::DrainedRetired { graph_id, .. } => graph_id.clone(),
-            Event::ReplicaReplacing { replica, .. } | Event::ReplicaShed { replica, .. } => {
-                replica.clone()
-            }
+            Event::ReplicaReplacing { replica, .. }
+            | Event::ReplicaShed { replica, .. }
+            | Event::ReplicaReady { replica, .. } => replica.clone(),
         }
     }
 
@@ -337,6 +348,30 @@ impl Event {
                     format!("replaced by {}, which is routed", list(by))
                 };
                 format!("{reason}; {by}; out of the routing table, draining for {drain:?}")
+            }
+            Event::ReplicaReady {
+                host,
+                took,
+                warmup,
+                executions,
+                stable,
+                ..
+            } => {
+                let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+                let warm = if *executions == 0 {
+                    "no recent inputs of its task to warm up on".to_string()
+                } else if *stable {
+                    format!(
+                        "warmed up on {executions} recent inputs in {:.1} ms, latency stable",
+                        ms(warmup)
+                    )
+                } else {
+                    format!(
+                        "warmed up on {executions} recent inputs for {:.1} ms, latency not yet stable",
+                        ms(warmup)
+                    )
+                };
+                format!("on {host}, ready {:.0} ms after placement; {warm}", ms(took))
             }
         }
     }

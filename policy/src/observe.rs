@@ -52,6 +52,35 @@ pub fn provisioned(s: &mut Snapshot, graph_id: &str, replica: &str, addr: &str, 
     }
 }
 
+/// As [`provisioned`], for a replica that warmed up for `warmup` before it said it was ready:
+/// records the task's lead time on its host (placement to ready, and the warm-up within it)
+/// for the planner, and returns the placement-to-ready time.
+pub fn provisioned_after_warmup(
+    s: &mut Snapshot,
+    graph_id: &str,
+    replica: &str,
+    addr: &str,
+    warmup: Duration,
+    now: Duration,
+) -> Duration {
+    provisioned(s, graph_id, replica, addr, now);
+    let Some(d) = s.deployments.get_mut(graph_id) else {
+        return Duration::ZERO;
+    };
+    let Some(r) = d.replicas.iter().find(|r| r.id == replica) else {
+        return Duration::ZERO;
+    };
+    let took = now.saturating_sub(r.placed_at);
+    d.lead_times.insert(
+        (r.task.clone(), r.host.clone()),
+        crate::snapshot::LeadTime {
+            ready_after: took,
+            warmup,
+        },
+    );
+    took
+}
+
 /// Counts one more failure of a task's replicas. The count starts again when the replica that
 /// failed had run for `stable_after`, or the previous failure is older than twice the longest
 /// wait (it was not part of the same run of failures).

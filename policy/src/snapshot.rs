@@ -113,6 +113,15 @@ pub struct Deployment {
     /// Each chain's end-to-end latency against the graph's objective over the detection
     /// window (the executor fills it; empty without an objective).
     pub chains: Vec<ChainLoad>,
+    /// The last measured lead time of a replica of each (task, host): the planner's.
+    pub lead_times: BTreeMap<(String, String), LeadTime>,
+}
+
+/// From placement to ready, and the warm-up within it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeadTime {
+    pub ready_after: Duration,
+    pub warmup: Duration,
 }
 
 /// One replica over the detection window.
@@ -194,6 +203,7 @@ impl Deployment {
             health: BTreeMap::new(),
             replacing: BTreeMap::new(),
             chains: Vec::new(),
+            lead_times: BTreeMap::new(),
         }
     }
 

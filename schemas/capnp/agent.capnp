@@ -128,6 +128,14 @@ struct TelemetryBatch {
   windows @4 :List(TaskWindow); # every execution, aggregated per second
   vms @5 :List(VmSample);
   edges @6 :List(EdgeWindow);
+  samples @7 :List(InputSample); # a few recent inputs per replica, for new replicas' warm-up
+}
+
+struct InputSample {
+  # One execution's inputs (in port order), kept so a new replica can warm up on real ones.
+  graphId @0 :Text;
+  task @1 :Text;
+  inputs @2 :List(Data);
 }
 
 struct ReplicaSpec {
@@ -136,6 +144,9 @@ struct ReplicaSpec {
   graph @1 :Graph.GraphRecord;  # the whole graph, so the worker knows the edges
   task @2 :Text;
   artifactPath @3 :Text;        # set by the agent for its worker: the verified local copy
+  warmup @4 :List(InputSample); # recent real inputs to run before the replica is routed
+  warmupTargetNs @5 :UInt64;    # the task's recent execution p50 (0: unknown)
+  warmupTimeoutNs @6 :UInt64;   # at most this long warming up (0: no warm-up)
 }
 
 struct ReplicaInfo {
@@ -172,7 +183,9 @@ struct WorkerCommand {
 
 interface Agent {
   # Commands control sends to an agent.
-  provision @0 (spec :ReplicaSpec) -> (dataPlaneAddr :Text);  # returns once deployed and warm
+  provision @0 (spec :ReplicaSpec) -> (dataPlaneAddr :Text, warmupNs :UInt64,
+                                       warmupExecutions :UInt32, warmupStable :Bool);
+                                       # returns once deployed and warm
   retire @1 (replica :Text) -> ();
   setRoutes @2 (table :RoutingTable) -> ();
   removeGraph @3 (graphId :Text) -> ();

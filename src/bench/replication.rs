@@ -254,17 +254,7 @@ async fn run(cluster: &LocalCluster, plan: Plan) -> Result<serde_json::Value> {
         .events(events_from, 10_000)
         .await?
         .into_iter()
-        .filter(|e| {
-            matches!(
-                e.kind.as_str(),
-                "replace"
-                    | "shed"
-                    | "scale-out"
-                    | "scale-in"
-                    | "replica-placed"
-                    | "replicas-retired"
-            )
-        })
+        .filter(|e| crate::output::DECISIONS.contains(&e.kind.as_str()))
         .map(|e| {
             serde_json::json!({
                 "after_slowdown_s": ((e.at_ms as f64 - slowed_at_ms as f64) / 100.0).round() / 10.0,

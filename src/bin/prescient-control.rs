@@ -44,6 +44,10 @@ struct Args {
     /// already on their way after the new version takes over.
     #[arg(long, default_value_t = 2000)]
     drain_ms: u64,
+    /// A new replica warms up on its task's recent real inputs for at most this long before it
+    /// is routed (0: no warm-up).
+    #[arg(long, default_value_t = 5000)]
+    warmup_ms: u64,
     /// How often per-minute roll-ups (the forecaster's history) are written to disk.
     #[arg(long, default_value_t = 10_000)]
     history_flush_ms: u64,
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
                 ..prescient_policy::Config::default()
             },
             history_flush: std::time::Duration::from_millis(args.history_flush_ms.max(100)),
+            warmup_timeout: std::time::Duration::from_millis(args.warmup_ms),
         },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -64,11 +64,11 @@ impl AgentNode {
     pub(super) async fn provision(
         self: &Rc<Self>,
         spec: prescient_schemas::agent_capnp::replica_spec::Reader<'_>,
-    ) -> Result<String, ReplicaError> {
+    ) -> Result<(String, crate::warmup::Warmup), ReplicaError> {
         let replica = text(spec.get_replica())?;
         let task = text(spec.get_task())?;
         if let Some(r) = self.replicas.borrow().get(&replica) {
-            return Ok(r.addr.clone());
+            return Ok((r.addr.clone(), Default::default()));
         }
         let record = codec::decode_record(spec.get_graph()?)?;
         let t = record
@@ -92,6 +92,9 @@ impl AgentNode {
             d.set_task(task.as_str());
             d.set_graph(spec.get_graph()?)?;
             d.set_artifact_path(artifact_path.as_str());
+            d.set_warmup(spec.get_warmup()?)?;
+            d.set_warmup_target_ns(spec.get_warmup_target_ns());
+            d.set_warmup_timeout_ns(spec.get_warmup_timeout_ns());
         }
         let deploy = capnp::serialize::write_message_to_words(&msg);
         let started = std::time::Instant::now();
@@ -108,7 +111,8 @@ impl AgentNode {
                 host: self.config.name.clone(),
                 source,
             })?;
-        info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), "replica ready");
+        info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), warmup = ?vm.warmup, "replica ready");
+        let warmup = vm.warmup;
         let pid = vm.child.id();
         // Counted from its first switch, not from the next per-second sample.
         if let (Some(probes), Some(pid)) = (&self.probes, pid) {
@@ -116,6 +120,7 @@ impl AgentNode {
         }
         let crate::provision::Vm {
             data_plane_addr,
+            warmup: _,
             mut child,
             mut stdin,
             cgroup,
@@ -178,7 +183,7 @@ impl AgentNode {
             drop(cgroup);
             node.replica_exited(&replica, reason).await;
         });
-        Ok(data_plane_addr)
+        Ok((data_plane_addr, warmup))
     }
 
     /// A verified local copy of an artifact, fetched from the control node when missing.
@@ -339,7 +344,12 @@ impl agent::Server for AgentCap {
             .provision(spec)
             .await
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        results.get().set_data_plane_addr(addr.as_str());
+        let (addr, warmup) = addr;
+        let mut r = results.get();
+        r.set_data_plane_addr(addr.as_str());
+        r.set_warmup_ns(warmup.elapsed.as_nanos() as u64);
+        r.set_warmup_executions(warmup.executions);
+        r.set_warmup_stable(warmup.stable);
         Ok(())
     }
 

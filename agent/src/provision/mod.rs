@@ -46,6 +46,8 @@ pub struct VmSpec {
 pub struct Vm {
     pub replica: String,
     pub data_plane_addr: String,
+    /// What its warm-up did before it said it was ready.
+    pub warmup: crate::warmup::Warmup,
     pub child: Child,
     /// Encoded `WorkerCommand` messages go here.
     pub stdin: ChildStdin,
@@ -175,9 +177,21 @@ impl Provisioner for ProcessProvisioner {
                     });
             return Err(ProvisionError::Refused(why.to_string()));
         };
+        // `ADDR warmup NS EXECUTIONS STABLE` (older workers: `ADDR` alone).
+        let mut words = addr.split_whitespace();
+        let addr = words.next().unwrap_or_default().to_string();
+        let warmup = match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("warmup"), Some(ns), Some(n), Some(stable)) => crate::warmup::Warmup {
+                elapsed: Duration::from_nanos(ns.parse().unwrap_or(0)),
+                executions: n.parse().unwrap_or(0),
+                stable: stable == "true",
+            },
+            _ => crate::warmup::Warmup::default(),
+        };
         Ok(Vm {
             replica: spec.replica,
-            data_plane_addr: addr.to_string(),
+            data_plane_addr: addr,
+            warmup,
             child,
             stdin,
             telemetry: reader,
