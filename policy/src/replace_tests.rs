@@ -485,3 +485,28 @@ fn a_replacement_never_lands_on_its_bad_replicas_host() {
         "it keeps serving"
     );
 }
+
+#[test]
+fn a_warmed_replica_records_its_lead_time_per_task_and_host() {
+    let mut snap = cluster(policy());
+    let actions = crate::plan(&snap, &crate::scaling_tests::config(), s(1.0));
+    for a in &actions {
+        crate::apply(&mut snap, a, s(1.0));
+    }
+    let r = snap.deployments["g1"].replicas[0].clone();
+    let took = crate::observe::provisioned_after_warmup(
+        &mut snap,
+        "g1",
+        &r.id,
+        "addr",
+        Duration::from_millis(40),
+        s(1.25),
+    );
+    assert_eq!(took, Duration::from_millis(250));
+    let lead = snap.deployments["g1"].lead_times[&(r.task.clone(), r.host.clone())];
+    assert_eq!(
+        (lead.ready_after, lead.warmup),
+        (Duration::from_millis(250), Duration::from_millis(40))
+    );
+    assert!(snap.deployments["g1"].replicas[0].is_ready());
+}
