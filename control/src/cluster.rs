@@ -12,7 +12,8 @@ use crate::events::EventLog;
 use crate::store::{HistoryBaselines, Registry};
 use prescient_policy::observe;
 use prescient_policy::snapshot::{
-    Capacity, ChainLoad, Deployment, Health, ReplicaHealth, Reported, Snapshot, TaskLoad,
+    Capacity, ChainLoad, Deployment, Health, HostPressure, ReplicaHealth, Reported, Snapshot,
+    TaskLoad,
 };
 use prescient_policy::{apply, Action, Event};
 use prescient_schemas::agent_capnp::{agent, replica_spec, routing_table};
@@ -263,6 +264,26 @@ impl Cluster {
                 Some((id.clone(), secs(s.window_ns), secs(s.detect_window_ns)))
             })
             .collect();
+        // Host contention over the shortest detection window of any scaled graph.
+        if let Some(detect_s) = windows.iter().map(|(_, _, d)| *d).min() {
+            let hosts: Vec<String> = state.hosts.keys().cloned().collect();
+            state.pressure = hosts
+                .into_iter()
+                .filter_map(|h| {
+                    let w = monitor.host_window(&h, detect_s)?;
+                    let pressure = HostPressure {
+                        cpu_steal: f64::from(w.cpu_steal),
+                        run_queue_p99_s: w
+                            .run_queue
+                            .as_ref()
+                            .filter(|s| s.count() > 0)
+                            .map(|s| s.quantile(0.99) / 1e9),
+                        gpu_util_max: w.gpu_util_max.map(f64::from),
+                    };
+                    Some((h, pressure))
+                })
+                .collect();
+        }
         for (id, window_s, detect_s) in windows {
             let Some(d) = state.deployments.get_mut(&id) else {
                 continue;

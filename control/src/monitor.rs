@@ -91,6 +91,8 @@ pub struct HostWindow {
     pub run_delay_ns_per_s: u64,
     /// Every run-queue wait in the window, where the host runs the eBPF probes.
     pub run_queue: Option<Sketch>,
+    /// The busiest GPU's utilisation, averaged (`None` without GPUs).
+    pub gpu_util_max: Option<f32>,
 }
 
 /// What [`Monitor::chain_stats`] needs to know of a graph.
@@ -497,6 +499,10 @@ impl Monitor {
             memory_used_bytes: last.memory_used_bytes,
             run_delay_ns_per_s: mean(|p| p.run_delay_ns as f64) as u64,
             run_queue,
+            gpu_util_max: points
+                .iter()
+                .any(|p| !p.gpu_util.is_empty())
+                .then(|| mean(|p| p.gpu_util.iter().copied().fold(0.0f32, f32::max).into()) as f32),
         })
     }
 

@@ -9,6 +9,9 @@ use prescient_schemas::sketch::Sketch;
 use std::rc::Rc;
 use tracing::warn;
 
+/// Per one-second VM sample, what is left of a replica's last throttled share.
+const THROTTLE_DECAY: f32 = 0.8;
+
 /// The `Registry` capability agents register through.
 pub struct RegistryCap(pub Rc<Cluster>);
 
@@ -79,8 +82,14 @@ impl agent_session::Server for Session {
             monitor.record_host(&self.name, crate::monitor::HostPoint::decode(h)?);
         }
         for v in batch.get_vms()? {
+            // Throttling comes in bursts (replica choice moves load off a throttled replica,
+            // then back): what the triggers read decays over a few seconds instead of
+            // vanishing with the next quiet second.
+            let replica = text(v.get_replica())?;
+            let throttled = monitor.vms.get(&replica).map_or(0.0, |p| p.throttled_share);
+            let throttled = v.get_throttled_share().max(throttled * THROTTLE_DECAY);
             monitor.vms.insert(
-                text(v.get_replica())?,
+                replica,
                 crate::monitor::VmPoint {
                     host: self.name.clone(),
                     graph_id: text(v.get_graph_id())?,
@@ -90,7 +99,7 @@ impl agent_session::Server for Session {
                     cpu_limit_cores: v.get_cpu_limit_cores(),
                     memory_limit_bytes: v.get_memory_limit_bytes(),
                     gpu_memory_bytes: v.get_gpu_memory_bytes(),
-                    throttled_share: v.get_throttled_share(),
+                    throttled_share: throttled,
                     probes: if v.get_probed() {
                         Some(crate::monitor::VmProbePoint {
                             run_queue: Sketch::decode(v.get_run_queue_latency_ns()?)?,

@@ -433,7 +433,7 @@ fn replacements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
         if !d.retiring.is_empty() || record.version != d.record.version {
             continue;
         }
-        for v in replace::verdicts(d, policy, now) {
+        for v in replace::verdicts(d, policy, &s.pressure, now) {
             if v.surge {
                 let hold = Duration::from_nanos(policy.scale_in_cooldown_ns);
                 out.push(Action::Replace {

@@ -9,8 +9,12 @@
 //! - *errors*: it fails at least `error_rate` of its executions and more than twice its peers'
 //!   rate (a lone replica is not replaced for errors: its task fails wherever it runs);
 //! - *host contention*: its cgroup was CPU-throttled in at least `throttled_share` of the
-//!   periods and its latency at the replica (queueing + execution p50) is `slow_factor` × the
-//!   reference; the host is then avoided by placement for the scale-in cooldown;
+//!   periods, or its host shows CPU steal ≥ [`STEAL_SHARE`], run-queue p99 ≥
+//!   [`RUN_QUEUE_P99_S`] or a GPU ≥ [`GPU_SATURATED`] busy, and its latency at the replica is
+//!   `slow_factor` × the reference (queueing + execution p99 against its peers': contention
+//!   shows in the tail; alone, p50 against the calibration), on as few as
+//!   [`CONTENTION_MIN_EXECUTIONS`] (replica choice already sends it little); the host is then
+//!   avoided by placement for the scale-in cooldown;
 //! - *slow*: its execution p50 is `slow_factor` × its peers' (or, alone, the task's calibrated
 //!   one). Queueing alone does not count: a backlog is load (sizing answers it) or imbalance
 //!   (replica choice answers it) — a replica that kept a backlog from before a scale-out is
@@ -19,13 +23,43 @@
 //! One replacement per task at a time; a replacement that would exceed the task's maximum or
 //! the graph's budget becomes a shed when peers can carry the load, and nothing otherwise.
 
-use crate::snapshot::{Deployment, Replica, ReplicaHealth};
+use crate::snapshot::{Deployment, HostPressure, Replica, ReplicaHealth};
 use prescient_schemas::ScalingPolicy;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-/// Executions a replica needs in the window before it is judged.
+/// Executions a replica needs in the window before it is judged slow or failing.
 pub const MIN_EXECUTIONS: u64 = 10;
+/// Executions a throttled replica on a contended host needs: replica choice sends such a
+/// replica little, and what it does get still lands in the chain's tail.
+pub const CONTENTION_MIN_EXECUTIONS: u64 = 3;
+/// A host whose hypervisor steals this share of CPU time is contended.
+pub const STEAL_SHARE: f64 = 0.2;
+/// A host whose run-queue waits reach this at p99 is contended.
+pub const RUN_QUEUE_P99_S: f64 = 0.02;
+/// A host with a GPU this busy is contended (for the replicas that run slow there).
+pub const GPU_SATURATED: f64 = 0.95;
+
+/// What makes `host` contended by its own samples, if anything.
+fn host_evidence(host: &str, p: &HostPressure) -> Option<String> {
+    if p.cpu_steal >= STEAL_SHARE {
+        return Some(format!(
+            "{host} loses {:.0}% of its CPU to steal",
+            p.cpu_steal * 100.0
+        ));
+    }
+    if let Some(rq) = p.run_queue_p99_s.filter(|rq| *rq >= RUN_QUEUE_P99_S) {
+        return Some(format!(
+            "{host}'s run-queue waits reach {:.1} ms at p99",
+            rq * 1e3
+        ));
+    }
+    if let Some(g) = p.gpu_util_max.filter(|g| *g >= GPU_SATURATED) {
+        return Some(format!("{host}'s busiest GPU is {:.0}% busy", g * 100.0));
+    }
+    None
+}
 
 /// What made a replica bad.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +110,12 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 /// The replicas of `d` to replace now under `policy`.
-pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Verdict> {
+pub fn verdicts(
+    d: &Deployment,
+    policy: &ScalingPolicy,
+    pressure: &BTreeMap<String, HostPressure>,
+    now: Duration,
+) -> Vec<Verdict> {
     let window = Duration::from_nanos(policy.detect_window_ns);
     let judged = |r: &Replica| -> Option<ReplicaHealth> {
         let ready_since = match r.state {
@@ -90,7 +129,7 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
         d.health
             .get(&r.id)
             .copied()
-            .filter(|h| h.executions >= MIN_EXECUTIONS)
+            .filter(|h| h.executions >= CONTENTION_MIN_EXECUTIONS)
     };
     let mut total = d.replicas.len() as u32;
     let budget = policy.max_vms.unwrap_or(u32::MAX);
@@ -122,9 +161,12 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
             };
             let peer_latency = median(peers.iter().map(|p| p.queue_p50_s + p.exec_p50_s).collect());
             let peer_exec = median(peers.iter().map(|p| p.exec_p50_s).collect());
+            let tail = h.queue_p99_s + h.exec_p99_s;
+            let peer_tail = median(peers.iter().map(|p| p.queue_p99_s + p.exec_p99_s).collect());
             let k = policy.slow_factor;
+            let enough = h.executions >= MIN_EXECUTIONS;
             let verdict = if let Some(pr) =
-                peer_rate.filter(|pr| rate >= policy.error_rate && rate > 2.0 * pr)
+                peer_rate.filter(|pr| enough && rate >= policy.error_rate && rate > 2.0 * pr)
             {
                 Some((
                     Trigger::Errors,
@@ -142,20 +184,41 @@ pub fn verdicts(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Ve
                     Some(p) => (p, "its task's other replicas'"),
                     None => (calibrated, "its task's calibrated execution p50"),
                 };
-                let slow_latency = reference > 0.0 && latency >= k * reference;
-                if h.throttled_share >= policy.throttled_share && slow_latency {
+                // Contention shows in the tail (a throttled group waits out whole periods), so
+                // against peers it compares p99s; alone, the median against the calibration.
+                let (contended_slow, measured, what) = match peer_tail {
+                    Some(p) => (p > 0.0 && tail >= k * p, (tail, p), "p99"),
+                    None => (
+                        reference > 0.0 && latency >= k * reference,
+                        (latency, reference),
+                        "p50",
+                    ),
+                };
+                let evidence = if h.throttled_share >= policy.throttled_share {
+                    Some(format!(
+                        "{} on {} was CPU-throttled in {:.0}% of its periods",
+                        r.id,
+                        r.host,
+                        h.throttled_share * 100.0
+                    ))
+                } else {
+                    pressure
+                        .get(&r.host)
+                        .and_then(|p| host_evidence(&r.host, p))
+                        .map(|e| format!("{} on {}: {e}", r.id, r.host))
+                };
+                if let Some(evidence) = evidence.filter(|_| contended_slow) {
                     Some((
                         Trigger::Contention,
                         format!(
-                            "{} on {} was CPU-throttled in {:.0}% of its periods; queueing + execution p50 {} is {:.1}× {against} {}",
-                            r.id,
-                            r.host,
-                            h.throttled_share * 100.0,
-                            ms(latency),
-                            latency / reference,
-                            ms(reference)
+                            "{evidence}; queueing + execution {what} {} is {:.1}× {against} {}",
+                            ms(measured.0),
+                            measured.0 / measured.1,
+                            ms(measured.1)
                         ),
                     ))
+                } else if !enough {
+                    None
                 } else if let Some(p) = peer_exec.filter(|p| *p > 0.0 && h.exec_p50_s >= k * p) {
                     Some((
                         Trigger::Slow,

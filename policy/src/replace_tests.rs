@@ -510,3 +510,82 @@ fn a_warmed_replica_records_its_lead_time_per_task_and_host() {
     );
     assert!(snap.deployments["g1"].replicas[0].is_ready());
 }
+
+#[test]
+fn host_steal_or_run_queue_waits_count_as_contention_for_a_slow_replica() {
+    let mut snap = with_infer(policy(), 1);
+    let (id, host) = replicas_of(&snap, "infer")[0].clone();
+    calibrate(&mut snap, "infer", 20.0);
+    // Contended, but the replica is not slow: nothing.
+    snap.pressure.insert(
+        host.clone(),
+        crate::snapshot::HostPressure {
+            cpu_steal: 0.3,
+            ..Default::default()
+        },
+    );
+    health(&mut snap, &id, 21.0, 0.0, 0.0);
+    assert!(replaces(&step(&mut snap, s(10.0))).is_empty());
+    // Slow (queueing) on a host losing 30% to steal.
+    health(&mut snap, &id, 21.0, 100.0, 0.0);
+    let found = replaces(&step(&mut snap, s(11.0)));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].1, Trigger::Contention);
+    assert!(
+        found[0].2.contains("loses 30% of its CPU to steal"),
+        "{}",
+        found[0].2
+    );
+    assert!(snap.contended.contains_key(&host));
+
+    let mut snap = with_infer(policy(), 1);
+    let (id, host) = replicas_of(&snap, "infer")[0].clone();
+    calibrate(&mut snap, "infer", 20.0);
+    snap.pressure.insert(
+        host,
+        crate::snapshot::HostPressure {
+            run_queue_p99_s: Some(0.035),
+            ..Default::default()
+        },
+    );
+    health(&mut snap, &id, 21.0, 100.0, 0.0);
+    let found = replaces(&step(&mut snap, s(11.0)));
+    assert!(
+        found[0].2.contains("run-queue waits reach 35.0 ms at p99"),
+        "{}",
+        found[0].2
+    );
+}
+
+#[test]
+fn a_throttled_replica_among_peers_is_judged_on_its_tail_and_on_few_executions() {
+    let mut snap = with_infer(policy(), 2);
+    let ids: Vec<String> = replicas_of(&snap, "infer")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    calibrate(&mut snap, "infer", 20.0);
+    health(&mut snap, &ids[0], 20.0, 0.0, 0.0);
+    // Replica choice sends it little: 4 executions, median fine, tail 5× its peer's.
+    health(&mut snap, &ids[1], 20.0, 10.0, 0.6);
+    {
+        let d = snap.deployments.get_mut("g1").expect("deployed");
+        let h = d.health.get_mut(&ids[1]).expect("set");
+        h.executions = 4;
+        h.exec_p99_s = 0.150;
+        h.queue_p99_s = 0.050;
+    }
+    let found = replaces(&step(&mut snap, s(10.0)));
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1),
+        (ids[1].as_str(), Trigger::Contention)
+    );
+    assert!(
+        found[0].2.contains(
+            "queueing + execution p99 200.0 ms is 5.0× its task's other replicas' 40.0 ms"
+        ),
+        "{}",
+        found[0].2
+    );
+}

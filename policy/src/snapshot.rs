@@ -24,6 +24,20 @@ pub struct Snapshot {
     pub deployments: BTreeMap<String, Deployment>,
     /// Hosts a replica was moved off for contention: placement avoids them until then.
     pub contended: BTreeMap<String, Contended>,
+    /// What each host's samples say of contention over the detection window (the executor
+    /// fills it).
+    pub pressure: BTreeMap<String, HostPressure>,
+}
+
+/// A host's contention signals, averaged over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostPressure {
+    /// Share of CPU time the hypervisor took (procfs steal).
+    pub cpu_steal: f64,
+    /// Run-queue wait p99 on every CPU (eBPF probes; `None` where they are off).
+    pub run_queue_p99_s: Option<f64>,
+    /// The busiest GPU's utilisation (NVML; `None` without GPUs).
+    pub gpu_util_max: Option<f64>,
 }
 
 /// Why and until when a host is avoided.
