@@ -3,6 +3,8 @@
 //! It shows the protocol every artifact speaks (`schemas/capnp/exec.capnp`): read `ExecRequest`
 //! messages from stdin, write one `ExecResponse` per request to stdout, same id. Upload the built
 //! binary with `prescient upload` and name it in a graph as `code = { exec = "sha256:..." }`.
+//! It also reports a gauge, `bytes_last` (its last input's size): a `[[scaling.signal]]` with
+//! `metric = "custom.bytes_last"` sizes the task on it.
 
 use prescient_schemas::exec_capnp::{exec_request, exec_response};
 use std::io::Write;
@@ -32,6 +34,9 @@ fn main() -> capnp::Result<()> {
                 }
                 _ => r.set_output(&joined.to_ascii_uppercase()),
             }
+            let mut m = r.init_metrics(1).get(0);
+            m.set_name("bytes_last");
+            m.set_value(joined.len() as f64);
         }
         capnp::serialize::write_message(&mut output, &reply)?;
         output.flush()?;

@@ -78,6 +78,31 @@ fn an_uploaded_executable_runs_as_a_task() {
 }
 
 #[test]
+fn a_gauge_the_task_reports_is_a_scaling_signal() {
+    let dir = TempDir::new("exec-gauge");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _a = Agent::start(&control.addr, "a1", 4, dir.path());
+    let up = control.cli_json(&["upload", exec_upper().to_str().unwrap()]);
+    let digest = up["sha256"].as_str().unwrap().to_string();
+    let path = exec_graph(dir.path(), "gauged", &digest);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(
+        "\n[scaling]\nmax_replicas = 3\nwindow = \"2s\"\n[[scaling.signal]]\ntask = \"shout\"\nmetric = \"custom.bytes_last\"\ntarget = 2\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    control.cli_ok(&["submit", &path]);
+    wait_deployed(&control, "g1", 1, 1);
+    // 5 bytes in: the artifact reports bytes_last = 5; 5 ÷ 2 per replica asks for 3.
+    let out = control.cli_json(&["invoke", "gauged", "--input", "=hello"]);
+    assert_eq!(out["outputs"]["shout.loud"]["text"], "HELLO", "{out}");
+    let why = wait_event(&control, "scale-out", "custom.bytes_last");
+    assert!(
+        why.contains("1 -> 3 replicas") && why.contains("custom.bytes_last 5.0 over 1 replicas"),
+        "{why}"
+    );
+}
+
+#[test]
 fn a_digest_that_matches_nothing_is_refused() {
     let dir = TempDir::new("exec-unknown");
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);

@@ -111,3 +111,73 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
         },
     );
 }
+
+const SIGNALLED: &str = r#"
+name = "signalled"
+[[task]]
+id = "work"
+code = { builtin = "sleep", params = { mean = "20ms" } }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "20ms"
+
+[scaling]
+max_replicas = 4
+max_concurrency = 100
+window = "2s"
+scale_out_cooldown = "2s"
+scale_in_cooldown = "4s"
+[[scaling.signal]]
+task = "work"
+metric = "queue_length"
+target = 0.5
+"#;
+
+#[test]
+fn a_queue_length_signal_scales_what_utilisation_would_not() {
+    let dir = TempDir::new("signal");
+    let control = Control::start(
+        dir.path(),
+        &["--startup-grace-ms", "0", "--drain-ms", "500"],
+    );
+    let _agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::start(&control.addr, &format!("a{i}"), 4, dir.path()))
+        .collect();
+    control.wait_agents(2);
+    let path = dir.path().join("signalled.toml");
+    std::fs::write(&path, SIGNALLED).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "signalled", 1, 1);
+    // 100/s × 20 ms is 2 in flight: 0.03 of one replica's 100 at once by utilisation, but 4
+    // replicas at a target of 0.5 in flight each.
+    let load = Command::new(CLI)
+        .args(["--control", &control.addr, "--json", "load", "signalled"])
+        .args(["--rate", "100", "--duration", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = || {
+        control.cli_json(&["replicas", "signalled"])["replicas"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["state"] == "ready").count())
+    };
+    wait_for(
+        "a scale-out on the signal",
+        &control,
+        Duration::from_secs(8),
+        || ready() >= 2,
+    );
+    let out = load.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    let ev = events(&control);
+    let (_, _, why) = ev
+        .iter()
+        .find(|(k, s, _)| k == "scale-out" && s == "g1.work")
+        .unwrap_or_else(|| panic!("no scale-out event: {ev:#?}"));
+    assert!(
+        why.contains("queue_length") && why.contains("target 0.5"),
+        "{why}"
+    );
+}

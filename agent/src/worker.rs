@@ -299,6 +299,33 @@ impl Worker {
         Ok(true)
     }
 
+    /// This replica's gauges as a telemetry batch: `in_flight` (executions accepted and not
+    /// finished, the queue-length signal) and whatever its `exec` artifact reports.
+    fn gauge_batch(&self, host: &str) -> Option<Vec<u8>> {
+        let d = self.task.borrow().clone()?;
+        let replica = self.replica.borrow().clone();
+        let mut values = vec![("in_flight".to_string(), self.in_flight.get() as f64)];
+        if let Runner::Exec(p) = &d.kernel {
+            values.extend(p.gauges());
+        }
+        let mut msg = capnp::message::Builder::new_default();
+        {
+            let mut b =
+                msg.init_root::<prescient_schemas::agent_capnp::telemetry_batch::Builder<'_>>();
+            b.set_host_id(host);
+            let mut list = b.init_gauges(values.len() as u32);
+            for (i, (name, value)) in values.iter().enumerate() {
+                let mut g = list.reborrow().get(i as u32);
+                g.set_graph_id(&*d.graph_id);
+                g.set_task(&*d.task);
+                g.set_replica(&*replica);
+                g.set_name(name.as_str());
+                g.set_value(*value);
+            }
+        }
+        Some(capnp::serialize::write_message_to_words(&msg))
+    }
+
     /// Nothing left to finish: no execution in flight, no join waiting for inputs, no request
     /// waiting for a table, and every output acknowledged downstream.
     fn idle(&self) -> bool {
@@ -672,6 +699,9 @@ pub async fn run(
                     }
                 }
                 if let Some(batch) = worker.samples.take_batch(host) {
+                    let _ = batches.send(batch);
+                }
+                if let Some(batch) = worker.gauge_batch(host) {
                     let _ = batches.send(batch);
                 }
             }

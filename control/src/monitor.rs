@@ -226,6 +226,8 @@ pub struct Monitor {
     pub replicas: crate::replica_windows::ReplicaWindows,
     /// Recent inputs per task, for new replicas' warm-up.
     pub samples: crate::samples::InputSamples,
+    /// The latest gauges per replica, for scaling signals.
+    pub gauges: crate::gauges::Gauges,
 }
 
 impl Monitor {

@@ -69,6 +69,17 @@ impl agent_session::Server for Session {
         if dropped > 0 {
             *monitor.dropped.entry(self.name.clone()).or_insert(0) += dropped;
         }
+        let now_s = crate::clock::unix_ms() / 1000;
+        for g in batch.get_gauges()? {
+            monitor.gauges.record(
+                &text(g.get_graph_id())?,
+                &text(g.get_task())?,
+                &text(g.get_replica())?,
+                &text(g.get_name())?,
+                g.get_value(),
+                now_s,
+            );
+        }
         for s in batch.get_samples()? {
             let mut inputs = Vec::new();
             for d in s.get_inputs()? {
@@ -112,7 +123,6 @@ impl agent_session::Server for Session {
                 },
             );
         }
-        let now_s = crate::clock::unix_ms() / 1000;
         let mut refused = 0u64;
         for e in batch.get_edges()? {
             if !crate::monitor::plausible_second(e.get_second(), now_s) {

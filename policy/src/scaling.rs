@@ -151,7 +151,35 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
         let have = d.sized_count(&t.id) as u32;
         let scaled = d.scaled.get(&t.id).copied().unwrap_or_default();
         let load = d.load.get(&t.id);
-        let needed = load.map(|l| replicas_needed(l, &p));
+        let by_util = load.map(|l| replicas_needed(l, &p));
+        // Other signals: the one asking for the most replicas, if more than utilisation.
+        let by_signal = policy
+            .signals
+            .iter()
+            .filter(|sig| sig.task == t.id)
+            .filter_map(|sig| {
+                let r = d.signals.get(&(sig.task.clone(), sig.metric.clone()))?;
+                (r.reporting > 0).then(|| (r.total / sig.target, sig, *r))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let signal_rules = match (by_signal, by_util) {
+            (Some((n, ..)), Some(u)) => n > u,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let needed = match (by_signal, by_util) {
+            (Some((n, ..)), Some(u)) => Some(n.max(u)),
+            (Some((n, ..)), None) => Some(n),
+            (None, u) => u,
+        };
+        let explain_signal = |n: f64| {
+            by_signal.map(|(_, sig, r)| {
+                format!(
+                    "{}: {} {:.1} over {} replicas ÷ target {} per replica = {n:.2} replicas (min {}, max {})",
+                    t.id, sig.metric, r.total, r.reporting, sig.target, p.min_replicas, p.max_replicas
+                )
+            })
+        };
         let by_load = needed.map_or(have, |n| n.ceil() as u32);
         let chain = over.iter().find(|(_, worst, _)| *worst == t.id);
         let want = if chain.is_some() {
@@ -173,6 +201,7 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
             if to > have {
                 let mut reason = match (load, needed, chain) {
                     (_, _, Some((_, _, why))) if by_load <= have => why.clone(),
+                    (_, Some(n), _) if signal_rules => explain_signal(n).unwrap_or_default(),
                     (Some(l), Some(n), _) => explain(&t.id, l, &p, n),
                     _ => format!("{}: below its minimum of {}", t.id, p.min_replicas),
                 };
@@ -202,6 +231,18 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
                 "{}: {have} replicas, over its maximum of {}",
                 t.id, p.max_replicas
             ),
+            (_, Some(n))
+                if signal_rules
+                    && have > p.min_replicas
+                    && n <= f64::from(have - 1) * SCALE_IN_MARGIN =>
+            {
+                format!(
+                    "{}; {} would do, with {:.0}% to spare",
+                    explain_signal(n).unwrap_or_default(),
+                    have - 1,
+                    (1.0 - n / f64::from(have - 1)) * 100.0
+                )
+            }
             (Some(l), Some(n))
                 if have > p.min_replicas && n <= f64::from(have - 1) * SCALE_IN_MARGIN =>
             {

@@ -336,3 +336,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_signal_sizes_a_task_beside_utilisation_and_says_so() {
+    let mut p = policy();
+    p.signals = vec![prescient_schemas::Signal {
+        task: "infer".into(),
+        metric: "custom.kv_cache_used".into(),
+        target: 4.0,
+    }];
+    let mut snap = cluster(p);
+    step(&mut snap, s(0.0));
+    // Utilisation asks for 1 (10/s × 20 ms); the signal, 18 over 1 replica ÷ 4 = 4.5 → 5.
+    load(&mut snap, "infer", 10.0, 20.0);
+    let reading = crate::snapshot::SignalReading {
+        total: 18.0,
+        reporting: 1,
+    };
+    let key = ("infer".to_string(), "custom.kv_cache_used".to_string());
+    snap.deployments
+        .get_mut("g1")
+        .expect("deployed")
+        .signals
+        .insert(key.clone(), reading);
+    let actions = step(&mut snap, s(1.0));
+    let Some(Action::ScaleOut { to, reason, .. }) = actions.first() else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(*to, 5);
+    assert!(
+        reason.contains("custom.kv_cache_used 18.0 over 1 replicas ÷ target 4 per replica = 4.50"),
+        "{reason}"
+    );
+    // The signal falls: scale-in after the cooldown, one at a time, saying why.
+    let d = snap.deployments.get_mut("g1").expect("deployed");
+    d.signals.insert(
+        key,
+        crate::snapshot::SignalReading {
+            total: 2.0,
+            reporting: 5,
+        },
+    );
+    let actions = step(&mut snap, s(40.0));
+    let Some(Action::ScaleIn { from, reason, .. }) = actions.first() else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(*from, 5);
+    assert!(
+        reason.contains("custom.kv_cache_used 2.0 over 5 replicas"),
+        "{reason}"
+    );
+}

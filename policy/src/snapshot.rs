@@ -129,6 +129,16 @@ pub struct Deployment {
     pub chains: Vec<ChainLoad>,
     /// The last measured lead time of a replica of each (task, host): the planner's.
     pub lead_times: BTreeMap<(String, String), LeadTime>,
+    /// Each `[[scaling.signal]]`'s reading, by (task, metric): its total over the task's
+    /// replicas (the executor fills it).
+    pub signals: BTreeMap<(String, String), SignalReading>,
+}
+
+/// A signal's total over a task's replicas, and how many replicas reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SignalReading {
+    pub total: f64,
+    pub reporting: usize,
 }
 
 /// From placement to ready, and the warm-up within it.
@@ -218,6 +228,7 @@ impl Deployment {
             replacing: BTreeMap::new(),
             chains: Vec::new(),
             lead_times: BTreeMap::new(),
+            signals: BTreeMap::new(),
         }
     }
 

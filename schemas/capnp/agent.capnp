@@ -129,6 +129,15 @@ struct TelemetryBatch {
   vms @5 :List(VmSample);
   edges @6 :List(EdgeWindow);
   samples @7 :List(InputSample); # a few recent inputs per replica, for new replicas' warm-up
+  gauges @8 :List(Gauge);       # per replica, once a second: in_flight and the task's own
+}
+
+struct Gauge {
+  graphId @0 :Text;
+  task @1 :Text;
+  replica @2 :Text;
+  name @3 :Text;                # "in_flight" (executions accepted, not finished), or a task's
+  value @4 :Float64;            # own metric's name
 }
 
 struct InputSample {

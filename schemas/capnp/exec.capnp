@@ -12,4 +12,12 @@ struct ExecResponse {
   id @0 :UInt64;
   output @1 :Data;              # sent on every output port
   error @2 :Text;               # non-empty: the execution failed
+  metrics @3 :List(Metric);     # gauges the task reports (a scaling signal may name them)
+}
+
+struct Metric {
+  # The latest value of a gauge the task keeps (its batch queue, KV-cache use, ...); the
+  # control node reads it as "custom.NAME" summed over the task's replicas.
+  name @0 :Text;
+  value @1 :Float64;
 }

@@ -115,6 +115,14 @@ struct ScalingPolicy {
   hedge @13 :Bool;              # hedged invocations (opt-in)
   hedgeDelayNs @14 :UInt64;     # 0: the graph's recent p95 at the ingress
   hedgeBudget @15 :Float64;     # extra invocations at most, as a share (0: the default)
+  signals @16 :List(ScalingSignal);
+}
+
+struct ScalingSignal {
+  # Size `task` on another signal too: replicas = its total over the task's replicas ÷ target.
+  task @0 :Text;
+  metric @1 :Text;              # "queue_length", "gpu_memory" or "custom.NAME"
+  target @2 :Float64;           # per replica
 }
 
 struct Graph {

@@ -2,7 +2,7 @@
 
 use crate::graph_capnp as wire;
 use crate::model::*;
-use crate::scaling::{ScalingPolicy, TaskScaling};
+use crate::scaling::{ScalingPolicy, Signal, TaskScaling};
 use thiserror::Error;
 
 /// A Cap'n Proto message that does not describe a valid model value.
@@ -75,6 +75,13 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_hedge(s.hedge);
         sb.set_hedge_delay_ns(s.hedge_delay_ns.unwrap_or(0));
         sb.set_hedge_budget(s.hedge_budget);
+        let mut signals = sb.reborrow().init_signals(s.signals.len() as u32);
+        for (i, x) in s.signals.iter().enumerate() {
+            let mut b = signals.reborrow().get(i as u32);
+            b.set_task(x.task.as_str());
+            b.set_metric(x.metric.as_str());
+            b.set_target(x.target);
+        }
         let mut tasks = sb.init_tasks(s.tasks.len() as u32);
         for (i, t) in s.tasks.iter().enumerate() {
             let mut tb = tasks.reborrow().get(i as u32);
@@ -93,6 +100,14 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
     let or_default = |v: f64, d: f64| if v > 0.0 { v } else { d };
     let some64 = |v: u64| (v > 0).then_some(v);
     let some = |v: u32| (v > 0).then_some(v);
+    let mut signals = Vec::new();
+    for x in s.get_signals()? {
+        signals.push(Signal {
+            task: text(x.get_task())?,
+            metric: text(x.get_metric())?,
+            target: x.get_target(),
+        });
+    }
     let mut tasks = Vec::new();
     for t in s.get_tasks()? {
         let u = t.get_target_utilisation();
@@ -124,6 +139,7 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
         hedge: s.get_hedge(),
         hedge_delay_ns: some64(s.get_hedge_delay_ns()),
         hedge_budget: or_default(s.get_hedge_budget(), d.hedge_budget),
+        signals,
     })
 }
 
@@ -523,6 +539,15 @@ mod tests {
                     hedge: mc % 2 == 0,
                     hedge_delay_ns: (out % 3 > 0).then_some(out.max(1)),
                     hedge_budget: u,
+                    signals: if mc % 3 == 0 {
+                        vec![Signal {
+                            task: "t".into(),
+                            metric: "custom.kv".into(),
+                            target: u,
+                        }]
+                    } else {
+                        Vec::new()
+                    },
                 },
             )
     }

@@ -20,7 +20,7 @@
 
 use crate::model::*;
 use crate::quantity;
-use crate::scaling::{ScalingPolicy, TaskScaling};
+use crate::scaling::{ScalingPolicy, Signal, TaskScaling};
 use crate::validate::Problem;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -208,6 +208,15 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
             hedge: s.hedge.unwrap_or(d.hedge),
             hedge_delay_ns: s.hedge_delay.map(|w| w.0),
             hedge_budget: s.hedge_budget.unwrap_or(d.hedge_budget),
+            signals: s
+                .signal
+                .into_iter()
+                .map(|x| Signal {
+                    task: x.task,
+                    metric: x.metric,
+                    target: x.target,
+                })
+                .collect(),
             tasks: s
                 .task
                 .into_iter()
@@ -268,9 +277,20 @@ struct RawScaling {
     hedge: Option<bool>,
     hedge_delay: Option<DurationNs>,
     hedge_budget: Option<f64>,
+    /// Other signals to size on: `[[scaling.signal]]`.
+    #[serde(default)]
+    signal: Vec<RawSignal>,
     /// Per-task overrides: `[scaling.task.ID]`.
     #[serde(default)]
     task: std::collections::BTreeMap<String, Spanned<RawTaskScaling>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignal {
+    task: String,
+    metric: String,
+    target: f64,
 }
 
 #[derive(Deserialize)]

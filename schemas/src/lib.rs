@@ -25,5 +25,5 @@ pub mod sketch;
 pub mod validate;
 
 pub use model::*;
-pub use scaling::{ScalingPolicy, TaskPolicy, TaskScaling};
+pub use scaling::{ScalingPolicy, Signal, SignalSource, TaskPolicy, TaskScaling};
 pub use validate::{Problem, ValidatedGraph};

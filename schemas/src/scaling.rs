@@ -43,6 +43,42 @@ pub struct ScalingPolicy {
     pub hedge_delay_ns: Option<u64>,
     /// Hedges at most, as a share of invocations (a token bucket).
     pub hedge_budget: f64,
+    /// Other signals tasks are sized on (`[[scaling.signal]]`).
+    pub signals: Vec<Signal>,
+}
+
+/// Size `task` on `metric` too: replicas = its total over the task's replicas ÷ `target`
+/// (as KEDA's and the HPA's average-value targets).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Signal {
+    pub task: String,
+    /// `queue_length` (executions accepted by a replica and not finished), `gpu_memory`
+    /// (bytes its processes hold, NVML) or `custom.NAME` (a gauge the task reports through
+    /// the `exec` protocol).
+    pub metric: String,
+    pub target: f64,
+}
+
+impl Signal {
+    /// The gauge or sample it reads: `in_flight`, `gpu_memory` or the custom name.
+    pub fn source(&self) -> Option<SignalSource<'_>> {
+        match self.metric.as_str() {
+            "queue_length" => Some(SignalSource::InFlight),
+            "gpu_memory" => Some(SignalSource::GpuMemory),
+            m => m
+                .strip_prefix("custom.")
+                .filter(|n| !n.is_empty())
+                .map(SignalSource::Custom),
+        }
+    }
+}
+
+/// Where a signal's values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalSource<'a> {
+    InFlight,
+    GpuMemory,
+    Custom(&'a str),
 }
 
 impl Default for ScalingPolicy {
@@ -64,6 +100,7 @@ impl Default for ScalingPolicy {
             hedge: false,
             hedge_delay_ns: None,
             hedge_budget: 0.05,
+            signals: Vec::new(),
         }
     }
 }
@@ -164,6 +201,32 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
                 None,
                 "max_vms",
                 format!("{v} must cover every task's min_replicas ({least} in all) and be at most {MAX_REPLICAS}"),
+            );
+        }
+    }
+    for sig in &s.signals {
+        if graph.task(&sig.task).is_none() {
+            bad(
+                None,
+                "signal.task",
+                format!("the graph has no task {:?}", sig.task),
+            );
+        }
+        if sig.source().is_none() {
+            bad(
+                None,
+                "signal.metric",
+                format!(
+                    "{:?}: expected queue_length, gpu_memory or custom.NAME",
+                    sig.metric
+                ),
+            );
+        }
+        if !(sig.target > 0.0 && sig.target.is_finite()) {
+            bad(
+                None,
+                "signal.target",
+                format!("{} must be positive", sig.target),
             );
         }
     }
@@ -315,5 +378,40 @@ to = "b.x"
             e.starts_with("g.toml:20:") && e.contains("max_replica"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn signals_parse_and_bad_ones_are_named() {
+        let text = format!(
+            "{CHAIN}\n[scaling]\nhedge = true\nhedge_delay = \"15ms\"\n[[scaling.signal]]\ntask = \"b\"\nmetric = \"custom.kv_cache\"\ntarget = 0.8\n"
+        );
+        let g = file::parse("g.toml", &text).unwrap().graph;
+        let s = g.scaling.as_ref().unwrap();
+        assert!(s.hedge && s.hedge_delay_ns == Some(15_000_000));
+        assert_eq!(s.signals.len(), 1);
+        assert_eq!(
+            s.signals[0].source(),
+            Some(super::SignalSource::Custom("kv_cache"))
+        );
+        assert!(ValidatedGraph::new(g).is_ok());
+        let ps = problems(
+            "\n[scaling]\n[[scaling.signal]]\ntask = \"zz\"\nmetric = \"cpu\"\ntarget = 0\n",
+        );
+        assert_eq!(ps.len(), 3, "{ps:?}");
+        assert!(
+            ps[0].contains("scaling.signal.task: the graph has no task \"zz\""),
+            "{ps:?}"
+        );
+        assert!(
+            ps[1].contains(
+                "scaling.signal.metric: \"cpu\": expected queue_length, gpu_memory or custom.NAME"
+            ),
+            "{ps:?}"
+        );
+        assert!(
+            ps[2].contains("scaling.signal.target: 0 must be positive"),
+            "{ps:?}"
+        );
+        assert!(ps.iter().all(|p| p.starts_with("g.toml:19:")), "{ps:?}");
     }
 }

@@ -53,10 +53,16 @@ pub fn verify(path: &Path, expected: &Digest) -> Result<(), ArtifactError> {
 
 type Pending = RefCell<HashMap<u64, oneshot::Sender<Result<Bytes, TaskError>>>>;
 
+/// Gauges an artifact may keep (names beyond these are ignored, so a buggy artifact cannot
+/// grow the worker's memory or telemetry without bound).
+pub const MAX_GAUGES: usize = 16;
+
 /// A running artifact.
 pub struct ExecProcess {
     requests: mpsc::UnboundedSender<Vec<u8>>,
     pending: Rc<Pending>,
+    /// The latest value of each gauge the artifact reported (at most `MAX_GAUGES`).
+    gauges: Rc<RefCell<HashMap<String, f64>>>,
     next: Cell<u64>,
     _child: tokio::process::Child,
 }
@@ -89,6 +95,8 @@ impl ExecProcess {
         });
         let pending: Rc<Pending> = Rc::default();
         let p = pending.clone();
+        let gauges: Rc<RefCell<HashMap<String, f64>>> = Rc::default();
+        let g = gauges.clone();
         let shown = path.display().to_string();
         tokio::task::spawn_local(async move {
             let mut reader = futures::io::BufReader::new(
@@ -107,6 +115,19 @@ impl ExecProcess {
                 };
                 let decoded = msg.get_root::<exec_response::Reader<'_>>().and_then(|r| {
                     let error = text(r.get_error())?;
+                    if r.has_metrics() {
+                        let mut g = g.borrow_mut();
+                        for m in r.get_metrics()? {
+                            let name = text(m.get_name())?;
+                            let v = m.get_value();
+                            if !v.is_finite() || name.is_empty() || name.len() > 64 {
+                                continue;
+                            }
+                            if g.len() < MAX_GAUGES || g.contains_key(&name) {
+                                g.insert(name, v);
+                            }
+                        }
+                    }
                     Ok((r.get_id(), Bytes::copy_from_slice(r.get_output()?), error))
                 });
                 match decoded {
@@ -131,9 +152,22 @@ impl ExecProcess {
         Ok(Rc::new(ExecProcess {
             requests,
             pending,
+            gauges,
             next: Cell::new(1),
             _child: child,
         }))
+    }
+
+    /// The latest value of every gauge the artifact reported.
+    pub fn gauges(&self) -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = self
+            .gauges
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     pub async fn run(&self, inputs: &[Bytes]) -> Result<Bytes, TaskError> {
