@@ -34,13 +34,18 @@ fn step(n: u32, title: &str) {
 
 /// Finds `shared/traces` beside the checkout (`../shared/traces`) or inside it.
 fn traces_dir() -> Option<PathBuf> {
+    traces_dir_holding(TRACE)
+}
+
+/// `PRESCIENT_TRACES`, or the nearest `shared/traces` (from here up) holding `file`.
+pub(crate) fn traces_dir_holding(file: &str) -> Option<PathBuf> {
     if let Ok(p) = std::env::var("PRESCIENT_TRACES") {
         return Some(PathBuf::from(p));
     }
     let mut dir = std::env::current_dir().ok()?;
     loop {
         for candidate in [dir.join("shared/traces"), dir.join("../shared/traces")] {
-            if candidate.join(TRACE).exists() {
+            if candidate.join(file).exists() {
                 return Some(candidate);
             }
         }

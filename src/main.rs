@@ -7,6 +7,7 @@ mod demo_replication;
 mod load;
 mod local;
 mod output;
+mod simulate;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -142,6 +143,25 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Simulate policies in virtual time on a real trace and report how they do (JSON with
+    /// --json). For now the `kpa-nasa` reference scenario: one service on the NASA trace × 4,
+    /// Knative's KPA (`reactive`) and an `oracle`, at each lead time.
+    Simulate {
+        /// The scenario: kpa-nasa.
+        #[arg(long)]
+        scenario: String,
+        /// Policies, comma-separated: reactive (KPA here), oracle.
+        #[arg(long, default_value = "reactive,oracle", value_delimiter = ',')]
+        policy: Vec<String>,
+        /// Lead times from order to ready, seconds, comma-separated.
+        #[arg(long, default_value = "2,30,120", value_delimiter = ',')]
+        lead: Vec<f64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The trace file (default: the NASA per-second trace under ../shared/traces).
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
+    },
     /// Start a control node on this machine as a real process and walk through what it does.
     Demo {
         /// Keep the demo's data directory instead of deleting it.
@@ -264,6 +284,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which } => bench::run(which).await,
+        Command::Simulate {
+            scenario,
+            policy,
+            lead,
+            seed,
+            trace,
+        } => simulate::run(&scenario, &policy, &lead, seed, trace, json),
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;

@@ -10,6 +10,7 @@
 //! - [`replace`] — the triggers that replace a slow, failing or contended replica.
 //! - [`placement`] — which host gets a replica (fit, contention, chain locality,
 //!   anti-affinity, spread).
+//! - [`kpa`] — Knative's autoscaler, for the simulator to compare against.
 //! - [`balance`] — which replica gets a request (rendezvous for joins, P2C with chain affinity).
 //! - [`event`] — the typed events every action and observation is recorded as.
 //!
@@ -20,6 +21,7 @@
 pub mod action;
 pub mod balance;
 pub mod event;
+pub mod kpa;
 pub mod observe;
 pub mod placement;
 pub mod plan;

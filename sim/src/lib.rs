@@ -1,0 +1,14 @@
+//! The fleet simulator: the decision crate's policies driven in virtual time on real traces,
+//! deterministic for a seed. This first part runs the `kpa-nasa` reference scenario (one service
+//! on the NASA trace, checked against Knative's autoscaler); the whole-cluster simulation that
+//! drives `plan` comes next.
+//!
+//! - [`trace`] — trace files (NASA per-second counts).
+//! - [`queue`] — one service's FIFO queue, replicas with a lead time, billing, measurement.
+//! - [`scalers`] — KPA and the oracle.
+//! - [`kpa_nasa`] — the reference scenario and its report.
+
+pub mod kpa_nasa;
+pub mod queue;
+pub mod scalers;
+pub mod trace;

@@ -1,0 +1,100 @@
+//! `prescient simulate`: policies in virtual time on a real trace, as JSON or a table.
+
+use anyhow::{bail, Context, Result};
+use prescient_sim::kpa_nasa::{self, Policy};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The NASA per-second trace, relative to a `shared/traces` directory.
+const NASA: &str = "nasa_http_1995/workload_per_second.tbz2";
+
+/// Peak resident memory of this process (MiB), from `/proc/self/status`.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+pub fn run(
+    scenario: &str,
+    policies: &[String],
+    leads: &[f64],
+    seed: u64,
+    trace: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode> {
+    if scenario != "kpa-nasa" {
+        bail!("--scenario {scenario:?}: only kpa-nasa is built so far (the whole-cluster simulator comes next)");
+    }
+    let policies: Vec<Policy> = policies
+        .iter()
+        .map(|p| {
+            Policy::parse(p).with_context(|| format!("--policy {p:?}: expected reactive or oracle"))
+        })
+        .collect::<Result<_>>()?;
+    if let Some(l) = leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {
+        bail!("--lead {l}: lead times are non-negative seconds");
+    }
+    let path = match trace {
+        Some(p) => p,
+        None => crate::demo::traces_dir_holding(NASA)
+            .map(|d| d.join(NASA))
+            .context(
+                "no ../shared/traces/nasa_http_1995 found (set PRESCIENT_TRACES or pass --trace)",
+            )?,
+    };
+    let started = std::time::Instant::now();
+    let counts = prescient_sim::trace::per_second_counts(&path)?;
+    eprintln!(
+        "kpa-nasa: {} seconds of {}, × {} ({} requests); measuring the last third",
+        counts.len(),
+        path.display(),
+        kpa_nasa::SCALE,
+        counts.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(kpa_nasa::SCALE)
+    );
+    let mut runs = Vec::new();
+    for p in &policies {
+        for l in leads {
+            let r = kpa_nasa::run(&counts, *p, *l, seed);
+            eprintln!(
+                "  {} L={}s: {:.2}% within objective, {} cold, p99 {:.2} s, {:.0} VM-s",
+                r.policy, r.lead_s, r.within_objective_pct, r.cold, r.p99_s, r.vm_seconds
+            );
+            runs.push(r);
+        }
+    }
+    let report = serde_json::json!({
+        "scenario": scenario,
+        "seed": seed,
+        "runs": runs,
+        "wall_s": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if json {
+        crate::output::print_json(&report)?;
+    } else {
+        println!("POLICY    LEAD   REQUESTS   WITHIN OBJ   COLD       P50     P99     VM-SECONDS  ACTIONS");
+        for r in &runs {
+            println!(
+                "{:<9} {:>4}s  {:>9}  {:>9.2}%  {:>9}  {:>6.2}s {:>6.2}s  {:>10.0}  {:>7}",
+                r.policy,
+                r.lead_s,
+                r.requests,
+                r.within_objective_pct,
+                r.cold,
+                r.p50_s,
+                r.p99_s,
+                r.vm_seconds,
+                r.actions
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
