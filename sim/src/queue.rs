@@ -247,6 +247,28 @@ impl Engine<'_> {
         }
     }
 
+    /// Handles every completion, readiness and tick due up to `t`, in time order (a tick after
+    /// the events at its own time).
+    fn until(&mut self, t: f64, next_tick: &mut f64, scaler: &mut dyn Scaler) {
+        loop {
+            let ev_t = self.events.peek().map(|Reverse((k, _))| *k as f64 / 1e9);
+            let due_tick = *next_tick <= t;
+            match ev_t {
+                Some(at) if at <= t && (!due_tick || at <= *next_tick) => {
+                    let Some(Reverse((_, r))) = self.events.pop() else {
+                        break;
+                    };
+                    self.free(r, at);
+                }
+                _ if due_tick => {
+                    self.tick(*next_tick, scaler);
+                    *next_tick += self.p.tick_s;
+                }
+                _ => break,
+            }
+        }
+    }
+
     /// Drops gone slots, renumbering the live ones (and their pending events).
     fn compact(&mut self) {
         let mut map = vec![usize::MAX; self.slots.len()];
@@ -310,45 +332,11 @@ pub fn run(counts: &[u32], p: Params, scaler: &mut dyn Scaler) -> Outcome {
         arrivals.sort_by(f64::total_cmp);
         for &a in &arrivals {
             // Everything due before this arrival happens first.
-            loop {
-                let ev = e.events.peek().map(|Reverse((t, _))| *t);
-                let ev_t = ev.map(|t| t as f64 / 1e9);
-                let due_tick = next_tick <= a;
-                match ev_t {
-                    Some(t) if t <= a && (!due_tick || t <= next_tick) => {
-                        let Some(Reverse((_, r))) = e.events.pop() else {
-                            break;
-                        };
-                        e.free(r, t);
-                    }
-                    _ if due_tick => {
-                        e.tick(next_tick, scaler);
-                        next_tick += p.tick_s;
-                    }
-                    _ => break,
-                }
-            }
+            e.until(a, &mut next_tick, scaler);
             e.arrive(a);
         }
         // The rest of this second's events and ticks.
-        let second_end = s as f64 + 1.0;
-        loop {
-            let ev_t = e.events.peek().map(|Reverse((t, _))| *t as f64 / 1e9);
-            let due_tick = next_tick <= second_end;
-            match ev_t {
-                Some(t) if t <= second_end && (!due_tick || t <= next_tick) => {
-                    let Some(Reverse((_, r))) = e.events.pop() else {
-                        break;
-                    };
-                    e.free(r, t);
-                }
-                _ if due_tick => {
-                    e.tick(next_tick, scaler);
-                    next_tick += p.tick_s;
-                }
-                _ => break,
-            }
-        }
+        e.until(s as f64 + 1.0, &mut next_tick, scaler);
     }
     // Requests still waiting at the end count, and missed their objective.
     let waiting: Vec<(f64, bool)> = e.queue.iter().copied().collect();
