@@ -145,13 +145,18 @@ enum Command {
     },
     /// Simulate policies in virtual time on a real trace and report how they do (JSON with
     /// --json). For now the `kpa-nasa` reference scenario: one service on the NASA trace × 4,
-    /// Knative's KPA (`reactive`) and an `oracle`, at each lead time.
+    /// Knative's KPA (`reactive`), Prescient's sizing and an `oracle`, at each lead time.
     Simulate {
         /// The scenario: kpa-nasa.
         #[arg(long)]
         scenario: String,
-        /// Policies, comma-separated: reactive (KPA here), oracle.
-        #[arg(long, default_value = "reactive,oracle", value_delimiter = ',')]
+        /// Policies, comma-separated: reactive (Knative's KPA here), prescient (the
+        /// replication controller's sizing), oracle.
+        #[arg(
+            long,
+            default_value = "reactive,prescient,oracle",
+            value_delimiter = ','
+        )]
         policy: Vec<String>,
         /// Lead times from order to ready, seconds, comma-separated.
         #[arg(long, default_value = "2,30,120", value_delimiter = ',')]

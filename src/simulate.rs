@@ -36,7 +36,8 @@ pub fn run(
     let policies: Vec<Policy> = policies
         .iter()
         .map(|p| {
-            Policy::parse(p).with_context(|| format!("--policy {p:?}: expected reactive or oracle"))
+            Policy::parse(p)
+                .with_context(|| format!("--policy {p:?}: expected reactive, prescient or oracle"))
         })
         .collect::<Result<_>>()?;
     if let Some(l) = leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {

@@ -6,7 +6,8 @@
 //! unmeasured simulation.
 
 use crate::queue::{self, Params, Scaler};
-use crate::scalers::{Kpa, Oracle};
+use crate::scalers::{Kpa, Oracle, Prescient};
+use prescient_schemas::ScalingPolicy;
 use serde::Serialize;
 
 pub const SCALE: u32 = 4;
@@ -19,6 +20,8 @@ pub const WARMUP_S: usize = 600;
 pub enum Policy {
     /// Knative's KPA, as the reference implementation runs it.
     Reactive,
+    /// Prescient's replication controller's sizing (`scaling::size`).
+    Prescient,
     Oracle,
 }
 
@@ -26,6 +29,7 @@ impl Policy {
     pub fn parse(s: &str) -> Option<Policy> {
         match s {
             "reactive" | "kpa" => Some(Policy::Reactive),
+            "prescient" => Some(Policy::Prescient),
             "oracle" => Some(Policy::Oracle),
             _ => None,
         }
@@ -34,6 +38,7 @@ impl Policy {
     pub fn name(self) -> &'static str {
         match self {
             Policy::Reactive => "reactive",
+            Policy::Prescient => "prescient",
             Policy::Oracle => "oracle",
         }
     }
@@ -75,8 +80,23 @@ pub fn run(counts: &[u32], policy: Policy, lead_s: f64, seed: u64) -> Run {
         lead_s,
         tick_s: TICK_S,
     };
+    // Prescient's defaults, but a replica serves one request at a time and changes every
+    // tick are allowed out (KPA's cadence), 60 s before any scale-in.
+    let mut prescient = Prescient::new(
+        ScalingPolicy {
+            max_replicas: 10_000,
+            window_ns: 10_000_000_000,
+            scale_out_cooldown_ns: 0,
+            scale_in_cooldown_ns: 60_000_000_000,
+            max_concurrency: 1,
+            ..ScalingPolicy::default()
+        },
+        SERVICE_S,
+        TICK_S,
+    );
     let scaler: &mut dyn Scaler = match policy {
         Policy::Reactive => &mut kpa,
+        Policy::Prescient => &mut prescient,
         Policy::Oracle => &mut oracle,
     };
     let out = queue::run(&scaled, p, scaler);
@@ -132,5 +152,12 @@ mod tests {
         );
         let other = run(&counts, Policy::Reactive, 30.0, 2);
         assert_ne!(kpa, other, "another seed, other arrivals");
+        // Prescient's sizing (the decision crate's `scaling::size`) runs the same arrivals.
+        let ours = run(&counts, Policy::Prescient, 30.0, 1);
+        assert_eq!(ours.requests, kpa.requests);
+        assert!(
+            ours.within_objective_pct > 90.0 && ours.actions > 0,
+            "{ours:?}"
+        );
     }
 }
