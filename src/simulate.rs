@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 /// The NASA per-second trace, relative to a `shared/traces` directory.
 const NASA: &str = "nasa_http_1995/workload_per_second.tbz2";
+/// The Azure Functions sample.
+const AZURE: &str = "azure_functions_2019_invitro_sample/1350_inv.csv";
 
 /// Peak resident memory of this process (MiB), from `/proc/self/status`.
 fn peak_rss_mib() -> Option<f64> {
@@ -30,8 +32,8 @@ pub fn run(
     trace: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode> {
-    if scenario != "kpa-nasa" {
-        bail!("--scenario {scenario:?}: only kpa-nasa is built so far (the whole-cluster simulator comes next)");
+    if scenario != "kpa-nasa" && scenario != "azure-top20" {
+        bail!("--scenario {scenario:?}: kpa-nasa and azure-top20 are built so far (the whole-cluster simulator comes next)");
     }
     let policies: Vec<Policy> = policies
         .iter()
@@ -43,32 +45,61 @@ pub fn run(
     if let Some(l) = leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {
         bail!("--lead {l}: lead times are non-negative seconds");
     }
-    let path = match trace {
-        Some(p) => p,
-        None => crate::demo::traces_dir_holding(NASA)
-            .map(|d| d.join(NASA))
-            .context(
-                "no ../shared/traces/nasa_http_1995 found (set PRESCIENT_TRACES or pass --trace)",
-            )?,
-    };
     let started = std::time::Instant::now();
-    let counts = prescient_sim::trace::per_second_counts(&path)?;
-    eprintln!(
-        "kpa-nasa: {} seconds of {}, × {} ({} requests); measuring the last third",
-        counts.len(),
-        path.display(),
-        kpa_nasa::SCALE,
-        counts.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(kpa_nasa::SCALE)
-    );
     let mut runs = Vec::new();
-    for p in &policies {
-        for l in leads {
-            let r = kpa_nasa::run(&counts, *p, *l, seed);
-            eprintln!(
-                "  {} L={}s: {:.2}% within objective, {} cold, p99 {:.2} s, {:.0} VM-s",
-                r.policy, r.lead_s, r.within_objective_pct, r.cold, r.p99_s, r.vm_seconds
-            );
-            runs.push(r);
+    let show = |r: &prescient_sim::kpa_nasa::Run| {
+        eprintln!(
+            "  {} L={}s: {:.2}% within objective, {} cold, p99 {:.2} s, {:.0} VM-s",
+            r.policy, r.lead_s, r.within_objective_pct, r.cold, r.p99_s, r.vm_seconds
+        );
+    };
+    if scenario == "azure-top20" {
+        let path = match trace {
+            Some(p) => p,
+            None => crate::demo::traces_dir_holding(AZURE)
+                .map(|d| d.join(AZURE))
+                .context("no ../shared/traces/azure_functions_2019_invitro_sample found (set PRESCIENT_TRACES or pass --trace DIR)")?,
+        };
+        let dir = if path.is_dir() {
+            path
+        } else {
+            path.parent().map(PathBuf::from).unwrap_or_default()
+        };
+        let functions = prescient_sim::trace::azure_functions(&dir)?;
+        let top = prescient_sim::azure::busiest(&functions, 20);
+        eprintln!(
+            "azure-top20: the 20 busiest of {} functions ({} invocations in the day); measuring the last third",
+            functions.len(),
+            top.iter().flat_map(|f| &f.per_minute).map(|c| u64::from(*c)).sum::<u64>()
+        );
+        for p in &policies {
+            for l in leads {
+                let r = prescient_sim::azure::run(&top, *p, *l, seed);
+                show(&r);
+                runs.push(r);
+            }
+        }
+    } else {
+        let path = match trace {
+            Some(p) => p,
+            None => crate::demo::traces_dir_holding(NASA)
+                .map(|d| d.join(NASA))
+                .context("no ../shared/traces/nasa_http_1995 found (set PRESCIENT_TRACES or pass --trace)")?,
+        };
+        let counts = prescient_sim::trace::per_second_counts(&path)?;
+        eprintln!(
+            "kpa-nasa: {} seconds of {}, × {} ({} requests); measuring the last third",
+            counts.len(),
+            path.display(),
+            kpa_nasa::SCALE,
+            counts.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(kpa_nasa::SCALE)
+        );
+        for p in &policies {
+            for l in leads {
+                let r = kpa_nasa::run(&counts, *p, *l, seed);
+                show(&r);
+                runs.push(r);
+            }
         }
     }
     let report = serde_json::json!({

@@ -62,10 +62,26 @@ pub struct Run {
 /// Runs `policy` at `lead_s` on the raw per-second `counts` (scaled × 4 here).
 pub fn run(counts: &[u32], policy: Policy, lead_s: f64, seed: u64) -> Run {
     let scaled: Vec<u32> = counts.iter().map(|c| c.saturating_mul(SCALE)).collect();
-    let measure_from_s = scaled.len() * 2 / 3;
+    summarize(
+        policy,
+        lead_s,
+        &service(&scaled, SERVICE_S, policy, lead_s, seed),
+    )
+}
+
+/// One service with a deterministic `service_s` on per-second `counts` under `policy`: the last
+/// third measured after `WARMUP_S` unmeasured.
+pub fn service(
+    counts: &[u32],
+    service_s: f64,
+    policy: Policy,
+    lead_s: f64,
+    seed: u64,
+) -> queue::Outcome {
+    let measure_from_s = counts.len() * 2 / 3;
     let start_s = measure_from_s.saturating_sub(WARMUP_S);
     let p = Params {
-        service_s: SERVICE_S,
+        service_s,
         tick_s: TICK_S,
         lead_s,
         start_s,
@@ -75,8 +91,8 @@ pub fn run(counts: &[u32], policy: Policy, lead_s: f64, seed: u64) -> Run {
     };
     let mut kpa = Kpa::default();
     let mut oracle = Oracle {
-        counts: &scaled,
-        service_s: SERVICE_S,
+        counts,
+        service_s,
         lead_s,
         tick_s: TICK_S,
     };
@@ -91,7 +107,7 @@ pub fn run(counts: &[u32], policy: Policy, lead_s: f64, seed: u64) -> Run {
             max_concurrency: 1,
             ..ScalingPolicy::default()
         },
-        SERVICE_S,
+        service_s,
         TICK_S,
     );
     let scaler: &mut dyn Scaler = match policy {
@@ -99,7 +115,22 @@ pub fn run(counts: &[u32], policy: Policy, lead_s: f64, seed: u64) -> Run {
         Policy::Prescient => &mut prescient,
         Policy::Oracle => &mut oracle,
     };
-    let out = queue::run(&scaled, p, scaler);
+    queue::run(counts, p, scaler)
+}
+
+/// Adds `b` into `a` (services measured side by side).
+pub fn merge(a: &mut queue::Outcome, b: &queue::Outcome) {
+    a.requests += b.requests;
+    a.within_objective += b.within_objective;
+    a.cold += b.cold;
+    a.vm_seconds += b.vm_seconds;
+    a.actions += b.actions;
+    a.max_replicas += b.max_replicas;
+    let _ = a.latency_us.add(&b.latency_us);
+}
+
+/// The JSON row of an outcome.
+pub fn summarize(policy: Policy, lead_s: f64, out: &queue::Outcome) -> Run {
     let q = |x: f64| out.latency_us.value_at_quantile(x) as f64 / 1e6;
     let round = |x: f64, d: f64| (x * d).round() / d;
     Run {

@@ -6,8 +6,10 @@
 //! - [`trace`] — trace files (NASA per-second counts).
 //! - [`queue`] — one service's FIFO queue, replicas with a lead time, billing, measurement.
 //! - [`scalers`] — KPA and the oracle.
-//! - [`kpa_nasa`] — the reference scenario and its report.
+//! - [`kpa_nasa`] — the reference scenario and its report; [`azure`] — the Azure Functions
+//!   sample's busiest functions as services, each on its own.
 
+pub mod azure;
 pub mod kpa_nasa;
 pub mod queue;
 pub mod scalers;

@@ -294,16 +294,26 @@ impl Engine<'_> {
     }
 }
 
+impl Outcome {
+    /// Nothing measured yet.
+    pub fn empty() -> Outcome {
+        Outcome {
+            requests: 0,
+            within_objective: 0,
+            cold: 0,
+            latency_us: hdrhistogram::Histogram::new(3).expect("3 significant figures is valid"),
+            vm_seconds: 0.0,
+            actions: 0,
+            max_replicas: 0,
+        }
+    }
+}
+
 /// Runs `counts` (requests per second) from `p.start_s` to the end under `scaler`.
 pub fn run(counts: &[u32], p: Params, scaler: &mut dyn Scaler) -> Outcome {
     let mut out = Outcome {
-        requests: 0,
-        within_objective: 0,
-        cold: 0,
-        latency_us: hdrhistogram::Histogram::new(3).expect("3 significant figures is valid"),
-        vm_seconds: 0.0,
-        actions: 0,
         max_replicas: p.initial,
+        ..Outcome::empty()
     };
     let rng = Rng::new(p.seed);
     let start = p.start_s as f64;

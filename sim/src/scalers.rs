@@ -38,16 +38,20 @@ pub struct Oracle<'a> {
 
 impl Scaler for Oracle<'_> {
     fn desired(&mut self, o: &Observation) -> u32 {
+        // A second's need: the requests of the `span` seconds ending there, each holding a
+        // replica `service` seconds of them (for a 2 s service: the last 2 s's arrivals).
         let span = self.service_s.ceil().max(1.0) as usize;
+        let per = self.service_s / span as f64;
         let from = o.now.floor() as usize;
         let to = ((o.now + self.lead_s + self.tick_s).ceil() as usize).min(self.counts.len());
         (from..to)
             .map(|s| {
                 let lo = (s + 1).saturating_sub(span);
-                self.counts[lo..=s.min(self.counts.len() - 1)]
+                let n: u64 = self.counts[lo..=s.min(self.counts.len() - 1)]
                     .iter()
                     .map(|c| u64::from(*c))
-                    .sum::<u64>()
+                    .sum();
+                (n as f64 * per).ceil() as u64
             })
             .max()
             .unwrap_or(1)

@@ -61,6 +61,64 @@ pub fn per_second_counts(path: &Path) -> Result<Vec<u32>, TraceError> {
         .collect()
 }
 
+/// One Azure function: invocations per minute for the day, and its mean duration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    pub id: String,
+    pub per_minute: Vec<u32>,
+    pub mean_s: f64,
+}
+
+/// The Azure Functions sample (`1350_inv.csv`, `1350_run.csv`, same row order) in `dir`.
+pub fn azure_functions(dir: &Path) -> Result<Vec<Function>, TraceError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path)
+            .map(|t| (path.clone(), t))
+            .map_err(|source| TraceError::Io { path, source })
+    };
+    let (inv_path, inv) = read("1350_inv.csv")?;
+    let (run_path, run) = read("1350_run.csv")?;
+    let bad = |path: &Path, index: usize, text: &str| TraceError::BadCount {
+        path: path.to_path_buf(),
+        index,
+        text: text.chars().take(40).collect(),
+    };
+    let mut out = Vec::new();
+    for (i, (a, b)) in inv.lines().skip(1).zip(run.lines().skip(1)).enumerate() {
+        let cols: Vec<&str> = a.split(',').collect();
+        let per_minute = cols
+            .iter()
+            .skip(3)
+            .map(|c| {
+                c.trim()
+                    .parse::<u32>()
+                    .map_err(|_| bad(&inv_path, i + 1, c))
+            })
+            .collect::<Result<Vec<u32>, _>>()?;
+        let avg = b.split(',').nth(3).unwrap_or_default();
+        let mean_ms: f64 = avg.trim().parse().map_err(|_| bad(&run_path, i + 1, avg))?;
+        out.push(Function {
+            id: cols.first().unwrap_or(&"").chars().take(12).collect(),
+            per_minute,
+            mean_s: (mean_ms / 1000.0).max(0.001),
+        });
+    }
+    Ok(out)
+}
+
+/// Per-second counts from per-minute ones: each minute's arrivals at uniform (seeded)
+/// instants within it, so arrivals are Poisson within each minute given its count.
+pub fn spread_minutes(per_minute: &[u32], rng: &prescient_policy::balance::Rng) -> Vec<u32> {
+    let mut out = vec![0u32; per_minute.len() * 60];
+    for (m, n) in per_minute.iter().enumerate() {
+        for _ in 0..*n {
+            out[m * 60 + rng.below(60)] += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
