@@ -32,9 +32,12 @@ pub fn run(
     trace: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode> {
-    if scenario != "kpa-nasa" && scenario != "azure-top20" {
-        bail!("--scenario {scenario:?}: kpa-nasa and azure-top20 are built so far (the whole-cluster simulator comes next)");
-    }
+    let llm = match scenario {
+        "azure-llm-code" => Some("azure_llm_2023/AzureLLMInferenceTrace_code.csv"),
+        "azure-llm-conv" => Some("azure_llm_2023/AzureLLMInferenceTrace_conv.csv"),
+        "kpa-nasa" | "azure-top20" => None,
+        _ => bail!("--scenario {scenario:?}: kpa-nasa, azure-top20, azure-llm-code and azure-llm-conv are built so far (the whole-cluster simulator comes next)"),
+    };
     let policies: Vec<Policy> = policies
         .iter()
         .map(|p| {
@@ -53,7 +56,32 @@ pub fn run(
             r.policy, r.lead_s, r.within_objective_pct, r.cold, r.p99_s, r.vm_seconds
         );
     };
-    if scenario == "azure-top20" {
+    if let Some(file) = llm {
+        let path = match trace {
+            Some(p) => p,
+            None => crate::demo::traces_dir_holding(file)
+                .map(|d| d.join(file))
+                .with_context(|| {
+                    format!(
+                        "no ../shared/traces/{file} found (set PRESCIENT_TRACES or pass --trace)"
+                    )
+                })?,
+        };
+        let requests = prescient_sim::trace::azure_llm(&path)?;
+        eprintln!(
+            "{scenario}: {} requests over {:.0} s of {}; service modelled from tokens; measuring the last third",
+            requests.len(),
+            requests.last().map_or(0.0, |r| r.at_s),
+            path.display()
+        );
+        for p in &policies {
+            for l in leads {
+                let r = prescient_sim::llm::run(&requests, *p, *l, seed);
+                show(&r);
+                runs.push(r);
+            }
+        }
+    } else if scenario == "azure-top20" {
         let path = match trace {
             Some(p) => p,
             None => crate::demo::traces_dir_holding(AZURE)

@@ -78,27 +78,22 @@ pub fn service(
     lead_s: f64,
     seed: u64,
 ) -> queue::Outcome {
-    let measure_from_s = counts.len() * 2 / 3;
-    let start_s = measure_from_s.saturating_sub(WARMUP_S);
-    let p = Params {
-        service_s,
-        tick_s: TICK_S,
-        lead_s,
-        start_s,
-        measure_from_s,
-        seed,
-        initial: 1,
-    };
+    let p = params(counts.len(), service_s, lead_s, seed);
+    let mut oracle = Oracle::from_counts(counts, service_s, lead_s, TICK_S);
     let mut kpa = Kpa::default();
-    let mut oracle = Oracle {
-        counts,
-        service_s,
-        lead_s,
-        tick_s: TICK_S,
+    let mut prescient = prescient_scaler(service_s);
+    let scaler: &mut dyn Scaler = match policy {
+        Policy::Reactive => &mut kpa,
+        Policy::Prescient => &mut prescient,
+        Policy::Oracle => &mut oracle,
     };
-    // Prescient's defaults, but a replica serves one request at a time and changes every
-    // tick are allowed out (KPA's cadence), 60 s before any scale-in.
-    let mut prescient = Prescient::new(
+    queue::run(counts, p, scaler)
+}
+
+/// Prescient's defaults, but a replica serves one request at a time and changes every tick are
+/// allowed out (KPA's cadence), 60 s before any scale-in.
+pub fn prescient_scaler(service_s: f64) -> Prescient {
+    Prescient::new(
         ScalingPolicy {
             max_replicas: 10_000,
             window_ns: 10_000_000_000,
@@ -109,13 +104,21 @@ pub fn service(
         },
         service_s,
         TICK_S,
-    );
-    let scaler: &mut dyn Scaler = match policy {
-        Policy::Reactive => &mut kpa,
-        Policy::Prescient => &mut prescient,
-        Policy::Oracle => &mut oracle,
-    };
-    queue::run(counts, p, scaler)
+    )
+}
+
+/// Params for a run over a trace of `len_s` seconds: the last third measured.
+pub fn params(len_s: usize, service_s: f64, lead_s: f64, seed: u64) -> Params {
+    let measure_from_s = len_s * 2 / 3;
+    Params {
+        service_s,
+        tick_s: TICK_S,
+        lead_s,
+        start_s: measure_from_s.saturating_sub(WARMUP_S),
+        measure_from_s,
+        seed,
+        initial: 1,
+    }
 }
 
 /// Adds `b` into `a` (services measured side by side).

@@ -4,13 +4,16 @@
 //! drives `plan` comes next.
 //!
 //! - [`trace`] — trace files (NASA per-second counts).
-//! - [`queue`] — one service's FIFO queue, replicas with a lead time, billing, measurement.
+//! - [`queue`] — one service's FIFO queue, replicas with a lead time, billing, measurement
+//!   (per-second counts, or explicit requests with their own service times).
 //! - [`scalers`] — KPA and the oracle.
 //! - [`kpa_nasa`] — the reference scenario and its report; [`azure`] — the Azure Functions
-//!   sample's busiest functions as services, each on its own.
+//!   sample's busiest functions as services, each on its own; [`llm`] — the Azure LLM trace
+//!   as one service with a token-based service time.
 
 pub mod azure;
 pub mod kpa_nasa;
+pub mod llm;
 pub mod queue;
 pub mod scalers;
 pub mod trace;

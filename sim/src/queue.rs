@@ -78,7 +78,8 @@ struct Engine<'a> {
     idle: Vec<usize>,
     /// (time, replica): completions and readiness, earliest first.
     events: BinaryHeap<Reverse<(u64, usize)>>,
-    queue: VecDeque<(f64, bool)>,
+    /// Waiting requests: arrival, cold, service time.
+    queue: VecDeque<(f64, bool, f64)>,
     in_service: u64,
     provisioning: u32,
     // Tick accounting.
@@ -109,7 +110,7 @@ impl Engine<'_> {
         }
     }
 
-    fn start(&mut self, replica: usize, now: f64, arrival: f64, cold: bool) {
+    fn start(&mut self, replica: usize, now: f64, arrival: f64, cold: bool, service: f64) {
         let wait = now - arrival;
         self.tick_waits.push(wait);
         if self.measured(arrival) {
@@ -120,7 +121,7 @@ impl Engine<'_> {
             if cold {
                 self.out.cold += 1;
             }
-            let us = ((wait + self.p.service_s) * 1e6).round() as u64;
+            let us = ((wait + service) * 1e6).round() as u64;
             let _ = self.out.latency_us.record(us.max(1));
         }
         let ordered_at = match self.slots[replica] {
@@ -130,19 +131,18 @@ impl Engine<'_> {
         };
         self.slots[replica] = Slot::Busy { ordered_at };
         self.in_service += 1;
-        self.events
-            .push(Reverse((key(now + self.p.service_s), replica)));
+        self.events.push(Reverse((key(now + service), replica)));
     }
 
-    fn arrive(&mut self, t: f64) {
+    fn arrive(&mut self, t: f64, service: f64) {
         self.advance(t);
         self.tick_arrivals += 1;
         if let Some(r) = self.idle.pop() {
-            self.start(r, t, t, false);
+            self.start(r, t, t, false, service);
         } else {
             // Waiting while capacity is still on its way: a cold request.
             let cold = self.provisioning > 0;
-            self.queue.push_back((t, cold));
+            self.queue.push_back((t, cold, service));
         }
     }
 
@@ -164,7 +164,7 @@ impl Engine<'_> {
             _ => return,
         }
         match self.queue.pop_front() {
-            Some((arrival, cold)) => self.start(replica, t, arrival, cold),
+            Some((arrival, cold, service)) => self.start(replica, t, arrival, cold, service),
             None => self.idle.push(replica),
         }
     }
@@ -309,13 +309,47 @@ impl Outcome {
     }
 }
 
-/// Runs `counts` (requests per second) from `p.start_s` to the end under `scaler`.
+/// Runs `counts` (requests per second, at uniform instants within each second, each taking
+/// `p.service_s`) from `p.start_s` to the end under `scaler`.
 pub fn run(counts: &[u32], p: Params, scaler: &mut dyn Scaler) -> Outcome {
+    let rng = Rng::new(p.seed);
+    let mut arrivals: Vec<f64> = Vec::new();
+    drive(counts.len(), p, scaler, |s, out| {
+        arrivals.clear();
+        arrivals.extend((0..counts[s]).map(|_| s as f64 + rng.unit()));
+        arrivals.sort_by(f64::total_cmp);
+        out.extend(arrivals.iter().map(|a| (*a, p.service_s)));
+    })
+}
+
+/// Runs explicit requests (arrival second, service seconds; sorted by arrival) over a trace of
+/// `len_s` seconds; `p.service_s` is the objective's wait (their mean service).
+pub fn run_requests(
+    requests: &[(f64, f64)],
+    len_s: usize,
+    p: Params,
+    scaler: &mut dyn Scaler,
+) -> Outcome {
+    let mut next = requests.partition_point(|(a, _)| *a < p.start_s as f64);
+    drive(len_s, p, scaler, |s, out| {
+        while next < requests.len() && requests[next].0 < (s + 1) as f64 {
+            out.push(requests[next]);
+            next += 1;
+        }
+    })
+}
+
+/// The event loop: each second's arrivals (from `second`, in time order) and everything due.
+fn drive(
+    len_s: usize,
+    p: Params,
+    scaler: &mut dyn Scaler,
+    mut second: impl FnMut(usize, &mut Vec<(f64, f64)>),
+) -> Outcome {
     let mut out = Outcome {
         max_replicas: p.initial,
         ..Outcome::empty()
     };
-    let rng = Rng::new(p.seed);
     let start = p.start_s as f64;
     let mut e = Engine {
         p,
@@ -333,23 +367,22 @@ pub fn run(counts: &[u32], p: Params, scaler: &mut dyn Scaler) -> Outcome {
         tick_waits: Vec::new(),
         out: &mut out,
     };
-    let end = counts.len() as f64;
+    let end = len_s as f64;
     let mut next_tick = start + p.tick_s;
-    let mut arrivals: Vec<f64> = Vec::new();
-    for (s, n) in counts.iter().enumerate().skip(p.start_s) {
+    let mut arrivals: Vec<(f64, f64)> = Vec::new();
+    for s in p.start_s..len_s {
         arrivals.clear();
-        arrivals.extend((0..*n).map(|_| s as f64 + rng.unit()));
-        arrivals.sort_by(f64::total_cmp);
-        for &a in &arrivals {
+        second(s, &mut arrivals);
+        for &(a, service) in &arrivals {
             // Everything due before this arrival happens first.
             e.until(a, &mut next_tick, scaler);
-            e.arrive(a);
+            e.arrive(a, service);
         }
         // The rest of this second's events and ticks.
         e.until(s as f64 + 1.0, &mut next_tick, scaler);
     }
     // Requests still waiting at the end count, and missed their objective.
-    let waiting: Vec<(f64, bool)> = e.queue.iter().copied().collect();
+    let waiting: Vec<(f64, bool)> = e.queue.iter().map(|(a, c, _)| (*a, *c)).collect();
     for (arrival, cold) in waiting {
         if e.measured(arrival) {
             e.out.requests += 1;

@@ -25,37 +25,78 @@ impl Scaler for Kpa {
     }
 }
 
-/// Knows every future second's arrivals: keeps what the next `lead + tick` seconds will need
-/// with no request waiting (a request stays `service` seconds, so a second needs the arrivals
-/// of the `service` seconds ending there), ordering one lead time ahead. A lower bound on cost
-/// at full attainment.
-pub struct Oracle<'a> {
-    pub counts: &'a [u32],
-    pub service_s: f64,
+/// Knows every future second's need (the replicas its requests would hold if none waited) and
+/// keeps the most the next `lead + tick` seconds need, ordering one lead time ahead. A lower
+/// bound on cost at full attainment.
+pub struct Oracle {
+    pub need: Vec<u32>,
     pub lead_s: f64,
     pub tick_s: f64,
 }
 
-impl Scaler for Oracle<'_> {
-    fn desired(&mut self, o: &Observation) -> u32 {
-        // A second's need: the requests of the `span` seconds ending there, each holding a
-        // replica `service` seconds of them (for a 2 s service: the last 2 s's arrivals).
-        let span = self.service_s.ceil().max(1.0) as usize;
-        let per = self.service_s / span as f64;
-        let from = o.now.floor() as usize;
-        let to = ((o.now + self.lead_s + self.tick_s).ceil() as usize).min(self.counts.len());
-        (from..to)
+impl Oracle {
+    /// Per-second counts of requests that each take `service_s`: a second needs the requests
+    /// of the `service_s` seconds ending there (for a 2 s service, the last 2 s's arrivals).
+    pub fn from_counts(counts: &[u32], service_s: f64, lead_s: f64, tick_s: f64) -> Oracle {
+        let span = service_s.ceil().max(1.0) as usize;
+        let per = service_s / span as f64;
+        let mut window: u64 = 0;
+        let need = (0..counts.len())
             .map(|s| {
-                let lo = (s + 1).saturating_sub(span);
-                let n: u64 = self.counts[lo..=s.min(self.counts.len() - 1)]
-                    .iter()
-                    .map(|c| u64::from(*c))
-                    .sum();
-                (n as f64 * per).ceil() as u64
+                window += u64::from(counts[s]);
+                if s >= span {
+                    window -= u64::from(counts[s - span]);
+                }
+                (window as f64 * per).ceil() as u32
             })
+            .collect();
+        Oracle {
+            need,
+            lead_s,
+            tick_s,
+        }
+    }
+
+    /// Explicit requests (arrival, service): every second a request would be in service in.
+    pub fn from_requests(
+        requests: &[(f64, f64)],
+        len_s: usize,
+        lead_s: f64,
+        tick_s: f64,
+    ) -> Oracle {
+        let mut diff = vec![0i64; len_s + 2];
+        for (a, service) in requests {
+            let from = (a.floor() as usize).min(len_s);
+            let to = ((a + service).floor() as usize + 1).min(len_s + 1);
+            diff[from] += 1;
+            diff[to] -= 1;
+        }
+        let mut run = 0i64;
+        let need = diff[..len_s]
+            .iter()
+            .map(|d| {
+                run += d;
+                run.max(0) as u32
+            })
+            .collect();
+        Oracle {
+            need,
+            lead_s,
+            tick_s,
+        }
+    }
+}
+
+impl Scaler for Oracle {
+    fn desired(&mut self, o: &Observation) -> u32 {
+        let from = (o.now.floor() as usize).min(self.need.len());
+        let to = ((o.now + self.lead_s + self.tick_s).ceil() as usize).min(self.need.len());
+        self.need[from..to]
+            .iter()
+            .copied()
             .max()
             .unwrap_or(1)
-            .clamp(1, u64::from(u32::MAX)) as u32
+            .max(1)
     }
 }
 

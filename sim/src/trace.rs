@@ -119,9 +119,109 @@ pub fn spread_minutes(per_minute: &[u32], rng: &prescient_policy::balance::Rng) 
     out
 }
 
+/// One LLM inference request of the Azure LLM trace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LlmRequest {
+    /// Seconds since the trace's first request.
+    pub at_s: f64,
+    pub context_tokens: u32,
+    pub generated_tokens: u32,
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD HH:MM:SS.fff` as seconds since the epoch.
+fn timestamp(t: &str) -> Option<f64> {
+    let (date, time) = t.trim().split_once(' ')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut h = time.split(':');
+    let (hh, mm, ss) = (
+        h.next()?.parse::<f64>().ok()?,
+        h.next()?.parse::<f64>().ok()?,
+        h.next()?.parse::<f64>().ok()?,
+    );
+    Some(days_from_civil(y, m, day) as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
+}
+
+/// The Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`), sorted by time.
+pub fn azure_llm(path: &Path) -> Result<Vec<LlmRequest>, TraceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || TraceError::BadCount {
+            path: path.to_path_buf(),
+            index: i,
+            text: line.chars().take(40).collect(),
+        };
+        let mut cols = line.split(',');
+        let at = cols.next().and_then(timestamp).ok_or_else(bad)?;
+        let ctx = cols
+            .next()
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or_else(bad)?;
+        let generated = cols
+            .next()
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or_else(bad)?;
+        out.push(LlmRequest {
+            at_s: at,
+            context_tokens: ctx,
+            generated_tokens: generated,
+        });
+    }
+    out.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    let first = out.first().map_or(0.0, |r| r.at_s);
+    for r in &mut out {
+        r.at_s -= first;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llm_timestamps_are_seconds_from_the_first_across_midnight() {
+        let dir = std::env::temp_dir().join(format!("prescient-llm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("llm.csv");
+        std::fs::write(
+            &p,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 23:59:59.5000000,100,10\n2023-11-17 00:00:01.0000000,200,20\n",
+        )
+        .unwrap();
+        let r = azure_llm(&p).unwrap();
+        assert_eq!(r.len(), 2);
+        assert!((r[1].at_s - 1.5).abs() < 1e-6, "{r:?}");
+        assert_eq!((r[1].context_tokens, r[1].generated_tokens), (200, 20));
+        std::fs::write(
+            &p,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\nnot a time,1,2\n",
+        )
+        .unwrap();
+        assert!(azure_llm(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a time"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn plain_counts_parse_and_bad_ones_are_named() {
