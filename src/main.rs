@@ -147,9 +147,9 @@ enum Command {
     /// --json). For now the `kpa-nasa` reference scenario: one service on the NASA trace × 4,
     /// Knative's KPA (`reactive`), Prescient's sizing and an `oracle`, at each lead time.
     Simulate {
-        /// The scenario: kpa-nasa, azure-top20 (the Azure Functions sample's 20 busiest
-        /// functions, each its own service), azure-llm-code or azure-llm-conv (the LLM trace,
-        /// service modelled from tokens).
+        /// The scenario: kpa-nasa, azure-top20 or azure-functions (the Azure Functions
+        /// sample's 20 busiest, or all 1,350, functions, each its own service), azure-llm-code
+        /// or azure-llm-conv (the LLM trace, service modelled from tokens).
         #[arg(long)]
         scenario: String,
         /// Policies, comma-separated: reactive (Knative's KPA here), prescient (the

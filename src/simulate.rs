@@ -35,8 +35,8 @@ pub fn run(
     let llm = match scenario {
         "azure-llm-code" => Some("azure_llm_2023/AzureLLMInferenceTrace_code.csv"),
         "azure-llm-conv" => Some("azure_llm_2023/AzureLLMInferenceTrace_conv.csv"),
-        "kpa-nasa" | "azure-top20" => None,
-        _ => bail!("--scenario {scenario:?}: kpa-nasa, azure-top20, azure-llm-code and azure-llm-conv are built so far (the whole-cluster simulator comes next)"),
+        "kpa-nasa" | "azure-top20" | "azure-functions" => None,
+        _ => bail!("--scenario {scenario:?}: kpa-nasa, azure-top20, azure-functions, azure-llm-code and azure-llm-conv are built so far (the whole-cluster simulator comes next)"),
     };
     let policies: Vec<Policy> = policies
         .iter()
@@ -81,7 +81,7 @@ pub fn run(
                 runs.push(r);
             }
         }
-    } else if scenario == "azure-top20" {
+    } else if scenario.starts_with("azure-") {
         let path = match trace {
             Some(p) => p,
             None => crate::demo::traces_dir_holding(AZURE)
@@ -94,9 +94,14 @@ pub fn run(
             path.parent().map(PathBuf::from).unwrap_or_default()
         };
         let functions = prescient_sim::trace::azure_functions(&dir)?;
-        let top = prescient_sim::azure::busiest(&functions, 20);
+        let n = if scenario == "azure-top20" {
+            20
+        } else {
+            functions.len()
+        };
+        let top = prescient_sim::azure::busiest(&functions, n);
         eprintln!(
-            "azure-top20: the 20 busiest of {} functions ({} invocations in the day); measuring the last third",
+            "{scenario}: the {n} busiest of {} functions ({} invocations in the day); measuring the last third",
             functions.len(),
             top.iter().flat_map(|f| &f.per_minute).map(|c| u64::from(*c)).sum::<u64>()
         );
