@@ -415,7 +415,7 @@ pub fn read_trace(path: &Path, speedup: f64, limit: Duration) -> Result<Vec<Dura
             let mut times = Vec::new();
             for (n, l) in text.lines().enumerate().skip(1) {
                 let field = l.split(',').next().unwrap_or("").trim();
-                let t = parse_timestamp(field).with_context(|| {
+                let t = prescient_sim::trace::parse_timestamp(field).with_context(|| {
                     format!("{}:{}: bad timestamp {field:?}", path.display(), n + 1)
                 })?;
                 times.push(t);
@@ -451,33 +451,11 @@ pub fn read_trace(path: &Path, speedup: f64, limit: Duration) -> Result<Vec<Dura
     Ok(arrivals)
 }
 
-/// Seconds since the epoch of `YYYY-MM-DD HH:MM:SS[.ffffff][+00:00]` (the time zone is ignored:
-/// only differences matter).
-fn parse_timestamp(s: &str) -> Option<f64> {
-    let s = s.trim_matches('"');
-    let (date, time) = s.split_once([' ', 'T'])?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let time = time.split(['+', 'Z']).next()?;
-    let mut t = time.split(':');
-    let (h, mi) = (
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-    );
-    let sec = t.next().map_or(Some(0.0), |x| x.parse::<f64>().ok())?;
-    // Days from civil (Howard Hinnant).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + sec)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use prescient_sim::trace::parse_timestamp;
 
     #[test]
     fn timestamps() {

@@ -128,29 +128,28 @@ pub struct LlmRequest {
     pub generated_tokens: u32,
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DD HH:MM:SS.fff` as seconds since the epoch.
-fn timestamp(t: &str) -> Option<f64> {
-    let (date, time) = t.trim().split_once(' ')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut h = time.split(':');
-    let (hh, mm, ss) = (
-        h.next()?.parse::<f64>().ok()?,
-        h.next()?.parse::<f64>().ok()?,
-        h.next()?.parse::<f64>().ok()?,
+/// Seconds since the epoch of `YYYY-MM-DD HH:MM:SS[.ffffff][+00:00]` (the time zone is ignored:
+/// only differences matter).
+pub fn parse_timestamp(s: &str) -> Option<f64> {
+    let s = s.trim_matches('"');
+    let (date, time) = s.split_once([' ', 'T'])?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let time = time.split(['+', 'Z']).next()?;
+    let mut t = time.split(':');
+    let (h, mi) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
     );
-    Some(days_from_civil(y, m, day) as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
+    let sec = t.next().map_or(Some(0.0), |x| x.parse::<f64>().ok())?;
+    // Days from civil (Howard Hinnant).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + sec)
 }
 
 /// The Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`), sorted by time.
@@ -170,7 +169,7 @@ pub fn azure_llm(path: &Path) -> Result<Vec<LlmRequest>, TraceError> {
             text: line.chars().take(40).collect(),
         };
         let mut cols = line.split(',');
-        let at = cols.next().and_then(timestamp).ok_or_else(bad)?;
+        let at = cols.next().and_then(parse_timestamp).ok_or_else(bad)?;
         let ctx = cols
             .next()
             .and_then(|c| c.trim().parse().ok())
