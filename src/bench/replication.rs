@@ -139,12 +139,6 @@ pub async fn replication(plan: Plan) -> Result<serde_json::Value> {
     result
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn ms(us: u64) -> f64 {
     (us as f64 / 100.0).round() / 10.0
 }
@@ -195,7 +189,7 @@ async fn run(cluster: &LocalCluster, plan: Plan) -> Result<serde_json::Value> {
 
     let events_from = client.events(0, 100_000).await?.len() as u64;
     let slowed_at = Instant::now();
-    let slowed_at_ms = unix_ms();
+    let slowed_at_ms = prescient_control::clock::unix_ms();
     let slow = slow_host(
         cluster.control.addr.clone(),
         id.clone(),
