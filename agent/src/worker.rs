@@ -626,15 +626,11 @@ pub async fn run(
         let _ = out.flush();
     };
     let first = commands.recv().await.ok_or(WorkerError::NoDeploy)?;
-    let first = decode_command(&first)?;
-    let Command::Deploy { warmup, .. } = &first else {
+    let mut first = decode_command(&first)?;
+    let Command::Deploy { warmup, .. } = &mut first else {
         return Err(WorkerError::NotDeployFirst);
     };
-    let plan = WarmupPlan {
-        samples: warmup.samples.clone(),
-        target_ns: warmup.target_ns,
-        timeout: warmup.timeout,
-    };
+    let plan = std::mem::take(warmup);
     if let Err(e) = worker.apply(first) {
         say(format!("prescient-worker failed: {e}"));
         return Err(e);
