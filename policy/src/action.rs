@@ -332,15 +332,6 @@ pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
                 ..
             } = d;
             replacing.retain(|id, _| replicas.iter().any(|r| r.id == *id));
-            // A replacement that failed is placed again.
-            for x in replacing.values_mut() {
-                if x.by
-                    .as_ref()
-                    .is_some_and(|b| !replicas.iter().any(|r| r.id == *b))
-                {
-                    x.by = None;
-                }
-            }
         }
     }
 }
@@ -434,18 +425,16 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
                 resources: *resources,
                 placed_at: now,
             });
-            // The first replica placed for a task being replaced is its replacement.
-            let Deployment {
-                replacing,
-                replicas,
-                ..
-            } = d;
-            let bad = replicas
+            // The first replica placed for a task being replaced is its replacement (also when
+            // an earlier one failed to provision).
+            let bad = d
+                .replicas
                 .iter()
-                .filter(|r| r.task == *task)
-                .find(|r| replacing.get(&r.id).is_some_and(|x| x.by.is_none()))
+                .filter(|r| r.task == *task && r.id != *replica)
+                .filter(|r| d.replacing.contains_key(&r.id))
+                .find(|r| d.replacement(&r.id).is_none())
                 .map(|r| r.id.clone());
-            if let Some(x) = bad.and_then(|b| replacing.get_mut(&b)) {
+            if let Some(x) = bad.and_then(|b| d.replacing.get_mut(&b)) {
                 x.by = Some(replica.clone());
             }
         }
@@ -489,10 +478,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             ..
         } => {
             if let Some(d) = s.deployments.get_mut(graph_id) {
-                if let Some(i) = d.replicas.iter().position(|r| r.id == *replica) {
-                    let r = d.replicas.remove(i);
-                    d.draining.push((r, *until));
-                }
+                d.start_draining(replica, *until);
                 d.scaled.entry(task.clone()).or_default().in_at = Some(now);
             }
         }
@@ -532,10 +518,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             ..
         } => {
             if let Some(d) = s.deployments.get_mut(graph_id) {
-                if let Some(i) = d.replicas.iter().position(|r| r.id == *replica) {
-                    let r = d.replicas.remove(i);
-                    d.draining.push((r, *until));
-                }
+                d.start_draining(replica, *until);
                 d.replacing.remove(replica);
             }
         }

@@ -473,10 +473,9 @@ fn sheds(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             let Some(bad) = d.replica(rid) else {
                 continue;
             };
-            let by: Vec<String> = rep
-                .by
-                .iter()
-                .filter_map(|b| d.replica(b))
+            let by: Vec<String> = d
+                .replacement(rid)
+                .into_iter()
                 .filter(|o| o.is_ready())
                 .filter(|o| d.published_ready.contains(&format!("{}@{}", o.id, o.host)))
                 .map(|o| o.id.clone())

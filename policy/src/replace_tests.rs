@@ -589,3 +589,30 @@ fn a_throttled_replica_among_peers_is_judged_on_its_tail_and_on_few_executions()
         found[0].2
     );
 }
+
+#[test]
+fn a_replacement_that_fails_to_provision_is_placed_again_without_a_scale_out() {
+    let mut snap = with_infer(policy(), 1);
+    let (bad, _) = replicas_of(&snap, "infer")[0].clone();
+    calibrate(&mut snap, "infer", 20.0);
+    health(&mut snap, &bad, 25.0, 200.0, 0.9);
+    // Plan without the helper's provisioning: the replacement stays provisioning, then fails.
+    let now = s(11.0);
+    for a in crate::plan(&snap, &crate::scaling_tests::config(), now) {
+        crate::apply(&mut snap, &a, now);
+    }
+    let new = replicas_of(&snap, "infer")[1].0.clone();
+    let backoff = crate::Config::default().backoff;
+    crate::observe::provision_failed(&mut snap, "g1", &new, &backoff, s(11.5));
+    // After the backoff, one more replacement and no growth of the task.
+    let actions = crate::plan(&snap, &crate::scaling_tests::config(), s(20.0));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ScaleOut { .. })),
+        "{actions:?}"
+    );
+    let placed = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Place { task, .. } if task == "infer"))
+        .count();
+    assert_eq!(placed, 1, "{actions:?}");
+}

@@ -257,6 +257,15 @@ impl Deployment {
         self.replicas.iter().find(|r| r.id == id)
     }
 
+    /// Takes `id` out of the routing table's replicas: it serves what is on its way until
+    /// `until`, then is retired.
+    pub fn start_draining(&mut self, id: &str, until: Duration) {
+        if let Some(i) = self.replicas.iter().position(|r| r.id == id) {
+            let r = self.replicas.remove(i);
+            self.draining.push((r, until));
+        }
+    }
+
     /// `task`'s replicas as sizing counts them: a replica being replaced and its placed
     /// replacement are one.
     pub fn sized_count(&self, task: &str) -> usize {
@@ -264,10 +273,18 @@ impl Deployment {
         let pairs = self
             .replicas
             .iter()
-            .filter(|r| r.task == task)
-            .filter(|r| self.replacing.get(&r.id).is_some_and(|x| x.by.is_some()))
+            .filter(|r| r.task == task && self.replacement(&r.id).is_some())
             .count();
         all - pairs
+    }
+
+    /// The replacement placed for `bad`, if it still exists (one that failed to provision is
+    /// gone, and `bad` waits for another).
+    pub fn replacement(&self, bad: &str) -> Option<&Replica> {
+        self.replacing
+            .get(bad)
+            .and_then(|x| x.by.as_deref())
+            .and_then(|by| self.replica(by))
     }
 }
 
