@@ -162,16 +162,9 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
                 (r.reporting > 0).then(|| (r.total / sig.target, sig, *r))
             })
             .max_by(|a, b| a.0.total_cmp(&b.0));
-        let signal_rules = match (by_signal, by_util) {
-            (Some((n, ..)), Some(u)) => n > u,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        let needed = match (by_signal, by_util) {
-            (Some((n, ..)), Some(u)) => Some(n.max(u)),
-            (Some((n, ..)), None) => Some(n),
-            (None, u) => u,
-        };
+        let signal_n = by_signal.map(|(n, ..)| n);
+        let signal_rules = signal_n.is_some_and(|n| by_util.is_none_or(|u| n > u));
+        let needed = if signal_rules { signal_n } else { by_util };
         let explain_signal = |n: f64| {
             by_signal.map(|(_, sig, r)| {
                 format!(
