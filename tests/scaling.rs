@@ -23,8 +23,8 @@ scale_out_cooldown = "2s"
 scale_in_cooldown = "4s"
 "#;
 
-fn ready(control: &Control) -> usize {
-    control.cli_json(&["replicas", "scaled"])["replicas"]
+fn ready(control: &Control, graph: &str) -> usize {
+    control.cli_json(&["replicas", graph])["replicas"]
         .as_array()
         .map_or(0, |r| r.iter().filter(|r| r["state"] == "ready").count())
 }
@@ -56,7 +56,11 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
     std::fs::write(&path, GRAPH).unwrap();
     control.cli_ok(&["submit", path.to_str().unwrap()]);
     wait_deployed(&control, "scaled", 1, 1);
-    assert_eq!(ready(&control), 1, "a new graph starts at its minimum");
+    assert_eq!(
+        ready(&control, "scaled"),
+        1,
+        "a new graph starts at its minimum"
+    );
 
     // 100/s × 20 ms ÷ 70% needs 2.9 replicas.
     let load = Command::new(CLI)
@@ -67,7 +71,7 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
         .spawn()
         .unwrap();
     wait_for("a scale-out", &control, Duration::from_secs(9), || {
-        ready(&control) >= 3
+        ready(&control, "scaled") >= 3
     });
     let out = load.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -93,7 +97,7 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
         "scale-in to the minimum",
         &control,
         Duration::from_secs(30),
-        || ready(&control) == 1,
+        || ready(&control, "scaled") == 1,
     );
     let ev = events(&control);
     assert!(
@@ -157,16 +161,11 @@ fn a_queue_length_signal_scales_what_utilisation_would_not() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let ready = || {
-        control.cli_json(&["replicas", "signalled"])["replicas"]
-            .as_array()
-            .map_or(0, |r| r.iter().filter(|r| r["state"] == "ready").count())
-    };
     wait_for(
         "a scale-out on the signal",
         &control,
         Duration::from_secs(8),
-        || ready() >= 2,
+        || ready(&control, "signalled") >= 2,
     );
     let out = load.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
