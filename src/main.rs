@@ -8,6 +8,7 @@ mod load;
 mod local;
 mod output;
 mod simulate;
+mod simulate_fleet;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -144,30 +145,41 @@ enum Command {
         which: bench::Which,
     },
     /// Simulate policies in virtual time on a real trace and report how they do (JSON with
-    /// --json). For now the `kpa-nasa` reference scenario: one service on the NASA trace × 4,
-    /// Knative's KPA (`reactive`), Prescient's sizing and an `oracle`, at each lead time.
+    /// --json). `--scenario kpa-nasa` (and azure-top20, azure-functions, azure-llm-code,
+    /// azure-llm-conv) runs the one-service reference scenarios, with Knative's KPA as
+    /// `reactive`; `--hosts N`, `--graph FILE` or a scenario file runs the whole cluster:
+    /// the control node's own plan, monitor and replica choice over simulated hosts.
     Simulate {
-        /// The scenario: kpa-nasa, azure-top20 or azure-functions (the Azure Functions
-        /// sample's 20 busiest, or all 1,350, functions, each its own service), azure-llm-code
-        /// or azure-llm-conv (the LLM trace, service modelled from tokens).
+        /// A reference scenario by name, or a scenario file (TOML: hosts, lead, warmup_s,
+        /// boot_failure, service, [[fault]]s) for the whole-cluster simulation.
         #[arg(long)]
-        scenario: String,
-        /// Policies, comma-separated: reactive (Knative's KPA here), prescient (the
-        /// replication controller's sizing), oracle.
-        #[arg(
-            long,
-            default_value = "reactive,prescient,oracle",
-            value_delimiter = ','
-        )]
+        scenario: Option<String>,
+        /// Policies, comma-separated: reactive (KPA in the reference scenarios, Prescient's
+        /// controller on the cluster), prescient (its sizing alone, reference scenarios),
+        /// oracle.
+        #[arg(long, value_delimiter = ',')]
         policy: Vec<String>,
-        /// Lead times from order to ready, seconds, comma-separated.
-        #[arg(long, default_value = "2,30,120", value_delimiter = ',')]
+        /// Lead times from placement to ready, seconds, comma-separated (default 2,30,120;
+        /// on the cluster, the scenario file's lead or 30).
+        #[arg(long, value_delimiter = ',')]
         lead: Vec<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// The trace file (default: the NASA per-second trace under ../shared/traces).
+        /// The trace: azure-functions, nasa, or a file (reference scenarios: its file).
         #[arg(long)]
-        trace: Option<std::path::PathBuf>,
+        trace: Option<String>,
+        /// A graph file the trace's invocations enter (whole cluster; default one 2 s task).
+        #[arg(long)]
+        graph: Option<std::path::PathBuf>,
+        /// Simulated hosts (whole cluster; default the scenario file's, or 100).
+        #[arg(long)]
+        hosts: Option<usize>,
+        /// Only the N busiest Azure functions (whole cluster).
+        #[arg(long)]
+        top: Option<usize>,
+        /// Simulate the whole trace, not just the measured last third and the 600 s before.
+        #[arg(long)]
+        whole: bool,
     },
     /// Start a control node on this machine as a real process and walk through what it does.
     Demo {
@@ -297,7 +309,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             lead,
             seed,
             trace,
-        } => simulate::run(&scenario, &policy, &lead, seed, trace, json),
+            graph,
+            hosts,
+            top,
+            whole,
+        } => simulate::run(
+            &simulate::Args {
+                scenario,
+                policies: policy,
+                leads: lead,
+                seed,
+                trace,
+                graph,
+                hosts,
+                top,
+                whole,
+            },
+            json,
+        ),
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use prescient_sim::kpa_nasa::{self, Policy};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The NASA per-second trace, relative to a `shared/traces` directory.
@@ -24,19 +24,49 @@ fn peak_rss_mib() -> Option<f64> {
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
-pub fn run(
-    scenario: &str,
-    policies: &[String],
-    leads: &[f64],
-    seed: u64,
-    trace: Option<PathBuf>,
-    json: bool,
-) -> Result<ExitCode> {
+/// `prescient simulate`'s arguments.
+pub struct Args {
+    pub scenario: Option<String>,
+    pub policies: Vec<String>,
+    pub leads: Vec<f64>,
+    pub seed: u64,
+    pub trace: Option<String>,
+    pub graph: Option<PathBuf>,
+    pub hosts: Option<usize>,
+    pub top: Option<usize>,
+    pub whole: bool,
+}
+
+const REFERENCE: [&str; 5] = [
+    "kpa-nasa",
+    "azure-top20",
+    "azure-functions",
+    "azure-llm-code",
+    "azure-llm-conv",
+];
+
+pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
+    let reference = a.scenario.as_deref().filter(|s| REFERENCE.contains(s));
+    let Some(scenario) = reference.filter(|_| a.hosts.is_none() && a.graph.is_none()) else {
+        return cluster(a, json);
+    };
+    let policies: Vec<String> = if a.policies.is_empty() {
+        ["reactive", "prescient", "oracle"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        a.policies.clone()
+    };
+    let leads: Vec<f64> = if a.leads.is_empty() {
+        vec![2.0, 30.0, 120.0]
+    } else {
+        a.leads.clone()
+    };
+    let (leads, seed, trace) = (&leads, a.seed, a.trace.as_ref().map(PathBuf::from));
     let llm = match scenario {
         "azure-llm-code" => Some("azure_llm_2023/AzureLLMInferenceTrace_code.csv"),
         "azure-llm-conv" => Some("azure_llm_2023/AzureLLMInferenceTrace_conv.csv"),
-        "kpa-nasa" | "azure-top20" | "azure-functions" => None,
-        _ => bail!("--scenario {scenario:?}: kpa-nasa, azure-top20, azure-functions, azure-llm-code and azure-llm-conv are built so far (the whole-cluster simulator comes next)"),
+        _ => None,
     };
     let policies: Vec<Policy> = policies
         .iter()
@@ -135,6 +165,66 @@ pub fn run(
             }
         }
     }
+    report(
+        scenario,
+        seed,
+        runs.iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?,
+        started,
+        json,
+    )
+}
+
+/// The whole-cluster simulation (see [`crate::simulate_fleet`]).
+fn cluster(a: &Args, json: bool) -> Result<ExitCode> {
+    if a.scenario.is_none() && a.hosts.is_none() && a.graph.is_none() && a.trace.is_none() {
+        bail!("say what to simulate: --scenario NAME|FILE, or --trace (and --hosts, --graph) for the whole cluster");
+    }
+    if let Some(l) = a.leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {
+        bail!("--lead {l}: lead times are non-negative seconds");
+    }
+    if let Some(s) = a.scenario.as_deref() {
+        if !Path::new(s).is_file() {
+            bail!(
+                "--scenario {s:?}: neither a reference scenario ({}) nor a scenario file",
+                REFERENCE.join(", ")
+            );
+        }
+    }
+    let policies: Vec<String> = if a.policies.is_empty() {
+        ["reactive", "oracle"].map(String::from).to_vec()
+    } else {
+        a.policies.clone()
+    };
+    let started = std::time::Instant::now();
+    let rows = crate::simulate_fleet::run(&crate::simulate_fleet::FleetArgs {
+        trace: a.trace.as_deref(),
+        graph: a.graph.as_deref(),
+        scenario: a.scenario.as_deref().map(Path::new),
+        hosts: a.hosts,
+        top: a.top,
+        policies: &policies,
+        leads: &a.leads,
+        seed: a.seed,
+        whole: a.whole,
+    })?;
+    report(
+        a.scenario.as_deref().unwrap_or("cluster"),
+        a.seed,
+        rows,
+        started,
+        json,
+    )
+}
+
+fn report(
+    scenario: &str,
+    seed: u64,
+    runs: Vec<serde_json::Value>,
+    started: std::time::Instant,
+    json: bool,
+) -> Result<ExitCode> {
     let report = serde_json::json!({
         "scenario": scenario,
         "seed": seed,
@@ -147,17 +237,18 @@ pub fn run(
     } else {
         println!("POLICY    LEAD   REQUESTS   WITHIN OBJ   COLD       P50     P99     VM-SECONDS  ACTIONS");
         for r in &runs {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
             println!(
                 "{:<9} {:>4}s  {:>9}  {:>9.2}%  {:>9}  {:>6.2}s {:>6.2}s  {:>10.0}  {:>7}",
-                r.policy,
-                r.lead_s,
-                r.requests,
-                r.within_objective_pct,
-                r.cold,
-                r.p50_s,
-                r.p99_s,
-                r.vm_seconds,
-                r.actions
+                r["policy"].as_str().unwrap_or(""),
+                f("lead_s"),
+                f("requests"),
+                f("within_objective_pct"),
+                f("cold"),
+                f("p50_s"),
+                f("p99_s"),
+                f("vm_seconds"),
+                f("actions")
             );
         }
     }

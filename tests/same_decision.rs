@@ -83,7 +83,7 @@ fn control_node_decides(per_s: u64, exec_ms: f64, queue_ms: f64) -> u32 {
             ..Default::default()
         });
     }
-    prescient_control::readings::read(&monitor, &mut snap, now_ms);
+    prescient_control::readings::read(&monitor, &mut Default::default(), &mut snap, now_ms);
     let now = Duration::from_secs(20);
     plan(&snap, &config, now)
         .into_iter()

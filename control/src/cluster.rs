@@ -17,7 +17,7 @@ use prescient_schemas::agent_capnp::{agent, replica_spec, routing_table};
 use prescient_schemas::codec::{self, text};
 use prescient_schemas::GraphRecord;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,7 +81,7 @@ pub struct Cluster {
     pub monitor: RefCell<crate::monitor::Monitor>,
     /// Chains, joins and objective per graph version, worked out once (every `stats` call and
     /// `/metrics` scrape reads them).
-    chains: RefCell<HashMap<String, (u32, Rc<crate::monitor::ChainsOf>)>>,
+    chains: RefCell<crate::monitor::ChainsCache>,
     started: Instant,
     generation: Cell<u64>,
     kick: Notify,
@@ -131,15 +131,7 @@ impl Cluster {
     pub fn chains(&self, graph_id: &str) -> Option<Rc<crate::monitor::ChainsOf>> {
         let state = self.state.borrow();
         let d = state.deployments.get(graph_id)?;
-        let mut cache = self.chains.borrow_mut();
-        if let Some((v, c)) = cache.get(graph_id) {
-            if *v == d.record.version {
-                return Some(c.clone());
-            }
-        }
-        let c = Rc::new(crate::monitor::ChainsOf::of(&d.record));
-        cache.insert(graph_id.to_string(), (d.record.version, c.clone()));
-        Some(c)
+        Some(self.chains.borrow_mut().get(&d.record))
     }
 
     /// Runs the loop and the history flush. Must run in a `LocalSet`.
@@ -237,7 +229,12 @@ impl Cluster {
     /// Puts what monitoring measured into the snapshot (see [`crate::readings`]).
     fn read_load(&self) {
         let monitor = self.monitor.borrow();
-        crate::readings::read(&monitor, &mut self.state.borrow_mut(), unix_ms());
+        crate::readings::read(
+            &monitor,
+            &mut self.chains.borrow_mut(),
+            &mut self.state.borrow_mut(),
+            unix_ms(),
+        );
     }
 
     async fn execute(self: &Rc<Self>, action: &Action) {

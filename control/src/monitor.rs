@@ -3,6 +3,7 @@
 
 use prescient_schemas::sketch::Sketch;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 
 /// Seconds of per-second windows kept (roll-ups of 1 s, 10 s and 1 min are merges of these).
 pub const RETENTION_S: u64 = 600;
@@ -15,6 +16,49 @@ pub const MAX_SKEW_S: u64 = 3600;
 /// clock or a hostile agent cannot push every real window out.
 pub fn plausible_second(second: u64, now_s: u64) -> bool {
     second <= now_s.saturating_add(MAX_SKEW_S) && second.saturating_add(RETENTION_S) >= now_s
+}
+
+/// The entries of a per-second series (sorted by second) from `from` to `to`, both included:
+/// found by bisection, so a short window over a long retention reads only its own seconds.
+pub fn seconds<T>(series: &VecDeque<(u64, T)>, from: u64, to: u64) -> impl Iterator<Item = &T> {
+    let lo = series.partition_point(|(t, _)| *t < from);
+    let hi = series.partition_point(|(t, _)| *t <= to).max(lo);
+    series.range(lo..hi).map(|(_, w)| w)
+}
+
+/// The entries of a map keyed by (graph, ...) that belong to `graph_id`, in key order: a
+/// range, so a cluster of many graphs costs each graph's query its own series only.
+pub fn of_graph<'a, K: GraphKey, V>(
+    map: &'a BTreeMap<K, V>,
+    graph_id: &'a str,
+) -> impl Iterator<Item = (&'a K, &'a V)> + 'a {
+    map.range((Bound::Included(K::first_of(graph_id)), Bound::Unbounded))
+        .take_while(move |(k, _)| k.graph() == graph_id)
+}
+
+/// A key whose first part is a graph id.
+pub trait GraphKey: Ord {
+    fn graph(&self) -> &str;
+    /// The smallest key of `graph_id`.
+    fn first_of(graph_id: &str) -> Self;
+}
+
+impl GraphKey for (String, String) {
+    fn graph(&self) -> &str {
+        &self.0
+    }
+    fn first_of(graph_id: &str) -> Self {
+        (graph_id.to_string(), String::new())
+    }
+}
+
+impl GraphKey for (String, String, String) {
+    fn graph(&self) -> &str {
+        &self.0
+    }
+    fn first_of(graph_id: &str) -> Self {
+        (graph_id.to_string(), String::new(), String::new())
+    }
 }
 
 /// One task execution as measured by its worker.
@@ -136,6 +180,25 @@ impl ChainsOf {
     }
 }
 
+/// Each graph's [`ChainsOf`] for its latest version, worked out once per version (it
+/// validates the graph), not on every pass.
+#[derive(Debug, Default)]
+pub struct ChainsCache(HashMap<String, (u32, std::rc::Rc<ChainsOf>)>);
+
+impl ChainsCache {
+    pub fn get(&mut self, record: &prescient_schemas::GraphRecord) -> std::rc::Rc<ChainsOf> {
+        if let Some((v, c)) = self.0.get(&record.id) {
+            if *v == record.version {
+                return c.clone();
+            }
+        }
+        let c = std::rc::Rc::new(ChainsOf::of(record));
+        self.0
+            .insert(record.id.clone(), (record.version, c.clone()));
+        c
+    }
+}
+
 /// One chain (maximal path) over a window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainStats {
@@ -209,7 +272,7 @@ struct EdgeSecond {
 #[derive(Debug, Default)]
 pub struct Monitor {
     /// Per-second windows per edge, keyed by (graph, task, input port).
-    edges: HashMap<(String, String, String), VecDeque<(u64, EdgeSecond)>>,
+    edges: BTreeMap<(String, String, String), VecDeque<(u64, EdgeSecond)>>,
     /// Latest sample per replica.
     pub vms: BTreeMap<String, VmPoint>,
     /// Recent samples per host, newest last (bounded by `RETENTION_S`).
@@ -217,7 +280,7 @@ pub struct Monitor {
     /// Network bytes per host since the control node started (rx, tx).
     pub host_net_totals: BTreeMap<String, (u64, u64)>,
     pub totals: BTreeMap<(String, String), Totals>,
-    tasks: HashMap<(String, String), VecDeque<(u64, Second)>>,
+    tasks: BTreeMap<(String, String), VecDeque<(u64, Second)>>,
     /// Spans workers dropped under back-pressure, per host.
     pub dropped: BTreeMap<String, u64>,
     /// Windows refused for an implausible second, per host.
@@ -304,13 +367,10 @@ impl Monitor {
     /// Per-edge statistics of `graph_id` over the `window_s` seconds up to `now_s`.
     pub fn edge_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<EdgeStatsView> {
         let from = (now_s + 1).saturating_sub(window_s.max(1));
-        let mut out: Vec<EdgeStatsView> = self
-            .edges
-            .iter()
-            .filter(|((g, _, _), _)| g == graph_id)
+        let mut out: Vec<EdgeStatsView> = of_graph(&self.edges, graph_id)
             .map(|((_, task, port), series)| {
                 let mut m = EdgeSecond::default();
-                for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                for w in seconds(series, from, now_s) {
                     m.transfer.merge(&w.transfer);
                     m.bytes += w.bytes;
                 }
@@ -430,13 +490,11 @@ impl Monitor {
     /// Per-task statistics of `graph_id` over the `window_s` seconds up to and including `now_s`.
     pub fn task_stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<TaskStats> {
         let from = (now_s + 1).saturating_sub(window_s.max(1));
-        let mut out: Vec<TaskStats> = self
-            .tasks
-            .iter()
-            .filter(|((g, t), _)| g == graph_id && !t.is_empty())
+        let mut out: Vec<TaskStats> = of_graph(&self.tasks, graph_id)
+            .filter(|((_, t), _)| !t.is_empty())
             .map(|((_, task), series)| {
                 let mut m = Second::default();
-                for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                for w in seconds(series, from, now_s) {
                     m.exec.merge(&w.exec);
                     m.queue.merge(&w.queue);
                     m.transfer.merge(&w.transfer);
@@ -446,9 +504,9 @@ impl Monitor {
                 }
                 // Workers record transfer times once, per edge (older ones also per task).
                 if m.transfer.count() == 0 {
-                    for ((g, t, _), series) in &self.edges {
-                        if g == graph_id && t == task {
-                            for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                    for ((_, t, _), series) in of_graph(&self.edges, graph_id) {
+                        if t == task {
+                            for w in seconds(series, from, now_s) {
                                 m.transfer.merge(&w.transfer);
                             }
                         }
@@ -531,7 +589,7 @@ impl Monitor {
                     .last()
                     .and_then(|t| self.tasks.get(&(graph_id.to_string(), t.clone())))
                 {
-                    for (_, w) in series.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                    for w in seconds(series, from, now_s) {
                         sink.merge(&w.sink);
                     }
                 }

@@ -20,7 +20,12 @@ const CALIBRATION_SPAN_S: u64 = 300;
 /// rate, service time, queueing and calibrated execution time over the scaling window;
 /// every ready replica's health and every chain's latency against the objective over the
 /// detection window.
-pub fn read(monitor: &Monitor, state: &mut Snapshot, now_ms: u64) {
+pub fn read(
+    monitor: &Monitor,
+    chains_of: &mut crate::monitor::ChainsCache,
+    state: &mut Snapshot,
+    now_ms: u64,
+) {
     // Windows reach the control node up to two seconds late (a worker hands its second to
     // its agent at the next 1 s flush, the agent forwards once a second): seconds that
     // recent are left out, or the rate would read low.
@@ -177,7 +182,7 @@ pub fn read(monitor: &Monitor, state: &mut Snapshot, now_ms: u64) {
                 SignalReading { total, reporting },
             );
         }
-        let chains = crate::monitor::ChainsOf::of(&d.record);
+        let chains = chains_of.get(&d.record);
         d.chains = monitor
             .chain_stats(&id, &chains, detect_s, now_s)
             .into_iter()

@@ -2,8 +2,9 @@
 //! time: what the replacement triggers judge a replica on. Pure data, like the monitor.
 
 use crate::monitor::RETENTION_S;
+use crate::monitor::{of_graph, seconds};
 use prescient_schemas::sketch::Sketch;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 #[derive(Debug, Clone, Default)]
 struct ReplicaSecond {
@@ -34,7 +35,7 @@ pub struct ReplicaStats {
 /// Per-second windows per (graph, replica), newest last, bounded by `RETENTION_S`.
 #[derive(Debug, Default)]
 pub struct ReplicaWindows {
-    series: HashMap<(String, String), Series>,
+    series: BTreeMap<(String, String), Series>,
     /// New seconds since the last sweep of replicas that are gone.
     since_sweep: u64,
 }
@@ -96,13 +97,10 @@ impl ReplicaWindows {
     /// Every replica of `graph_id` with executions in the `window_s` seconds up to `now_s`.
     pub fn stats(&self, graph_id: &str, window_s: u64, now_s: u64) -> Vec<ReplicaStats> {
         let from = (now_s + 1).saturating_sub(window_s.max(1));
-        let mut out: Vec<ReplicaStats> = self
-            .series
-            .iter()
-            .filter(|((g, _), _)| g == graph_id)
+        let mut out: Vec<ReplicaStats> = of_graph(&self.series, graph_id)
             .filter_map(|((_, replica), s)| {
                 let mut m = ReplicaSecond::default();
-                for (_, w) in s.seconds.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
+                for w in seconds(&s.seconds, from, now_s) {
                     m.exec.merge(&w.exec);
                     m.queue.merge(&w.queue);
                     m.errors += w.errors;
@@ -138,10 +136,7 @@ impl ReplicaWindows {
         let bucket_s = bucket_s.max(1);
         let from = (now_s + 1).saturating_sub(span_s);
         let mut out: HashMap<String, u64> = HashMap::new();
-        for ((g, _), s) in &self.series {
-            if g != graph_id {
-                continue;
-            }
+        for (_, s) in of_graph(&self.series, graph_id) {
             let mut buckets: std::collections::BTreeMap<u64, Sketch> = Default::default();
             for (t, w) in s.seconds.iter().filter(|(t, _)| *t >= from && *t <= now_s) {
                 buckets.entry(t / bucket_s).or_default().merge(&w.exec);

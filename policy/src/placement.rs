@@ -32,11 +32,12 @@ pub struct HostView {
 /// The ready hosts with what they have free: capacity less every replica they hold, retiring
 /// ones included (those hold their resources until they are gone); contended ones marked.
 pub fn host_views(s: &Snapshot, now: std::time::Duration) -> Vec<HostView> {
-    s.hosts
+    let mut views: Vec<HostView> = s
+        .hosts
         .values()
         .filter(|h| h.health == Health::Ready)
         .map(|h| {
-            let mut v = host_view(s, h);
+            let mut v = empty_view(h);
             v.contended = s
                 .contended
                 .get(&h.name)
@@ -44,13 +45,40 @@ pub fn host_views(s: &Snapshot, now: std::time::Duration) -> Vec<HostView> {
                 .map(|c| c.reason.clone());
             v
         })
-        .collect()
+        .collect();
+    // One pass over every replica, each charged to its host by name: a thousand hosts and
+    // thousands of replicas cost their sum, not their product.
+    let at: std::collections::HashMap<&str, usize> = views
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
+    let mut charges = Vec::new();
+    for r in held(s) {
+        if let Some(&i) = at.get(r.host.as_str()) {
+            charges.push((i, r.resources));
+        }
+    }
+    for (i, r) in charges {
+        views[i].take(&r);
+    }
+    views
 }
 
-/// One host with what it has free.
-pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
+/// Every replica holding resources on its host: current, retiring and draining ones (those
+/// hold theirs until they are gone).
+fn held(s: &Snapshot) -> impl Iterator<Item = &crate::snapshot::Replica> {
+    s.deployments.values().flat_map(|d| {
+        d.replicas
+            .iter()
+            .chain(&d.retiring)
+            .chain(d.draining.iter().map(|(r, _)| r))
+    })
+}
+
+fn empty_view(h: &Host) -> HostView {
     let c = h.capacity;
-    let mut v = HostView {
+    HostView {
         name: h.name.clone(),
         cpu_free_millicores: c.cpu_millicores,
         memory_free_bytes: c.memory_bytes,
@@ -59,18 +87,13 @@ pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
         network_free_bits_per_sec: c.network_bits_per_sec,
         replicas: 0,
         contended: None,
-    };
-    for r in s
-        .deployments
-        .values()
-        .flat_map(|d| {
-            d.replicas
-                .iter()
-                .chain(&d.retiring)
-                .chain(d.draining.iter().map(|(r, _)| r))
-        })
-        .filter(|r| r.host == h.name)
-    {
+    }
+}
+
+/// One host with what it has free.
+pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
+    let mut v = empty_view(h);
+    for r in held(s).filter(|r| r.host == h.name) {
         v.take(&r.resources);
     }
     v
@@ -172,11 +195,28 @@ pub enum Decision {
 /// Decides where each wanted replica goes, in the order the needs are given.
 pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
     let mut hosts: Vec<HostView> = hosts.to_vec();
+    // Hosts by name, so each need marks its hosts once and a choice reads flags: a thousand
+    // hosts and a task of a hundred replicas cost their sum per placement, not their product.
+    let index: std::collections::HashMap<String, usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.clone(), i))
+        .collect();
+    let flags = |names: &mut dyn Iterator<Item = &str>| {
+        let mut f = vec![false; index.len()];
+        for n in names {
+            if let Some(&i) = index.get(n) {
+                f[i] = true;
+            }
+        }
+        f
+    };
     let mut out = Vec::new();
     // Where this pass put each (graph, task)'s new replicas, for chain-local placement.
     let mut placed: Vec<(&str, &str, String)> = Vec::new();
     for need in needs {
-        let mut occupied = need.occupied.clone();
+        let mut occupied = flags(&mut need.occupied.iter().map(String::as_str));
+        let excluded = flags(&mut need.exclude.iter().map(String::as_str));
         let near: Vec<String> = need
             .near
             .as_deref()
@@ -188,30 +228,35 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                     .collect()
             })
             .unwrap_or_default();
+        let near = flags(&mut near.iter().map(String::as_str));
         for _ in 0..need.count {
             let r = &need.resources;
             let best = hosts
                 .iter()
                 .enumerate()
-                .filter(|(_, h)| h.fits(r) && !need.exclude.contains(&h.name))
-                .min_by(|(_, a), (_, b)| {
-                    let key = |h: &HostView| {
-                        let with_upstream = near.contains(&h.name) && !occupied.contains(&h.name);
+                .filter(|(i, h)| h.fits(r) && !excluded[*i])
+                .min_by(|(i, a), (j, b)| {
+                    let key = |i: usize, h: &HostView| {
+                        let with_upstream = near[i] && !occupied[i];
                         (
                             h.contended.is_some(),
                             !with_upstream,
-                            occupied.contains(&h.name),
+                            occupied[i],
                             std::cmp::Reverse(h.cpu_free_millicores),
                             h.replicas,
                         )
                     };
-                    key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+                    key(*i, a)
+                        .cmp(&key(*j, b))
+                        .then_with(|| a.name.cmp(&b.name))
                 })
                 .map(|(i, _)| i);
             let Some(i) = best else {
                 let largest = hosts
                     .iter()
-                    .filter(|h| !need.exclude.contains(&h.name))
+                    .enumerate()
+                    .filter(|(i, _)| !excluded[*i])
+                    .map(|(_, h)| h)
                     .max_by_key(|h| h.cpu_free_millicores)
                     .map_or("no hosts are ready".to_string(), |h| {
                         format!("the most free is {}", describe_free(h))
@@ -232,8 +277,9 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                 });
                 break;
             };
+            let already = occupied[i];
             let h = &mut hosts[i];
-            let why = if near.contains(&h.name) && !occupied.contains(&h.name) {
+            let why = if near[i] && !already {
                 format!(
                     "and just got the new replica of its upstream {}: the chain stays local",
                     need.near.as_deref().unwrap_or_default()
@@ -247,7 +293,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                 h.name,
                 r.cpu_millicores,
                 h.cpu_free_millicores,
-                if occupied.contains(&h.name) {
+                if already {
                     ", though it already runs one"
                 } else {
                     ""
@@ -258,7 +304,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
             }
             placed.push((&need.graph_id, &need.task, h.name.clone()));
             h.take(r);
-            occupied.push(h.name.clone());
+            occupied[i] = true;
             out.push(Decision::Place {
                 graph_id: need.graph_id.clone(),
                 task: need.task.clone(),

@@ -15,10 +15,11 @@ use std::time::Duration;
 /// Decides what to do now. `now` is time since the driver's origin (the control node's start),
 /// the same clock as every [`Duration`] in the snapshot.
 pub fn plan(snapshot: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
-    let mut work = snapshot.clone();
+    // Copied on the first action only: a pass that decides nothing copies nothing.
+    let mut work = std::borrow::Cow::Borrowed(snapshot);
     let mut out = Vec::new();
-    let mut emit = |work: &mut Snapshot, a: Action| {
-        apply(work, &a, now);
+    let mut emit = |work: &mut std::borrow::Cow<'_, Snapshot>, a: Action| {
+        apply(work.to_mut(), &a, now);
         out.push(a);
     };
     for a in lost_hosts(&work, config, now) {
@@ -182,9 +183,6 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
     let mut needs = Vec::new();
     let mut out = Vec::new();
     for (id, record) in &s.wanted {
-        let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
-            continue;
-        };
         let d = s.deployments.get(id);
         let backing_off = |task: &str| {
             d.and_then(|d| d.failures.get(task))
@@ -220,6 +218,43 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             ),
             _ => None,
         };
+        // Replicas wanted and healthy ones (a replica being replaced and its placed
+        // replacement count once for sizing; what is placed is what the healthy lack).
+        let wanted_healthy = |task: &str| {
+            let have = d.map_or(0, |d| d.replicas.iter().filter(|r| r.task == task).count());
+            let sized_have = d.map_or(have, |d| d.sized_count(task));
+            let wanted = match &sized {
+                Some(sized) => sized
+                    .iter()
+                    .find(|(t, ..)| t == task)
+                    .map_or(sized_have, |(_, _, to, _)| *to as usize),
+                None => config.min_replicas,
+            };
+            let bad = d.map_or(0, |d| {
+                d.replicas
+                    .iter()
+                    .filter(|r| r.task == task && d.replacing.contains_key(&r.id))
+                    .count()
+            });
+            (wanted, have - bad)
+        };
+        // Most graphs need nothing in most passes: they are not validated again. (A scale-out
+        // always leaves a task short, so none is lost.)
+        let short = |task: &str| {
+            let (wanted, healthy) = wanted_healthy(task);
+            healthy < wanted
+        };
+        if !record
+            .graph
+            .tasks
+            .iter()
+            .any(|t| !backing_off(&t.id) && short(&t.id))
+        {
+            continue;
+        }
+        let Ok(v) = ValidatedGraph::new(record.graph.clone()) else {
+            continue;
+        };
         for (task, from, to, reason) in sized.iter().flatten() {
             if d.is_some() {
                 out.push(Action::ScaleOut {
@@ -247,23 +282,8 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             let Some(t) = record.graph.task(task) else {
                 continue;
             };
-            // A replica being replaced and its placed replacement count once for sizing; what
-            // is placed is what the healthy replicas lack of that.
-            let sized_have = d.map_or(have.len(), |d| d.sized_count(task));
-            let wanted = match &sized {
-                Some(sized) => sized
-                    .iter()
-                    .find(|(t, ..)| t == task)
-                    .map_or(sized_have, |(_, _, to, _)| *to as usize),
-                None => config.min_replicas,
-            };
-            let bad = d.map_or(0, |d| {
-                d.replicas
-                    .iter()
-                    .filter(|r| r.task == task && d.replacing.contains_key(&r.id))
-                    .count()
-            });
-            let healthy = have.len() - bad;
+            let (wanted, healthy) = wanted_healthy(task);
+            let bad = have.len() - healthy;
             if healthy < wanted {
                 // A running graph's new replicas join the upstream task's new one where the
                 // same pass places both (the chain grows as a local copy).
@@ -312,6 +332,9 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
         .iter()
         .map(|(id, d)| (id.clone(), d.next_replica))
         .collect();
+    if needs.is_empty() {
+        return out;
+    }
     for decision in placement::place(&needs, &placement::host_views(s, now)) {
         match decision {
             Decision::Place {

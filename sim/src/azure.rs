@@ -29,6 +29,30 @@ pub fn run(functions: &[&Function], policy: Policy, lead_s: f64, seed: u64) -> R
     kpa_nasa::summarize(policy, lead_s, &total)
 }
 
+/// Every function of `functions` as a one-task graph on the shared fleet (`prescient simulate
+/// --trace azure-functions --hosts N`): arrivals Poisson within each minute, the function's
+/// mean duration as a deterministic service time, one request at a time per replica (a core
+/// and 256 MiB each), within objective when it waits at most that mean; sized by the
+/// replication controller (KPA's cadence: changes every tick, 60 s before a scale-in).
+pub fn fleet_services(functions: &[&Function], seed: u64) -> Vec<crate::fleet::Service> {
+    functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let counts = spread_minutes(&f.per_minute, &Rng::new(seed ^ (i as u64 + 1)));
+            let arrivals =
+                crate::fleet::arrivals_from_counts(&counts, &Rng::new(seed ^ !(i as u64)));
+            let mean = f.mean_s.max(0.001);
+            crate::fleet::Service {
+                record: crate::fleet::one_task_graph(&format!("f{}", i + 1), mean),
+                arrivals,
+                service: vec![crate::fleet::Dist::Fixed(mean)],
+                objective_s: 2.0 * mean,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,8 @@
 //!   as one service with a token-based service time.
 
 pub mod azure;
+pub mod cluster;
+pub mod fleet;
 pub mod kpa_nasa;
 pub mod llm;
 pub mod queue;

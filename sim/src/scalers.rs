@@ -117,30 +117,12 @@ impl Prescient {
     pub fn new(policy: ScalingPolicy, service_s: f64, tick_s: f64) -> Prescient {
         let graph = TaskGraph {
             name: "svc".into(),
-            tasks: vec![prescient_schemas::Task {
-                id: "svc".into(),
-                code: prescient_schemas::CodeRef {
-                    kind: prescient_schemas::CodeKind::Builtin {
-                        name: "sleep".into(),
-                    },
-                    params: Vec::new(),
-                },
-                inputs: Vec::new(),
-                outputs: Vec::new(),
-                estimated_execution_time_ns: (service_s * 1e9) as u64,
-                resources: Default::default(),
-            }],
+            tasks: vec![crate::fleet::one_task(service_s)],
             edges: Vec::new(),
             objective: None,
             scaling: Some(policy.clone()),
         };
-        let record = prescient_schemas::GraphRecord {
-            id: "g1".into(),
-            version: 1,
-            submitted_at_ms: 0,
-            digest: prescient_schemas::codec::graph_digest(&graph),
-            graph,
-        };
+        let record = crate::fleet::record("g1", graph);
         let window_ticks = ((policy.window_ns as f64 / 1e9) / tick_s).ceil().max(1.0) as usize;
         Prescient {
             policy,
