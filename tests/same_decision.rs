@@ -51,7 +51,7 @@ fn control_node_decides(per_s: u64, exec_ms: f64, queue_ms: f64) -> u32 {
     };
     observe::registered(&mut snap, "a1", capacity, vec![], Duration::ZERO);
     snap.hosts.get_mut("a1").expect("added").reported = None;
-    snap.wanted.insert("g1".into(), record);
+    snap.wanted.insert("g1".into(), record.into());
     let t0 = Duration::from_secs(1);
     for a in plan(&snap, &config, t0) {
         apply(&mut snap, &a, t0);

@@ -165,8 +165,10 @@ impl Cluster {
         let reg = self.registry.clone();
         match tokio::task::spawn_blocking(move || reg.list()).await {
             Ok(Ok(graphs)) => {
-                self.state.borrow_mut().wanted =
-                    graphs.into_iter().map(|r| (r.id.clone(), r)).collect();
+                self.state.borrow_mut().wanted = graphs
+                    .into_iter()
+                    .map(|r| (r.id.clone(), r.into()))
+                    .collect();
                 true
             }
             Ok(Err(e)) => {

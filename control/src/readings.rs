@@ -60,7 +60,7 @@ pub fn read(
             .collect();
     }
     for (id, window_s, detect_s) in windows {
-        let Some(d) = state.deployments.get_mut(&id) else {
+        let Some(d) = state.deployment_mut(&id) else {
             continue;
         };
         // A join's wait is for its other inputs, not a backlog: it stays out.

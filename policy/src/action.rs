@@ -313,26 +313,29 @@ fn adopted(r: &Reported, host: &str, d: &Deployment, now: Duration) -> Replica {
 /// The deployment of a live graph, created empty on first use.
 fn deployment<'a>(s: &'a mut Snapshot, graph_id: &str) -> Option<&'a mut Deployment> {
     let record = s.wanted.get(graph_id)?;
-    Some(
+    Some(std::sync::Arc::make_mut(
         s.deployments
             .entry(graph_id.to_string())
-            .or_insert_with(|| Deployment::new(record.clone())),
-    )
+            .or_insert_with(|| Deployment::new((**record).clone()).into()),
+    ))
 }
 
 /// Makes the change `action` stands for in `s`, as of `now`.
 pub fn apply(s: &mut Snapshot, action: &Action, now: Duration) {
     apply_one(s, action, now);
     // A replica that is gone (lost, crashed, retired) is no longer being replaced.
-    for d in s.deployments.values_mut() {
-        if !d.replacing.is_empty() {
-            let Deployment {
-                replacing,
-                replicas,
-                ..
-            } = d;
-            replacing.retain(|id, _| replicas.iter().any(|r| r.id == *id));
-        }
+    let stale = |d: &Deployment| {
+        d.replacing
+            .keys()
+            .any(|id| !d.replicas.iter().any(|r| r.id == *id))
+    };
+    for d in s.deployments_where(stale) {
+        let Deployment {
+            replacing,
+            replicas,
+            ..
+        } = d;
+        replacing.retain(|id, _| replicas.iter().any(|r| r.id == *id));
     }
 }
 
@@ -342,7 +345,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             if let Some(h) = s.hosts.get_mut(host) {
                 h.health = Health::Lost;
             }
-            for d in s.deployments.values_mut() {
+            for d in s.deployments_where(|d| d.replicas.iter().any(|r| r.host == *host)) {
                 d.replicas.retain(|r| r.host != *host);
             }
         }
@@ -356,9 +359,9 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             if let Some(h) = s.hosts.get_mut(host) {
                 h.reported = None;
             }
-            for d in s.deployments.values_mut() {
-                d.replicas
-                    .retain(|r| !(r.host == *host && forget.contains(&r.id)));
+            let gone = |r: &Replica| r.host == *host && forget.contains(&r.id);
+            for d in s.deployments_where(|d| d.replicas.iter().any(gone)) {
+                d.replicas.retain(|r| !gone(r));
             }
             for (r, retiring) in adopt
                 .iter()
@@ -387,14 +390,16 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             }
         }
         Action::SwitchVersion { graph_id, .. } => {
-            let (Some(d), Some(record)) = (s.deployments.get_mut(graph_id), s.wanted.get(graph_id))
-            else {
+            let Some(record) = s.wanted.get(graph_id).cloned() else {
+                return;
+            };
+            let Some(d) = s.deployment_mut(graph_id) else {
                 return;
             };
             let mut moved = std::mem::take(&mut d.replicas);
             d.retiring.append(&mut moved);
             d.drain_until = None;
-            d.record = record.clone();
+            d.record = (*record).clone();
             d.unplaceable.clear();
             d.failures.clear();
         }
@@ -452,7 +457,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             epoch,
             ready,
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.epoch = *epoch;
                 d.published = *epoch;
                 d.published_ready = ready.clone();
@@ -461,7 +466,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
         Action::StartDrain {
             graph_id, until, ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.drain_until = Some(*until);
             }
         }
@@ -477,7 +482,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             until,
             ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.start_draining(replica, *until);
                 d.scaled.entry(task.clone()).or_default().in_at = Some(now);
             }
@@ -491,7 +496,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             reason,
             ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.replacing.insert(
                     replica.clone(),
                     crate::snapshot::Replacing {
@@ -517,7 +522,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             until,
             ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.start_draining(replica, *until);
                 d.replacing.remove(replica);
             }
@@ -525,7 +530,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
         Action::RetireDrained {
             graph_id, replicas, ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.draining
                     .retain(|(x, _)| !replicas.iter().any(|r| r.id == x.id));
             }
@@ -533,7 +538,7 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
         Action::Retire {
             graph_id, replicas, ..
         } => {
-            if let Some(d) = s.deployments.get_mut(graph_id) {
+            if let Some(d) = s.deployment_mut(graph_id) {
                 d.retiring
                     .retain(|x| !replicas.iter().any(|r| r.id == x.id));
                 d.drain_until = None;

@@ -43,8 +43,7 @@ pub fn heartbeat(s: &mut Snapshot, name: &str, now: Duration) -> bool {
 /// A replica finished provisioning and serves at `addr`.
 pub fn provisioned(s: &mut Snapshot, graph_id: &str, replica: &str, addr: &str, now: Duration) {
     if let Some(r) = s
-        .deployments
-        .get_mut(graph_id)
+        .deployment_mut(graph_id)
         .and_then(|d| d.replicas.iter_mut().find(|r| r.id == replica))
     {
         r.addr = addr.to_string();
@@ -64,7 +63,7 @@ pub fn provisioned_after_warmup(
     now: Duration,
 ) -> Duration {
     provisioned(s, graph_id, replica, addr, now);
-    let Some(d) = s.deployments.get_mut(graph_id) else {
+    let Some(d) = s.deployment_mut(graph_id) else {
         return Duration::ZERO;
     };
     let Some(r) = d.replicas.iter().find(|r| r.id == replica) else {
@@ -111,7 +110,7 @@ pub fn provision_failed(
     backoff: &Backoff,
     now: Duration,
 ) -> Option<(Replica, Failures, Duration)> {
-    let d = s.deployments.get_mut(graph_id)?;
+    let d = s.deployment_mut(graph_id)?;
     let i = d.replicas.iter().position(|r| r.id == replica)?;
     let r = d.replicas.remove(i);
     let f = count_failure(d.failures.get(&r.task).copied(), None, backoff, now);
@@ -128,7 +127,10 @@ pub fn replica_down(
     backoff: &Backoff,
     now: Duration,
 ) -> Option<(Replica, Failures, Duration)> {
-    for d in s.deployments.values_mut() {
+    let holds = |d: &crate::snapshot::Deployment| {
+        d.replicas.iter().any(|r| r.id == replica && r.host == host)
+    };
+    for d in s.deployments_where(holds) {
         let Some(i) = d
             .replicas
             .iter()

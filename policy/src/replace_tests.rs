@@ -10,7 +10,7 @@ use proptest::prelude::{prop, prop_assert, proptest};
 use std::time::Duration;
 
 fn health(snap: &mut Snapshot, replica: &str, exec_ms: f64, queue_ms: f64, throttled: f64) {
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.health.insert(
         replica.into(),
         ReplicaHealth {
@@ -26,7 +26,7 @@ fn health(snap: &mut Snapshot, replica: &str, exec_ms: f64, queue_ms: f64, throt
 }
 
 fn calibrate(snap: &mut Snapshot, task: &str, exec_ms: f64) {
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.load.entry(task.into()).or_default().calibrated_s = exec_ms / 1e3;
 }
 
@@ -62,11 +62,7 @@ fn with_infer(policy: ScalingPolicy, n: usize) -> Snapshot {
         // 1 replica holds 35/s at 20 ms and 70%; ask for n, then drop the load reading.
         load(&mut snap, "infer", 35.0 * n as f64 - 1.0, 20.0);
         step(&mut snap, s(0.5));
-        snap.deployments
-            .get_mut("g1")
-            .expect("deployed")
-            .load
-            .clear();
+        snap.deployment_mut("g1").expect("deployed").load.clear();
     }
     assert_eq!(count(&snap, "infer"), n);
     step(&mut snap, s(1.0));
@@ -207,7 +203,7 @@ fn errors_replace_a_replica_failing_more_than_its_peers_but_not_a_lone_one() {
     for id in &ids {
         health(&mut snap, id, 20.0, 0.0, 0.0);
     }
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.health.get_mut(&ids[0]).expect("set").errors = 40;
     d.health.get_mut(&ids[1]).expect("set").errors = 2;
     let found = replaces(&step(&mut snap, s(10.0)));
@@ -225,7 +221,7 @@ fn errors_replace_a_replica_failing_more_than_its_peers_but_not_a_lone_one() {
     let mut snap = with_infer(policy(), 1);
     let (id, _) = replicas_of(&snap, "infer")[0].clone();
     health(&mut snap, &id, 20.0, 0.0, 0.0);
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.health.get_mut(&id).expect("set").errors = 100;
     assert!(replaces(&step(&mut snap, s(10.0))).is_empty());
 }
@@ -238,8 +234,7 @@ fn a_replica_is_not_judged_before_a_window_of_serving_or_on_few_executions() {
     health(&mut snap, &id, 80.0, 0.0, 0.0);
     // Ready at 0 s; the 4 s window is not all its own before 4 s.
     assert!(replaces(&step(&mut snap, s(3.9))).is_empty());
-    snap.deployments
-        .get_mut("g1")
+    snap.deployment_mut("g1")
         .expect("deployed")
         .health
         .get_mut(&id)
@@ -295,7 +290,7 @@ fn at_the_maximum_a_bad_replica_with_peers_is_shed_and_a_lone_one_kept() {
 }
 
 fn chain(snap: &mut Snapshot, measured_ms: f64) {
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.chains = vec![ChainLoad {
         tasks: vec!["front".into(), "infer".into()],
         count: 500,
@@ -346,14 +341,12 @@ fn a_chain_over_its_objective_grows_the_task_that_makes_most_of_it() {
     assert_eq!(count(&snap, "infer"), 3);
     // While the chain is over, nothing on it scales in, even with almost no load.
     load(&mut snap, "infer", 0.1, 30.0);
-    snap.deployments
-        .get_mut("g1")
-        .expect("deployed")
-        .scaled
-        .clear();
+    snap.deployment_mut("g1").expect("deployed").scaled.clear();
     let mut p = policy();
     p.max_replicas = 3;
-    snap.wanted.get_mut("g1").expect("wanted").graph.scaling = Some(p);
+    std::sync::Arc::make_mut(snap.wanted.get_mut("g1").expect("wanted"))
+        .graph
+        .scaling = Some(p);
     let actions = sizing(step(&mut snap, s(100.0)));
     assert!(actions.is_empty(), "{actions:?}");
     chain(&mut snap, 10.0);
@@ -569,7 +562,7 @@ fn a_throttled_replica_among_peers_is_judged_on_its_tail_and_on_few_executions()
     // Replica choice sends it little: 4 executions, median fine, tail 5× its peer's.
     health(&mut snap, &ids[1], 20.0, 10.0, 0.6);
     {
-        let d = snap.deployments.get_mut("g1").expect("deployed");
+        let d = snap.deployment_mut("g1").expect("deployed");
         let h = d.health.get_mut(&ids[1]).expect("set");
         h.executions = 4;
         h.exec_p99_s = 0.150;

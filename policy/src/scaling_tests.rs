@@ -72,7 +72,7 @@ pub(crate) fn cluster(policy: ScalingPolicy) -> Snapshot {
         observe::registered(&mut snap, h, capacity, vec![], s(0.0));
         snap.hosts.get_mut(h).expect("added").reported = None;
     }
-    snap.wanted.insert("g1".into(), graph(policy));
+    snap.wanted.insert("g1".into(), graph(policy).into());
     snap
 }
 
@@ -110,19 +110,15 @@ pub(crate) fn count(snap: &Snapshot, task: &str) -> usize {
 }
 
 pub(crate) fn load(snap: &mut Snapshot, task: &str, per_s: f64, service_ms: f64) {
-    snap.deployments
-        .get_mut("g1")
-        .expect("deployed")
-        .load
-        .insert(
-            task.into(),
-            TaskLoad {
-                arrivals_per_s: per_s,
-                service_s: service_ms / 1e3,
-                queue_s: 0.0,
-                ..TaskLoad::default()
-            },
-        );
+    snap.deployment_mut("g1").expect("deployed").load.insert(
+        task.into(),
+        TaskLoad {
+            arrivals_per_s: per_s,
+            service_s: service_ms / 1e3,
+            queue_s: 0.0,
+            ..TaskLoad::default()
+        },
+    );
 }
 
 #[test]
@@ -166,19 +162,15 @@ fn a_saturated_task_is_sized_by_its_backlog_not_its_capped_rate() {
     let mut snap = cluster(policy());
     step(&mut snap, s(0.0));
     // One replica executes 50/s at most; 100/s arrive, so it reads 50/s and a growing wait.
-    snap.deployments
-        .get_mut("g1")
-        .expect("deployed")
-        .load
-        .insert(
-            "infer".into(),
-            TaskLoad {
-                arrivals_per_s: 50.0,
-                service_s: 0.02,
-                queue_s: 0.5,
-                ..TaskLoad::default()
-            },
-        );
+    snap.deployment_mut("g1").expect("deployed").load.insert(
+        "infer".into(),
+        TaskLoad {
+            arrivals_per_s: 50.0,
+            service_s: 0.02,
+            queue_s: 0.5,
+            ..TaskLoad::default()
+        },
+    );
     let actions = step(&mut snap, s(1.0));
     let Some(Action::ScaleOut { to, reason, .. }) = actions.first() else {
         panic!("{actions:?}");
@@ -354,8 +346,7 @@ fn a_signal_sizes_a_task_beside_utilisation_and_says_so() {
         reporting: 1,
     };
     let key = ("infer".to_string(), "custom.kv_cache_used".to_string());
-    snap.deployments
-        .get_mut("g1")
+    snap.deployment_mut("g1")
         .expect("deployed")
         .signals
         .insert(key.clone(), reading);
@@ -369,7 +360,7 @@ fn a_signal_sizes_a_task_beside_utilisation_and_says_so() {
         "{reason}"
     );
     // The signal falls: scale-in after the cooldown, one at a time, saying why.
-    let d = snap.deployments.get_mut("g1").expect("deployed");
+    let d = snap.deployment_mut("g1").expect("deployed");
     d.signals.insert(
         key,
         crate::snapshot::SignalReading {

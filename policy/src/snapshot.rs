@@ -6,6 +6,7 @@
 
 use prescient_schemas::{GraphRecord, Resources};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Routing-table epochs above this are refused when an agent reports them: at a thousand
@@ -19,14 +20,34 @@ pub struct Snapshot {
     /// Registered agents by name (one per host).
     pub hosts: BTreeMap<String, Host>,
     /// The latest version of every live graph, by id.
-    pub wanted: BTreeMap<String, GraphRecord>,
-    /// What runs for each graph, by id.
-    pub deployments: BTreeMap<String, Deployment>,
+    pub wanted: BTreeMap<String, Arc<GraphRecord>>,
+    /// What runs for each graph, by id. Shared, so a pass's working copy of the snapshot costs
+    /// a reference per graph and copies only the deployments its actions change
+    /// (`Arc::make_mut`).
+    pub deployments: BTreeMap<String, Arc<Deployment>>,
     /// Hosts a replica was moved off for contention: placement avoids them until then.
     pub contended: BTreeMap<String, Contended>,
     /// What each host's samples say of contention over the detection window (the executor
     /// fills it).
     pub pressure: BTreeMap<String, HostPressure>,
+}
+
+impl Snapshot {
+    /// `graph_id`'s deployment to change (copied first if a working copy shares it).
+    pub fn deployment_mut(&mut self, graph_id: &str) -> Option<&mut Deployment> {
+        self.deployments.get_mut(graph_id).map(Arc::make_mut)
+    }
+
+    /// The deployments `touched` says an update changes, to change: the others stay shared.
+    pub fn deployments_where(
+        &mut self,
+        touched: impl Fn(&Deployment) -> bool,
+    ) -> impl Iterator<Item = &mut Deployment> {
+        self.deployments
+            .values_mut()
+            .filter(move |d| touched(d))
+            .map(Arc::make_mut)
+    }
 }
 
 /// A host's contention signals, averaged over a window.

@@ -102,7 +102,8 @@ fn all_ready(snap: &mut Snapshot, now: Duration) {
 #[test]
 fn a_fresh_graph_is_placed_in_order_spread_and_published_once_ready() {
     let mut snap = cluster(&["a1", "a2"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "sha256"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "sha256").into());
     let c = config();
     let actions = step(&mut snap, &c, s(0.1));
     assert_eq!(
@@ -131,7 +132,8 @@ fn a_fresh_graph_is_placed_in_order_spread_and_published_once_ready() {
 fn a_graph_that_does_not_fit_is_reported_once() {
     let mut snap = Snapshot::default();
     observe::registered(&mut snap, "tiny", capacity(0), vec![], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = config();
     let first = step(&mut snap, &c, s(0.1));
     assert!(first
@@ -149,7 +151,8 @@ fn a_graph_that_does_not_fit_is_reported_once() {
 #[test]
 fn a_lost_agent_loses_its_replicas_and_they_are_placed_elsewhere() {
     let mut snap = cluster(&["a1", "a2", "a3"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = config();
     step(&mut snap, &c, s(0.1));
     all_ready(&mut snap, s(0.2));
@@ -195,7 +198,8 @@ fn running(snap: &Snapshot, task: &str) -> (String, String) {
 #[test]
 fn a_crash_looping_replica_is_replaced_with_doubling_backoff() {
     let mut snap = cluster(&["a1", "a2"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = Config {
         heartbeat_timeout: Duration::from_secs(3600),
         ..config()
@@ -231,7 +235,8 @@ fn a_crash_looping_replica_is_replaced_with_doubling_backoff() {
 #[test]
 fn provisioning_failures_back_off_and_cap() {
     let mut snap = cluster(&["a1"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = Config {
         heartbeat_timeout: Duration::from_secs(100_000),
         ..config()
@@ -258,7 +263,8 @@ fn provisioning_failures_back_off_and_cap() {
 #[test]
 fn a_new_version_starts_beside_the_old_switches_when_ready_then_drains() {
     let mut snap = cluster(&["a1", "a2"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "sha256"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "sha256").into());
     let c = Config {
         heartbeat_timeout: Duration::from_secs(3600),
         ..config()
@@ -266,7 +272,8 @@ fn a_new_version_starts_beside_the_old_switches_when_ready_then_drains() {
     step(&mut snap, &c, s(0.0));
     all_ready(&mut snap, s(0.1));
     step(&mut snap, &c, s(0.1));
-    snap.wanted.insert("g1".into(), chain("g1", 2, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 2, "identity").into());
     let actions = step(&mut snap, &c, s(1.0));
     assert_eq!(
         actions[0],
@@ -319,8 +326,10 @@ fn a_new_version_starts_beside_the_old_switches_when_ready_then_drains() {
 fn a_restart_adopts_what_agents_run_and_places_nothing_during_the_grace() {
     // The node restarted at 0: it knows the graphs, not the deployments.
     let mut snap = Snapshot::default();
-    snap.wanted.insert("g1".into(), chain("g1", 2, "identity"));
-    snap.wanted.insert("g2".into(), chain("g2", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 2, "identity").into());
+    snap.wanted
+        .insert("g2".into(), chain("g2", 1, "identity").into());
     let c = Config {
         startup_grace: Duration::from_secs(3),
         ..Config::default()
@@ -388,7 +397,8 @@ fn a_restart_adopts_what_agents_run_and_places_nothing_during_the_grace() {
 #[test]
 fn a_reconnecting_agent_forgets_what_it_no_longer_runs() {
     let mut snap = cluster(&["a1", "a2"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = config();
     step(&mut snap, &c, s(0.0));
     all_ready(&mut snap, s(0.1));
@@ -407,7 +417,8 @@ fn a_reconnecting_agent_forgets_what_it_no_longer_runs() {
 #[test]
 fn a_removed_graph_is_undeployed() {
     let mut snap = cluster(&["a1"], s(0.0));
-    snap.wanted.insert("g1".into(), chain("g1", 1, "identity"));
+    snap.wanted
+        .insert("g1".into(), chain("g1", 1, "identity").into());
     let c = config();
     step(&mut snap, &c, s(0.0));
     snap.wanted.clear();
@@ -429,6 +440,6 @@ fn deadlines_cover_heartbeats_backoff_and_drains() {
     assert_eq!(crate::next_deadline(&snap, &c, s(1.0)), Some(s(3.0)));
     let mut d = Deployment::new(chain("g1", 1, "identity"));
     d.drain_until = Some(s(2.0));
-    snap.deployments.insert("g1".into(), d);
+    snap.deployments.insert("g1".into(), d.into());
     assert_eq!(crate::next_deadline(&snap, &c, s(1.0)), Some(s(2.0)));
 }

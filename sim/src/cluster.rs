@@ -282,7 +282,7 @@ impl<'a> Engine<'a> {
         for (i, svc) in services.iter().enumerate() {
             let g = &svc.record.graph;
             snap.wanted
-                .insert(svc.record.id.clone(), svc.record.clone());
+                .insert(svc.record.id.clone(), svc.record.clone().into());
             by_graph.insert(svc.record.id.clone(), i as u32);
             let index = |id: &str| g.tasks.iter().position(|t| t.id == id).unwrap_or(0) as u16;
             let tasks: Vec<TaskMeta> = g
@@ -758,7 +758,7 @@ impl<'a> Engine<'a> {
         let ahead = self.p.lead.mean() + self.p.warmup_s + self.p.tick_s;
         let from = (self.now / NS) as usize;
         for (i, svc) in self.services.iter().enumerate() {
-            let Some(d) = self.snap.deployments.get_mut(&svc.record.id) else {
+            let Some(d) = self.snap.deployment_mut(&svc.record.id) else {
                 continue;
             };
             let window = svc
