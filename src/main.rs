@@ -7,6 +7,7 @@ mod demo_replication;
 mod load;
 mod local;
 mod output;
+mod plot;
 mod simulate;
 mod simulate_fleet;
 
@@ -180,6 +181,9 @@ enum Command {
         /// Simulate the whole trace, not just the measured last third and the 600 s before.
         #[arg(long)]
         whole: bool,
+        /// Draw load, replicas and attainment per minute into this PNG (whole cluster).
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// Start a control node on this machine as a real process and walk through what it does.
     Demo {
@@ -313,6 +317,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             hosts,
             top,
             whole,
+            plot,
         } => simulate::run(
             &simulate::Args {
                 scenario,
@@ -324,6 +329,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 hosts,
                 top,
                 whole,
+                plot,
             },
             json,
         ),

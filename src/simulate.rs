@@ -35,6 +35,7 @@ pub struct Args {
     pub hosts: Option<usize>,
     pub top: Option<usize>,
     pub whole: bool,
+    pub plot: Option<PathBuf>,
 }
 
 const REFERENCE: [&str; 5] = [
@@ -50,6 +51,9 @@ pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
     let Some(scenario) = reference.filter(|_| a.hosts.is_none() && a.graph.is_none()) else {
         return cluster(a, json);
     };
+    if a.plot.is_some() {
+        bail!("--plot draws the whole-cluster simulation's minutes (--trace with --hosts or --graph), not the reference scenarios");
+    }
     let policies: Vec<String> = if a.policies.is_empty() {
         ["reactive", "prescient", "oracle"]
             .map(String::from)
@@ -209,6 +213,10 @@ fn cluster(a: &Args, json: bool) -> Result<ExitCode> {
         seed: a.seed,
         whole: a.whole,
     })?;
+    if let Some(path) = &a.plot {
+        crate::plot::simulation(path, a.trace.as_deref().unwrap_or("azure-functions"), &rows)?;
+        eprintln!("plot: {}", path.display());
+    }
     report(
         a.scenario.as_deref().unwrap_or("cluster"),
         a.seed,

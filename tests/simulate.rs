@@ -177,6 +177,26 @@ fn the_cluster_simulation_runs_a_graph_through_faults_the_same_way_twice() {
             "{r}"
         );
     }
+    // --plot draws the runs' minutes into a PNG.
+    let png = dir.path().join("fleet.png");
+    let out = Command::new(CLI)
+        .args(["simulate", "--hosts", "4", "--lead", "2", "--trace"])
+        .arg(dir.path().join("counts.txt"))
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&png).expect("the PNG");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "{} bytes",
+        bytes.len()
+    );
     // A scenario file that is wrong says where and what.
     std::fs::write(&scenario, "boot_failure = 2.0\n").unwrap();
     let out = cluster(dir.path(), &scenario);

@@ -43,7 +43,7 @@ fn main() -> Result<()> {
             eprintln!(
                 "usage: cargo xtask <codegen [--check] | deps | build-ebpf | demo | test | lint | tidy | ci>\n\
                  codegen  regenerate schemas/src/generated from schemas/capnp (--check: fail if stale)\n\
-                 deps     install prerequisites (capnproto) through apt-get when missing\n\
+                 deps     install prerequisites (capnproto, fonts-dejavu-core) through apt-get when missing\n\
                  build-ebpf  build the eBPF probes into target/ebpf (the agent embeds them)\n\
                  onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
@@ -84,17 +84,29 @@ fn have(program: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Installs Debian's `capnproto` (the `capnp` compiler) when it is missing.
+/// A TrueType font for `--plot`'s PNGs (what `src/plot.rs` looks for first).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Installs Debian's `capnproto` (the `capnp` compiler) and `fonts-dejavu-core` (the plots'
+/// font) when they are missing.
 fn deps() -> Result<()> {
-    if have("capnp") {
+    let mut missing = Vec::new();
+    if !have("capnp") {
+        missing.push("capnproto");
+    }
+    if !Path::new(FONT).exists() {
+        missing.push("fonts-dejavu-core");
+    }
+    if missing.is_empty() {
         return Ok(());
     }
     if !have("apt-get") {
-        bail!("the `capnp` compiler is missing and apt-get is not available: install Cap'n Proto 0.9 or newer");
+        bail!("{missing:?} missing and apt-get is not available: install Cap'n Proto 0.9 or newer and a TrueType font (DejaVu Sans)");
     }
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "capnproto"])
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
 }
@@ -270,6 +282,7 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    deps()?;
     onnxruntime()?;
     build_ebpf()?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -283,6 +296,7 @@ fn test() -> Result<()> {
 }
 
 fn demo(args: &[&str]) -> Result<()> {
+    deps()?;
     onnxruntime()?;
     build_ebpf()?;
     run(cargo().args(["build", "--release", "--bins"]))?;
