@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod demo;
 mod demo_replication;
+mod forecast;
 mod load;
 mod local;
 mod output;
@@ -145,11 +146,15 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
-    /// Simulate policies in virtual time on a real trace and report how they do (JSON with
-    /// --json). `--scenario kpa-nasa` (and azure-top20, azure-functions, azure-llm-code,
-    /// azure-llm-conv) runs the one-service reference scenarios, with Knative's KPA as
-    /// `reactive`; `--hosts N`, `--graph FILE` or a scenario file runs the whole cluster:
-    /// the control node's own plan, monitor and replica choice over simulated hosts.
+    /// Load forecasting: `backtest` runs the forecasters (baselines, per-series selection)
+    /// on a CSV of counts and writes every test-split forecast.
+    Forecast {
+        #[command(subcommand)]
+        which: forecast::Which,
+    },
+    /// Simulate policies in virtual time on a real trace (JSON with --json): the one-service
+    /// reference scenarios by name (Knative's KPA as `reactive`), or the whole cluster (the
+    /// control node's plan, monitor and replica choice) with --hosts, --graph or a file.
     Simulate {
         /// A reference scenario by name, or a scenario file (TOML: hosts, lead, warmup_s,
         /// boot_failure, service, [[fault]]s) for the whole-cluster simulation.
@@ -307,6 +312,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which } => bench::run(which).await,
+        Command::Forecast { which } => forecast::run(which),
         Command::Simulate {
             scenario,
             policy,

@@ -10,6 +10,7 @@
 //! - [`replace`] — the triggers that replace a slow, failing or contended replica.
 //! - [`placement`] — which host gets a replica (fit, contention, chain locality,
 //!   anti-affinity, spread).
+//! - [`forecast`] — load forecasting baselines with per-series selection and an upper quantile.
 //! - [`kpa`] — Knative's autoscaler, for the simulator to compare against.
 //! - [`balance`] — which replica gets a request (rendezvous for joins, P2C with chain affinity).
 //! - [`event`] — the typed events every action and observation is recorded as.
@@ -21,6 +22,7 @@
 pub mod action;
 pub mod balance;
 pub mod event;
+pub mod forecast;
 pub mod kpa;
 pub mod observe;
 pub mod placement;
