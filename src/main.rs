@@ -162,7 +162,7 @@ enum Command {
         scenario: Option<String>,
         /// Policies, comma-separated: reactive (KPA in the reference scenarios, Prescient's
         /// controller on the cluster), prescient (its sizing alone, reference scenarios),
-        /// oracle.
+        /// oracle; all (the default).
         #[arg(long, value_delimiter = ',')]
         policy: Vec<String>,
         /// Lead times from placement to ready, seconds, comma-separated (default 2,30,120;
@@ -171,7 +171,7 @@ enum Command {
         lead: Vec<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// The trace: azure-functions, nasa, or a file (reference scenarios: its file).
+        /// The trace: azure-functions, nasa, twitter, or a file (reference scenarios: its file).
         #[arg(long)]
         trace: Option<String>,
         /// A graph file the trace's invocations enter (whole cluster; default one 2 s task).

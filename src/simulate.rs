@@ -54,7 +54,7 @@ pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
     if a.plot.is_some() {
         bail!("--plot draws the whole-cluster simulation's minutes (--trace with --hosts or --graph), not the reference scenarios");
     }
-    let policies: Vec<String> = if a.policies.is_empty() {
+    let policies: Vec<String> = if a.policies.is_empty() || a.policies == ["all"] {
         ["reactive", "prescient", "oracle"]
             .map(String::from)
             .to_vec()
@@ -196,7 +196,7 @@ fn cluster(a: &Args, json: bool) -> Result<ExitCode> {
             );
         }
     }
-    let policies: Vec<String> = if a.policies.is_empty() {
+    let policies: Vec<String> = if a.policies.is_empty() || a.policies == ["all"] {
         ["reactive", "oracle"].map(String::from).to_vec()
     } else {
         a.policies.clone()

@@ -22,6 +22,7 @@ pub struct FleetArgs<'a> {
 
 const AZURE: &str = "azure_functions_2019_invitro_sample/1350_inv.csv";
 const NASA: &str = "nasa_http_1995/workload_per_second.tbz2";
+const TWITTER: &str = "twitter_stream_2021_08/workload_per_second.tbz2";
 const WARMUP_S: f64 = 600.0;
 
 fn shared(file: &str) -> Result<PathBuf> {
@@ -70,8 +71,9 @@ fn services(a: &FleetArgs<'_>, file: &ScenarioFile) -> Result<(Vec<Service>, f64
     }
     let counts_path = match trace {
         "nasa" => shared(NASA)?,
-        "twitter" | "alibaba" | "azure-llm-code" | "azure-llm-conv" => bail!(
-            "--trace {trace}: the whole-cluster simulation reads azure-functions, nasa or a per-second counts file so far (the LLM traces run as `--scenario azure-llm-code`)"
+        "twitter" => shared(TWITTER)?,
+        "alibaba" | "azure-llm-code" | "azure-llm-conv" => bail!(
+            "--trace {trace}: the whole-cluster simulation reads azure-functions, nasa, twitter or a per-second counts file so far (the LLM traces run as `--scenario azure-llm-code`)"
         ),
         _ => path.to_path_buf(),
     };
