@@ -25,6 +25,8 @@ const INVALID: (&str, &str) = (
     "type-mismatch.toml",
     include_str!("../tests/data/invalid/type-mismatch.toml"),
 );
+/// The Azure Functions sample, relative to a `shared/traces` directory.
+const AZURE_SAMPLE: &str = "azure_functions_2019_invitro_sample/1350_inv.csv";
 /// The trace replayed, relative to a `shared/traces` directory.
 const TRACE: &str = "azure_llm_2023/AzureLLMInferenceTrace_code.csv";
 
@@ -258,20 +260,44 @@ async fn walk_through(dir: &Path) -> Result<()> {
 }
 
 /// `prescient simulate` on the whole cluster, the demo's size: the Azure Functions sample's 20
-/// busiest functions on 100 hosts for the last third of the day, a host dying and 5% of boots
-/// failing, reactive against the oracle at a 30 s lead time.
+/// busiest functions on 100 hosts for the last third of the day (or a synthetic cycle without
+/// the traces), a host dying in it and 5% of boots failing, reactive against the oracle at a
+/// 30 s lead time.
 fn simulated_fleet(dir: &Path) -> Result<()> {
     let scenario = dir.join("fleet-faults.toml");
     std::fs::write(
         &scenario,
-        "boot_failure = 0.05\n[[fault]]\nkind = \"dies\"\nhost = \"h1\"\nat_s = 70000.0\n",
+        "boot_failure = 0.05\n[[fault]]\nkind = \"dies\"\nhost = \"h1\"\nat_s = 70000.0\n\
+         [[fault]]\nkind = \"dies\"\nhost = \"h2\"\nat_s = 18000.0\n",
     )?;
+    // Without the shared traces: a synthetic 6-hour cycle with a burst, into one 2 s service.
+    let trace = if traces_dir_holding(AZURE_SAMPLE).is_some() {
+        "azure-functions".to_string()
+    } else {
+        let counts: Vec<String> = (0..6 * 3600)
+            .map(|s| {
+                let cycle = (s as f64 / 7200.0 * std::f64::consts::TAU).sin();
+                let burst = if (15_000..15_300).contains(&s) {
+                    20.0
+                } else {
+                    0.0
+                };
+                ((8.0 + 6.0 * cycle + burst).round() as u32).to_string()
+            })
+            .collect();
+        let synthetic = dir.join("cycle.txt");
+        std::fs::write(&synthetic, counts.join("\n"))?;
+        println!(
+            "shared/traces not found (set PRESCIENT_TRACES): a synthetic 6-hour cycle instead"
+        );
+        synthetic.display().to_string()
+    };
     println!(
-        "$ prescient simulate --trace azure-functions --top 20 --hosts 100 --lead 30 --scenario {}",
+        "$ prescient simulate --trace {trace} --top 20 --hosts 100 --lead 30 --scenario {}",
         scenario.display()
     );
     let rows = crate::simulate_fleet::run(&crate::simulate_fleet::FleetArgs {
-        trace: Some("azure-functions"),
+        trace: Some(&trace),
         graph: None,
         scenario: Some(&scenario),
         hosts: Some(100),
