@@ -155,41 +155,7 @@ enum Command {
     /// Simulate policies in virtual time on a real trace (JSON with --json): the one-service
     /// reference scenarios by name (Knative's KPA as `reactive`), or the whole cluster (the
     /// control node's plan, monitor and replica choice) with --hosts, --graph or a file.
-    Simulate {
-        /// A reference scenario by name, or a scenario file (TOML: hosts, lead, warmup_s,
-        /// boot_failure, service, [[fault]]s) for the whole-cluster simulation.
-        #[arg(long)]
-        scenario: Option<String>,
-        /// Policies, comma-separated: reactive (KPA in the reference scenarios, Prescient's
-        /// controller on the cluster), prescient (its sizing alone, reference scenarios),
-        /// oracle; all (the default).
-        #[arg(long, value_delimiter = ',')]
-        policy: Vec<String>,
-        /// Lead times from placement to ready, seconds, comma-separated (default 2,30,120;
-        /// on the cluster, the scenario file's lead or 30).
-        #[arg(long, value_delimiter = ',')]
-        lead: Vec<f64>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// The trace: azure-functions, nasa, twitter, or a file (reference scenarios: its file).
-        #[arg(long)]
-        trace: Option<String>,
-        /// A graph file the trace's invocations enter (whole cluster; default one 2 s task).
-        #[arg(long)]
-        graph: Option<std::path::PathBuf>,
-        /// Simulated hosts (whole cluster; default the scenario file's, or 100).
-        #[arg(long)]
-        hosts: Option<usize>,
-        /// Only the N busiest Azure functions (whole cluster).
-        #[arg(long)]
-        top: Option<usize>,
-        /// Simulate the whole trace, not just the measured last third and the 600 s before.
-        #[arg(long)]
-        whole: bool,
-        /// Draw load, replicas and attainment per minute into this PNG (whole cluster).
-        #[arg(long)]
-        plot: Option<std::path::PathBuf>,
-    },
+    Simulate(simulate::Args),
     /// Start a control node on this machine as a real process and walk through what it does.
     Demo {
         /// Keep the demo's data directory instead of deleting it.
@@ -313,32 +279,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { which } => bench::run(which).await,
         Command::Forecast { which } => forecast::run(which),
-        Command::Simulate {
-            scenario,
-            policy,
-            lead,
-            seed,
-            trace,
-            graph,
-            hosts,
-            top,
-            whole,
-            plot,
-        } => simulate::run(
-            &simulate::Args {
-                scenario,
-                policies: policy,
-                leads: lead,
-                seed,
-                trace,
-                graph,
-                hosts,
-                top,
-                whole,
-                plot,
-            },
-            json,
-        ),
+        Command::Simulate(args) => simulate::run(&args, json),
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             let id = c.resolve(&graph).await?;

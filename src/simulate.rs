@@ -25,16 +25,40 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// `prescient simulate`'s arguments.
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// A reference scenario by name, or a scenario file (TOML: hosts, lead, warmup_s,
+    /// boot_failure, service, [[fault]]s) for the whole-cluster simulation.
+    #[arg(long)]
     pub scenario: Option<String>,
+    /// Policies, comma-separated: reactive (KPA in the reference scenarios, Prescient's
+    /// controller on the cluster), prescient (its sizing alone, reference scenarios),
+    /// oracle; all (the default).
+    #[arg(long = "policy", value_delimiter = ',')]
     pub policies: Vec<String>,
+    /// Lead times from placement to ready, seconds, comma-separated (default 2,30,120;
+    /// on the cluster, the scenario file's lead or 30).
+    #[arg(long = "lead", value_delimiter = ',')]
     pub leads: Vec<f64>,
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The trace: azure-functions, nasa, twitter, or a file (reference scenarios: its file).
+    #[arg(long)]
     pub trace: Option<String>,
+    /// A graph file the trace's invocations enter (whole cluster; default one 2 s task).
+    #[arg(long)]
     pub graph: Option<PathBuf>,
+    /// Simulated hosts (whole cluster; default the scenario file's, or 100).
+    #[arg(long)]
     pub hosts: Option<usize>,
+    /// Only the N busiest Azure functions (whole cluster).
+    #[arg(long)]
     pub top: Option<usize>,
+    /// Simulate the whole trace, not just the measured last third and the 600 s before.
+    #[arg(long)]
     pub whole: bool,
+    /// Draw load, replicas and attainment per minute into this PNG (whole cluster).
+    #[arg(long)]
     pub plot: Option<PathBuf>,
 }
 

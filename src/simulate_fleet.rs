@@ -82,11 +82,10 @@ fn services(a: &FleetArgs<'_>, file: &ScenarioFile) -> Result<(Vec<Service>, f64
     let arrivals = fleet::arrivals_from_counts(&counts, &rng);
     let (record, what) = match a.graph {
         Some(g) => {
-            let f = prescient_schemas::file::read(g)?;
-            if let Err(problems) = prescient_schemas::ValidatedGraph::new(f.graph.clone()) {
-                let all: Vec<String> = problems.iter().map(|p| f.source.describe(p)).collect();
-                bail!("{} is not a valid graph:\n{}", g.display(), all.join("\n"));
-            }
+            // Every problem is printed with its file position, as `prescient validate` does.
+            let Some(f) = crate::load(g)? else {
+                bail!("{} is not a valid graph", g.display());
+            };
             let mut graph = f.graph;
             graph.scaling.get_or_insert_with(Default::default);
             let record = fleet::record("g1", graph);

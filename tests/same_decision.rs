@@ -6,8 +6,8 @@
 use prescient_control::monitor::{Monitor, WindowView};
 use prescient_policy::snapshot::{Capacity, Snapshot};
 use prescient_policy::{apply, observe, plan, Action, Config};
+use prescient_schemas::file;
 use prescient_schemas::sketch::Sketch;
-use prescient_schemas::{codec, file, GraphRecord};
 use prescient_sim::queue::{Observation, Scaler};
 use prescient_sim::scalers::Prescient;
 use std::time::Duration;
@@ -31,13 +31,7 @@ scale_out_cooldown = "0s"
 /// `queue_ms`, over the graph's window.
 fn control_node_decides(per_s: u64, exec_ms: f64, queue_ms: f64) -> u32 {
     let graph = file::parse("svc.toml", GRAPH).expect("parses").graph;
-    let record = GraphRecord {
-        id: "g1".into(),
-        version: 1,
-        submitted_at_ms: 0,
-        digest: codec::graph_digest(&graph),
-        graph,
-    };
+    let record = prescient_sim::fleet::record("g1", graph);
     let config = Config {
         startup_grace: Duration::ZERO,
         heartbeat_timeout: Duration::from_secs(1 << 30),

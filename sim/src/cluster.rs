@@ -218,6 +218,9 @@ struct Engine<'a> {
     invs: HashMap<u64, Inv>,
     joins: HashMap<(u64, u16), u16>,
     dirty: Vec<usize>,
+    /// Replicas billed now, and those of them ready (kept as they change, not counted).
+    billed: u32,
+    billed_ready: u32,
     /// Per service, the next arrival not yet admitted.
     next_arrival: Vec<usize>,
     /// Per service, the oracle's view: per-second counts.
@@ -368,6 +371,8 @@ impl<'a> Engine<'a> {
             invs: HashMap::new(),
             joins: HashMap::new(),
             dirty: Vec::new(),
+            billed: 0,
+            billed_ready: 0,
             next_arrival,
             counts,
             out: Outcome {
@@ -487,8 +492,8 @@ impl<'a> Engine<'a> {
             let now = self.now;
             self.minute(now).arrivals += 1;
         }
-        let entries = self.svcs[svc as usize].entries.clone();
-        for task in entries {
+        for k in 0..self.svcs[svc as usize].entries.len() {
+            let task = self.svcs[svc as usize].entries[k];
             self.route(
                 svc,
                 Job {
@@ -575,10 +580,11 @@ impl<'a> Engine<'a> {
             .flatten();
         self.record(slot, now - started, started - job.at, sink_latency);
         let host = self.reps[slot].host;
-        let downstream = self.svcs[svc as usize].tasks[job.task as usize]
+        for k in 0..self.svcs[svc as usize].tasks[job.task as usize]
             .downstream
-            .clone();
-        for d in downstream {
+            .len()
+        {
+            let d = self.svcs[svc as usize].tasks[job.task as usize].downstream[k];
             let incoming = self.svcs[svc as usize].tasks[d as usize].incoming;
             if incoming > 1 {
                 let n = self.joins.entry((job.inv, d)).or_insert(0);
@@ -705,14 +711,9 @@ impl<'a> Engine<'a> {
             );
         }
         self.pass();
-        let billed = self.reps.iter().filter(|r| r.ended.is_none()).count() as u32;
+        let (billed, ready) = (self.billed, self.billed_ready);
         self.out.max_replicas = self.out.max_replicas.max(billed);
         if self.measured(self.now) {
-            let ready = self
-                .reps
-                .iter()
-                .filter(|r| r.ended.is_none() && r.ready)
-                .count() as u32;
             let now = self.now;
             let m = self.minute(now);
             m.replicas = billed;

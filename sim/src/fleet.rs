@@ -192,14 +192,7 @@ pub fn hosts(n: usize, cpus: u32, memory_gib: u64) -> Vec<HostSpec> {
 /// KPA's cadence (a change every tick, 60 s before a scale-in), p99 objective `2 × service_s`
 /// (a wait of at most the service time); a core and 256 MiB a replica.
 pub fn one_task_graph(id: &str, service_s: f64) -> GraphRecord {
-    let policy = prescient_schemas::ScalingPolicy {
-        max_replicas: prescient_schemas::scaling::MAX_REPLICAS,
-        window_ns: 10 * 1_000_000_000,
-        scale_out_cooldown_ns: 0,
-        scale_in_cooldown_ns: 60 * 1_000_000_000,
-        max_concurrency: 1,
-        ..prescient_schemas::ScalingPolicy::default()
-    };
+    let policy = kpa_cadence();
     let mut task = one_task(service_s);
     task.resources = prescient_schemas::Resources {
         cpu_millicores: 1000,
@@ -217,6 +210,19 @@ pub fn one_task_graph(id: &str, service_s: f64) -> GraphRecord {
         scaling: Some(policy),
     };
     record(id, graph)
+}
+
+/// Prescient's defaults at KPA's cadence for a one-request-at-a-time service: changes out
+/// every tick, 60 s before a scale-in, a 10 s window, up to the schema's replica maximum.
+pub fn kpa_cadence() -> prescient_schemas::ScalingPolicy {
+    prescient_schemas::ScalingPolicy {
+        max_replicas: prescient_schemas::scaling::MAX_REPLICAS,
+        window_ns: 10 * 1_000_000_000,
+        scale_out_cooldown_ns: 0,
+        scale_in_cooldown_ns: 60 * 1_000_000_000,
+        max_concurrency: 1,
+        ..prescient_schemas::ScalingPolicy::default()
+    }
 }
 
 /// The task `svc`: a builtin `sleep` expected to take `service_s`, no ports.

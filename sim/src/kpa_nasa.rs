@@ -7,7 +7,6 @@
 
 use crate::queue::{self, Params, Scaler};
 use crate::scalers::{Kpa, Oracle, Prescient};
-use prescient_schemas::ScalingPolicy;
 use serde::Serialize;
 
 pub const SCALE: u32 = 4;
@@ -93,18 +92,7 @@ pub fn service(
 /// Prescient's defaults, but a replica serves one request at a time and changes every tick are
 /// allowed out (KPA's cadence), 60 s before any scale-in.
 pub fn prescient_scaler(service_s: f64) -> Prescient {
-    Prescient::new(
-        ScalingPolicy {
-            max_replicas: 10_000,
-            window_ns: 10_000_000_000,
-            scale_out_cooldown_ns: 0,
-            scale_in_cooldown_ns: 60_000_000_000,
-            max_concurrency: 1,
-            ..ScalingPolicy::default()
-        },
-        service_s,
-        TICK_S,
-    )
+    Prescient::new(crate::fleet::kpa_cadence(), service_s, TICK_S)
 }
 
 /// Params for a run over a trace of `len_s` seconds: the last third measured.

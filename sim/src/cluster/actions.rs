@@ -34,6 +34,7 @@ impl Engine<'_> {
                     .unwrap_or(0) as u16;
                 let slot = self.reps.len();
                 self.by_id.insert(replica.clone(), slot);
+                self.billed += 1;
                 self.reps.push(Rep {
                     id: replica,
                     svc,
@@ -126,6 +127,8 @@ impl Engine<'_> {
         let rep = &mut self.reps[slot];
         if rep.ended.is_none() {
             rep.ended = Some(self.now);
+            self.billed -= 1;
+            self.billed_ready -= u32::from(rep.ready);
         }
     }
 
@@ -137,6 +140,7 @@ impl Engine<'_> {
         let graph = self.svcs[rep.svc as usize].graph_id.clone();
         let id = rep.id.clone();
         self.reps[slot].ready = true;
+        self.billed_ready += 1;
         let warmup = Duration::from_secs_f64(self.p.warmup_s);
         observe::provisioned_after_warmup(
             &mut self.snap,
