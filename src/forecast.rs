@@ -1,5 +1,6 @@
-//! `prescient forecast backtest`: the decision crate's forecasting (baselines and per-series
-//! selection) on a CSV of per-step counts, every test-split origin's forecast as CSV on stdout.
+//! `prescient forecast backtest`: the decision crate's forecasting (the ONNX model, the
+//! baselines and per-series selection, as the control node runs them) on a CSV of per-step
+//! counts, every test-split origin's forecast as CSV on stdout.
 
 use anyhow::{bail, Context, Result};
 use prescient_policy::forecast;
@@ -24,9 +25,12 @@ pub enum Which {
         #[arg(long, value_delimiter = ',', default_value = "1,5,15")]
         horizons: Vec<usize>,
         /// One forecaster alone instead of the per-series selection: naive, seasonal-naive,
-        /// moving-average, ewma or holt-winters (to score the baselines the same way).
+        /// moving-average, ewma, holt-winters or model (to score each the same way).
         #[arg(long)]
         method: Option<String>,
+        /// Selection among the baselines only, without the ONNX model.
+        #[arg(long)]
+        no_model: bool,
     },
 }
 
@@ -37,6 +41,7 @@ pub fn run(which: Which) -> Result<std::process::ExitCode> {
             step,
             horizons,
             method,
+            no_model,
         } => {
             let only = match method.as_deref() {
                 None => None,
@@ -45,7 +50,7 @@ pub fn run(which: Which) -> Result<std::process::ExitCode> {
                     format!("--method {m:?}: one of {}", all.join(", "))
                 })?),
             };
-            backtest(&csv, step, &horizons, only)?
+            backtest(&csv, step, &horizons, only, no_model)?
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -130,6 +135,7 @@ fn backtest(
     step: Option<u64>,
     horizons: &[usize],
     only: Option<forecast::Method>,
+    no_model: bool,
 ) -> Result<()> {
     if horizons.is_empty() || horizons.contains(&0) {
         bail!("--horizons {horizons:?}: steps ahead are at least 1");
@@ -141,11 +147,31 @@ fn backtest(
     } else {
         0
     };
+    let mut model = if no_model {
+        None
+    } else {
+        match prescient_onnx::forecaster::Forecaster::load() {
+            Ok(m) => Some(m),
+            Err(e) if only == Some(forecast::Method::Model) => bail!("--method model: {e}"),
+            Err(e) => {
+                eprintln!("forecasting with the baselines alone: {e}");
+                None
+            }
+        }
+    };
+    let columns: Vec<&[f64]> = t.columns.iter().map(Vec::as_slice).collect();
+    let rows = forecast::backtest(
+        &columns,
+        season,
+        horizons,
+        only,
+        model.as_mut().map(|m| m as &mut dyn forecast::Model),
+    );
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     writeln!(out, "series,origin,h,point,q90")?;
-    for (name, y) in t.names.iter().zip(&t.columns) {
-        for r in forecast::backtest(y, season, horizons, only) {
+    for (name, rows) in t.names.iter().zip(rows) {
+        for r in rows {
             writeln!(
                 out,
                 "{name},{},{},{:.4},{:.4}",

@@ -1,9 +1,13 @@
 //! Load forecasting, pure: the baselines (naive, seasonal naive, moving average, EWMA, damped
-//! Holt-Winters, seasonal once two seasons are seen), each series' forecast taken from whichever
-//! has been most accurate lately at that horizon (a rolling backtest on what the series has
-//! shown so far), and an upper quantile from that forecaster's own recent residuals. The
-//! control node, the simulator and `prescient forecast backtest` run this same code.
+//! Holt-Winters, seasonal once two seasons are seen) and the trained model's forecasts (run
+//! outside, batched, from [`Series::model_row`]), each series' forecast taken from whichever has
+//! been most accurate lately at that horizon (a rolling backtest on what the series has shown so
+//! far), and an upper quantile (the model's own, or a baseline's recent residuals). The control
+//! node, the simulator and `prescient forecast backtest` run this same code.
 
+mod features;
+
+pub use features::{features, history_needed, FEATURES, MODEL_HORIZON, WINDOW};
 use std::collections::VecDeque;
 
 /// The upper quantile forecast alongside the point.
@@ -12,6 +16,8 @@ pub const QUANTILE: f64 = 0.9;
 const SCORED: usize = 240;
 /// Fewer resolved than this: EWMA, the safe default.
 const MIN_SCORED: usize = 8;
+/// How much lower another forecaster's recent MAE must be to replace the current one.
+const SWITCH_MARGIN: f64 = 0.05;
 /// Residuals kept per (horizon, method) for the quantile.
 const RESIDUALS: usize = 200;
 const MA_WINDOW: usize = 10;
@@ -29,15 +35,23 @@ pub enum Method {
     MovingAverage,
     Ewma,
     HoltWinters,
+    /// The trained global model (`models/forecaster.onnx`).
+    Model,
 }
 
+/// Forecasters per series.
+const METHODS: usize = 6;
+const EWMA: usize = 3;
+const MODEL: usize = 5;
+
 impl Method {
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; METHODS] = [
         Method::Naive,
         Method::SeasonalNaive,
         Method::MovingAverage,
         Method::Ewma,
         Method::HoltWinters,
+        Method::Model,
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -51,6 +65,7 @@ impl Method {
             Method::MovingAverage => "moving-average",
             Method::Ewma => "ewma",
             Method::HoltWinters => "holt-winters",
+            Method::Model => "model",
         }
     }
 }
@@ -75,10 +90,34 @@ struct HoltWinters {
     started: bool,
 }
 
+/// The model's output for one series at one origin, in the units of its row's scale.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOutput<'a> {
+    /// Per step ahead 1..=`MODEL_HORIZON`.
+    pub point: &'a [f32],
+    pub upper: &'a [f32],
+    /// What [`Series::model_row`] returned.
+    pub scale: f64,
+}
+
+impl ModelOutput<'_> {
+    fn at(&self, h: usize) -> Option<(f64, f64)> {
+        let i = h.checked_sub(1)?;
+        let p = (f64::from(*self.point.get(i)?) * self.scale).max(0.0);
+        let u = (f64::from(*self.upper.get(i)?) * self.scale).max(p);
+        (p.is_finite() && u.is_finite()).then_some((p, u))
+    }
+}
+
 /// One series' forecasters, fed one step at a time.
 #[derive(Debug, Clone)]
 pub struct Series {
+    /// The latest values (bounded: what the forecasters and the model's row can use).
     history: Vec<f64>,
+    /// Steps observed in all.
+    t: usize,
+    /// History kept.
+    keep: usize,
     /// Steps per season (a day); 0: none.
     season: usize,
     horizons: Vec<usize>,
@@ -86,13 +125,15 @@ pub struct Series {
     ewma: Option<f64>,
     hw: HoltWinters,
     /// Per horizon index: forecasts made and not yet resolved (target step, each method's
-    /// point), in target order.
-    pending: Vec<VecDeque<(usize, [f64; 5])>>,
+    /// point, NaN where it had none), in target order.
+    pending: Vec<VecDeque<(usize, [f64; METHODS])>>,
     /// Per horizon index, per method: recent absolute errors and residuals, newest last.
-    errors: Vec<[VecDeque<f64>; 5]>,
-    residuals: Vec<[VecDeque<f64>; 5]>,
+    errors: Vec<[VecDeque<f64>; METHODS]>,
+    residuals: Vec<[VecDeque<f64>; METHODS]>,
     /// One method always, instead of selection (to score the baselines alone).
     only: Option<Method>,
+    /// Per horizon index: the method forecasting last.
+    chosen: Vec<Option<usize>>,
 }
 
 impl Series {
@@ -101,6 +142,8 @@ impl Series {
         let empty = || std::array::from_fn(|_| VecDeque::new());
         Series {
             history: Vec::new(),
+            t: 0,
+            keep: history_needed(season).max(2 * season + 1) + MA_WINDOW,
             season,
             horizons: horizons.iter().map(|h| (*h).max(1)).collect(),
             ma_sum: 0.0,
@@ -110,6 +153,7 @@ impl Series {
             errors: horizons.iter().map(|_| empty()).collect(),
             residuals: horizons.iter().map(|_| empty()).collect(),
             only: None,
+            chosen: horizons.iter().map(|_| None).collect(),
         }
     }
 
@@ -121,25 +165,32 @@ impl Series {
         }
     }
 
+    /// Steps observed.
     pub fn len(&self) -> usize {
-        self.history.len()
+        self.t
     }
 
     pub fn is_empty(&self) -> bool {
-        self.history.is_empty()
+        self.t == 0
+    }
+
+    /// The model's input row for the latest origin; returns its scale (`None` before the first
+    /// observation).
+    pub fn model_row(&self, row: &mut [f32]) -> Option<f64> {
+        (!self.history.is_empty()).then(|| features(&self.history, self.season, row))
     }
 
     /// The next step's value: resolves the forecasts made for it and updates every forecaster.
     pub fn observe(&mut self, y: f64) {
         let y = if y.is_finite() { y.max(0.0) } else { 0.0 };
-        let t = self.history.len();
+        let t = self.t;
         for (hi, pending) in self.pending.iter_mut().enumerate() {
             while let Some((target, points)) = pending.front().copied() {
                 if target > t {
                     break;
                 }
                 pending.pop_front();
-                for (m, point) in points.iter().enumerate() {
+                for (m, point) in points.iter().enumerate().filter(|(_, p)| p.is_finite()) {
                     push(&mut self.errors[hi][m], (y - point).abs(), SCORED);
                     push(&mut self.residuals[hi][m], y - point, RESIDUALS);
                 }
@@ -147,9 +198,14 @@ impl Series {
         }
         self.update_hw(y, t);
         self.history.push(y);
+        self.t += 1;
         self.ma_sum += y;
         if self.history.len() > MA_WINDOW {
             self.ma_sum -= self.history[self.history.len() - 1 - MA_WINDOW];
+        }
+        // Drained in halves: amortised O(1) per step, the memory bounded.
+        if self.history.len() >= 2 * self.keep {
+            self.history.drain(..self.history.len() - self.keep);
         }
         self.ewma = Some(match self.ewma {
             Some(e) => EWMA_ALPHA * y + (1.0 - EWMA_ALPHA) * e,
@@ -165,7 +221,8 @@ impl Series {
             hw.started = true;
             return;
         }
-        // Two seasons seen: seasonal indices from them, level and trend from their means.
+        // Two seasons seen: seasonal indices from them, level and trend from their means
+        // (history is kept whole until then).
         if m > 0 && hw.seasonal.is_empty() && t == 2 * m {
             let first = self.history[..m].iter().sum::<f64>() / m as f64;
             let second = self.history[m..2 * m].iter().sum::<f64>() / m as f64;
@@ -188,8 +245,8 @@ impl Series {
         hw.level = level;
     }
 
-    /// Each method's point `h` steps past the last observation.
-    fn points(&self, h: usize) -> [f64; 5] {
+    /// Each baseline's point `h` steps past the last observation (the model's slot NaN).
+    fn points(&self, h: usize) -> [f64; METHODS] {
         let n = self.history.len();
         let last = self.history.last().copied().unwrap_or(0.0);
         let m = self.season;
@@ -206,39 +263,66 @@ impl Series {
         let s = if hw.seasonal.is_empty() {
             0.0
         } else {
-            hw.seasonal[(n - 1 + h) % m]
+            hw.seasonal[(self.t - 1 + h) % m]
         };
         let holt = hw.level + damped * hw.trend + s;
-        [last, seasonal, ma, self.ewma.unwrap_or(0.0), holt].map(|x| x.max(0.0))
+        let [a, b, c, d, e] =
+            [last, seasonal, ma, self.ewma.unwrap_or(0.0), holt].map(|x| x.max(0.0));
+        [a, b, c, d, e, f64::NAN]
+    }
+
+    /// Forecasts every horizon from the baselines alone (see [`Series::forecast_with`]).
+    pub fn forecast(&mut self) -> Vec<Forecast> {
+        self.forecast_with(None)
     }
 
     /// Forecasts every horizon from what has been observed, by the method with the lowest
-    /// recent error at that horizon, and remembers them to score when their targets arrive.
-    pub fn forecast(&mut self) -> Vec<Forecast> {
-        let n = self.history.len();
+    /// recent error at that horizon among the baselines and `model` (this origin's model
+    /// output, where the model ran), and remembers them to score when their targets arrive.
+    /// Until a horizon has been scored the model is taken where it ran, else EWMA.
+    pub fn forecast_with(&mut self, model: Option<ModelOutput<'_>>) -> Vec<Forecast> {
+        let n = self.t;
         if n == 0 {
             return Vec::new();
         }
         let mut out = Vec::with_capacity(self.horizons.len());
         for (hi, &h) in self.horizons.iter().enumerate() {
-            let points = self.points(h);
+            let mut points = self.points(h);
+            let from_model = model.and_then(|m| m.at(h));
+            if let Some((p, _)) = from_model {
+                points[MODEL] = p;
+            }
+            let available = |m: usize| points[m].is_finite();
             let scored = &self.errors[hi];
             let fixed = self
                 .only
-                .and_then(|o| Method::ALL.iter().position(|m| *m == o));
+                .and_then(|o| Method::ALL.iter().position(|m| *m == o))
+                .filter(|m| available(*m));
+            let fallback = if available(MODEL) { MODEL } else { EWMA };
             let method = if let Some(m) = fixed {
                 m
-            } else if scored[0].len() < MIN_SCORED {
-                3
+            } else if self.only.is_some() || scored[0].len() < MIN_SCORED {
+                fallback
             } else {
                 let mae = |m: usize| scored[m].iter().sum::<f64>() / scored[m].len() as f64;
-                (0..5)
+                let eligible = |m: &usize| available(*m) && scored[*m].len() >= MIN_SCORED;
+                let best = (0..METHODS)
+                    .filter(eligible)
                     .min_by(|a, b| mae(*a).total_cmp(&mae(*b)))
-                    .unwrap_or(3)
+                    .unwrap_or(fallback);
+                // Another forecaster takes over only when clearly better: on near-constant
+                // series they all tie but for a blip, and following each blip loses.
+                match self.chosen[hi].filter(eligible) {
+                    Some(c) if mae(best) >= mae(c) * (1.0 - SWITCH_MARGIN) => c,
+                    _ => best,
+                }
             };
+            self.chosen[hi] = Some(method);
             let point = points[method];
             let r = &self.residuals[hi][method];
-            let upper = if r.is_empty() {
+            let upper = if method == MODEL {
+                from_model.map_or(point, |(_, u)| u)
+            } else if r.is_empty() {
                 point
             } else {
                 let mut v: Vec<f64> = r.iter().copied().collect();
@@ -273,35 +357,101 @@ pub struct BacktestRow {
     pub forecast: Forecast,
 }
 
-/// The rolling backtest on the test split: for every origin `o` from `floor(2T/3) - 1` to
-/// `T - 1 - h`, the forecast of `y[o + h]` from `y[0..=o]` alone (every earlier origin is
-/// forecast too, unreported, so selection has its history); by `only` alone where given.
+/// The trained model, run outside the decision crate (ONNX Runtime in `prescient-onnx`).
+pub trait Model {
+    /// Runs the model on `rows` (`FEATURES` per row), writing `MODEL_HORIZON` points and
+    /// uppers per row into `point` and `upper`; `false` when it could not run (the baselines
+    /// are used alone then).
+    fn run(&mut self, rows: &[f32], point: &mut Vec<f32>, upper: &mut Vec<f32>) -> bool;
+}
+
+/// Buffers for [`forecast_batch`], reused between calls.
+#[derive(Debug, Default)]
+pub struct Batch {
+    rows: Vec<f32>,
+    scales: Vec<f64>,
+    point: Vec<f32>,
+    upper: Vec<f32>,
+}
+
+/// Every series' forecasts at its latest origin, the model run once for all of them.
+pub fn forecast_batch<'s>(
+    series: impl IntoIterator<Item = &'s mut Series>,
+    model: Option<&mut (dyn Model + '_)>,
+    batch: &mut Batch,
+) -> Vec<Vec<Forecast>> {
+    let mut series: Vec<&mut Series> = series.into_iter().collect();
+    let ran = match model {
+        Some(m) => {
+            batch.rows.clear();
+            batch.rows.resize(series.len() * FEATURES, 0.0);
+            batch.scales.clear();
+            for (s, row) in series.iter().zip(batch.rows.chunks_exact_mut(FEATURES)) {
+                batch.scales.push(s.model_row(row).unwrap_or(1.0));
+            }
+            m.run(&batch.rows, &mut batch.point, &mut batch.upper)
+                && batch.point.len() == series.len() * MODEL_HORIZON
+                && batch.upper.len() == series.len() * MODEL_HORIZON
+        }
+        None => false,
+    };
+    series
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| {
+            let out = ran.then(|| ModelOutput {
+                point: &batch.point[i * MODEL_HORIZON..(i + 1) * MODEL_HORIZON],
+                upper: &batch.upper[i * MODEL_HORIZON..(i + 1) * MODEL_HORIZON],
+                scale: batch.scales[i],
+            });
+            s.forecast_with(out)
+        })
+        .collect()
+}
+
+/// The rolling backtest on the test split of each series (all as long as the first): for
+/// every origin `o` from `floor(2T/3) - 1` to `T - 1 - h`, the forecast of `y[o + h]` from
+/// `y[0..=o]` alone (every earlier origin is forecast too, unreported, so selection has its
+/// history); by `only` alone where given; the model run once per origin for all series.
 pub fn backtest(
-    y: &[f64],
+    columns: &[&[f64]],
     season: usize,
     horizons: &[usize],
     only: Option<Method>,
-) -> Vec<BacktestRow> {
-    let t = y.len();
+    mut model: Option<&mut dyn Model>,
+) -> Vec<Vec<BacktestRow>> {
+    let t = columns.first().map_or(0, |c| c.len());
     let first = (2 * t / 3).saturating_sub(1);
-    let mut s = match only {
-        Some(m) => Series::only(season, horizons, m),
-        None => Series::new(season, horizons),
-    };
-    let mut out = Vec::new();
-    for (o, v) in y.iter().enumerate() {
-        s.observe(*v);
-        let forecasts = s.forecast();
+    let mut series: Vec<Series> = columns
+        .iter()
+        .map(|_| match only {
+            Some(m) => Series::only(season, horizons, m),
+            None => Series::new(season, horizons),
+        })
+        .collect();
+    // A baseline alone needs no model run.
+    if only.is_some_and(|m| m != Method::Model) {
+        model = None;
+    }
+    let mut batch = Batch::default();
+    let mut out = vec![Vec::new(); columns.len()];
+    for o in 0..t {
+        for (s, c) in series.iter_mut().zip(columns) {
+            s.observe(c.get(o).copied().unwrap_or(0.0));
+        }
+        let forecasts = forecast_batch(series.iter_mut(), model.as_deref_mut(), &mut batch);
         if o < first {
             continue;
         }
-        for f in forecasts {
-            if o + f.horizon < t {
-                out.push(BacktestRow {
-                    origin: o,
-                    forecast: f,
-                });
-            }
+        for (rows, fs) in out.iter_mut().zip(forecasts) {
+            rows.extend(
+                fs.into_iter()
+                    .filter(|f| o + f.horizon < t)
+                    .map(|forecast| BacktestRow {
+                        origin: o,
+                        forecast,
+                    }),
+            );
         }
     }
     out
@@ -310,6 +460,10 @@ pub fn backtest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(y: &[f64], season: usize, horizons: &[usize]) -> Vec<BacktestRow> {
+        backtest(&[y], season, horizons, None, None).remove(0)
+    }
 
     fn noise(i: usize) -> f64 {
         // A fixed pseudo-random sequence in [-1, 1).
@@ -336,7 +490,7 @@ mod tests {
                 100.0 + 60.0 * phase.sin() + 3.0 * noise(i)
             })
             .collect();
-        let rows = backtest(&y, m, &[1, 5, 15], None);
+        let rows = one(&y, m, &[1, 5, 15]);
         let h15: Vec<_> = rows.iter().filter(|r| r.forecast.horizon == 15).collect();
         let seasonal = h15
             .iter()
@@ -368,7 +522,7 @@ mod tests {
     #[test]
     fn origins_cover_the_test_split_and_never_see_the_future() {
         let y: Vec<f64> = (0..300).map(|i| 20.0 + 5.0 * noise(i)).collect();
-        let rows = backtest(&y, 0, &[1, 5], None);
+        let rows = one(&y, 0, &[1, 5]);
         let first = 2 * 300 / 3 - 1;
         for h in [1, 5] {
             let o: Vec<usize> = rows
@@ -385,7 +539,7 @@ mod tests {
         for v in &mut later[250..] {
             *v *= 10.0;
         }
-        let again = backtest(&later, 0, &[1, 5], None);
+        let again = one(&later, 0, &[1, 5]);
         for (a, b) in rows.iter().zip(&again) {
             if a.origin < 250 {
                 assert_eq!(a, b);
@@ -398,7 +552,7 @@ mod tests {
         let y: Vec<f64> = (0..3000)
             .map(|i| if i < 2200 { 50.0 } else { 150.0 } + 10.0 * noise(i))
             .collect();
-        let rows = backtest(&y, 0, &[1], None);
+        let rows = one(&y, 0, &[1]);
         let calm: Vec<_> = rows.iter().filter(|r| r.origin + 1 < 2200).collect();
         let covered = calm
             .iter()

@@ -71,6 +71,16 @@ pub enum Which {
         #[arg(long)]
         tracked: bool,
     },
+    /// The load forecaster's cost per series per step: the model's rows, one batched ONNX run
+    /// and the per-series selection, at each batch size, against the baselines alone.
+    Forecast {
+        /// Series per batch; a comma-separated list runs each in turn.
+        #[arg(long, default_value = "1,100,1000", value_delimiter = ',')]
+        series: Vec<usize>,
+        /// Steps forecast per batch size (after as many of warm-up).
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+    },
     /// What an idle cluster costs: a control node, 3 agents and a deployed 3-stage chain with
     /// no load, CPU time of every process (from /proc) over `--seconds`, with telemetry on
     /// (spans, 1 Hz host and VM samples, eBPF probes where they load) and off, alternating.
@@ -177,6 +187,7 @@ pub async fn run(which: Which) -> Result<ExitCode> {
             repeat,
         } => transfer::transfer(&bytes, &payload, repeat)?,
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
+        Which::Forecast { series, steps } => forecast::forecast(&series, steps)?,
         Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
         Which::Hedging {
             seconds,
@@ -287,6 +298,7 @@ async fn deploy_chain(
 }
 
 mod chain;
+mod forecast;
 mod hedging;
 mod idle;
 mod probes;

@@ -34,6 +34,7 @@ fn main() -> Result<()> {
         Some("onnxruntime") => {
             onnxruntime().map(|p| eprintln!("xtask: ONNX Runtime at {}", p.display()))
         }
+        Some("train-forecaster") => train_forecaster(),
         Some("ci") => lint().and_then(|()| test()),
         Some("lint") => lint(),
         Some("tidy") => tidy::tidy(&root()),
@@ -46,6 +47,7 @@ fn main() -> Result<()> {
                  deps     install prerequisites (capnproto, fonts-dejavu-core) through apt-get when missing\n\
                  build-ebpf  build the eBPF probes into target/ebpf (the agent embeds them)\n\
                  onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
+                 train-forecaster  train models/forecaster.onnx on ../shared/traces and rewrite models/ACCURACY.md\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
                  lint     fmt check, codegen check, clippy with warnings as errors, tidy\n\
@@ -214,6 +216,42 @@ fn onnxruntime() -> Result<PathBuf> {
     );
     run(Command::new("python3").args(["-c", &script]))?;
     Ok(lib)
+}
+
+/// Trains the load forecaster: installs `models/requirements.txt` into a venv under target/,
+/// builds the datasets from `../shared/traces` (or `PRESCIENT_TRACES`), trains and exports
+/// `models/forecaster.onnx` with its fixture and card, then scores it with the release binary's
+/// backtest into `models/ACCURACY.md`.
+fn train_forecaster() -> Result<()> {
+    let root = root();
+    let venv = root.join("target/forecaster-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "-r"])
+        .arg(root.join("models/requirements.txt")))?;
+    let traces = std::env::var_os("PRESCIENT_TRACES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/traces"));
+    let data = root.join("target/forecast-data");
+    run(Command::new(&python)
+        .arg(root.join("models/datasets.py"))
+        .arg("--traces")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&data))?;
+    run(Command::new(&python)
+        .arg(root.join("models/train_forecaster.py"))
+        .arg("--data")
+        .arg(&data))?;
+    onnxruntime()?;
+    run(cargo().args(["build", "--release", "--bin", "prescient"]))?;
+    run(Command::new(&python)
+        .arg(root.join("models/evaluate.py"))
+        .arg("--data")
+        .arg(&data))
 }
 
 fn cargo() -> Command {

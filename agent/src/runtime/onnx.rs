@@ -1,6 +1,5 @@
-//! `onnx` task code: a model run with ONNX Runtime on CPU, loaded at run time from
-//! `libonnxruntime.so` (the library inside the PyPI `onnxruntime` wheel; `cargo xtask
-//! onnxruntime` fetches it), so an agent without it still runs every other kind of task.
+//! `onnx` task code: a model run with ONNX Runtime on CPU (loaded at run time by
+//! `prescient-onnx`, so an agent without it still runs every other kind of task).
 //!
 //! Tensors travel as raw little-endian bytes. Each input port must be a tensor type; its shape
 //! comes from the port type, with at most one dynamic dimension, inferred from the byte length.
@@ -10,38 +9,13 @@ use bytes::Bytes;
 use prescient_schemas::{DType, PortType, Task};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use thiserror::Error;
-
-/// Where `libonnxruntime.so` is looked for, in order.
-pub fn runtime_candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(p) = std::env::var("PRESCIENT_ONNXRUNTIME") {
-        out.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            // target/{debug,release}/ -> target/onnxruntime/lib (what the xtask installs)
-            out.push(dir.join("../onnxruntime/lib/libonnxruntime.so"));
-            out.push(dir.join("onnxruntime/lib/libonnxruntime.so"));
-        }
-    }
-    out.push("/usr/local/lib/libonnxruntime.so".into());
-    out.push("/usr/lib/libonnxruntime.so".into());
-    out
-}
 
 /// Why an ONNX model could not be loaded or run.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum OnnxError {
-    #[error("ONNX Runtime not found (looked for {looked}); set PRESCIENT_ONNXRUNTIME or run `cargo xtask onnxruntime`")]
-    RuntimeMissing { looked: String },
-    #[error("{doing} ONNX Runtime from {path}: {reason}")]
-    Runtime {
-        doing: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    #[error(transparent)]
+    Runtime(#[from] prescient_onnx::RuntimeError),
     #[error("loading model {path}: {reason}")]
     Model { path: PathBuf, reason: String },
     #[error("task {task} has {ports} input ports but the model takes {inputs} inputs ({names})")]
@@ -81,34 +55,6 @@ pub enum OnnxError {
     OutputType(String),
 }
 
-fn runtime() -> Result<&'static ort::environment::Environment, OnnxError> {
-    static ENV: OnceLock<Result<ort::environment::Environment, OnnxError>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let candidates = runtime_candidates();
-        let Some(path) = candidates.iter().find(|p| p.exists()) else {
-            return Err(OnnxError::RuntimeMissing {
-                looked: candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        };
-        let failed = |doing, e: &dyn std::fmt::Display| OnnxError::Runtime {
-            doing,
-            path: path.clone(),
-            reason: e.to_string(),
-        };
-        ort::init_from(path)
-            .map_err(|e| failed("loading", &e))?
-            .with_name("prescient")
-            .build()
-            .map_err(|e| failed("starting", &e))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
-}
-
 struct Input {
     name: String,
     dtype: DType,
@@ -134,7 +80,7 @@ impl OnnxModel {
     /// Loads the model at `path` for `task`, matching the task's input ports to the model's
     /// inputs in order.
     pub fn load(path: &Path, task: &Task) -> Result<OnnxModel, OnnxError> {
-        let env = runtime()?;
+        let env = prescient_onnx::runtime()?;
         let session = ort::session::Session::builder(env)
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| OnnxError::Model {
