@@ -79,7 +79,7 @@ pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
         bail!("--plot draws the whole-cluster simulation's minutes (--trace with --hosts or --graph), not the reference scenarios");
     }
     let policies: Vec<String> = if a.policies.is_empty() || a.policies == ["all"] {
-        ["reactive", "prescient", "oracle"]
+        ["reactive", "prescient", "predictive", "oracle"]
             .map(String::from)
             .to_vec()
     } else {
@@ -99,8 +99,9 @@ pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
     let policies: Vec<Policy> = policies
         .iter()
         .map(|p| {
-            Policy::parse(p)
-                .with_context(|| format!("--policy {p:?}: expected reactive, prescient or oracle"))
+            Policy::parse(p).with_context(|| {
+                format!("--policy {p:?}: expected reactive, prescient, predictive or oracle")
+            })
         })
         .collect::<Result<_>>()?;
     if let Some(l) = leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {

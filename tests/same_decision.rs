@@ -102,6 +102,7 @@ fn simulator_decides(per_s: u64, exec_ms: f64, queue_ms: f64) -> u32 {
             wait_p50: queue_ms / 1e3,
             ready: 1,
             current: 1,
+            readied_lead_s: None,
         });
         if desired > 1 {
             break;

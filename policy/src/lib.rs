@@ -11,6 +11,10 @@
 //! - [`placement`] — which host gets a replica (fit, contention, chain locality,
 //!   anti-affinity, spread).
 //! - [`forecast`] — load forecasting baselines with per-series selection and an upper quantile.
+//! - [`planner`] — replicas a forecast needs (Erlang C, M/G/c), ordered a lead time ahead;
+//!   lead times learned per backend and host.
+//! - [`predictive`] — the planner's floor and reactive sizing combined, within the policy's
+//!   bounds; `forecast-only` mode.
 //! - [`kpa`] — Knative's autoscaler, for the simulator to compare against.
 //! - [`balance`] — which replica gets a request (rendezvous for joins, P2C with chain affinity).
 //! - [`event`] — the typed events every action and observation is recorded as.
@@ -27,6 +31,8 @@ pub mod kpa;
 pub mod observe;
 pub mod placement;
 pub mod plan;
+pub mod planner;
+pub mod predictive;
 pub mod replace;
 pub mod scaling;
 pub mod snapshot;
@@ -94,6 +100,8 @@ impl Backoff {
     }
 }
 
+#[cfg(test)]
+mod planner_tests;
 #[cfg(test)]
 mod replace_tests;
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! unmeasured simulation.
 
 use crate::queue::{self, Params, Scaler};
-use crate::scalers::{Kpa, Oracle, Prescient};
+use crate::scalers::{Kpa, Oracle, Predictive, Prescient};
+use prescient_policy::planner;
 use serde::Serialize;
 
 pub const SCALE: u32 = 4;
@@ -21,6 +22,8 @@ pub enum Policy {
     Reactive,
     /// Prescient's replication controller's sizing (`scaling::size`).
     Prescient,
+    /// Predictive provisioning: the forecast's plan sets the floor, reactive sizing the rest.
+    Predictive,
     Oracle,
 }
 
@@ -29,6 +32,7 @@ impl Policy {
         match s {
             "reactive" | "kpa" => Some(Policy::Reactive),
             "prescient" => Some(Policy::Prescient),
+            "predictive" => Some(Policy::Predictive),
             "oracle" => Some(Policy::Oracle),
             _ => None,
         }
@@ -38,6 +42,7 @@ impl Policy {
         match self {
             Policy::Reactive => "reactive",
             Policy::Prescient => "prescient",
+            Policy::Predictive => "predictive",
             Policy::Oracle => "oracle",
         }
     }
@@ -81,9 +86,11 @@ pub fn service(
     let mut oracle = Oracle::from_counts(counts, service_s, lead_s, TICK_S);
     let mut kpa = Kpa::default();
     let mut prescient = prescient_scaler(service_s);
+    let mut predictive = predictive_scaler(counts, &p, lead_s, 0.0);
     let scaler: &mut dyn Scaler = match policy {
         Policy::Reactive => &mut kpa,
         Policy::Prescient => &mut prescient,
+        Policy::Predictive => &mut predictive,
         Policy::Oracle => &mut oracle,
     };
     queue::run(counts, p, scaler)
@@ -93,6 +100,43 @@ pub fn service(
 /// allowed out (KPA's cadence), 60 s before any scale-in.
 pub fn prescient_scaler(service_s: f64) -> Prescient {
     Prescient::new(crate::fleet::kpa_cadence(), service_s, TICK_S)
+}
+
+/// Per-tick history seeded before the simulation starts: two days (the forecast's season).
+pub const SEED_S: usize = 2 * 86_400;
+
+/// The share of requests the planner sizes to start within a service time: tighter than the
+/// scenario's 99% because the forecast's misses land on top of the queue's own tail (on
+/// kpa-nasa at L = 30 s, 0.995 gave 98.9% within, 0.999 99.4%, 0.9995 99.5% for 9% more
+/// VM-seconds than 0.995).
+pub const PLANNED_ATTAINMENT: f64 = 0.9995;
+
+/// Predictive provisioning at KPA's cadence, its objective the scenario's (99% start within a
+/// service time), assuming `lead_s` until a replica's readiness shows it, its series seeded
+/// with the two days of `counts` before the simulation starts, the trained model where ONNX
+/// Runtime loads.
+pub fn predictive_scaler(counts: &[u32], p: &Params, lead_s: f64, service_scv: f64) -> Predictive {
+    let objective = planner::Objective {
+        wait_s: p.service_s,
+        attainment: PLANNED_ATTAINMENT,
+    };
+    let mut s = Predictive::new(
+        &crate::fleet::kpa_cadence(),
+        p.service_s,
+        p.tick_s,
+        objective,
+        std::time::Duration::from_secs_f64(lead_s),
+        service_scv,
+        crate::model(),
+    );
+    let per_tick = p.tick_s.round().max(1.0) as usize;
+    let from = p.start_s.saturating_sub(SEED_S) / per_tick * per_tick;
+    let seen = &counts[from.min(counts.len())..p.start_s.min(counts.len())];
+    s.seed(
+        seen.chunks(per_tick)
+            .map(|c| c.iter().map(|x| f64::from(*x)).sum()),
+    );
+    s
 }
 
 /// Params for a run over a trace of `len_s` seconds: the last third measured.
@@ -181,5 +225,20 @@ mod tests {
             ours.within_objective_pct > 90.0 && ours.actions > 0,
             "{ours:?}"
         );
+    }
+
+    #[test]
+    fn predictive_provisioning_orders_ahead_of_the_cycle_with_fewer_cold_requests_than_kpa() {
+        // Ten 10-minute cycles: the forecast learns the cycle from what it has seen (no seed
+        // before 0 s), the last third is measured.
+        let counts = cycle(6000);
+        let kpa = run(&counts, Policy::Reactive, 30.0, 1);
+        let predictive = run(&counts, Policy::Predictive, 30.0, 1);
+        assert_eq!(predictive.requests, kpa.requests);
+        assert!(
+            predictive.within_objective_pct > kpa.within_objective_pct,
+            "{kpa:?} {predictive:?}"
+        );
+        assert!(predictive.cold * 5 < kpa.cold, "{kpa:?} {predictive:?}");
     }
 }

@@ -19,3 +19,16 @@ pub mod llm;
 pub mod queue;
 pub mod scalers;
 pub mod trace;
+
+/// The trained forecasting model on ONNX Runtime, or `None` (the baselines alone) where the
+/// runtime cannot be loaded, said once.
+pub fn model() -> Option<Box<dyn prescient_policy::forecast::Model>> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match prescient_onnx::forecaster::Forecaster::load() {
+        Ok(m) => Some(Box::new(m)),
+        Err(e) => {
+            SAID.call_once(|| eprintln!("forecasting with the baselines alone: {e}"));
+            None
+        }
+    }
+}

@@ -32,9 +32,23 @@ pub fn run(trace: &[LlmRequest], policy: Policy, lead_s: f64, seed: u64) -> Run 
     let mut oracle = Oracle::from_requests(&requests, len_s, lead_s, p.tick_s);
     let mut kpa = Kpa::default();
     let mut prescient = kpa_nasa::prescient_scaler(mean);
+    let scv = requests
+        .iter()
+        .map(|(_, s)| (s - mean).powi(2))
+        .sum::<f64>()
+        / requests.len().max(1) as f64
+        / (mean * mean).max(1e-12);
+    let mut counts = vec![0u32; len_s];
+    for (a, _) in &requests {
+        if let Some(c) = counts.get_mut(*a as usize) {
+            *c += 1;
+        }
+    }
+    let mut predictive = kpa_nasa::predictive_scaler(&counts, &p, lead_s, scv);
     let scaler: &mut dyn Scaler = match policy {
         Policy::Reactive => &mut kpa,
         Policy::Prescient => &mut prescient,
+        Policy::Predictive => &mut predictive,
         Policy::Oracle => &mut oracle,
     };
     let out = queue::run_requests(&requests, len_s, p, scaler);

@@ -22,6 +22,8 @@ pub struct Observation {
     pub ready: u32,
     /// Ready and provisioning.
     pub current: u32,
+    /// The longest order-to-ready time of a replica that became ready during the tick.
+    pub readied_lead_s: Option<f64>,
 }
 
 /// Decides how many replicas there should be.
@@ -78,8 +80,8 @@ struct Engine<'a> {
     idle: Vec<usize>,
     /// (time, replica): completions and readiness, earliest first.
     events: BinaryHeap<Reverse<(u64, usize)>>,
-    /// Waiting requests: arrival, cold, service time.
-    queue: VecDeque<(f64, bool, f64)>,
+    /// Waiting requests: arrival, service time.
+    queue: VecDeque<(f64, f64)>,
     in_service: u64,
     provisioning: u32,
     // Tick accounting.
@@ -87,6 +89,8 @@ struct Engine<'a> {
     last_t: f64,
     tick_arrivals: u64,
     tick_waits: Vec<f64>,
+    /// Order-to-ready times of the replicas that became ready during the tick.
+    tick_leads: Vec<f64>,
     out: &'a mut Outcome,
 }
 
@@ -140,31 +144,35 @@ impl Engine<'_> {
         if let Some(r) = self.idle.pop() {
             self.start(r, t, t, false, service);
         } else {
-            // Waiting while capacity is still on its way: a cold request.
-            let cold = self.provisioning > 0;
-            self.queue.push_back((t, cold, service));
+            self.queue.push_back((t, service));
         }
     }
 
     fn free(&mut self, replica: usize, t: f64) {
         self.advance(t);
-        match self.slots[replica] {
+        // A request a replica takes as it becomes ready waited for capacity still
+        // provisioning: a cold request (one a busy replica frees up for merely queued).
+        let cold = match self.slots[replica] {
             Slot::Busy { ordered_at } => {
                 self.in_service -= 1;
                 self.slots[replica] = Slot::Idle { ordered_at };
+                false
             }
             Slot::Provisioning {
                 ready_at,
                 ordered_at,
             } if key(ready_at) == key(t) => {
                 self.provisioning -= 1;
+                self.tick_leads.push(t - ordered_at);
                 self.slots[replica] = Slot::Idle { ordered_at };
+                // An order ready at once (no lead) was never on its way.
+                t > ordered_at
             }
             // A cancelled order, or a stale event.
             _ => return,
-        }
+        };
         match self.queue.pop_front() {
-            Some((arrival, cold, service)) => self.start(replica, t, arrival, cold, service),
+            Some((arrival, service)) => self.start(replica, t, arrival, cold, service),
             None => self.idle.push(replica),
         }
     }
@@ -194,7 +202,9 @@ impl Engine<'_> {
             wait_p50,
             ready,
             current,
+            readied_lead_s: self.tick_leads.iter().copied().reduce(f64::max),
         };
+        self.tick_leads.clear();
         self.area = 0.0;
         self.tick_arrivals = 0;
         self.tick_waits.clear();
@@ -365,6 +375,7 @@ fn drive(
         last_t: start,
         tick_arrivals: 0,
         tick_waits: Vec::new(),
+        tick_leads: Vec::new(),
         out: &mut out,
     };
     let end = len_s as f64;
@@ -382,8 +393,9 @@ fn drive(
         e.until(s as f64 + 1.0, &mut next_tick, scaler);
     }
     // Requests still waiting at the end count, and missed their objective.
-    let waiting: Vec<(f64, bool)> = e.queue.iter().map(|(a, c, _)| (*a, *c)).collect();
-    for (arrival, cold) in waiting {
+    let cold = e.provisioning > 0;
+    let waiting: Vec<f64> = e.queue.iter().map(|(a, _)| *a).collect();
+    for arrival in waiting {
         if e.measured(arrival) {
             e.out.requests += 1;
             e.out.cold += u64::from(cold);

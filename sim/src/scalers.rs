@@ -1,11 +1,14 @@
 //! The scalers a simulated service runs under: Knative's KPA (the decision crate's `kpa`),
 //! Prescient's own sizing (the decision crate's `scaling::size`, on a real `Deployment`), and
+//! predictive provisioning (forecast, planner and their combination with reactive sizing), and
 //! an oracle that knows the future arrivals.
 
 use crate::queue::{Observation, Scaler};
+use prescient_policy::forecast;
 use prescient_policy::kpa::{KpaConfig, KpaState};
 use prescient_policy::scaling::{self, Sizing};
 use prescient_policy::snapshot::{Deployment, Replica, ReplicaState, TaskLoad};
+use prescient_policy::{planner, predictive};
 use prescient_schemas::{ScalingPolicy, TaskGraph};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -197,5 +200,194 @@ impl Scaler for Prescient {
             self.add(now);
         }
         desired
+    }
+}
+
+/// Predictive provisioning (the decision crate's `forecast`, `planner` and `predictive`): each
+/// tick's arrivals feed a forecast series; the upper-quantile forecast of every coming tick is
+/// sized by the queueing model for the objective; the floor is the most any tick needs before
+/// a replica ordered now could be ready (the lead time learned from the replicas that became
+/// ready); reactive sizing (the same queueing model on the measured rate, Little's law on a backlog) handles
+/// surprises above it.
+pub struct Predictive {
+    series: forecast::Series,
+    model: Option<Box<dyn forecast::Model>>,
+    batch: forecast::Batch,
+    queue: planner::Queue,
+    objective: planner::Objective,
+    lead: planner::LeadTime,
+    default_lead: Duration,
+    tick_s: f64,
+    /// Ticks per forecast step, the arrivals of a step so far and the ticks they cover.
+    step_ticks: usize,
+    step_count: f64,
+    step_seen: usize,
+    /// The floor the latest step's plan set.
+    planned: Option<u32>,
+    pub mode: predictive::Mode,
+    pub bounds: predictive::Bounds,
+    history: predictive::History,
+    /// Arrivals per second of recent ticks, one window long.
+    recent: VecDeque<f64>,
+    /// Arrivals of recent ticks, for their burstiness.
+    bursts: VecDeque<f64>,
+    window_ticks: usize,
+    /// (tick time, planned floor, desired) of every tick, for plots.
+    pub trail: Vec<(f64, u32, u32)>,
+}
+
+/// Seconds per forecast step: per-tick counts of a few requests are mostly Poisson noise,
+/// which the queueing model already sizes for; a longer step forecasts the rate itself.
+pub const FORECAST_STEP_S: f64 = 10.0;
+
+/// Ticks whose arrivals the burstiness is measured over (10 minutes at 2 s).
+pub const DISPERSION_TICKS: usize = 300;
+
+/// Steps ahead the plan looks at most (a lead time longer than the plan is planned to its end).
+pub const MAX_PLAN_TICKS: usize = 64;
+
+impl Predictive {
+    /// A service of mean `service_s` (squared coefficient of variation `service_scv`), ticking every `tick_s`, whose objective is
+    /// `objective`, with `policy`'s bounds and the lead time assumed until one is observed.
+    pub fn new(
+        policy: &ScalingPolicy,
+        service_s: f64,
+        tick_s: f64,
+        objective: planner::Objective,
+        default_lead: Duration,
+        service_scv: f64,
+        model: Option<Box<dyn forecast::Model>>,
+    ) -> Predictive {
+        let step_ticks = ((FORECAST_STEP_S / tick_s).round() as usize).max(1);
+        let step_s = tick_s * step_ticks as f64;
+        let season = if (86_400.0 / step_s).fract() == 0.0 {
+            (86_400.0 / step_s) as usize
+        } else {
+            0
+        };
+        // Room for a learned lead up to twice the assumed one.
+        let ticks = (2.0 * default_lead.as_secs_f64() / step_s).ceil() as usize + 1;
+        let horizons: Vec<usize> = (1..=ticks.clamp(1, MAX_PLAN_TICKS)).collect();
+        let p = policy.for_task("svc");
+        Predictive {
+            series: forecast::Series::new(season, &horizons),
+            model,
+            batch: forecast::Batch::default(),
+            queue: planner::Queue {
+                service_s,
+                service_scv,
+                per_replica: p.max_concurrency.max(1),
+                arrival_scv: 1.0,
+            },
+            objective,
+            lead: planner::LeadTime::default(),
+            default_lead,
+            tick_s,
+            step_ticks,
+            step_count: 0.0,
+            step_seen: 0,
+            planned: None,
+            mode: predictive::Mode::On,
+            bounds: predictive::Bounds {
+                min: p.min_replicas,
+                max: p.max_replicas,
+                budget: policy.max_vms,
+                step_out: 0,
+                step_in: 0,
+                out_cooldown: Duration::from_nanos(policy.scale_out_cooldown_ns),
+                in_cooldown: Duration::from_nanos(policy.scale_in_cooldown_ns),
+            },
+            history: predictive::History::default(),
+            recent: VecDeque::new(),
+            bursts: VecDeque::new(),
+            window_ticks: ((policy.window_ns as f64 / 1e9) / tick_s).ceil().max(1.0) as usize,
+            trail: Vec::new(),
+        }
+    }
+
+    /// Seeds the series with per-tick arrival counts seen before the simulation starts (the
+    /// history a control node keeps across restarts).
+    pub fn seed(&mut self, counts: impl IntoIterator<Item = f64>) {
+        for c in counts {
+            self.observe_tick(c);
+        }
+    }
+
+    /// Adds a tick's arrivals; `true` when they complete a forecast step.
+    fn observe_tick(&mut self, count: f64) -> bool {
+        self.step_count += count;
+        self.step_seen += 1;
+        if self.step_seen < self.step_ticks {
+            return false;
+        }
+        self.series.observe(self.step_count);
+        self.step_count = 0.0;
+        self.step_seen = 0;
+        true
+    }
+
+    /// The floor the plan sets at `now` (seconds), from this tick's forecast.
+    fn floor(&mut self, now: f64) -> Option<u32> {
+        let lead = self.lead.estimate(self.default_lead);
+        let step_s = self.tick_s * self.step_ticks as f64;
+        let tick = Duration::from_secs_f64(step_s);
+        let model = self.model.as_deref_mut();
+        let forecasts =
+            forecast::forecast_batch(std::iter::once(&mut self.series), model, &mut self.batch);
+        let at = Duration::from_secs_f64(now);
+        let upper: Vec<(Duration, f64)> = forecasts
+            .first()?
+            .iter()
+            .map(|f| (at + tick * (f.horizon as u32 - 1), f.upper / step_s))
+            .collect();
+        let plan = planner::plan(&upper, &self.queue, &self.objective, self.bounds.max);
+        planner::floor(&plan, at, lead, tick)
+    }
+}
+
+impl Scaler for Predictive {
+    fn desired(&mut self, o: &Observation) -> u32 {
+        let now = Duration::from_secs_f64(o.now.max(0.0));
+        if let Some(l) = o.readied_lead_s {
+            self.lead.observe(Duration::from_secs_f64(l.max(0.0)));
+        }
+        let stepped = self.observe_tick(o.arrivals_per_s * self.tick_s);
+        self.bursts.push_back(o.arrivals_per_s * self.tick_s);
+        while self.bursts.len() > DISPERSION_TICKS {
+            self.bursts.pop_front();
+        }
+        if stepped {
+            self.queue.arrival_scv = planner::dispersion(self.bursts.make_contiguous());
+        }
+        self.recent.push_back(o.arrivals_per_s);
+        while self.recent.len() > self.window_ticks {
+            self.recent.pop_front();
+        }
+        let arrivals = self.recent.iter().sum::<f64>() / self.recent.len().max(1) as f64;
+        let reactive = planner::reactive(
+            arrivals,
+            o.wait_p50,
+            &self.queue,
+            &self.objective,
+            self.bounds.max,
+        );
+        if self.mode == predictive::Mode::Off {
+            self.planned = None;
+        } else if stepped || self.planned.is_none() {
+            self.planned = self.floor(o.now);
+        }
+        let floor = self.planned;
+        let d = predictive::decide(
+            o.current,
+            reactive,
+            floor,
+            self.mode,
+            &self.bounds,
+            &self.history,
+            now,
+        );
+        self.history.record(o.current, &d, now);
+        self.trail.push((o.now, d.planned.unwrap_or(0), d.desired));
+        d.desired
     }
 }
