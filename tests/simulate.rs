@@ -42,7 +42,7 @@ fn the_same_seed_gives_the_same_runs_and_bad_arguments_are_named() {
     let a = simulate(&trace, "3");
     let b = simulate(&trace, "3");
     let runs = a["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 6, "3 policies × 2 lead times: {a}");
+    assert_eq!(runs.len(), 8, "4 policies × 2 lead times: {a}");
     assert_eq!(
         serde_json::to_string(&a["runs"]).unwrap(),
         serde_json::to_string(&b["runs"]).unwrap(),
@@ -94,7 +94,7 @@ fn the_same_seed_gives_the_same_runs_and_bad_arguments_are_named() {
         .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        err.contains("--policy \"magic\": expected reactive, prescient or oracle"),
+        err.contains("--policy \"magic\": expected reactive, prescient, predictive or oracle"),
         "{err}"
     );
 }

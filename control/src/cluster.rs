@@ -87,6 +87,24 @@ pub struct Cluster {
     kick: Notify,
     /// The registry's graphs changed: list them before the next pass.
     relist: Cell<bool>,
+    /// Arrival forecasts of the tasks of graphs with `[scaling.predictive]`.
+    forecasting: RefCell<crate::forecasting::Forecasting>,
+    /// The forecaster's model was loaded (or found missing) once.
+    model_tried: Cell<bool>,
+}
+
+/// The trained forecaster where ONNX Runtime loads, said once either way.
+fn load_forecaster() -> Option<Box<dyn prescient_policy::forecast::Model>> {
+    match prescient_onnx::forecaster::Forecaster::load() {
+        Ok(m) => {
+            info!("forecasting with the ONNX model beside the baselines");
+            Some(Box::new(m))
+        }
+        Err(e) => {
+            warn!("forecasting with the baselines alone: {e}");
+            None
+        }
+    }
 }
 
 impl Cluster {
@@ -103,6 +121,8 @@ impl Cluster {
             generation: Cell::new(0),
             kick: Notify::new(),
             relist: Cell::new(true),
+            forecasting: RefCell::default(),
+            model_tried: Cell::new(false),
         })
     }
 
@@ -213,6 +233,7 @@ impl Cluster {
     /// One pass: plan, apply every action to the state at once (so what the next pass sees
     /// includes them), then do each one's I/O and record its event.
     pub async fn reconcile(self: &Rc<Self>) {
+        self.seed_forecasts().await;
         let now = self.now();
         self.read_load();
         let actions = {
@@ -228,15 +249,50 @@ impl Cluster {
         }
     }
 
-    /// Puts what monitoring measured into the snapshot (see [`crate::readings`]).
+    /// Puts what monitoring measured into the snapshot (see [`crate::readings`]), and the
+    /// forecasts (see [`crate::forecasting`]).
     fn read_load(&self) {
         let monitor = self.monitor.borrow();
-        crate::readings::read(
-            &monitor,
-            &mut self.chains.borrow_mut(),
-            &mut self.state.borrow_mut(),
-            unix_ms(),
-        );
+        let now_ms = unix_ms();
+        let mut state = self.state.borrow_mut();
+        crate::readings::read(&monitor, &mut self.chains.borrow_mut(), &mut state, now_ms);
+        self.forecasting
+            .borrow_mut()
+            .read(&monitor, &mut state, now_ms, self.now());
+    }
+
+    /// Starts a forecast series for each task of a graph newly under `[scaling.predictive]`,
+    /// seeded from its stored per-minute history (read on the blocking pool).
+    async fn seed_forecasts(&self) {
+        let unseeded = {
+            let mut f = self.forecasting.borrow_mut();
+            f.track(&self.state.borrow(), unix_ms());
+            if !f.is_empty() && !self.model_tried.replace(true) {
+                f.set_model(load_forecaster());
+            }
+            f.unseeded()
+        };
+        for (graph, task, from, to) in unseeded {
+            let reg = self.registry.clone();
+            let (g, t) = (graph.clone(), task.clone());
+            let read = tokio::task::spawn_blocking(move || reg.history(&g, &t, from, to)).await;
+            let points = match read {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
+                    Vec::new()
+                }
+                Err(e) => {
+                    warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
+                    Vec::new()
+                }
+            };
+            info!(
+                "forecasting {graph}.{task}: seeded with {} stored minutes",
+                points.len()
+            );
+            self.forecasting.borrow_mut().seed(&graph, &task, &points);
+        }
     }
 
     async fn execute(self: &Rc<Self>, action: &Action) {
@@ -304,6 +360,7 @@ impl Cluster {
             | Action::Unplaceable { .. }
             | Action::StartDrain { .. }
             | Action::ScaleOut { .. }
+            | Action::ForecastOnly { .. }
             | Action::ScaleIn { .. }
             | Action::Replace { .. }
             | Action::Shed { .. } => {}

@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod clock;
 pub mod cluster;
 pub mod events;
+pub mod forecasting;
 pub mod gauges;
 pub mod metrics;
 pub mod monitor;

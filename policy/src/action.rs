@@ -75,6 +75,14 @@ pub enum Action {
         to: u32,
         reason: String,
     },
+    /// `forecast-only`: what the plan would set, told and not done.
+    ForecastOnly {
+        graph_id: String,
+        task: String,
+        have: u32,
+        would: u32,
+        reason: String,
+    },
     /// Sizing wants one fewer: `replica` leaves the routing table and drains until `until`.
     ScaleIn {
         graph_id: String,
@@ -223,6 +231,19 @@ impl Action {
                 task: task.clone(),
                 from: *from,
                 to: *to,
+                reason: reason.clone(),
+            },
+            Action::ForecastOnly {
+                graph_id,
+                task,
+                have,
+                would,
+                reason,
+            } => Event::ForecastOnly {
+                graph_id: graph_id.clone(),
+                task: task.clone(),
+                have: *have,
+                would: *would,
                 reason: reason.clone(),
             },
             Action::ScaleIn {
@@ -473,6 +494,16 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
         Action::ScaleOut { graph_id, task, .. } => {
             if let Some(d) = deployment(s, graph_id) {
                 d.scaled.entry(task.clone()).or_default().out_at = Some(now);
+            }
+        }
+        Action::ForecastOnly {
+            graph_id,
+            task,
+            would,
+            ..
+        } => {
+            if let Some(d) = s.deployment_mut(graph_id) {
+                d.scaled.entry(task.clone()).or_default().would = Some(*would);
             }
         }
         Action::ScaleIn {

@@ -92,6 +92,14 @@ pub enum Event {
         digest: String,
         bytes: u64,
     },
+    /// `forecast-only`: the plan would hold `would` replicas where there are `have`.
+    ForecastOnly {
+        graph_id: String,
+        task: String,
+        have: u32,
+        would: u32,
+        reason: String,
+    },
     ScaledOut {
         graph_id: String,
         task: String,
@@ -165,6 +173,7 @@ impl Event {
             Event::GraphUndeployed { .. } => "graph-undeployed",
             Event::ArtifactUploaded { .. } => "artifact-uploaded",
             Event::ScaledOut { .. } => "scale-out",
+            Event::ForecastOnly { .. } => "forecast-only",
             Event::ScaledIn { .. } => "scale-in",
             Event::DrainedRetired { .. } => "replicas-retired",
             Event::ReplicaReplacing { .. } => "replace",
@@ -189,7 +198,8 @@ impl Event {
             | Event::ReplicaLost { replica, .. } => replica.clone(),
             Event::ReplicaUnplaceable { graph_id, task, .. } => format!("{graph_id}.{task}"),
             Event::ArtifactUploaded { digest, .. } => digest.clone(),
-            Event::ScaledOut { graph_id, task, .. } => format!("{graph_id}.{task}"),
+            Event::ScaledOut { graph_id, task, .. }
+            | Event::ForecastOnly { graph_id, task, .. } => format!("{graph_id}.{task}"),
             Event::ScaledIn { replica, .. } => replica.clone(),
             Event::DrainedRetired { graph_id, .. } => graph_id.clone(),
             Event::ReplicaReplacing { replica, .. }
@@ -320,6 +330,9 @@ impl Event {
             Event::ScaledOut {
                 from, to, reason, ..
             } => format!("{from} -> {to} replicas: {reason}"),
+            Event::ForecastOnly {
+                have, would, reason, ..
+            } => format!("would hold {would} replicas (has {have}): {reason}"),
             Event::ScaledIn {
                 from,
                 drain,

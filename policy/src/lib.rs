@@ -103,6 +103,8 @@ impl Backoff {
 #[cfg(test)]
 mod planner_tests;
 #[cfg(test)]
+mod predictive_tests;
+#[cfg(test)]
 mod replace_tests;
 #[cfg(test)]
 mod scaling_tests;

@@ -420,14 +420,13 @@ fn scale_ins(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
             continue;
         }
         for z in scaling::size(d, policy, now) {
-            if let Sizing::In {
-                task,
-                replica,
-                from,
-                reason,
-            } = z
-            {
-                out.push(Action::ScaleIn {
+            match z {
+                Sizing::In {
+                    task,
+                    replica,
+                    from,
+                    reason,
+                } => out.push(Action::ScaleIn {
                     graph_id: id.clone(),
                     task,
                     replica,
@@ -435,7 +434,20 @@ fn scale_ins(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                     drain: config.drain,
                     until: now + config.drain,
                     reason,
-                });
+                }),
+                Sizing::Would {
+                    task,
+                    have,
+                    would,
+                    reason,
+                } => out.push(Action::ForecastOnly {
+                    graph_id: id.clone(),
+                    task,
+                    have,
+                    would,
+                    reason,
+                }),
+                Sizing::Out { .. } => {}
             }
         }
     }

@@ -4,40 +4,15 @@
 //! then the task's minimum and maximum, the graph's VM budget, step limits and cooldowns.
 //! In `forecast-only` mode the reactive desire is applied and the predictive one only told.
 
+use crate::planner;
+use crate::snapshot::Deployment;
+use prescient_schemas::{ScalingPolicy, Task};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Whether the forecast acts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Reactive alone; nothing is forecast.
-    Off,
-    /// Forecast and plan, and say what would change, but apply the reactive desire (as AWS's
-    /// predictive scaling offers, to judge a forecast before trusting it).
-    ForecastOnly,
-    /// The plan sets the floor.
-    #[default]
-    On,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "off" => Some(Mode::Off),
-            "forecast-only" => Some(Mode::ForecastOnly),
-            "on" => Some(Mode::On),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Off => "off",
-            Mode::ForecastOnly => "forecast-only",
-            Mode::On => "on",
-        }
-    }
-}
+/// Whether the forecast acts: the graph's `[scaling.predictive] mode` (off, forecast-only: as
+/// AWS's predictive scaling offers, to judge a forecast before trusting it, or on).
+pub use prescient_schemas::scaling::PredictiveMode as Mode;
 
 /// A task's bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -182,4 +157,94 @@ fn bounded(current: u32, want: u32, b: &Bounds, h: &History, now: Duration) -> u
         return want.max(current.saturating_sub(step));
     }
     current
+}
+
+/// The plan's floor for one task, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Floor {
+    pub replicas: u32,
+    pub reason: String,
+}
+
+/// The lead time a new replica of `task` is planned with: the p90 of the lead times measured
+/// on its hosts (placement to ready, warm-up included), else `assumed`.
+pub fn task_lead(d: &Deployment, task: &str, assumed: Duration) -> Duration {
+    let mut took: Vec<Duration> = d
+        .lead_times
+        .iter()
+        .filter(|((t, _), _)| t == task)
+        .map(|(_, l)| l.ready_after)
+        .collect();
+    if took.is_empty() {
+        return assumed;
+    }
+    took.sort_unstable();
+    let i = ((took.len() as f64 * 0.9).ceil() as usize).clamp(1, took.len()) - 1;
+    took[i]
+}
+
+/// The plan's floor for `task` of `d` at `now` under `policy`'s `[scaling.predictive]`: the
+/// task's forecast (upper quantile) sized by the queueing model, for the share `attainment` of
+/// executions to start within `max_wait` (default: its mean execution time), the most any
+/// step needs before a replica ordered now could be ready. `None` when the mode is off or
+/// nothing has been forecast yet.
+pub fn floor_for(
+    d: &Deployment,
+    policy: &ScalingPolicy,
+    task: &Task,
+    now: Duration,
+) -> Option<Floor> {
+    let pp = &policy.predictive;
+    if pp.mode == Mode::Off {
+        return None;
+    }
+    let f = d
+        .forecasts
+        .get(&task.id)
+        .filter(|f| !f.upper_per_s.is_empty() && !f.step.is_zero())?;
+    let tp = policy.for_task(&task.id);
+    let measured = d.load.get(&task.id).and_then(|l| {
+        [l.service_s, l.calibrated_s]
+            .into_iter()
+            .find(|s| *s > 0.0 && s.is_finite())
+    });
+    let service_s = measured.unwrap_or(task.estimated_execution_time_ns as f64 / 1e9);
+    let queue = planner::Queue {
+        service_s,
+        // Exponential: the service's spread is not measured per task yet.
+        service_scv: 1.0,
+        per_replica: tp.max_concurrency.max(1),
+        arrival_scv: f.arrival_scv,
+    };
+    let wait_s = pp.max_wait_ns.map_or(service_s, |w| w as f64 / 1e9);
+    let objective = planner::Objective {
+        wait_s,
+        attainment: pp.attainment,
+    };
+    let lead = task_lead(d, &task.id, Duration::from_nanos(pp.lead_ns));
+    let upper: Vec<(Duration, f64)> = f
+        .upper_per_s
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (f.from + f.step * i as u32, *u))
+        .collect();
+    let plan = planner::plan(&upper, &queue, &objective, tp.max_replicas);
+    let replicas = planner::floor(&plan, now, lead, f.step)?;
+    let peak = plan
+        .iter()
+        .filter(|s| s.replicas == replicas && s.at < now + lead + f.step)
+        .find(|s| s.at + f.step > now)?;
+    let reason = format!(
+        "{}: the plan needs {replicas} replicas within the {:.1} s lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
+        task.id,
+        lead.as_secs_f64(),
+        peak.arrivals_per_s,
+        f.method,
+        peak.at.saturating_sub(now).as_secs_f64(),
+        pp.attainment * 100.0,
+        wait_s * 1e3,
+        service_s * 1e3,
+        f.arrival_scv,
+    );
+    Some(Floor { replicas, reason })
 }

@@ -11,7 +11,12 @@
 //! the target over the detection window) asks for one more replica of the task that makes the
 //! largest share of it (queueing + execution), each out-cooldown until the chain is back under;
 //! meanwhile no task on it scales in.
+//!
+//! With `[scaling.predictive] mode = "on"` the plan's floor (`predictive::floor_for`) is the
+//! least a task holds: it scales out to it ahead of the forecast, and never in below it;
+//! `forecast-only` reports what the plan would set instead.
 
+use crate::predictive;
 use crate::snapshot::{ChainLoad, Deployment, Replica, TaskLoad};
 use prescient_schemas::{ScalingPolicy, TaskPolicy};
 use std::fmt::Write as _;
@@ -35,6 +40,13 @@ pub enum Sizing {
         task: String,
         replica: String,
         from: u32,
+        reason: String,
+    },
+    /// `forecast-only`: the plan would set `would` replicas (reported once per change).
+    Would {
+        task: String,
+        have: u32,
+        would: u32,
         reason: String,
     },
 }
@@ -175,12 +187,34 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
         };
         let by_load = needed.map_or(have, |n| n.ceil() as u32);
         let chain = over.iter().find(|(_, worst, _)| *worst == t.id);
-        let want = if chain.is_some() {
+        let reactive = if chain.is_some() {
             by_load.max(have + 1)
         } else {
             by_load
+        };
+        let bounded = |n: u32| n.clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        // The plan's floor: it sets the least (mode on), or is only reported (forecast-only).
+        let planned = predictive::floor_for(d, policy, t, now);
+        let acting = planned
+            .as_ref()
+            .filter(|_| policy.predictive.mode == predictive::Mode::On);
+        let floor = acting.map_or(0, |f| f.replicas);
+        let want = bounded(reactive.max(floor));
+        if let Some(f) = planned
+            .as_ref()
+            .filter(|_| policy.predictive.mode == predictive::Mode::ForecastOnly)
+        {
+            let would = bounded(reactive.max(f.replicas)).max(want);
+            let told = scaled.would.unwrap_or(want.max(have));
+            if would != told {
+                out.push(Sizing::Would {
+                    task: t.id.clone(),
+                    have,
+                    would,
+                    reason: format!("{}; reactive sizing sets {want}", f.reason),
+                });
+            }
         }
-        .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
         if want > have {
             let cooling = scaled.out_at.is_some_and(|at| now < at + out_cooldown);
             // The minimum is restored at once; growth beyond it waits out the cooldown.
@@ -193,6 +227,10 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
             let to = to.min(have + room);
             if to > have {
                 let mut reason = match (load, needed, chain) {
+                    _ if floor > reactive => {
+                        let f = acting.map(|f| f.reason.as_str()).unwrap_or_default();
+                        format!("{f}; reactive sizing asks {reactive}")
+                    }
                     (_, _, Some((_, _, why))) if by_load <= have => why.clone(),
                     (_, Some(n), _) if signal_rules => explain_signal(n).unwrap_or_default(),
                     (Some(l), Some(n), _) => explain(&t.id, l, &p, n),
@@ -216,6 +254,10 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
         }
         // Over the maximum (the policy was lowered): shed regardless of load.
         let over_max = have > p.max_replicas.max(p.min_replicas);
+        // A replica the plan needs within the next lead time is not retired.
+        if !over_max && have <= floor {
+            continue;
+        }
         if !over_max && over.iter().any(|(c, ..)| c.tasks.contains(&t.id)) {
             continue;
         }

@@ -153,6 +153,24 @@ pub struct Deployment {
     /// Each `[[scaling.signal]]`'s reading, by (task, metric): its total over the task's
     /// replicas (the executor fills it).
     pub signals: BTreeMap<(String, String), SignalReading>,
+    /// Each task's latest arrival forecast, for `[scaling.predictive]` (the executor fills it
+    /// from its forecast series).
+    pub forecasts: BTreeMap<String, TaskForecast>,
+}
+
+/// A task's arrival forecast: its coming steps from `from` on, `step` long each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskForecast {
+    pub from: Duration,
+    pub step: Duration,
+    /// Arrivals per second in each coming step: the point forecast and its upper quantile
+    /// (q = 0.9).
+    pub point_per_s: Vec<f64>,
+    pub upper_per_s: Vec<f64>,
+    /// The arrivals' burstiness over recent seconds (`planner::dispersion`).
+    pub arrival_scv: f64,
+    /// The forecaster chosen for the first step (for the reason).
+    pub method: &'static str,
 }
 
 /// A signal's total over a task's replicas, and how many replicas reported it.
@@ -227,6 +245,8 @@ pub struct TaskLoad {
 pub struct Scaled {
     pub out_at: Option<Duration>,
     pub in_at: Option<Duration>,
+    /// In `forecast-only` mode, the floor last reported (so it is said once per change).
+    pub would: Option<u32>,
 }
 
 impl Deployment {
@@ -250,6 +270,7 @@ impl Deployment {
             chains: Vec::new(),
             lead_times: BTreeMap::new(),
             signals: BTreeMap::new(),
+            forecasts: BTreeMap::new(),
         }
     }
 

@@ -116,6 +116,11 @@ struct ScalingPolicy {
   hedgeDelayNs @14 :UInt64;     # 0: the graph's recent p95 at the ingress
   hedgeBudget @15 :Float64;     # extra invocations at most, as a share (0: the default)
   signals @16 :List(ScalingSignal);
+  # Predictive provisioning (0 on all: off, the defaults; a record stored before it existed).
+  predictiveMode @17 :UInt8;          # 0 off, 1 forecast-only, 2 on
+  predictiveAttainment @18 :Float64;  # 0: the default
+  predictiveMaxWaitNs @19 :UInt64;    # 0: each task's calibrated execution time
+  predictiveLeadNs @20 :UInt64;       # 0: the default
 }
 
 struct ScalingSignal {

@@ -2,7 +2,7 @@
 
 use crate::graph_capnp as wire;
 use crate::model::*;
-use crate::scaling::{ScalingPolicy, Signal, TaskScaling};
+use crate::scaling::{Predictive, PredictiveMode, ScalingPolicy, Signal, TaskScaling};
 use thiserror::Error;
 
 /// A Cap'n Proto message that does not describe a valid model value.
@@ -75,6 +75,10 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_hedge(s.hedge);
         sb.set_hedge_delay_ns(s.hedge_delay_ns.unwrap_or(0));
         sb.set_hedge_budget(s.hedge_budget);
+        sb.set_predictive_mode(s.predictive.mode.code());
+        sb.set_predictive_attainment(s.predictive.attainment);
+        sb.set_predictive_max_wait_ns(s.predictive.max_wait_ns.unwrap_or(0));
+        sb.set_predictive_lead_ns(s.predictive.lead_ns);
         let mut signals = sb.reborrow().init_signals(s.signals.len() as u32);
         for (i, x) in s.signals.iter().enumerate() {
             let mut b = signals.reborrow().get(i as u32);
@@ -140,6 +144,16 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
         hedge_delay_ns: some64(s.get_hedge_delay_ns()),
         hedge_budget: or_default(s.get_hedge_budget(), d.hedge_budget),
         signals,
+        predictive: Predictive {
+            // A mode this version does not know acts as off.
+            mode: PredictiveMode::from_code(s.get_predictive_mode()).unwrap_or_default(),
+            attainment: or_default(s.get_predictive_attainment(), d.predictive.attainment),
+            max_wait_ns: some64(s.get_predictive_max_wait_ns()),
+            lead_ns: match s.get_predictive_lead_ns() {
+                0 => d.predictive.lead_ns,
+                n => n,
+            },
+        },
     })
 }
 
@@ -539,6 +553,12 @@ mod tests {
                     hedge: mc % 2 == 0,
                     hedge_delay_ns: (out % 3 > 0).then_some(out.max(1)),
                     hedge_budget: u,
+                    predictive: Predictive {
+                        mode: PredictiveMode::from_code((mc % 3) as u8).unwrap_or_default(),
+                        attainment: u.min(0.999),
+                        max_wait_ns: (inn % 2 == 0).then_some(inn.max(1)),
+                        lead_ns: w.max(1),
+                    },
                     signals: if mc % 3 == 0 {
                         vec![Signal {
                             task: "t".into(),

@@ -20,7 +20,7 @@
 
 use crate::model::*;
 use crate::quantity;
-use crate::scaling::{ScalingPolicy, Signal, TaskScaling};
+use crate::scaling::{Predictive, PredictiveMode, ScalingPolicy, Signal, TaskScaling};
 use crate::validate::Problem;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -208,6 +208,18 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
             hedge: s.hedge.unwrap_or(d.hedge),
             hedge_delay_ns: s.hedge_delay.map(|w| w.0),
             hedge_budget: s.hedge_budget.unwrap_or(d.hedge_budget),
+            predictive: match s.predictive {
+                None => d.predictive,
+                Some(p) => {
+                    let dp = d.predictive;
+                    Predictive {
+                        mode: p.mode.map_or(dp.mode, |m| m.0),
+                        attainment: p.attainment.unwrap_or(dp.attainment),
+                        max_wait_ns: p.max_wait.map(|w| w.0),
+                        lead_ns: p.lead.map_or(dp.lead_ns, |w| w.0),
+                    }
+                }
+            },
             signals: s
                 .signal
                 .into_iter()
@@ -277,12 +289,23 @@ struct RawScaling {
     hedge: Option<bool>,
     hedge_delay: Option<DurationNs>,
     hedge_budget: Option<f64>,
+    /// `[scaling.predictive]`.
+    predictive: Option<RawPredictive>,
     /// Other signals to size on: `[[scaling.signal]]`.
     #[serde(default)]
     signal: Vec<RawSignal>,
     /// Per-task overrides: `[scaling.task.ID]`.
     #[serde(default)]
     task: std::collections::BTreeMap<String, Spanned<RawTaskScaling>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPredictive {
+    mode: Option<Parsed<PredictiveMode>>,
+    attainment: Option<f64>,
+    max_wait: Option<DurationNs>,
+    lead: Option<DurationNs>,
 }
 
 #[derive(Deserialize)]

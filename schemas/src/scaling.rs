@@ -45,6 +45,96 @@ pub struct ScalingPolicy {
     pub hedge_budget: f64,
     /// Other signals tasks are sized on (`[[scaling.signal]]`).
     pub signals: Vec<Signal>,
+    /// Predictive provisioning (`[scaling.predictive]`).
+    pub predictive: Predictive,
+}
+
+/// `[scaling.predictive]`: each task's arrivals forecast, the replicas the forecast needs
+/// sized by a queueing model, and ordered one measured lead time ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Predictive {
+    pub mode: PredictiveMode,
+    /// The share of executions the plan sizes to start within `max_wait` of arriving.
+    pub attainment: f64,
+    /// The wait the plan sizes for; `None`: each task's calibrated execution time.
+    pub max_wait_ns: Option<u64>,
+    /// The lead time (placement to ready) assumed until one is measured.
+    pub lead_ns: u64,
+}
+
+impl Default for Predictive {
+    fn default() -> Self {
+        Predictive {
+            mode: PredictiveMode::Off,
+            attainment: 0.999,
+            max_wait_ns: None,
+            lead_ns: 30_000_000_000,
+        }
+    }
+}
+
+/// A `[scaling.predictive] mode` that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mode {0:?}: expected off, forecast-only or on")]
+pub struct UnknownMode(pub String);
+
+impl std::str::FromStr for PredictiveMode {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
+        PredictiveMode::parse(s).ok_or_else(|| UnknownMode(s.to_string()))
+    }
+}
+
+/// Whether the plan acts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PredictiveMode {
+    /// Reactive sizing alone.
+    #[default]
+    Off,
+    /// Reactive sizing acts; the plan's floor is computed and reported (what it would set).
+    ForecastOnly,
+    /// The plan sets the floor; reactive sizing rises above it.
+    On,
+}
+
+impl PredictiveMode {
+    pub fn parse(s: &str) -> Option<PredictiveMode> {
+        match s {
+            "off" => Some(PredictiveMode::Off),
+            "forecast-only" => Some(PredictiveMode::ForecastOnly),
+            "on" => Some(PredictiveMode::On),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictiveMode::Off => "off",
+            PredictiveMode::ForecastOnly => "forecast-only",
+            PredictiveMode::On => "on",
+        }
+    }
+
+    /// Its number on the wire (the registry's records too).
+    pub fn code(self) -> u8 {
+        match self {
+            PredictiveMode::Off => 0,
+            PredictiveMode::ForecastOnly => 1,
+            PredictiveMode::On => 2,
+        }
+    }
+
+    /// `None` for an unknown number (a record from a newer version).
+    pub fn from_code(c: u8) -> Option<PredictiveMode> {
+        [
+            PredictiveMode::Off,
+            PredictiveMode::ForecastOnly,
+            PredictiveMode::On,
+        ]
+        .into_iter()
+        .find(|m| m.code() == c)
+    }
 }
 
 /// Size `task` on `metric` too: replicas = its total over the task's replicas ÷ `target`
@@ -101,6 +191,7 @@ impl Default for ScalingPolicy {
             hedge_delay_ns: None,
             hedge_budget: 0.05,
             signals: Vec::new(),
+            predictive: Predictive::default(),
         }
     }
 }
@@ -140,6 +231,9 @@ impl ScalingPolicy {
         }
     }
 }
+
+/// The longest lead time a plan assumes (beyond it a forecast says little).
+pub const MAX_LEAD_NS: u64 = 3_600_000_000_000;
 
 /// Replicas of one task at most, and one graph's at most: far beyond any real fleet's need,
 /// low enough that a typo cannot order a million VMs.
@@ -186,6 +280,24 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
         if !utilisation_ok(v) {
             bad(None, key, format!("{v} must be in (0, 1]"));
         }
+    }
+    let p = &s.predictive;
+    if !(p.attainment > 0.0 && p.attainment < 1.0) {
+        bad(
+            None,
+            "predictive.attainment",
+            format!("{} must be in (0, 1)", p.attainment),
+        );
+    }
+    if p.max_wait_ns == Some(0) {
+        bad(None, "predictive.max_wait", "must be positive".into());
+    }
+    if p.lead_ns == 0 || p.lead_ns > MAX_LEAD_NS {
+        bad(
+            None,
+            "predictive.lead",
+            "must be positive and at most 1h".into(),
+        );
     }
     if s.max_concurrency == 0 {
         bad(None, "max_concurrency", "must be at least 1".into());
@@ -376,6 +488,47 @@ to = "b.x"
         let e = file::parse("g.toml", &text).unwrap_err().to_string();
         assert!(
             e.starts_with("g.toml:20:") && e.contains("max_replica"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_predictive_table_parses_and_bad_values_are_named() {
+        let text = format!(
+            "{CHAIN}\n[scaling]\n[scaling.predictive]\nmode = \"forecast-only\"\nattainment = 0.995\nlead = \"45s\"\n"
+        );
+        let g = file::parse("g.toml", &text).unwrap().graph;
+        let p = g.scaling.as_ref().unwrap().predictive;
+        assert_eq!(p.mode, super::PredictiveMode::ForecastOnly);
+        assert_eq!(
+            (p.attainment, p.lead_ns, p.max_wait_ns),
+            (0.995, 45_000_000_000, None)
+        );
+        assert!(ValidatedGraph::new(g).is_ok());
+        let off = file::parse("g.toml", &format!("{CHAIN}\n[scaling]\n"))
+            .unwrap()
+            .graph;
+        assert_eq!(
+            off.scaling.unwrap().predictive.mode,
+            super::PredictiveMode::Off,
+            "off unless asked"
+        );
+        let ps =
+            problems("\n[scaling]\n[scaling.predictive]\nattainment = 1.0\nmax_wait = \"0s\"\n");
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert!(
+            ps[0].contains("scaling.predictive.attainment: 1 must be in (0, 1)"),
+            "{ps:?}"
+        );
+        assert!(
+            ps[1].contains("scaling.predictive.max_wait: must be positive"),
+            "{ps:?}"
+        );
+        // An unknown mode is refused at parse time, at its line.
+        let text = format!("{CHAIN}\n[scaling]\n[scaling.predictive]\nmode = \"sometimes\"\n");
+        let e = file::parse("g.toml", &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("g.toml:21:") && e.contains("expected off, forecast-only or on"),
             "{e}"
         );
     }

@@ -108,6 +108,7 @@ impl Engine<'_> {
             Action::MarkLost { .. } => self.count("lost"),
             Action::Unplaceable { .. } => self.count("unplaceable"),
             Action::ScaleOut { .. } => self.count("scale-out"),
+            Action::ForecastOnly { .. } => self.count("forecast-only"),
             Action::ScaleIn { .. } => self.count("scale-in"),
             Action::Replace { .. } => self.count("replace"),
             Action::Shed { .. } => self.count("shed"),
