@@ -323,6 +323,41 @@ impl ControlClient {
         Ok(out)
     }
 
+    /// A graph's `[scaling.predictive]` mode and each task's latest forecast with the plan on it
+    /// (JSON objects: task, step_s, first_step_ago_s, point, upper, method, burstiness,
+    /// planned, floor, floor_reason, lead_s, ready, provisioning).
+    pub async fn forecast(&self, graph_id: &str) -> Result<(String, Vec<serde_json::Value>)> {
+        let mut req = self.client.forecast_request();
+        req.get().set_graph_id(graph_id);
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let r = reply.get()?;
+        let mut out = Vec::new();
+        for t in r.get_tasks()? {
+            let floats =
+                |l: capnp::primitive_list::Reader<'_, f64>| -> Vec<f64> { l.iter().collect() };
+            out.push(serde_json::json!({
+                "task": text(t.get_task())?,
+                "step_s": t.get_step_ms() as f64 / 1e3,
+                "first_step_ago_s": t.get_first_step_ago_ms() as f64 / 1e3,
+                "point": floats(t.get_point()?),
+                "upper": floats(t.get_upper()?),
+                "method": text(t.get_method())?,
+                "burstiness": t.get_burstiness(),
+                "planned": t.get_planned()?.iter().collect::<Vec<u32>>(),
+                "floor": t.get_floor(),
+                "floor_reason": text(t.get_floor_reason())?,
+                "lead_s": t.get_lead_ms() as f64 / 1e3,
+                "ready": t.get_ready(),
+                "provisioning": t.get_provisioning(),
+            }));
+        }
+        Ok((text(r.get_mode())?, out))
+    }
+
     /// Uploads an artifact in 1 MiB chunks; returns its digest, size, and whether it was new.
     pub async fn upload(&self, bytes: &[u8]) -> Result<(prescient_schemas::Digest, u64, bool)> {
         let e = |e: capnp::Error| remote(&self.addr, e);

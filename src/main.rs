@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod demo_replication;
 mod forecast;
+mod forecast_show;
 mod load;
 mod local;
 mod output;
@@ -146,11 +147,15 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
-    /// Load forecasting: `backtest` runs the forecasters (baselines, per-series selection)
-    /// on a CSV of counts and writes every test-split forecast.
+    /// Load forecasting: `forecast GRAPH` shows each task's history, the control node's
+    /// forecast with its q90 band and the plan on it (`--plot F.png`); `backtest` runs the
+    /// forecasters on a CSV of counts and writes every test-split forecast.
+    #[command(args_conflicts_with_subcommands = true)]
     Forecast {
         #[command(subcommand)]
-        which: forecast::Which,
+        which: Option<forecast::Which>,
+        #[command(flatten)]
+        show: forecast_show::Show,
     },
     /// Simulate policies in virtual time on a real trace (JSON with --json): the one-service
     /// reference scenarios by name (Knative's KPA as `reactive`), or the whole cluster (the
@@ -278,7 +283,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which } => bench::run(which).await,
-        Command::Forecast { which } => forecast::run(which),
+        Command::Forecast {
+            which: Some(which), ..
+        } => forecast::run(which),
+        Command::Forecast { which: None, show } => {
+            forecast_show::show(&cli.control, &show, json).await
+        }
         Command::Simulate(args) => simulate::run(&args, json),
         Command::Stats { graph, window } => {
             let c = ControlClient::connect(&cli.control).await?;

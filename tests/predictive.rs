@@ -112,6 +112,45 @@ fn the_plan_orders_replicas_ahead_and_forecast_only_just_says_so() {
             .any(|(k, s, r)| k == "scale-out" && s == "g2.work" && r.contains("the plan")),
         "{ev:#?}"
     );
+    // `prescient forecast` shows the forecast and the plan on it; --plot draws it.
+    let shown = control.cli_json(&["forecast", "planned"]);
+    assert_eq!(shown["mode"], "on", "{shown}");
+    let work = &shown["tasks"][0];
+    assert_eq!(work["task"], "work", "{shown}");
+    let steps = work["point"].as_array().map_or(0, |v| v.len());
+    assert!(
+        steps >= 6 && work["planned"].as_array().map(|v| v.len()) == Some(steps),
+        "{shown}"
+    );
+    assert!(
+        work["floor"].as_u64().unwrap_or(0) >= 1 && work["ready"].as_u64().unwrap_or(0) >= 1,
+        "{shown}"
+    );
+    let png = dir.path().join("told.png");
+    control.cli_ok(&["forecast", "told", "--plot", png.to_str().unwrap()]);
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(
+        bytes.len() > 10_000 && bytes.starts_with(b"\x89PNG"),
+        "{}",
+        bytes.len()
+    );
+    let out = Command::new(CLI)
+        .args([
+            "--control",
+            &control.addr,
+            "forecast",
+            "planned",
+            "--task",
+            "nope",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("no forecast of a task \"nope\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for mut l in loads {
         let _ = l.kill();
         let _ = l.wait();

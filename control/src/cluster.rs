@@ -127,7 +127,7 @@ impl Cluster {
     }
 
     /// The decisions' clock: time since this node started.
-    fn now(&self) -> Duration {
+    pub fn now(&self) -> Duration {
         self.started.elapsed()
     }
 

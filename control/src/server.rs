@@ -399,6 +399,66 @@ impl control::Server for Control {
         Ok(())
     }
 
+    async fn forecast(
+        self: CapRc<Self>,
+        params: control::ForecastParams,
+        mut results: control::ForecastResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_graph_id())?;
+        let now = self.cluster.now();
+        let state = self.cluster.state.borrow();
+        let mut r = results.get();
+        let (Some(d), Some(policy)) = (
+            state.deployments.get(&id),
+            state.wanted.get(&id).and_then(|w| w.graph.scaling.as_ref()),
+        ) else {
+            r.set_mode("off");
+            r.init_tasks(0);
+            return Ok(());
+        };
+        r.set_mode(policy.predictive.mode.name());
+        let forecast: Vec<_> = d
+            .record
+            .graph
+            .tasks
+            .iter()
+            .filter_map(|t| Some((t, d.forecasts.get(&t.id)?)))
+            .collect();
+        let mut list = r.init_tasks(forecast.len() as u32);
+        for (i, (t, f)) in forecast.into_iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_task(t.id.as_str());
+            b.set_step_ms(f.step.as_millis() as u64);
+            b.set_first_step_ago_ms(now.saturating_sub(f.from).as_millis() as u64);
+            let mut point = b.reborrow().init_point(f.point_per_s.len() as u32);
+            for (j, x) in f.point_per_s.iter().enumerate() {
+                point.set(j as u32, *x);
+            }
+            let mut upper = b.reborrow().init_upper(f.upper_per_s.len() as u32);
+            for (j, x) in f.upper_per_s.iter().enumerate() {
+                upper.set(j as u32, *x);
+            }
+            b.set_method(f.method);
+            b.set_burstiness(f.arrival_scv);
+            let mine = d.replicas.iter().filter(|r| r.task == t.id);
+            let ready = mine.clone().filter(|r| r.is_ready()).count();
+            b.set_ready(ready as u32);
+            b.set_provisioning((mine.count() - ready) as u32);
+            if let Some(plan) = prescient_policy::predictive::plan_for(d, policy, t, now) {
+                b.set_lead_ms(plan.lead.as_millis() as u64);
+                let mut planned = b.reborrow().init_planned(plan.steps.len() as u32);
+                for (j, s) in plan.steps.iter().enumerate() {
+                    planned.set(j as u32, s.replicas);
+                }
+                if let Some(fl) = plan.floor {
+                    b.set_floor(fl.replicas);
+                    b.set_floor_reason(fl.reason.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn upload_artifact(
         self: CapRc<Self>,
         _: control::UploadArtifactParams,

@@ -183,17 +183,26 @@ pub fn task_lead(d: &Deployment, task: &str, assumed: Duration) -> Duration {
     took[i]
 }
 
-/// The plan's floor for `task` of `d` at `now` under `policy`'s `[scaling.predictive]`: the
-/// task's forecast (upper quantile) sized by the queueing model, for the share `attainment` of
-/// executions to start within `max_wait` (default: its mean execution time), the most any
-/// step needs before a replica ordered now could be ready. `None` when the mode is off or
-/// nothing has been forecast yet.
-pub fn floor_for(
+/// The plan on one task's forecast: every step sized, the lead time it is planned with, and
+/// the floor it sets now (`None` when no step falls within the lead time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPlan {
+    pub steps: Vec<planner::Step>,
+    pub lead: Duration,
+    pub floor: Option<Floor>,
+}
+
+/// The plan for `task` of `d` at `now` under `policy`'s `[scaling.predictive]`: the task's
+/// forecast (upper quantile) sized by the queueing model, for the share `attainment` of
+/// executions to start within `max_wait` (default: its mean execution time); the floor is the
+/// most any step needs before a replica ordered now could be ready. `None` when the mode is
+/// off or nothing has been forecast yet.
+pub fn plan_for(
     d: &Deployment,
     policy: &ScalingPolicy,
     task: &Task,
     now: Duration,
-) -> Option<Floor> {
+) -> Option<TaskPlan> {
     let pp = &policy.predictive;
     if pp.mode == Mode::Off {
         return None;
@@ -228,23 +237,35 @@ pub fn floor_for(
         .enumerate()
         .map(|(i, u)| (f.from + f.step * i as u32, *u))
         .collect();
-    let plan = planner::plan(&upper, &queue, &objective, tp.max_replicas);
-    let replicas = planner::floor(&plan, now, lead, f.step)?;
-    let peak = plan
-        .iter()
-        .filter(|s| s.replicas == replicas && s.at < now + lead + f.step)
-        .find(|s| s.at + f.step > now)?;
-    let reason = format!(
-        "{}: the plan needs {replicas} replicas within the {:.1} s lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
-        task.id,
-        lead.as_secs_f64(),
-        peak.arrivals_per_s,
-        f.method,
-        peak.at.saturating_sub(now).as_secs_f64(),
-        pp.attainment * 100.0,
-        wait_s * 1e3,
-        service_s * 1e3,
-        f.arrival_scv,
-    );
-    Some(Floor { replicas, reason })
+    let steps = planner::plan(&upper, &queue, &objective, tp.max_replicas);
+    let floor = planner::floor(&steps, now, lead, f.step).and_then(|replicas| {
+        let peak = steps
+            .iter()
+            .filter(|s| s.replicas == replicas && s.at < now + lead + f.step)
+            .find(|s| s.at + f.step > now)?;
+        let reason = format!(
+            "{}: the plan needs {replicas} replicas within the {:.1} s lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
+            task.id,
+            lead.as_secs_f64(),
+            peak.arrivals_per_s,
+            f.method,
+            peak.at.saturating_sub(now).as_secs_f64(),
+            pp.attainment * 100.0,
+            wait_s * 1e3,
+            service_s * 1e3,
+            f.arrival_scv,
+        );
+        Some(Floor { replicas, reason })
+    });
+    Some(TaskPlan { steps, lead, floor })
+}
+
+/// The plan's floor for `task` of `d` at `now` (see [`plan_for`]).
+pub fn floor_for(
+    d: &Deployment,
+    policy: &ScalingPolicy,
+    task: &Task,
+    now: Duration,
+) -> Option<Floor> {
+    plan_for(d, policy, task, now)?.floor
 }

@@ -67,6 +67,24 @@ interface Control {
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
   stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats), chains :List(ChainStats));
   history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64) -> (points :List(HistoryPoint));
+  forecast @14 (graphId :Text) -> (mode :Text, tasks :List(TaskForecast));
+}
+
+struct TaskForecast {
+  # One task's latest arrival forecast under `[scaling.predictive]` and the plan on it.
+  task @0 :Text;
+  stepMs @1 :UInt64;
+  firstStepAgoMs @2 :UInt64;    # the first step began this long before the answer
+  point @3 :List(Float64);      # arrivals per second in each step
+  upper @4 :List(Float64);      # its upper quantile (q = 0.9)
+  method @5 :Text;              # the forecaster the first step's selection chose
+  burstiness @6 :Float64;       # the arrivals' variance over mean per second
+  planned @7 :List(UInt32);     # the replicas each step needs for the objective
+  floor @8 :UInt32;             # what the plan holds now (0: no plan yet)
+  floorReason @9 :Text;
+  leadMs @10 :UInt64;           # the lead time planned with
+  ready @11 :UInt32;
+  provisioning @12 :UInt32;
 }
 
 struct ChainStats {
