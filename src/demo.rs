@@ -237,11 +237,17 @@ async fn walk_through(dir: &Path) -> Result<()> {
 
     step(
         9,
+        "predictive provisioning: replicas for the forecast's q90, ahead of what reactive sizing asks",
+    );
+    crate::demo_predictive::ramp(&client, &cluster, dir).await?;
+
+    step(
+        10,
         "a slowed host: the controller replaces its replica elsewhere, and says why",
     );
     crate::demo_replication::slowed_host(&client, &cluster).await?;
 
-    step(10, "what the control node decided, and why");
+    step(11, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
@@ -252,7 +258,7 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
 
     step(
-        11,
+        12,
         "the same decision code on a simulated fleet: 20 Azure functions, 100 hosts, a host dies",
     );
     simulated_fleet(dir)?;

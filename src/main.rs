@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod demo_predictive;
 mod demo_replication;
 mod forecast;
 mod forecast_show;

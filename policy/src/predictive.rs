@@ -244,9 +244,8 @@ pub fn plan_for(
             .filter(|s| s.replicas == replicas && s.at < now + lead + f.step)
             .find(|s| s.at + f.step > now)?;
         let reason = format!(
-            "{}: the plan needs {replicas} replicas within the {:.1} s lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
+            "{}: the plan needs {replicas} replicas within the {lead:.1?} lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
             task.id,
-            lead.as_secs_f64(),
             peak.arrivals_per_s,
             f.method,
             peak.at.saturating_sub(now).as_secs_f64(),
