@@ -203,6 +203,9 @@ struct Engine<'a> {
     snap: Snapshot,
     monitor: Monitor,
     chains: prescient_control::monitor::ChainsCache,
+    /// The control node's forecasts, for graphs under `[scaling.predictive]`.
+    forecasting: prescient_control::forecasting::Forecasting,
+    model_tried: bool,
     config: Config,
     rng: Rng,
     now: u64,
@@ -356,6 +359,8 @@ impl<'a> Engine<'a> {
             snap,
             monitor: Monitor::default(),
             chains: Default::default(),
+            forecasting: Default::default(),
+            model_tried: false,
             config: Config::default(),
             rng: Rng::new(p.seed),
             now: start,
@@ -738,6 +743,23 @@ impl<'a> Engine<'a> {
             &mut self.chains,
             &mut self.snap,
             self.now / 1_000_000,
+        );
+        // The control node's forecasting, as it runs there (no stored history: nothing
+        // before the simulation is seen).
+        let now_ms = self.now / 1_000_000;
+        self.forecasting.track(&self.snap, now_ms);
+        if !self.forecasting.is_empty() && !self.model_tried {
+            self.model_tried = true;
+            self.forecasting.set_model(crate::model());
+        }
+        for (g, t, ..) in self.forecasting.unseeded() {
+            self.forecasting.seed(&g, &t, &[]);
+        }
+        self.forecasting.read(
+            &self.monitor,
+            &mut self.snap,
+            now_ms,
+            Duration::from_nanos(self.now),
         );
         if self.p.mode == Mode::Oracle {
             self.foresee();

@@ -186,3 +186,37 @@ fn the_oracle_orders_ahead_of_a_step_and_reactive_arrives_late() {
     );
     assert!(pct(&oracle) > 0.97, "{}", pct(&oracle));
 }
+
+/// `service` with its graph under `[scaling.predictive]` in `mode`.
+fn predicted(counts: &[u32], mode: prescient_policy::predictive::Mode) -> Service {
+    let mut s = service("a", counts, 0.5, 1);
+    if let Some(p) = s.record.graph.scaling.as_mut() {
+        p.predictive.mode = mode;
+    }
+    s
+}
+
+#[test]
+fn the_control_nodes_forecasting_runs_here_and_forecast_only_is_told_not_done() {
+    use prescient_policy::predictive::Mode as Predictive;
+    // A slow ramp from 2/s to 20/s of 0.5 s requests over an hour.
+    let ramp: Vec<u32> = (0..3600).map(|s| 2 + (18 * s / 3600) as u32).collect();
+    let fleet = hosts(4, 8, 32);
+    let p = params(3600.0, 30.0);
+    let off = run(&fleet, &[predicted(&ramp, Predictive::Off)], &p);
+    let told = run(&fleet, &[predicted(&ramp, Predictive::ForecastOnly)], &p);
+    let on = run(&fleet, &[predicted(&ramp, Predictive::On)], &p);
+    assert_eq!(decided(&off, "forecast-only"), 0, "{:?}", off.decisions);
+    assert!(decided(&told, "forecast-only") > 0, "{:?}", told.decisions);
+    // Told, not done: the same replicas as without the forecast.
+    assert_eq!(told.vm_seconds, off.vm_seconds);
+    // On: the plan holds more than reactive sizing for the forecast's upper quantile.
+    assert!(
+        on.vm_seconds > off.vm_seconds,
+        "{} {}",
+        on.vm_seconds,
+        off.vm_seconds
+    );
+    let pct = |x: &Outcome| x.within_objective as f64 / x.requests as f64;
+    assert!(pct(&on) >= pct(&off), "{} {}", pct(&on), pct(&off));
+}
