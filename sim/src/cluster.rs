@@ -203,7 +203,7 @@ struct Engine<'a> {
     snap: Snapshot,
     monitor: Monitor,
     chains: prescient_control::monitor::ChainsCache,
-    /// The control node's forecasts, for graphs under `[scaling.predictive]`.
+    /// The control node's forecasts (`forecasts.rs`), the model loaded once.
     forecasting: prescient_control::forecasting::Forecasting,
     model_tried: bool,
     config: Config,
@@ -744,23 +744,7 @@ impl<'a> Engine<'a> {
             &mut self.snap,
             self.now / 1_000_000,
         );
-        // The control node's forecasting, as it runs there (no stored history: nothing
-        // before the simulation is seen).
-        let now_ms = self.now / 1_000_000;
-        self.forecasting.track(&self.snap, now_ms);
-        if !self.forecasting.is_empty() && !self.model_tried {
-            self.model_tried = true;
-            self.forecasting.set_model(crate::model());
-        }
-        for (g, t, ..) in self.forecasting.unseeded() {
-            self.forecasting.seed(&g, &t, &[]);
-        }
-        self.forecasting.read(
-            &self.monitor,
-            &mut self.snap,
-            now_ms,
-            Duration::from_nanos(self.now),
-        );
+        self.forecast();
         if self.p.mode == Mode::Oracle {
             self.foresee();
         }
@@ -774,47 +758,10 @@ impl<'a> Engine<'a> {
             self.execute(a);
         }
     }
-
-    /// The oracle's reading: each task's arrival rate is the highest policy-window average
-    /// of the coming lead time, warm-up and tick, with no backlog.
-    fn foresee(&mut self) {
-        let ahead = self.p.lead.mean() + self.p.warmup_s + self.p.tick_s;
-        let from = (self.now / NS) as usize;
-        for (i, svc) in self.services.iter().enumerate() {
-            let Some(d) = self.snap.deployment_mut(&svc.record.id) else {
-                continue;
-            };
-            let window = svc
-                .record
-                .graph
-                .scaling
-                .as_ref()
-                .map_or(10, |s| (s.window_ns / NS).max(1)) as usize;
-            let counts = &self.counts[i];
-            let to = (from + ahead.ceil() as usize).min(counts.len());
-            let mut sum: u64 = counts[from.min(to)..(from + window).min(counts.len())]
-                .iter()
-                .map(|c| u64::from(*c))
-                .sum();
-            let mut best = sum;
-            for s in from..to {
-                // Slide the window one second on.
-                sum -= u64::from(counts[s]);
-                sum += counts.get(s + window).map_or(0, |c| u64::from(*c));
-                best = best.max(sum);
-            }
-            let rate = best as f64 / window as f64;
-            for (t, task) in svc.record.graph.tasks.iter().enumerate() {
-                let l = d.load.entry(task.id.clone()).or_default();
-                l.arrivals_per_s = rate;
-                l.service_s = svc.service[t].mean();
-                l.queue_s = 0.0;
-            }
-        }
-    }
 }
 
 mod actions;
+mod forecasts;
 
 #[cfg(test)]
 #[path = "cluster_tests.rs"]
