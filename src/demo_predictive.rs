@@ -33,25 +33,28 @@ lead = "30s"
 const TRACE: &str = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv";
 const REPLAY: Duration = Duration::from_secs(45);
 
-/// The trace slice's arrivals thinned by a ramp from 10% to all of them over the replay, so
-/// the load grows as a real one does; a synthetic ramp without the traces.
-fn ramped() -> Result<(String, Vec<Duration>)> {
+/// The Azure LLM conversation trace's arrivals, `speedup` times faster, for `replay`, thinned
+/// by a ramp from 10% to all of them over it, so the load grows as a real one does; a
+/// synthetic 60/s, ramped the same way, without the traces.
+pub(crate) fn ramped(replay: Duration, speedup: f64) -> Result<(String, Vec<Duration>)> {
     let (what, all) = match crate::demo::traces_dir_holding(TRACE) {
         Some(d) => {
             let path = d.join(TRACE);
-            let arrivals = load::read_trace(&path, 10.0, REPLAY)?;
-            (format!("{}, 10x faster", path.display()), arrivals)
+            let arrivals = load::read_trace(&path, speedup, replay)?;
+            (format!("{}, {speedup}x faster", path.display()), arrivals)
         }
         None => {
-            println!("shared/traces not found (set PRESCIENT_TRACES): a synthetic 60/s instead");
-            let n = (60.0 * REPLAY.as_secs_f64()) as u32;
+            let n = (60.0 * replay.as_secs_f64()) as u32;
             let all = (0..n)
                 .map(|i| Duration::from_secs_f64(f64::from(i) / 60.0))
                 .collect();
-            ("a synthetic 60/s".to_string(), all)
+            (
+                "a synthetic 60/s (shared/traces not found: set PRESCIENT_TRACES)".to_string(),
+                all,
+            )
         }
     };
-    let span = REPLAY.as_secs_f64();
+    let span = replay.as_secs_f64();
     // A deterministic thinning: the i-th arrival kept while its hash is under the ramp.
     let kept = all
         .into_iter()
@@ -87,7 +90,7 @@ pub async fn ramp(client: &ControlClient, cluster: &LocalCluster, dir: &Path) ->
     };
     let id = record.id.clone();
     wait_deployed(client, &id, 1, Duration::from_secs(30)).await?;
-    let (what, arrivals) = ramped()?;
+    let (what, arrivals) = ramped(REPLAY, 10.0)?;
     println!(
         "{id}: a 20 ms task under [scaling.predictive] (99.9% to start within 20 ms); replaying {what} ramped from 10% to 100% over {} s: {} invocations",
         REPLAY.as_secs(),

@@ -81,6 +81,25 @@ pub enum Which {
         #[arg(long, default_value_t = 300)]
         steps: usize,
     },
+    /// Predictive provisioning live: a real trace slice with a ramp (the Azure LLM
+    /// conversation trace, time-compressed, thinned from 10% to all of it) against one task
+    /// serving one execution at a time, once reactive (forecast-only) and once with the plan
+    /// acting, each on a fresh cluster with the process provisioner's real lead time; within
+    /// objective, latency, replica-seconds, lead time, the plan's scale-outs.
+    Predictive {
+        /// Seconds of replay per run.
+        #[arg(long, default_value_t = 45.0)]
+        seconds: f64,
+        /// How much faster than the trace's own time.
+        #[arg(long, default_value_t = 10.0)]
+        speedup: f64,
+        /// The task's service time in milliseconds (the objective is twice it).
+        #[arg(long, default_value_t = 20)]
+        service_ms: u64,
+        /// Pairs of runs (reactive and predictive, alternating which goes first).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// What an idle cluster costs: a control node, 3 agents and a deployed 3-stage chain with
     /// no load, CPU time of every process (from /proc) over `--seconds`, with telemetry on
     /// (spans, 1 Hz host and VM samples, eBPF probes where they load) and off, alternating.
@@ -189,6 +208,20 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
         Which::Forecast { series, steps } => forecast::forecast(&series, steps)?,
         Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
+        Which::Predictive {
+            seconds,
+            speedup,
+            service_ms,
+            rounds,
+        } => {
+            predictive::predictive(predictive::Plan {
+                seconds,
+                speedup,
+                service_ms,
+                rounds,
+            })
+            .await?
+        }
         Which::Hedging {
             seconds,
             rate,
@@ -301,6 +334,7 @@ mod chain;
 mod forecast;
 mod hedging;
 mod idle;
+mod predictive;
 mod probes;
 mod procfs;
 pub mod replication;
