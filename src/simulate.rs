@@ -42,6 +42,10 @@ pub struct Args {
     pub leads: Vec<f64>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Reference scenarios: replicas predictive provisioning keeps warm at least, per service
+    /// (a minimum pool, for on/off services).
+    #[arg(long, default_value_t = 0)]
+    pub warm_pool: u32,
     /// The trace: azure-functions, nasa, twitter, or a file (reference scenarios: its file).
     #[arg(long)]
     pub trace: Option<String>,
@@ -73,6 +77,9 @@ const REFERENCE: [&str; 5] = [
 pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
     let reference = a.scenario.as_deref().filter(|s| REFERENCE.contains(s));
     let Some(scenario) = reference.filter(|_| a.hosts.is_none() && a.graph.is_none()) else {
+        if a.warm_pool > 0 {
+            bail!("--warm-pool is for the reference scenarios' predictive policy; on the whole cluster set min_replicas in the graph's [scaling]");
+        }
         return cluster(a, json);
     };
     if a.plot.is_some() {
@@ -99,9 +106,14 @@ pub fn run(a: &Args, json: bool) -> Result<ExitCode> {
     let policies: Vec<Policy> = policies
         .iter()
         .map(|p| {
-            Policy::parse(p).with_context(|| {
-                format!("--policy {p:?}: expected reactive, prescient, predictive or oracle")
-            })
+            Policy::parse(p)
+                .map(|p| match p {
+                    Policy::Predictive(_) => Policy::Predictive(a.warm_pool),
+                    other => other,
+                })
+                .with_context(|| {
+                    format!("--policy {p:?}: expected reactive, prescient, predictive or oracle")
+                })
         })
         .collect::<Result<_>>()?;
     if let Some(l) = leads.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {

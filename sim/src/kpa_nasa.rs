@@ -22,8 +22,9 @@ pub enum Policy {
     Reactive,
     /// Prescient's replication controller's sizing (`scaling::size`).
     Prescient,
-    /// Predictive provisioning: the forecast's plan sets the floor, reactive sizing the rest.
-    Predictive,
+    /// Predictive provisioning: the forecast's plan sets the floor, reactive sizing the rest;
+    /// at least this many replicas kept warm (a minimum pool).
+    Predictive(u32),
     Oracle,
 }
 
@@ -32,9 +33,17 @@ impl Policy {
         match s {
             "reactive" | "kpa" => Some(Policy::Reactive),
             "prescient" => Some(Policy::Prescient),
-            "predictive" => Some(Policy::Predictive),
+            "predictive" => Some(Policy::Predictive(0)),
             "oracle" => Some(Policy::Oracle),
             _ => None,
+        }
+    }
+
+    /// The minimum pool predictive provisioning keeps warm (0 for the others).
+    pub fn warm_pool(self) -> u32 {
+        match self {
+            Policy::Predictive(n) => n,
+            _ => 0,
         }
     }
 
@@ -42,7 +51,7 @@ impl Policy {
         match self {
             Policy::Reactive => "reactive",
             Policy::Prescient => "prescient",
-            Policy::Predictive => "predictive",
+            Policy::Predictive(_) => "predictive",
             Policy::Oracle => "oracle",
         }
     }
@@ -52,6 +61,8 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Run {
     pub policy: &'static str,
+    /// Replicas kept warm at least (predictive with `--warm-pool`; 0 otherwise).
+    pub warm_pool: u32,
     pub lead_s: f64,
     pub requests: u64,
     pub within_objective_pct: f64,
@@ -86,11 +97,11 @@ pub fn service(
     let mut oracle = Oracle::from_counts(counts, service_s, lead_s, TICK_S);
     let mut kpa = Kpa::default();
     let mut prescient = prescient_scaler(service_s);
-    let mut predictive = predictive_scaler(counts, &p, lead_s, 0.0);
+    let mut predictive = predictive_scaler(counts, &p, lead_s, 0.0, policy.warm_pool());
     let scaler: &mut dyn Scaler = match policy {
         Policy::Reactive => &mut kpa,
         Policy::Prescient => &mut prescient,
-        Policy::Predictive => &mut predictive,
+        Policy::Predictive(_) => &mut predictive,
         Policy::Oracle => &mut oracle,
     };
     queue::run(counts, p, scaler)
@@ -114,8 +125,14 @@ pub const PLANNED_ATTAINMENT: f64 = 0.9995;
 /// Predictive provisioning at KPA's cadence, its objective the scenario's (99% start within a
 /// service time), assuming `lead_s` until a replica's readiness shows it, its series seeded
 /// with the two days of `counts` before the simulation starts, the trained model where ONNX
-/// Runtime loads.
-pub fn predictive_scaler(counts: &[u32], p: &Params, lead_s: f64, service_scv: f64) -> Predictive {
+/// Runtime loads, at least `warm_pool` replicas kept.
+pub fn predictive_scaler(
+    counts: &[u32],
+    p: &Params,
+    lead_s: f64,
+    service_scv: f64,
+    warm_pool: u32,
+) -> Predictive {
     let objective = planner::Objective {
         wait_s: p.service_s,
         attainment: PLANNED_ATTAINMENT,
@@ -129,6 +146,7 @@ pub fn predictive_scaler(counts: &[u32], p: &Params, lead_s: f64, service_scv: f
         service_scv,
         crate::model(),
     );
+    s.bounds.min = s.bounds.min.max(warm_pool);
     let per_tick = p.tick_s.round().max(1.0) as usize;
     let from = p.start_s.saturating_sub(SEED_S) / per_tick * per_tick;
     let seen = &counts[from.min(counts.len())..p.start_s.min(counts.len())];
@@ -170,6 +188,7 @@ pub fn summarize(policy: Policy, lead_s: f64, out: &queue::Outcome) -> Run {
     let round = |x: f64, d: f64| (x * d).round() / d;
     Run {
         policy: policy.name(),
+        warm_pool: policy.warm_pool(),
         lead_s,
         requests: out.requests,
         within_objective_pct: round(
@@ -233,12 +252,20 @@ mod tests {
         // before 0 s), the last third is measured.
         let counts = cycle(6000);
         let kpa = run(&counts, Policy::Reactive, 30.0, 1);
-        let predictive = run(&counts, Policy::Predictive, 30.0, 1);
+        let predictive = run(&counts, Policy::Predictive(0), 30.0, 1);
         assert_eq!(predictive.requests, kpa.requests);
         assert!(
             predictive.within_objective_pct > kpa.within_objective_pct,
             "{kpa:?} {predictive:?}"
         );
         assert!(predictive.cold * 5 < kpa.cold, "{kpa:?} {predictive:?}");
+        // A warm pool above anything the load needs: held all through the measured third.
+        let pooled = run(&counts, Policy::Predictive(200), 30.0, 1);
+        assert_eq!((pooled.warm_pool, predictive.warm_pool), (200, 0));
+        assert!(pooled.vm_seconds >= 200.0 * 2000.0 * 0.99, "{pooled:?}");
+        assert!(
+            pooled.cold == 0 && pooled.within_objective_pct > 99.9,
+            "{pooled:?}"
+        );
     }
 }

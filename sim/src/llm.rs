@@ -44,11 +44,11 @@ pub fn run(trace: &[LlmRequest], policy: Policy, lead_s: f64, seed: u64) -> Run 
             *c += 1;
         }
     }
-    let mut predictive = kpa_nasa::predictive_scaler(&counts, &p, lead_s, scv);
+    let mut predictive = kpa_nasa::predictive_scaler(&counts, &p, lead_s, scv, policy.warm_pool());
     let scaler: &mut dyn Scaler = match policy {
         Policy::Reactive => &mut kpa,
         Policy::Prescient => &mut prescient,
-        Policy::Predictive => &mut predictive,
+        Policy::Predictive(_) => &mut predictive,
         Policy::Oracle => &mut oracle,
     };
     let out = queue::run_requests(&requests, len_s, p, scaler);
