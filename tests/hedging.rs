@@ -8,15 +8,27 @@ mod common;
 use common::*;
 use std::process::Command;
 
-#[test]
-fn hedging_cuts_the_stragglers_tail_within_its_budget() {
+fn bench() -> serde_json::Value {
     let out = Command::new(CLI)
         .args(["bench", "hedging", "--seconds", "5"])
         .output()
         .expect("runs the bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {stderr}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+#[test]
+fn hedging_cuts_the_stragglers_tail_within_its_budget() {
+    // Five seconds hold ~25 stragglers; on a loaded two-core machine a phase can come out
+    // without a visible tail (its p99 near the healthy one), which measures nothing: such a
+    // run is repeated once, and the second is judged whatever it shows.
+    let mut r = bench();
+    let p99 = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    if p99(&r, "stragglers_p99_us") < 1.5 * p99(&r, "healthy_p99_us") {
+        eprintln!("no straggler tail in this run, repeated once: {r}");
+        r = bench();
+    }
     let show = serde_json::to_string_pretty(&r).unwrap_or_default();
     let phases = r["phases"].as_array().expect("phases");
     for p in phases {
