@@ -11,24 +11,31 @@ use prescient_schemas::file;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const PLANNED: &str = r#"name = "planned-sleep"
+/// One `sleep` task of `service_ms` serving one execution at a time, under
+/// `[scaling.predictive]` in `mode` (99.9% to start within the execution time, 30 s assumed
+/// until a lead time is measured): the demo's graph and `bench predictive`'s.
+pub(crate) fn graph(name: &str, mode: &str, service_ms: u64, max_replicas: u32) -> String {
+    format!(
+        r#"name = "{name}"
 [[task]]
 id = "work"
-code = { builtin = "sleep", params = { mean = "20ms" } }
-inputs = { x = "bytes" }
-outputs = { y = "bytes" }
-estimate = "20ms"
+code = {{ builtin = "sleep", params = {{ mean = "{service_ms}ms" }} }}
+inputs = {{ x = "bytes" }}
+outputs = {{ y = "bytes" }}
+estimate = "{service_ms}ms"
 
 [scaling]
-max_replicas = 12
+max_replicas = {max_replicas}
 window = "4s"
 scale_out_cooldown = "2s"
 scale_in_cooldown = "30s"
 [scaling.predictive]
-mode = "on"
+mode = "{mode}"
 attainment = 0.999
 lead = "30s"
-"#;
+"#
+    )
+}
 
 const TRACE: &str = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv";
 const REPLAY: Duration = Duration::from_secs(45);
@@ -83,7 +90,7 @@ struct Sample {
 
 pub async fn ramp(client: &ControlClient, cluster: &LocalCluster, dir: &Path) -> Result<()> {
     let path = dir.join("planned-sleep.toml");
-    std::fs::write(&path, PLANNED)?;
+    std::fs::write(&path, graph("planned-sleep", "on", 20, 12))?;
     let f = file::read(&path)?;
     let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
         bail!("the predictive example was rejected");

@@ -89,8 +89,6 @@ pub struct Cluster {
     relist: Cell<bool>,
     /// Arrival forecasts of the tasks of graphs with `[scaling.predictive]`.
     forecasting: RefCell<crate::forecasting::Forecasting>,
-    /// The forecaster's model was loaded (or found missing) once.
-    model_tried: Cell<bool>,
 }
 
 /// The trained forecaster where ONNX Runtime loads, said once either way.
@@ -121,8 +119,7 @@ impl Cluster {
             generation: Cell::new(0),
             kick: Notify::new(),
             relist: Cell::new(true),
-            forecasting: RefCell::default(),
-            model_tried: Cell::new(false),
+            forecasting: RefCell::new(crate::forecasting::Forecasting::loading(load_forecaster)),
         })
     }
 
@@ -267,26 +264,19 @@ impl Cluster {
         let unseeded = {
             let mut f = self.forecasting.borrow_mut();
             f.track(&self.state.borrow(), unix_ms());
-            if !f.is_empty() && !self.model_tried.replace(true) {
-                f.set_model(load_forecaster());
-            }
             f.unseeded()
         };
         for (graph, task, from, to) in unseeded {
             let reg = self.registry.clone();
             let (g, t) = (graph.clone(), task.clone());
-            let read = tokio::task::spawn_blocking(move || reg.history(&g, &t, from, to)).await;
-            let points = match read {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
-                    Vec::new()
-                }
-                Err(e) => {
-                    warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
-                    Vec::new()
-                }
-            };
+            let read = tokio::task::spawn_blocking(move || reg.history(&g, &t, from, to))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let points = read.unwrap_or_else(|e| {
+                warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
+                Vec::new()
+            });
             info!(
                 "forecasting {graph}.{task}: seeded with {} stored minutes",
                 points.len()

@@ -41,13 +41,20 @@ struct TaskSeries {
     /// The decision-clock time `latest` was written for (so it is written once per step).
     written: Option<u64>,
     seeded: bool,
+    /// A step completed in this pass: forecast it.
+    stepped: bool,
 }
+
+/// Loads the model, once, when the first series starts (`None`: the baselines alone).
+pub type Loader = fn() -> Option<Box<dyn Model>>;
 
 /// Every forecast series the node keeps, and the model they share.
 #[derive(Default)]
 pub struct Forecasting {
     series: BTreeMap<(String, String), TaskSeries>,
     model: Option<Box<dyn Model>>,
+    /// Not called yet.
+    loader: Option<Loader>,
     batch: forecast::Batch,
 }
 
@@ -60,9 +67,13 @@ impl Forecasting {
         }
     }
 
-    /// Sets the model every series' forecast weighs beside the baselines.
-    pub fn set_model(&mut self, model: Option<Box<dyn Model>>) {
-        self.model = model;
+    /// Forecasts with the model `loader` gives when the first series starts: a node or a
+    /// simulation with no graph under `[scaling.predictive]` never loads it.
+    pub fn loading(loader: Loader) -> Forecasting {
+        Forecasting {
+            loader: Some(loader),
+            ..Forecasting::default()
+        }
     }
 
     /// Keeps a series for every task of every graph with `[scaling.predictive]` not off, and
@@ -93,11 +104,17 @@ impl Forecasting {
                         latest: None,
                         written: None,
                         seeded: false,
+                        stepped: false,
                     }
                 });
             }
         }
         self.series.retain(|k, _| wanted.contains(k));
+        if !self.series.is_empty() {
+            if let Some(load) = self.loader.take() {
+                self.model = load();
+            }
+        }
     }
 
     /// The (graph, task) series waiting for their history, with the minutes to read (from,
@@ -150,7 +167,6 @@ impl Forecasting {
     /// deployment, its times on the decision clock (`now` is `now_ms` there).
     pub fn read(&mut self, monitor: &Monitor, state: &mut Snapshot, now_ms: u64, now: Duration) {
         let to_s = (now_ms / 1000).saturating_sub(LAG_S);
-        let mut stepped = Vec::new();
         for ((graph_id, task), s) in self.series.iter_mut().filter(|(_, s)| s.seeded) {
             // Seconds older than the monitor keeps are lost; the step they were in restarts.
             let from = s.next_s.max(to_s.saturating_sub(RETENTION_S));
@@ -161,7 +177,6 @@ impl Forecasting {
                 continue;
             }
             let counts = monitor.executions_per_second(graph_id, task, from, to_s - 1);
-            let mut did = false;
             for (i, c) in counts.into_iter().enumerate() {
                 let second = from + i as u64;
                 s.recent.push_back(c as f64);
@@ -172,22 +187,14 @@ impl Forecasting {
                 if (second + 1).is_multiple_of(STEP_S) {
                     s.series.observe(s.step_count);
                     s.step_count = 0.0;
-                    did = true;
+                    s.stepped = true;
                 }
             }
             s.next_s = to_s;
-            if did {
-                stepped.push((graph_id.clone(), task.clone()));
-            }
         }
-        if !stepped.is_empty() {
-            let keys: BTreeSet<(String, String)> = stepped.into_iter().collect();
-            let mut chosen: Vec<&mut TaskSeries> = self
-                .series
-                .iter_mut()
-                .filter(|(k, _)| keys.contains(*k))
-                .map(|(_, s)| s)
-                .collect();
+        let mut chosen: Vec<&mut TaskSeries> =
+            self.series.values_mut().filter(|s| s.stepped).collect();
+        if !chosen.is_empty() {
             let out = forecast::forecast_batch(
                 chosen.iter_mut().map(|s| &mut s.series),
                 self.model.as_deref_mut(),
@@ -197,6 +204,7 @@ impl Forecasting {
             let first_step = to_s / STEP_S * STEP_S;
             for (s, f) in chosen.into_iter().zip(out) {
                 s.latest = Some((first_step, f));
+                s.stepped = false;
             }
         }
         let now_f = now_ms as f64 / 1000.0;

@@ -163,11 +163,45 @@ pub fn plan(upper: &[(Duration, f64)], q: &Queue, objective: &Objective, max: u3
 /// (the step a replica ordered now is first ready in, and every step before it, which replicas
 /// ordered earlier serve and must not be retired from). `None` when the plan has no step then.
 pub fn floor(plan: &[Step], now: Duration, lead: Duration, step: Duration) -> Option<u32> {
-    let until = now + lead + step;
     plan.iter()
-        .filter(|s| s.at + step > now && s.at < until)
+        .filter(|s| within_lead(s.at, now, lead, step))
         .map(|s| s.replicas)
         .max()
+}
+
+/// Whether the step beginning `at` is one [`floor`] reads: not over at `now`, and beginning
+/// before a replica ordered now could be ready and serve a step.
+pub fn within_lead(at: Duration, now: Duration, lead: Duration, step: Duration) -> bool {
+    at + step > now && at < now + lead + step
+}
+
+/// The floor at `now` from the forecast itself, sizing only the steps [`floor`] reads.
+pub fn floor_of(
+    upper: &[(Duration, f64)],
+    q: &Queue,
+    objective: &Objective,
+    max: u32,
+    now: Duration,
+    lead: Duration,
+    step: Duration,
+) -> Option<u32> {
+    let near: Vec<(Duration, f64)> = upper
+        .iter()
+        .copied()
+        .filter(|(at, _)| within_lead(*at, now, lead, step))
+        .collect();
+    floor(&plan(&near, q, objective, max), now, lead, step)
+}
+
+/// The `QUANTILE` of lead times measured (reordered in place), `None` for none: a high one,
+/// as late capacity costs more than early.
+pub fn lead_quantile(took: &mut [Duration]) -> Option<Duration> {
+    if took.is_empty() {
+        return None;
+    }
+    let k = ((took.len() as f64 * LeadTime::QUANTILE).ceil() as usize).clamp(1, took.len()) - 1;
+    let (_, x, _) = took.select_nth_unstable(k);
+    Some(*x)
 }
 
 /// Lead times (order to ready) learned from what provisioning took: the `QUANTILE`
@@ -191,13 +225,8 @@ impl LeadTime {
 
     /// The learned lead time, or `default` before any observation.
     pub fn estimate(&self, default: Duration) -> Duration {
-        if self.recent.is_empty() {
-            return default;
-        }
         let mut v: Vec<Duration> = self.recent.iter().copied().collect();
-        let k = ((v.len() as f64 * Self::QUANTILE).ceil() as usize).clamp(1, v.len()) - 1;
-        let (_, x, _) = v.select_nth_unstable(k);
-        *x
+        lead_quantile(&mut v).unwrap_or(default)
     }
 
     pub fn observed(&self) -> usize {

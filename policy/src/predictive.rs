@@ -175,12 +175,7 @@ pub fn task_lead(d: &Deployment, task: &str, assumed: Duration) -> Duration {
         .filter(|((t, _), _)| t == task)
         .map(|(_, l)| l.ready_after)
         .collect();
-    if took.is_empty() {
-        return assumed;
-    }
-    took.sort_unstable();
-    let i = ((took.len() as f64 * 0.9).ceil() as usize).clamp(1, took.len()) - 1;
-    took[i]
+    planner::lead_quantile(&mut took).unwrap_or(assumed)
 }
 
 /// The plan on one task's forecast: every step sized, the lead time it is planned with, and
@@ -202,6 +197,17 @@ pub fn plan_for(
     policy: &ScalingPolicy,
     task: &Task,
     now: Duration,
+) -> Option<TaskPlan> {
+    planned(d, policy, task, now, true)
+}
+
+/// [`plan_for`], every step sized (`whole`), or only those the floor reads.
+fn planned(
+    d: &Deployment,
+    policy: &ScalingPolicy,
+    task: &Task,
+    now: Duration,
+    whole: bool,
 ) -> Option<TaskPlan> {
     let pp = &policy.predictive;
     if pp.mode == Mode::Off {
@@ -236,13 +242,13 @@ pub fn plan_for(
         .iter()
         .enumerate()
         .map(|(i, u)| (f.from + f.step * i as u32, *u))
+        .filter(|(at, _)| whole || planner::within_lead(*at, now, lead, f.step))
         .collect();
     let steps = planner::plan(&upper, &queue, &objective, tp.max_replicas);
     let floor = planner::floor(&steps, now, lead, f.step).and_then(|replicas| {
         let peak = steps
             .iter()
-            .filter(|s| s.replicas == replicas && s.at < now + lead + f.step)
-            .find(|s| s.at + f.step > now)?;
+            .find(|s| s.replicas == replicas && planner::within_lead(s.at, now, lead, f.step))?;
         let reason = format!(
             "{}: the plan needs {replicas} replicas within the {lead:.1?} lead time: {:.2}/s forecast (q90, {}) from +{:.0} s, for {:.1}% to start within {:.0} ms ({:.0} ms each, burstiness {:.1})",
             task.id,
@@ -259,12 +265,13 @@ pub fn plan_for(
     Some(TaskPlan { steps, lead, floor })
 }
 
-/// The plan's floor for `task` of `d` at `now` (see [`plan_for`]).
+/// The plan's floor for `task` of `d` at `now` (see [`plan_for`]): sizing runs on every pass,
+/// so only the steps within the lead time are sized.
 pub fn floor_for(
     d: &Deployment,
     policy: &ScalingPolicy,
     task: &Task,
     now: Duration,
 ) -> Option<Floor> {
-    plan_for(d, policy, task, now)?.floor
+    planned(d, policy, task, now, false)?.floor
 }

@@ -203,9 +203,8 @@ struct Engine<'a> {
     snap: Snapshot,
     monitor: Monitor,
     chains: prescient_control::monitor::ChainsCache,
-    /// The control node's forecasts (`forecasts.rs`), the model loaded once.
+    /// The control node's forecasts (`forecasts.rs`), the model loaded with the first series.
     forecasting: prescient_control::forecasting::Forecasting,
-    model_tried: bool,
     config: Config,
     rng: Rng,
     now: u64,
@@ -359,8 +358,7 @@ impl<'a> Engine<'a> {
             snap,
             monitor: Monitor::default(),
             chains: Default::default(),
-            forecasting: Default::default(),
-            model_tried: false,
+            forecasting: prescient_control::forecasting::Forecasting::loading(crate::model),
             config: Config::default(),
             rng: Rng::new(p.seed),
             now: start,

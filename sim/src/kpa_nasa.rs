@@ -94,17 +94,14 @@ pub fn service(
     seed: u64,
 ) -> queue::Outcome {
     let p = params(counts.len(), service_s, lead_s, seed);
-    let mut oracle = Oracle::from_counts(counts, service_s, lead_s, TICK_S);
-    let mut kpa = Kpa::default();
-    let mut prescient = prescient_scaler(service_s);
-    let mut predictive = predictive_scaler(counts, &p, lead_s, 0.0, policy.warm_pool());
-    let scaler: &mut dyn Scaler = match policy {
-        Policy::Reactive => &mut kpa,
-        Policy::Prescient => &mut prescient,
-        Policy::Predictive(_) => &mut predictive,
-        Policy::Oracle => &mut oracle,
+    // Only the scaler that runs is built (the predictive one loads the model and seeds days).
+    let mut scaler: Box<dyn Scaler> = match policy {
+        Policy::Reactive => Box::new(Kpa::default()),
+        Policy::Prescient => Box::new(prescient_scaler(service_s)),
+        Policy::Predictive(warm) => Box::new(predictive_scaler(counts, &p, lead_s, 0.0, warm)),
+        Policy::Oracle => Box::new(Oracle::from_counts(counts, service_s, lead_s, TICK_S)),
     };
-    queue::run(counts, p, scaler)
+    queue::run(counts, p, scaler.as_mut())
 }
 
 /// Prescient's defaults, but a replica serves one request at a time and changes every tick are

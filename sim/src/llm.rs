@@ -29,29 +29,27 @@ pub fn run(trace: &[LlmRequest], policy: Policy, lead_s: f64, seed: u64) -> Run 
     let mean = requests.iter().map(|(_, s)| s).sum::<f64>() / requests.len().max(1) as f64;
     let len_s = trace.last().map_or(0, |r| r.at_s.ceil() as usize + 1);
     let p = kpa_nasa::params(len_s, mean, lead_s, seed);
-    let mut oracle = Oracle::from_requests(&requests, len_s, lead_s, p.tick_s);
-    let mut kpa = Kpa::default();
-    let mut prescient = kpa_nasa::prescient_scaler(mean);
-    let scv = requests
-        .iter()
-        .map(|(_, s)| (s - mean).powi(2))
-        .sum::<f64>()
-        / requests.len().max(1) as f64
-        / (mean * mean).max(1e-12);
-    let mut counts = vec![0u32; len_s];
-    for (a, _) in &requests {
-        if let Some(c) = counts.get_mut(*a as usize) {
-            *c += 1;
+    let mut scaler: Box<dyn Scaler> = match policy {
+        Policy::Reactive => Box::new(Kpa::default()),
+        Policy::Prescient => Box::new(kpa_nasa::prescient_scaler(mean)),
+        Policy::Predictive(warm) => {
+            let scv = requests
+                .iter()
+                .map(|(_, s)| (s - mean).powi(2))
+                .sum::<f64>()
+                / requests.len().max(1) as f64
+                / (mean * mean).max(1e-12);
+            let mut counts = vec![0u32; len_s];
+            for (a, _) in &requests {
+                if let Some(c) = counts.get_mut(*a as usize) {
+                    *c += 1;
+                }
+            }
+            Box::new(kpa_nasa::predictive_scaler(&counts, &p, lead_s, scv, warm))
         }
-    }
-    let mut predictive = kpa_nasa::predictive_scaler(&counts, &p, lead_s, scv, policy.warm_pool());
-    let scaler: &mut dyn Scaler = match policy {
-        Policy::Reactive => &mut kpa,
-        Policy::Prescient => &mut prescient,
-        Policy::Predictive(_) => &mut predictive,
-        Policy::Oracle => &mut oracle,
+        Policy::Oracle => Box::new(Oracle::from_requests(&requests, len_s, lead_s, p.tick_s)),
     };
-    let out = queue::run_requests(&requests, len_s, p, scaler);
+    let out = queue::run_requests(&requests, len_s, p, scaler.as_mut());
     kpa_nasa::summarize(policy, lead_s, &out)
 }
 

@@ -206,11 +206,11 @@ impl Scaler for Prescient {
 }
 
 /// Predictive provisioning (the decision crate's `forecast`, `planner` and `predictive`): each
-/// tick's arrivals feed a forecast series; the upper-quantile forecast of every coming tick is
-/// sized by the queueing model for the objective; the floor is the most any tick needs before
-/// a replica ordered now could be ready (the lead time learned from the replicas that became
-/// ready); reactive sizing (the same queueing model on the measured rate, Little's law on a backlog) handles
-/// surprises above it.
+/// forecast step's arrivals feed a forecast series; the upper-quantile forecast of the coming
+/// steps is sized by the queueing model for the objective; the floor is the most any step
+/// needs before a replica ordered now could be ready (the lead time learned from the replicas
+/// that became ready); reactive sizing (the same queueing model on the measured rate,
+/// Little's law on a backlog) handles surprises above it.
 pub struct Predictive {
     series: forecast::Series,
     model: Option<Box<dyn forecast::Model>>,
@@ -234,8 +234,6 @@ pub struct Predictive {
     /// Arrivals of recent ticks, for their burstiness.
     bursts: VecDeque<f64>,
     window_ticks: usize,
-    /// (tick time, planned floor, desired) of every tick, for plots.
-    pub trail: Vec<(f64, u32, u32)>,
 }
 
 /// Seconds per forecast step: per-tick counts of a few requests are mostly Poisson noise,
@@ -303,7 +301,6 @@ impl Predictive {
             recent: VecDeque::new(),
             bursts: VecDeque::new(),
             window_ticks: ((policy.window_ns as f64 / 1e9) / tick_s).ceil().max(1.0) as usize,
-            trail: Vec::new(),
         }
     }
 
@@ -342,8 +339,15 @@ impl Predictive {
             .iter()
             .map(|f| (at + tick * (f.horizon as u32 - 1), f.upper / step_s))
             .collect();
-        let plan = planner::plan(&upper, &self.queue, &self.objective, self.bounds.max);
-        planner::floor(&plan, at, lead, tick)
+        planner::floor_of(
+            &upper,
+            &self.queue,
+            &self.objective,
+            self.bounds.max,
+            at,
+            lead,
+            tick,
+        )
     }
 }
 
@@ -389,7 +393,6 @@ impl Scaler for Predictive {
             now,
         );
         self.history.record(o.current, &d, now);
-        self.trail.push((o.now, d.planned.unwrap_or(0), d.desired));
         d.desired
     }
 }

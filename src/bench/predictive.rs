@@ -11,29 +11,6 @@ use super::*;
 use crate::load;
 use std::time::Instant;
 
-fn graph(mode: &str, service_ms: u64) -> String {
-    format!(
-        r#"name = "bench-predictive"
-[[task]]
-id = "work"
-code = {{ builtin = "sleep", params = {{ mean = "{service_ms}ms" }} }}
-inputs = {{ x = "bytes" }}
-outputs = {{ y = "bytes" }}
-estimate = "{service_ms}ms"
-
-[scaling]
-max_replicas = 16
-window = "4s"
-scale_out_cooldown = "2s"
-scale_in_cooldown = "30s"
-[scaling.predictive]
-mode = "{mode}"
-attainment = 0.999
-lead = "30s"
-"#
-    )
-}
-
 /// The benchmark's knobs.
 pub(super) struct Plan {
     pub seconds: f64,
@@ -106,7 +83,8 @@ async fn one(
     replay: Duration,
 ) -> Result<serde_json::Value> {
     let client = connect_registered(cluster).await?;
-    let f = file::parse("bench-predictive.toml", &graph(mode, service_ms))?;
+    let text = crate::demo_predictive::graph("bench-predictive", mode, service_ms, 16);
+    let f = file::parse("bench-predictive.toml", &text)?;
     let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
         bail!("the bench graph was rejected");
     };

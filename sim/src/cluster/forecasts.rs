@@ -10,10 +10,6 @@ impl Engine<'_> {
     pub(super) fn forecast(&mut self) {
         let now_ms = self.now / 1_000_000;
         self.forecasting.track(&self.snap, now_ms);
-        if !self.forecasting.is_empty() && !self.model_tried {
-            self.model_tried = true;
-            self.forecasting.set_model(crate::model());
-        }
         for (g, t, ..) in self.forecasting.unseeded() {
             self.forecasting.seed(&g, &t, &[]);
         }
