@@ -244,6 +244,18 @@ impl ControlClient {
         } else {
             None
         };
+        let c = r.get_cold()?;
+        let cold = ColdRow {
+            executions: c.get_executions(),
+            wait_mean_ms: if c.get_executions() > 0 {
+                c.get_wait_sum_ns() / c.get_executions() as f64 / 1e6
+            } else {
+                0.0
+            },
+            wait_max_ms: c.get_wait_max_ns() / 1e6,
+            total_executions: c.get_total_executions(),
+            total_wait_s: c.get_total_wait_sum_ns() / 1e9,
+        };
         let mut edges = Vec::new();
         for e in r.get_edges()? {
             edges.push(EdgeStatsRow {
@@ -276,6 +288,7 @@ impl ControlClient {
             });
         }
         Ok(Stats {
+            cold,
             tasks,
             end_to_end,
             edges,
@@ -291,14 +304,32 @@ impl ControlClient {
         task: &str,
         minutes: u64,
     ) -> Result<Vec<serde_json::Value>> {
-        let now_min = std::time::SystemTime::now()
+        self.history_at(graph_id, task, minutes, false).await
+    }
+
+    /// [`ControlClient::history`], or with `per_second` the per-second history (each point's
+    /// `minute` then a unix second).
+    pub async fn history_at(
+        &self,
+        graph_id: &str,
+        task: &str,
+        minutes: u64,
+        per_second: bool,
+    ) -> Result<Vec<serde_json::Value>> {
+        let now_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / 60);
+            .map_or(0, |d| d.as_secs());
+        let (now, back) = if per_second {
+            (now_s, minutes.saturating_mul(60))
+        } else {
+            (now_s / 60, minutes)
+        };
         let mut req = self.client.history_request();
         req.get().set_graph_id(graph_id);
         req.get().set_task(task);
-        req.get().set_from_minute(now_min.saturating_sub(minutes));
-        req.get().set_to_minute(now_min);
+        req.get().set_from_minute(now.saturating_sub(back));
+        req.get().set_to_minute(now);
+        req.get().set_per_second(per_second);
         let reply = req
             .send()
             .promise
@@ -321,6 +352,35 @@ impl ControlClient {
             }));
         }
         Ok(out)
+    }
+
+    /// Stores `counts` (executions per `step_s`, the last step ending at `end_s`; 0: now) as a
+    /// task's history; returns the minutes and seconds written.
+    pub async fn import_history(
+        &self,
+        graph_id: &str,
+        task: &str,
+        step_s: u32,
+        counts: &[u64],
+        end_s: u64,
+    ) -> Result<(u32, u32)> {
+        let mut req = self.client.import_history_request();
+        req.get().set_graph_id(graph_id);
+        req.get().set_task(task);
+        req.get().set_step_sec(step_s);
+        req.get().set_end_second(end_s);
+        let n = u32::try_from(counts.len()).context("too many steps")?;
+        let mut list = req.get().init_counts(n);
+        for (i, c) in counts.iter().enumerate() {
+            list.set(i as u32, *c);
+        }
+        let reply = req
+            .send()
+            .promise
+            .await
+            .map_err(|e| remote(&self.addr, e))?;
+        let r = reply.get()?;
+        Ok((r.get_minutes(), r.get_seconds()))
     }
 
     /// A graph's `[scaling.predictive]` mode and each task's latest forecast with the plan on it
@@ -447,11 +507,23 @@ pub struct AgentRow {
 /// A graph's statistics over a window, as `stats` returns them.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
+    pub cold: ColdRow,
     pub tasks: Vec<TaskStatsRow>,
     pub end_to_end: Option<TaskStatsRow>,
     pub edges: Vec<EdgeStatsRow>,
     pub chains: Vec<ChainStatsRow>,
     pub dropped_spans: u64,
+}
+
+/// A graph's cold executions: queued past their task's wait budget while it had a replica on
+/// its way; over the window, and since the control node started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ColdRow {
+    pub executions: u64,
+    pub wait_mean_ms: f64,
+    pub wait_max_ms: f64,
+    pub total_executions: u64,
+    pub total_wait_s: f64,
 }
 
 /// One chain over a window: end to end at its sink.

@@ -57,13 +57,13 @@ pub fn run(which: Which) -> Result<std::process::ExitCode> {
 }
 
 /// The series of a CSV: names, and the columns as numbers; the steps' spacing when numeric.
-struct Table {
-    names: Vec<String>,
-    columns: Vec<Vec<f64>>,
-    spacing: Option<u64>,
+pub(crate) struct Table {
+    pub names: Vec<String>,
+    pub columns: Vec<Vec<f64>>,
+    pub spacing: Option<u64>,
 }
 
-fn read(path: &Path) -> Result<Table> {
+pub(crate) fn read(path: &Path) -> Result<Table> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut lines = text

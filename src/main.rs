@@ -7,6 +7,7 @@ mod demo_predictive;
 mod demo_replication;
 mod forecast;
 mod forecast_show;
+mod history;
 mod load;
 mod local;
 mod output;
@@ -80,19 +81,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         window: u32,
     },
-    /// Per-minute history (kept across restarts): invocations of the graph, one task's
-    /// executions, or every chain's end-to-end latency.
+    /// Stored history (kept across restarts): per minute, or per second for the last 6 h, of
+    /// a graph's invocations, one task's executions, or every chain's end-to-end latency;
+    /// `history import` stores a trace's counts as a task's history (and re-seeds its forecast).
+    #[command(args_conflicts_with_subcommands = true)]
     History {
-        graph: String,
-        /// A task; without it, the graph's invocations (its arrival rate).
-        #[arg(long, conflicts_with = "chains")]
-        task: Option<String>,
-        /// Every chain (path from an entry task to a sink) of the graph: invocations that
-        /// completed it per minute and their end-to-end latency (admission to the sink's end).
-        #[arg(long)]
-        chains: bool,
-        #[arg(long, default_value_t = 60)]
-        minutes: u64,
+        #[command(subcommand)]
+        which: Option<history::Which>,
+        #[command(flatten)]
+        show: history::Show,
     },
     /// A live view of agents, graphs and tasks, refreshed every second.
     Top {
@@ -300,6 +297,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     "graph": id, "window_seconds": window, "tasks": stats.tasks,
                     "end_to_end": stats.end_to_end, "edges": stats.edges,
                     "chains": stats.chains, "dropped_spans": stats.dropped_spans,
+                    "cold": stats.cold,
                 }))?;
             } else {
                 println!(
@@ -312,6 +310,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         e.count, e.per_second, e.errors, e.exec_p50_us, e.exec_p90_us, e.exec_p99_us
                     );
                 }
+                println!("{}", output::cold_line(&stats.cold));
                 print!("{}", output::stats_table(&stats.tasks));
                 if !stats.edges.is_empty() {
                     print!("\n{}", output::edges_table(&stats.edges));
@@ -323,108 +322,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::History {
-            graph,
-            task: _,
-            chains: true,
-            minutes,
-        } => {
-            let c = ControlClient::connect(&cli.control).await?;
-            let id = c.resolve(&graph).await?;
-            let mut all = Vec::new();
-            for chain in c.stats(&id, 1).await?.chains {
-                let Some(sink) = chain.tasks.last() else {
-                    continue;
-                };
-                let points = c.history(&id, sink, minutes).await?;
-                all.push((chain.tasks.join(" -> "), points));
-            }
-            if json {
-                let v: Vec<serde_json::Value> = all
-                    .iter()
-                    .map(|(chain, points)| {
-                        let points: Vec<serde_json::Value> = points
-                            .iter()
-                            .map(|p| {
-                                serde_json::json!({
-                                    "minute": p["minute"],
-                                    "count": p["sink_count"],
-                                    "p50_us": p["sink_p50_us"],
-                                    "p99_us": p["sink_p99_us"],
-                                })
-                            })
-                            .collect();
-                        serde_json::json!({ "chain": chain, "points": points })
-                    })
-                    .collect();
-                output::print_json(&v)?;
-            } else {
-                let rows: Vec<Vec<String>> = all
-                    .iter()
-                    .flat_map(|(chain, points)| {
-                        points.iter().map(move |p| {
-                            vec![
-                                chain.clone(),
-                                output::format_time_ms(p["minute"].as_u64().unwrap_or(0) * 60_000),
-                                p["sink_count"].to_string(),
-                                format!("{:.0}", p["sink_p50_us"].as_f64().unwrap_or(0.0)),
-                                format!("{:.0}", p["sink_p99_us"].as_f64().unwrap_or(0.0)),
-                            ]
-                        })
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    output::table(&["CHAIN", "MINUTE", "COUNT", "P50 us", "P99 us"], &rows)
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::History {
-            graph,
-            task,
-            chains: false,
-            minutes,
-        } => {
-            let c = ControlClient::connect(&cli.control).await?;
-            let id = c.resolve(&graph).await?;
-            let points = c
-                .history(&id, task.as_deref().unwrap_or(""), minutes)
-                .await?;
-            if json {
-                output::print_json(&points)?;
-            } else {
-                let rows: Vec<Vec<String>> = points
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            output::format_time_ms(p["minute"].as_u64().unwrap_or(0) * 60_000),
-                            p["count"].to_string(),
-                            p["errors"].to_string(),
-                            format!("{:.0}", p["exec_p50_us"].as_f64().unwrap_or(0.0)),
-                            format!("{:.0}", p["exec_p99_us"].as_f64().unwrap_or(0.0)),
-                            format!("{:.0}", p["queue_p50_us"].as_f64().unwrap_or(0.0)),
-                            format!("{:.0}", p["queue_p99_us"].as_f64().unwrap_or(0.0)),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    output::table(
-                        &[
-                            "MINUTE",
-                            "COUNT",
-                            "ERRORS",
-                            "P50 us",
-                            "P99 us",
-                            "QUEUE P50 us",
-                            "QUEUE P99 us"
-                        ],
-                        &rows
-                    )
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+            which: Some(which), ..
+        } => history::import(&cli.control, which, json).await,
+        Command::History { which: None, show } => history::show(&cli.control, &show, json).await,
         Command::Top { once, window } => {
             let c = ControlClient::connect(&cli.control).await?;
             // The controller's latest decisions, newest last.
@@ -466,6 +366,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                             e.per_second, e.errors, e.exec_p50_us, e.exec_p99_us
                         ));
                     }
+                    frame.push_str(&output::cold_line(&stats.cold));
+                    frame.push('\n');
                     frame.push_str(&output::stats_table(&tasks));
                     frame.push('\n');
                     frame.push_str(&output::chains_table(&chains));

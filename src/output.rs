@@ -257,6 +257,22 @@ pub fn replicas_table(replicas: &[crate::client::ReplicaRow]) -> String {
     )
 }
 
+/// A graph's cold executions, in one line for `stats` and `top`.
+pub fn cold_line(c: &crate::client::ColdRow) -> String {
+    let recent = if c.executions == 0 {
+        "cold: none in the window".to_string()
+    } else {
+        format!(
+            "cold: {} executions waited for capacity on its way (mean {:.1} ms, longest {:.1} ms)",
+            c.executions, c.wait_mean_ms, c.wait_max_ms
+        )
+    };
+    format!(
+        "{recent}; {} since the control node started ({:.1} s waited)",
+        c.total_executions, c.total_wait_s
+    )
+}
+
 pub fn stats_table(tasks: &[crate::client::TaskStatsRow]) -> String {
     if tasks.is_empty() {
         return "no spans in this window\n".into();

@@ -156,3 +156,81 @@ fn the_plan_orders_replicas_ahead_and_forecast_only_just_says_so() {
         let _ = l.wait();
     }
 }
+
+#[test]
+fn an_imported_trace_seeds_the_forecast_and_the_per_second_history() {
+    let dir = TempDir::new("predictive-import");
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let _agent = Agent::start(&control.addr, "a1", 4, dir.path());
+    control.wait_agents(1);
+    let path = dir.path().join("told.toml");
+    std::fs::write(&path, graph("told", "forecast-only")).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "told", 1, 1);
+    // An hour in 10 s steps at 60 per step (6/s), and a column not imported.
+    let mut csv = String::from("t,other,rps6\n");
+    for i in 0..360 {
+        csv.push_str(&format!("{},{},60\n", i * 10, i % 7));
+    }
+    let file = dir.path().join("trace.csv");
+    std::fs::write(&file, csv).unwrap();
+    let args = ["history", "import", "told", "--task", "work"];
+    let f = file.to_str().unwrap();
+    let out = control.cli_json(&[&args[..], &["--csv", f, "--column", "rps6"]].concat());
+    assert_eq!(
+        (&out["steps"], &out["step_s"], &out["seconds"]),
+        (&360.into(), &10.into(), &3600.into()),
+        "{out}"
+    );
+    assert!(
+        (60..=61).contains(&out["minutes"].as_u64().unwrap_or(0)),
+        "{out}"
+    );
+    let seconds = control.cli_json(&["history", "told", "--task", "work", "--per-second"]);
+    let counts: Vec<u64> = seconds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_u64().unwrap())
+        .collect();
+    assert!(
+        counts.len() >= 3000 && counts.iter().all(|c| *c == 6),
+        "{} points",
+        counts.len()
+    );
+    // A missing column is named.
+    let bad = Command::new(CLI)
+        .args(["--control", &control.addr])
+        .args(args)
+        .args(["--csv", f, "--column", "nope"])
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("no series \"nope\""),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    // The graph has had no load: only the import can make its re-seeded forecast non-zero
+    // (the live seconds since the minute began are zeros, so it reads below the trace's 6/s).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Until its first 10 s step, there is nothing to show (and the command says so).
+        let out = Command::new(CLI)
+            .args(["--control", &control.addr, "--json", "forecast", "told"])
+            .output()
+            .unwrap();
+        let shown: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let p = shown["tasks"][0]["point"][0].as_f64().unwrap_or(0.0);
+        if p > 1.0 {
+            assert!(p < 7.0, "{shown}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no forecast from the import: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -85,6 +85,13 @@ fn load_scales_a_task_out_and_its_loss_scales_it_back_in() {
         work["queue_p99_us"].as_f64().unwrap(),
     );
     assert!(exec_p50 < 40_000.0 && queue_p99 > 5_000.0, "{stats}");
+    // Those that queued past a service time while the new replicas were on their way are cold.
+    let cold = &stats["cold"];
+    assert!(
+        cold["total_executions"].as_u64().unwrap_or(0) >= 1
+            && cold["wait_mean_ms"].as_f64().unwrap_or(0.0) > 20.0,
+        "{stats}"
+    );
     let ev = events(&control);
     let (_, _, why) = ev
         .iter()

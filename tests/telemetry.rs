@@ -326,7 +326,11 @@ fn history_survives_a_restart() {
             .sum()
     };
     let until = std::time::Instant::now() + Duration::from_secs(15);
-    while total(&control, &[]) != sent || total(&control, &["--task", "infer"]) != sent {
+    let per_second = ["--task", "infer", "--per-second"];
+    while total(&control, &[]) != sent
+        || total(&control, &["--task", "infer"]) != sent
+        || total(&control, &per_second) != sent
+    {
         assert!(
             std::time::Instant::now() < until,
             "history never reached {sent}"
@@ -367,6 +371,7 @@ fn history_survives_a_restart() {
     let control = Control::start_on(&data, &addr, &["--startup-grace-ms", "0"]);
     assert_eq!(control.cli_json(&["history", "g1"]), before);
     assert_eq!(total(&control, &["--task", "infer"]), sent);
+    assert_eq!(total(&control, &per_second), sent, "per second too");
     assert_eq!(chains(&control), chain_before);
 }
 

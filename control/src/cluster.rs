@@ -207,11 +207,16 @@ impl Cluster {
             tick.tick().await;
             let now_s = unix_ms() / 1000;
             let since = now_s.saturating_sub(self.config.history_flush.as_secs() + 60);
-            let rows = self.monitor.borrow().minute_rollups(since);
+            let (rows, seconds) = {
+                let m = self.monitor.borrow();
+                (m.minute_rollups(since), m.rollups(since, 1))
+            };
             let reg = self.registry.clone();
             let mut b = baselines.take().unwrap_or_default();
             let written = tokio::task::spawn_blocking(move || {
-                let r = reg.put_history(&rows, &mut b);
+                let r = reg
+                    .put_history(&rows, &mut b)
+                    .and_then(|()| reg.put_seconds(&seconds));
                 (r, b)
             })
             .await;
@@ -239,6 +244,8 @@ impl Cluster {
             for a in &actions {
                 apply(&mut state, a, now);
             }
+            // After the pass's placements, so a replica ready before the next pass still counts.
+            crate::readings::note_provisioning(&mut self.monitor.borrow_mut(), &state, unix_ms());
             actions
         };
         for a in actions {
@@ -258,8 +265,15 @@ impl Cluster {
             .read(&monitor, &mut state, now_ms, self.now());
     }
 
+    /// Drops a task's forecast series (its history was imported): the next pass starts it
+    /// again, seeded from what is stored now.
+    pub fn reseed_forecast(&self, graph_id: &str, task: &str) {
+        self.forecasting.borrow_mut().forget(graph_id, task);
+        self.reconcile_soon();
+    }
+
     /// Starts a forecast series for each task of a graph newly under `[scaling.predictive]`,
-    /// seeded from its stored per-minute history (read on the blocking pool).
+    /// seeded from its stored per-second and per-minute history (read on the blocking pool).
     async fn seed_forecasts(&self) {
         let unseeded = {
             let mut f = self.forecasting.borrow_mut();
@@ -269,19 +283,29 @@ impl Cluster {
         for (graph, task, from, to) in unseeded {
             let reg = self.registry.clone();
             let (g, t) = (graph.clone(), task.clone());
-            let read = tokio::task::spawn_blocking(move || reg.history(&g, &t, from, to))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            let points = read.unwrap_or_else(|e| {
+            let read = tokio::task::spawn_blocking(move || {
+                let to_s = to * 60;
+                let from_s = to_s.saturating_sub(crate::store::SECOND_HISTORY_S);
+                Ok::<_, crate::store::StoreError>((
+                    reg.history(&g, &t, from, to)?,
+                    reg.history_seconds(&g, &t, from_s, to_s.saturating_sub(1))?,
+                ))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            let (minutes, seconds) = read.unwrap_or_else(|e| {
                 warn!("reading {graph}.{task}'s history to seed its forecast failed: {e}");
-                Vec::new()
+                Default::default()
             });
             info!(
-                "forecasting {graph}.{task}: seeded with {} stored minutes",
-                points.len()
+                "forecasting {graph}.{task}: seeded with {} stored minutes and {} seconds",
+                minutes.len(),
+                seconds.len()
             );
-            self.forecasting.borrow_mut().seed(&graph, &task, &points);
+            self.forecasting
+                .borrow_mut()
+                .seed(&graph, &task, &minutes, &seconds);
         }
     }
 
@@ -304,7 +328,11 @@ impl Cluster {
                 self.push_all_tables_to(host).await;
             }
             Action::Undeploy { graph_id, .. } => {
-                self.monitor.borrow_mut().samples.remove_graph(graph_id);
+                {
+                    let mut monitor = self.monitor.borrow_mut();
+                    monitor.samples.remove_graph(graph_id);
+                    monitor.cold.remove_graph(graph_id);
+                }
                 let clients: Vec<agent::Client> = self
                     .agents
                     .borrow()

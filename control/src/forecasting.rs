@@ -117,6 +117,12 @@ impl Forecasting {
         }
     }
 
+    /// Drops a series; [`Forecasting::track`] starts it again (unseeded) if still wanted.
+    pub fn forget(&mut self, graph_id: &str, task: &str) {
+        self.series
+            .remove(&(graph_id.to_string(), task.to_string()));
+    }
+
     /// The (graph, task) series waiting for their history, with the minutes to read (from,
     /// to exclusive).
     pub fn unseeded(&self) -> Vec<(String, String, u64, u64)> {
@@ -130,9 +136,16 @@ impl Forecasting {
             .collect()
     }
 
-    /// Seeds a series with its per-minute history before `next_s` (oldest first; a minute
-    /// missing between two stored ones had no executions); an empty history seeds nothing.
-    pub fn seed(&mut self, graph_id: &str, task: &str, points: &[HistoryPoint]) {
+    /// Seeds a series with its history before `next_s`: per second where it is stored (the
+    /// last [`crate::store::SECOND_HISTORY_S`]), per minute before that (a minute or second missing between
+    /// two stored ones had no executions); an empty history seeds nothing.
+    pub fn seed(
+        &mut self,
+        graph_id: &str,
+        task: &str,
+        points: &[HistoryPoint],
+        seconds: &[HistoryPoint],
+    ) {
         let Some(s) = self
             .series
             .get_mut(&(graph_id.to_string(), task.to_string()))
@@ -143,22 +156,41 @@ impl Forecasting {
             return;
         }
         s.seeded = true;
-        let before = s.next_s / 60;
-        let mut points: Vec<&HistoryPoint> = points.iter().filter(|p| p.minute < before).collect();
-        points.sort_by_key(|p| p.minute);
-        let Some(first) = points.first().map(|p| p.minute) else {
+        // Per-second rows (kept for the last hours) from the first whole minute they cover;
+        // per-minute rows before that.
+        let mut seconds: Vec<&HistoryPoint> = seconds.iter().filter(|p| p.at < s.next_s).collect();
+        seconds.sort_by_key(|p| p.at);
+        let seconds_from = seconds
+            .first()
+            .map_or(s.next_s, |p| p.at.div_ceil(60) * 60)
+            .min(s.next_s);
+        let before = seconds_from / 60;
+        let mut points: Vec<&HistoryPoint> = points.iter().filter(|p| p.at < before).collect();
+        points.sort_by_key(|p| p.at);
+        let Some(first) = points.first().map(|p| p.at) else {
             return;
         };
         let per_step = (60 / STEP_S) as usize;
         let mut at = points.iter().peekable();
         for minute in first..before {
             let count = match at.peek() {
-                Some(p) if p.minute == minute => at.next().map_or(0, |p| p.count),
+                Some(p) if p.at == minute => at.next().map_or(0, |p| p.count),
                 _ => 0,
             };
             for _ in 0..per_step {
                 s.series.observe(count as f64 / per_step as f64);
             }
+        }
+        let mut at = seconds
+            .iter()
+            .skip_while(|p| p.at < seconds_from)
+            .peekable();
+        for step in (seconds_from..s.next_s).step_by(STEP_S as usize) {
+            let mut count = 0;
+            while let Some(p) = at.next_if(|p| p.at < step + STEP_S) {
+                count += p.count;
+            }
+            s.series.observe(count as f64);
         }
     }
 
@@ -318,12 +350,12 @@ lead = "30s"
         let points: Vec<HistoryPoint> = (to - 120..*to)
             .filter(|m| *m != to - 7)
             .map(|minute| HistoryPoint {
-                minute,
+                at: minute,
                 count: 300,
                 ..HistoryPoint::default()
             })
             .collect();
-        f.seed(g, t, &points);
+        f.seed(g, t, &points, &[]);
         assert!(f.unseeded().is_empty());
         // The live seconds since the minute began, and a pass 2 s behind the clock.
         let mut m = Monitor::default();
@@ -377,5 +409,42 @@ lead = "30s"
         }
         f.track(&off, 1_000_060_000);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn stored_seconds_stand_in_for_their_minutes() {
+        let mut s = state();
+        let mut f = Forecasting::new(None);
+        let start_ms = 1_000_020_000;
+        f.track(&s, start_ms);
+        let (g, t, from, to) = f.unseeded().remove(0);
+        // Two hours at 300 a minute, and the last ten minutes also per second at 1/s: those
+        // minutes read from the seconds, so the series ends at 1/s, not 5/s.
+        let minutes: Vec<HistoryPoint> = (to - 120..to)
+            .map(|at| HistoryPoint {
+                at,
+                count: 300,
+                ..HistoryPoint::default()
+            })
+            .collect();
+        let seconds: Vec<HistoryPoint> = ((to - 10) * 60 - 30..to * 60)
+            .map(|at| HistoryPoint {
+                at,
+                count: 1,
+                ..HistoryPoint::default()
+            })
+            .collect();
+        assert!(from < to - 120);
+        f.seed(&g, &t, &minutes, &seconds);
+        let mut m = Monitor::default();
+        let minute_s = 1_000_020 / 60 * 60;
+        windows(&mut m, minute_s, 1_000_040, |_| 1);
+        f.read(&m, &mut s, 1_000_042_000, Duration::from_secs(500));
+        let fc = &s.deployments["g1"].forecasts["t"];
+        assert!(
+            fc.point_per_s.iter().all(|p| (p - 1.0).abs() < 0.5),
+            "{:?}",
+            fc.point_per_s
+        );
     }
 }

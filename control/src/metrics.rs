@@ -84,6 +84,30 @@ pub fn render(cluster: &Cluster, now_s: u64) -> String {
         );
     }
     e.family(
+        "prescient_cold_executions_total",
+        "counter",
+        "Executions that queued past their task's wait budget while it had a replica on its way.",
+    );
+    for (g, c) in &monitor.cold.totals {
+        e.sample(
+            "prescient_cold_executions_total",
+            &[("graph", g)],
+            c.executions as f64,
+        );
+    }
+    e.family(
+        "prescient_cold_wait_seconds_total",
+        "counter",
+        "The queue waits of the cold executions, added up.",
+    );
+    for (g, c) in &monitor.cold.totals {
+        e.sample(
+            "prescient_cold_wait_seconds_total",
+            &[("graph", g)],
+            c.wait_sum_ns / 1e9,
+        );
+    }
+    e.family(
         "prescient_task_errors_total",
         "counter",
         "Task executions that failed.",

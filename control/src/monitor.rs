@@ -1,6 +1,8 @@
 //! The monitoring service's store: per-second windows of mergeable sketches per task, rolled up
 //! over any window on query. Pure data: fed spans, asked for statistics; no I/O.
 
+pub mod cold;
+
 use prescient_schemas::sketch::Sketch;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -291,6 +293,8 @@ pub struct Monitor {
     pub samples: crate::samples::InputSamples,
     /// The latest gauges per replica, for scaling signals.
     pub gauges: crate::gauges::Gauges,
+    /// Executions that waited for capacity still on its way.
+    pub cold: cold::Cold,
 }
 
 impl Monitor {
@@ -430,6 +434,7 @@ impl Monitor {
         slot.input_bytes += w.input_bytes;
         slot.output_bytes += w.output_bytes;
         slot.errors += w.errors;
+        self.cold.record(&w.graph_id, &w.task, w.second, &w.queue);
         self.replicas.record(
             &w.graph_id,
             &w.task,
@@ -446,12 +451,23 @@ impl Monitor {
         &self,
         since_s: u64,
     ) -> Vec<(String, String, crate::store::HistoryPoint)> {
+        self.rollups(since_s, 60)
+    }
+
+    /// Roll-ups over `step_s` seconds (each point's `at` in steps since the epoch: unix minutes
+    /// for 60, seconds for 1) of every series touched at or after `since_s`.
+    pub fn rollups(
+        &self,
+        since_s: u64,
+        step_s: u64,
+    ) -> Vec<(String, String, crate::store::HistoryPoint)> {
+        let step_s = step_s.max(1);
         let mut out = Vec::new();
         for ((g, task), series) in &self.tasks {
             let mut minutes: BTreeMap<u64, Second> = BTreeMap::new();
-            let first_minute = since_s / 60;
-            for (t, w) in series.iter().filter(|(t, _)| t / 60 >= first_minute) {
-                let m = minutes.entry(t / 60).or_default();
+            let first_minute = since_s / step_s;
+            for (t, w) in series.iter().filter(|(t, _)| t / step_s >= first_minute) {
+                let m = minutes.entry(t / step_s).or_default();
                 m.exec.merge(&w.exec);
                 m.queue.merge(&w.queue);
                 m.sink.merge(&w.sink);
@@ -469,7 +485,7 @@ impl Monitor {
                     g.clone(),
                     task.clone(),
                     crate::store::HistoryPoint {
-                        minute,
+                        at: minute,
                         count: m.exec.count(),
                         errors: m.errors,
                         exec_p50_ns: ns(&m.exec, 0.5),

@@ -199,3 +199,30 @@ pub fn read(
             .collect();
     }
 }
+
+/// Tells the monitor which tasks have a replica on its way (placed, not yet routed) and the
+/// queue wait over which their executions are cold: `[scaling.predictive] max_wait`, else the
+/// task's measured service time, else its estimate.
+pub fn note_provisioning(monitor: &mut Monitor, state: &Snapshot, now_ms: u64) {
+    let now_s = now_ms / 1000;
+    for (id, d) in &state.deployments {
+        let max_wait = d
+            .record
+            .graph
+            .scaling
+            .as_ref()
+            .and_then(|s| s.predictive.max_wait_ns);
+        for t in &d.record.graph.tasks {
+            let provisioning = d.replicas.iter().any(|r| r.task == t.id && !r.is_ready());
+            let measured = d.load.get(&t.id).and_then(|l| {
+                [l.service_s, l.calibrated_s]
+                    .into_iter()
+                    .find(|s| *s > 0.0 && s.is_finite())
+            });
+            let budget_ns = max_wait.unwrap_or_else(|| {
+                measured.map_or(t.estimated_execution_time_ns, |s| (s * 1e9) as u64)
+            });
+            monitor.cold.note(id, &t.id, now_s, provisioning, budget_ns);
+        }
+    }
+}

@@ -314,6 +314,14 @@ impl control::Server for Control {
             r.set_has_end_to_end(true);
             encode_task_stats(&e2e, r.reborrow().init_end_to_end());
         }
+        let cold = monitor.cold.window(&id, window, now_s);
+        let total = monitor.cold.totals.get(&id).copied().unwrap_or_default();
+        let mut cb = r.reborrow().init_cold();
+        cb.set_executions(cold.executions);
+        cb.set_wait_sum_ns(cold.wait_sum_ns);
+        cb.set_wait_max_ns(cold.wait_max_ns);
+        cb.set_total_executions(total.executions);
+        cb.set_total_wait_sum_ns(total.wait_sum_ns);
         let edges = monitor.edge_stats(&id, window, now_s);
         let state = self.cluster.state.borrow();
         let deployment = state.deployments.get(&id);
@@ -378,13 +386,20 @@ impl control::Server for Control {
         let p = params.get()?;
         let (graph, task) = (text(p.get_graph_id())?, text(p.get_task())?);
         let (from, to) = (p.get_from_minute(), p.get_to_minute());
+        let per_second = p.get_per_second();
         let points = self
-            .blocking(move |r| r.history(&graph, &task, from, to))
+            .blocking(move |r| {
+                if per_second {
+                    r.history_seconds(&graph, &task, from, to)
+                } else {
+                    r.history(&graph, &task, from, to)
+                }
+            })
             .await?;
         let mut list = results.get().init_points(points.len() as u32);
         for (i, h) in points.iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);
-            b.set_minute(h.minute);
+            b.set_minute(h.at);
             b.set_count(h.count);
             b.set_errors(h.errors);
             b.set_exec_p50_ns(h.exec_p50_ns);
@@ -396,6 +411,44 @@ impl control::Server for Control {
             b.set_sink_p50_ns(h.sink_p50_ns);
             b.set_sink_p99_ns(h.sink_p99_ns);
         }
+        Ok(())
+    }
+
+    async fn import_history(
+        self: CapRc<Self>,
+        params: control::ImportHistoryParams,
+        mut results: control::ImportHistoryResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (id, task) = (text(p.get_graph_id())?, text(p.get_task())?);
+        let step_s = u64::from(p.get_step_sec());
+        let counts: Vec<u64> = p.get_counts()?.iter().collect();
+        let end_s = match p.get_end_second() {
+            0 => now_ms() / 1000,
+            s => s,
+        };
+        if step_s == 0 || counts.is_empty() {
+            return Err(capnp::Error::failed(
+                "importing history: the step must be positive and the series not empty".into(),
+            ));
+        }
+        let (g, t) = (id.clone(), task.clone());
+        let (minutes, seconds) = self
+            .blocking(move |r| {
+                let record = r.get(&g)?;
+                if !t.is_empty() && record.graph.task(&t).is_none() {
+                    return Err(StoreError::UnknownTask {
+                        graph: g.clone(),
+                        task: t.clone(),
+                    });
+                }
+                r.import_history(&g, &t, step_s, &counts, end_s)
+            })
+            .await?;
+        self.cluster.reseed_forecast(&id, &task);
+        let mut r = results.get();
+        r.set_minutes(minutes as u32);
+        r.set_seconds(seconds as u32);
         Ok(())
     }
 

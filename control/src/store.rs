@@ -24,6 +24,13 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (graph, task, unix minute) -> per-minute roll-up; task "" is end-to-end (arrivals).
 const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("history");
+/// (graph, task, unix second) -> per-second roll-up, the last `SECOND_HISTORY_S` kept.
+const HISTORY_SECONDS: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("history_seconds");
+/// Seconds of per-second history kept per series (6 h: ~1.9 MB per task).
+pub const SECOND_HISTORY_S: u64 = 6 * 3600;
+/// Steps one import may hold at most (a year of minutes).
+pub const MAX_IMPORT_STEPS: usize = 525_600;
 const NEXT_GRAPH_ID: &str = "next_graph_id";
 
 /// A registry operation that failed.
@@ -37,8 +44,13 @@ pub enum StoreError {
     Corrupt(#[from] DecodeError),
     #[error("no graph with id {0:?}")]
     UnknownGraph(String),
+    #[error("graph {graph:?} has no task {task:?}")]
+    UnknownTask { graph: String, task: String },
     #[error("graph {id:?} was removed at {at_ms} (unix ms)")]
     Removed { id: String, at_ms: u64 },
+    /// An imported history longer than a year, or of more steps than `MAX_IMPORT_STEPS`.
+    #[error("an imported history of {steps} steps of {step_s} s is over the limit (a year, {MAX_IMPORT_STEPS} steps)")]
+    ImportTooLong { steps: usize, step_s: u64 },
 }
 
 macro_rules! from_redb {
@@ -129,6 +141,7 @@ impl Registry {
         tx.open_table(REMOVED)?;
         tx.open_table(META)?;
         tx.open_table(HISTORY)?;
+        tx.open_table(HISTORY_SECONDS)?;
         tx.commit()?;
         Ok(Registry { db })
     }
@@ -288,10 +301,11 @@ impl Registry {
     }
 }
 
-/// One minute of one task (or, with `task` empty, of a graph's invocations).
+/// One minute (or second) of one task (or, with `task` empty, of a graph's invocations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HistoryPoint {
-    pub minute: u64,
+    /// The unix minute, or in the per-second history the unix second.
+    pub at: u64,
     pub count: u64,
     pub errors: u64,
     pub exec_p50_ns: u64,
@@ -344,7 +358,7 @@ impl HistoryPoint {
             }
         };
         HistoryPoint {
-            minute: self.minute,
+            at: self.at,
             count: self.count.saturating_add(o.count),
             errors: self.errors.saturating_add(o.errors),
             exec_p50_ns: weighted(self.exec_p50_ns, self.count, o.exec_p50_ns, o.count),
@@ -385,24 +399,24 @@ impl HistoryPoint {
         b
     }
 
-    fn from_bytes(minute: u64, b: &[u8]) -> HistoryPoint {
-        let at = |i: usize| {
+    fn from_bytes(at: u64, b: &[u8]) -> HistoryPoint {
+        let field = |i: usize| {
             b.get(i * 8..i * 8 + 8)
                 .and_then(|x| x.try_into().ok())
                 .map_or(0, u64::from_le_bytes)
         };
         HistoryPoint {
-            minute,
-            count: at(0),
-            errors: at(1),
-            exec_p50_ns: at(2),
-            exec_p99_ns: at(3),
-            exec_mean_ns: at(4),
-            queue_p50_ns: at(5),
-            queue_p99_ns: at(6),
-            sink_count: at(7),
-            sink_p50_ns: at(8),
-            sink_p99_ns: at(9),
+            at,
+            count: field(0),
+            errors: field(1),
+            exec_p50_ns: field(2),
+            exec_p99_ns: field(3),
+            exec_mean_ns: field(4),
+            queue_p50_ns: field(5),
+            queue_p99_ns: field(6),
+            sink_count: field(7),
+            sink_p50_ns: field(8),
+            sink_p99_ns: field(9),
         }
     }
 }
@@ -422,18 +436,16 @@ impl Registry {
         {
             let mut t = tx.open_table(HISTORY)?;
             for (g, task, p) in rows {
-                let key = (g.as_str(), task.as_str(), p.minute);
+                let key = (g.as_str(), task.as_str(), p.at);
                 let mut row = *p;
-                if p.minute <= baselines.started_minute {
-                    let stored = match baselines.stored.get(&(g.clone(), task.clone(), p.minute)) {
+                if p.at <= baselines.started_minute {
+                    let stored = match baselines.stored.get(&(g.clone(), task.clone(), p.at)) {
                         Some(s) => *s,
                         None => {
                             let s = t
                                 .get(key)?
-                                .map(|v| HistoryPoint::from_bytes(p.minute, v.value()));
-                            baselines
-                                .stored
-                                .insert((g.clone(), task.clone(), p.minute), s);
+                                .map(|v| HistoryPoint::from_bytes(p.at, v.value()));
+                            baselines.stored.insert((g.clone(), task.clone(), p.at), s);
                             s
                         }
                     };
@@ -448,6 +460,115 @@ impl Registry {
         Ok(())
     }
 
+    /// Writes (or rewrites) per-second roll-ups, and drops each written series' seconds older
+    /// than `SECOND_HISTORY_S` before its newest.
+    pub fn put_seconds(&self, rows: &[(String, String, HistoryPoint)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut newest: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HISTORY_SECONDS)?;
+            for (g, task, p) in rows {
+                t.insert((g.as_str(), task.as_str(), p.at), p.to_bytes().as_slice())?;
+                let n = newest.entry((g.as_str(), task.as_str())).or_default();
+                *n = (*n).max(p.at);
+            }
+            for ((g, task), last) in newest {
+                let cut = last.saturating_sub(SECOND_HISTORY_S);
+                t.retain_in((g, task, 0)..(g, task, cut), |_, _| false)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Per-second roll-ups of one task in `[from, to]` (unix seconds), oldest first.
+    pub fn history_seconds(
+        &self,
+        graph: &str,
+        task: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<HistoryPoint>, StoreError> {
+        self.read_history(HISTORY_SECONDS, graph, task, from, to)
+    }
+
+    fn read_history(
+        &self,
+        table: TableDefinition<(&str, &str, u64), &[u8]>,
+        graph: &str,
+        task: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<HistoryPoint>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.range((graph, task, from)..=(graph, task, to))? {
+            let (k, v) = entry?;
+            out.push(HistoryPoint::from_bytes(k.value().2, v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Imports a series of counts (executions per `step_s`, the last step ending at `end_s`)
+    /// as a task's history: per-minute rows (a step spread evenly over the minutes it covers,
+    /// or steps added up into their minute), and per-second rows for steps shorter than a
+    /// minute within `SECOND_HISTORY_S` of `end_s`. Imported rows replace stored ones.
+    /// Returns the minutes and seconds written.
+    pub fn import_history(
+        &self,
+        graph: &str,
+        task: &str,
+        step_s: u64,
+        counts: &[u64],
+        end_s: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let step_s = step_s.max(1);
+        let span = step_s.saturating_mul(counts.len() as u64);
+        if counts.len() > MAX_IMPORT_STEPS || span > 366 * 86_400 {
+            return Err(StoreError::ImportTooLong {
+                steps: counts.len(),
+                step_s,
+            });
+        }
+        let start_s = end_s.saturating_sub(span);
+        let mut minutes: std::collections::BTreeMap<u64, f64> = Default::default();
+        let mut seconds: Vec<(u64, u64)> = Vec::new();
+        for (i, &c) in counts.iter().enumerate() {
+            let from = start_s + i as u64 * step_s;
+            // Spread evenly over the step's seconds, in whole executions.
+            let upto = |k: u64| (u128::from(c) * u128::from(k) / u128::from(step_s)) as u64;
+            for k in 0..step_s {
+                let n = upto(k + 1) - upto(k);
+                *minutes.entry((from + k) / 60).or_default() += n as f64;
+                if step_s < 60 && from + k + SECOND_HISTORY_S >= end_s {
+                    seconds.push((from + k, n));
+                }
+            }
+        }
+        let point = |at: u64, count: u64| HistoryPoint {
+            at,
+            count,
+            ..HistoryPoint::default()
+        };
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HISTORY)?;
+            for (&m, &c) in &minutes {
+                t.insert((graph, task, m), point(m, c as u64).to_bytes().as_slice())?;
+            }
+            let mut t = tx.open_table(HISTORY_SECONDS)?;
+            for &(s, c) in &seconds {
+                t.insert((graph, task, s), point(s, c).to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok((minutes.len(), seconds.len()))
+    }
+
     /// Roll-ups of one task (or "" for end to end) in `[from, to]` (unix minutes), oldest first.
     pub fn history(
         &self,
@@ -456,14 +577,7 @@ impl Registry {
         from: u64,
         to: u64,
     ) -> Result<Vec<HistoryPoint>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(HISTORY)?;
-        let mut out = Vec::new();
-        for entry in t.range((graph, task, from)..=(graph, task, to))? {
-            let (k, v) = entry?;
-            out.push(HistoryPoint::from_bytes(k.value().2, v.value()));
-        }
-        Ok(out)
+        self.read_history(HISTORY, graph, task, from, to)
     }
 }
 
@@ -513,7 +627,7 @@ estimate = "1ms"
         let _ = std::fs::remove_dir_all(&dir);
         let reg = Registry::open(&dir).unwrap();
         let point = |minute, count, p50, p99| HistoryPoint {
-            minute,
+            at: minute,
             count,
             exec_p50_ns: p50,
             exec_p99_ns: p99,
@@ -539,6 +653,57 @@ estimate = "1ms"
         assert_eq!(h[0].exec_p50_ns, 1250);
         assert_eq!(h[0].exec_p99_ns, 5000);
         assert_eq!(h[1].count, 7);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn per_second_history_is_kept_for_its_span_and_imports_fill_both() {
+        let dir = std::env::temp_dir().join(format!("prescient-seconds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reg = Registry::open(&dir).unwrap();
+        let row = |at, count| {
+            (
+                "g1".to_string(),
+                "t".to_string(),
+                HistoryPoint {
+                    at,
+                    count,
+                    ..HistoryPoint::default()
+                },
+            )
+        };
+        reg.put_seconds(&[row(1_000, 3), row(1_001, 4)]).unwrap();
+        let far = 1_001 + SECOND_HISTORY_S + 1;
+        reg.put_seconds(&[row(far, 5)]).unwrap();
+        let h = reg.history_seconds("g1", "t", 0, u64::MAX).unwrap();
+        assert_eq!(
+            h.iter().map(|p| (p.at, p.count)).collect::<Vec<_>>(),
+            vec![(far, 5)],
+            "older than the span kept: dropped"
+        );
+        // 12 steps of 10 s ending at minute 102's end: minutes 101 and 102, 120 seconds.
+        let counts: Vec<u64> = (0..12).map(|i| 10 * i + 3).collect();
+        let end = 103 * 60;
+        assert_eq!(
+            reg.import_history("g1", "u", 10, &counts, end).unwrap(),
+            (2, 120)
+        );
+        let m = reg.history("g1", "u", 0, 200).unwrap();
+        assert_eq!(m.iter().map(|p| p.at).collect::<Vec<_>>(), vec![101, 102]);
+        assert_eq!(m[0].count + m[1].count, counts.iter().sum::<u64>());
+        let s = reg.history_seconds("g1", "u", end - 10, end).unwrap();
+        assert_eq!(s.iter().map(|p| p.count).sum::<u64>(), 113, "the last step");
+        // Hourly steps spread over their minutes; a year and more is refused.
+        assert_eq!(
+            reg.import_history("g1", "v", 3600, &[60, 120], 7200)
+                .unwrap(),
+            (120, 0)
+        );
+        assert_eq!(reg.history("g1", "v", 60, 60).unwrap()[0].count, 2);
+        assert!(matches!(
+            reg.import_history("g1", "v", 86_400, &[1; 400], 1 << 40),
+            Err(StoreError::ImportTooLong { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -2,7 +2,8 @@
 //! needs, from its arrival rate × service time ÷ `max_concurrency` against a target
 //! utilisation, within the task's minimum and maximum, the graph's VM budget and the cooldowns.
 //!
-//! Scale-out goes straight to what is needed (then waits its cooldown); scale-in removes one
+//! Scale-out goes straight to what is needed, or `max_scale_out_step` more at most (then waits
+//! its cooldown); scale-in removes one
 //! replica at a time, only when even one fewer would stay under `SCALE_IN_MARGIN` of the target
 //! (hysteresis), never within the scale-in cooldown of the task's last change, and never a
 //! replica placed less than that cooldown ago.
@@ -225,6 +226,11 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
             };
             let room = budget.saturating_sub(total);
             let to = to.min(have + room);
+            // A step limit applies to growth beyond the minimum, which is restored at once.
+            let step = policy.max_scale_out_step.unwrap_or(u32::MAX);
+            let stepped = to.min(p.min_replicas.max(have.saturating_add(step)));
+            let limited = stepped < to;
+            let to = stepped;
             if to > have {
                 let mut reason = match (load, needed, chain) {
                     _ if floor > reactive => {
@@ -236,7 +242,12 @@ pub fn size(d: &Deployment, policy: &ScalingPolicy, now: Duration) -> Vec<Sizing
                     (Some(l), Some(n), _) => explain(&t.id, l, &p, n),
                     _ => format!("{}: below its minimum of {}", t.id, p.min_replicas),
                 };
-                if to < want {
+                if limited {
+                    let _ = write!(
+                        reason,
+                        "; {to} of the {want} wanted: at most {step} more per scale-out"
+                    );
+                } else if to < want {
                     let _ = write!(
                         reason,
                         "; {to} of the {want} wanted: the graph's budget is {budget} replicas"

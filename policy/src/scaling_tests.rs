@@ -210,6 +210,32 @@ fn the_maximum_and_the_budget_cap_growth() {
 }
 
 #[test]
+fn a_step_limit_grows_a_task_that_many_per_cooldown() {
+    let mut snap = cluster(ScalingPolicy {
+        max_scale_out_step: Some(2),
+        ..policy()
+    });
+    step(&mut snap, s(0.0));
+    load(&mut snap, "infer", 10_000.0, 20.0);
+    let actions = step(&mut snap, s(1.0));
+    assert_eq!(count(&snap, "infer"), 3, "1 + 2");
+    let reason = match &actions[0] {
+        Action::ScaleOut { reason, .. } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        reason.contains("3 of the 6 wanted: at most 2 more per scale-out"),
+        "{reason}"
+    );
+    step(&mut snap, s(5.0));
+    assert_eq!(count(&snap, "infer"), 3, "within the cooldown");
+    step(&mut snap, s(11.0));
+    assert_eq!(count(&snap, "infer"), 5);
+    step(&mut snap, s(21.0));
+    assert_eq!(count(&snap, "infer"), 6, "the maximum");
+}
+
+#[test]
 fn load_loss_scales_in_one_at_a_time_with_hysteresis_and_cooldowns() {
     let mut snap = cluster(policy());
     step(&mut snap, s(0.0));

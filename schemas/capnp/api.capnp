@@ -65,9 +65,22 @@ interface Control {
   listReplicas @9 (graphId :Text) -> (replicas :List(ReplicaSummary), epoch :UInt64);
   uploadArtifact @10 () -> (upload :ArtifactUpload);
   readArtifact @11 (sha256 :Data, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
-  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats), chains :List(ChainStats));
-  history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64) -> (points :List(HistoryPoint));
+  stats @12 (graphId :Text, windowSec :UInt32) -> (tasks :List(TaskStats), droppedSpans :UInt64, endToEnd :TaskStats, hasEndToEnd :Bool, edges :List(EdgeStats), chains :List(ChainStats), cold :ColdStats);
+  history @13 (graphId :Text, task :Text, fromMinute :UInt64, toMinute :UInt64, perSecond :Bool) -> (points :List(HistoryPoint));
+  # perSecond: the per-second history (the last 6 h), from and to in unix seconds.
   forecast @14 (graphId :Text) -> (mode :Text, tasks :List(TaskForecast));
+  importHistory @15 (graphId :Text, task :Text, stepSec :UInt32, counts :List(UInt64), endSecond :UInt64) -> (minutes :UInt32, seconds :UInt32);
+  # A task's executions per step from a trace, the last step ending at endSecond, stored as its
+  # history (replacing what is stored) and re-seeding its forecast.
+}
+
+struct ColdStats {
+  # Executions that queued past their task's wait budget while it had a replica on its way.
+  executions @0 :UInt64;        # over the window asked for
+  waitSumNs @1 :Float64;        # their queue waits, added up
+  waitMaxNs @2 :Float64;        # the longest
+  totalExecutions @3 :UInt64;   # since the control node started
+  totalWaitSumNs @4 :Float64;
 }
 
 struct TaskForecast {
@@ -116,7 +129,7 @@ struct EdgeStats {
 
 struct HistoryPoint {
   # One minute of one task; with task "" the graph's invocations (the arrival rate).
-  minute @0 :UInt64;            # unix minutes
+  minute @0 :UInt64;            # unix minutes (per-second history: unix seconds)
   count @1 :UInt64;
   errors @2 :UInt64;
   execP50Ns @3 :UInt64;

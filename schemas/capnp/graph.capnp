@@ -121,6 +121,7 @@ struct ScalingPolicy {
   predictiveAttainment @18 :Float64;  # 0: the default
   predictiveMaxWaitNs @19 :UInt64;    # 0: each task's calibrated execution time
   predictiveLeadNs @20 :UInt64;       # 0: the default
+  maxScaleOutStep @21 :UInt32;        # replicas one scale-out adds at most; 0: no limit
 }
 
 struct ScalingSignal {

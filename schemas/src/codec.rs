@@ -67,6 +67,7 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_window_ns(s.window_ns);
         sb.set_scale_out_cooldown_ns(s.scale_out_cooldown_ns);
         sb.set_scale_in_cooldown_ns(s.scale_in_cooldown_ns);
+        sb.set_max_scale_out_step(s.max_scale_out_step.unwrap_or(0));
         sb.set_max_concurrency(s.max_concurrency);
         sb.set_slow_factor(s.slow_factor);
         sb.set_error_rate(s.error_rate);
@@ -131,6 +132,7 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
         window_ns: s.get_window_ns(),
         scale_out_cooldown_ns: s.get_scale_out_cooldown_ns(),
         scale_in_cooldown_ns: s.get_scale_in_cooldown_ns(),
+        max_scale_out_step: some(s.get_max_scale_out_step()),
         max_concurrency: s.get_max_concurrency(),
         tasks,
         slow_factor: or_default(s.get_slow_factor(), d.slow_factor),
@@ -544,6 +546,7 @@ mod tests {
                     window_ns: w,
                     scale_out_cooldown_ns: out,
                     scale_in_cooldown_ns: inn,
+                    max_scale_out_step: (mc % 5 > 0).then_some(mc % 5),
                     max_concurrency: mc,
                     tasks,
                     slow_factor: 1.0 + u * 4.0,

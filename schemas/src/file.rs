@@ -200,6 +200,7 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
                 .scale_out_cooldown
                 .map_or(d.scale_out_cooldown_ns, |w| w.0),
             scale_in_cooldown_ns: s.scale_in_cooldown.map_or(d.scale_in_cooldown_ns, |w| w.0),
+            max_scale_out_step: s.max_scale_out_step,
             max_concurrency: s.max_concurrency.unwrap_or(d.max_concurrency),
             slow_factor: s.slow_factor.unwrap_or(d.slow_factor),
             error_rate: s.error_rate.unwrap_or(d.error_rate),
@@ -281,6 +282,7 @@ struct RawScaling {
     window: Option<DurationNs>,
     scale_out_cooldown: Option<DurationNs>,
     scale_in_cooldown: Option<DurationNs>,
+    max_scale_out_step: Option<u32>,
     max_concurrency: Option<u32>,
     slow_factor: Option<f64>,
     error_rate: Option<f64>,

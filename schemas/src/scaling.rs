@@ -19,6 +19,9 @@ pub struct ScalingPolicy {
     pub window_ns: u64,
     /// After a scale-out of a task, no further scale-out of it for this long.
     pub scale_out_cooldown_ns: u64,
+    /// Replicas one scale-out adds to a task at most (a step limit, as HPA's `behavior`);
+    /// `None`: straight to what is needed.
+    pub max_scale_out_step: Option<u32>,
     /// No scale-in of a task within this long of its last change, and no replica retired
     /// within this long of being added.
     pub scale_in_cooldown_ns: u64,
@@ -180,6 +183,7 @@ impl Default for ScalingPolicy {
             target_utilisation: 0.7,
             window_ns: 10_000_000_000,
             scale_out_cooldown_ns: 10_000_000_000,
+            max_scale_out_step: None,
             scale_in_cooldown_ns: 60_000_000_000,
             max_concurrency: 1,
             tasks: Vec::new(),
@@ -298,6 +302,9 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
             "predictive.lead",
             "must be positive and at most 1h".into(),
         );
+    }
+    if s.max_scale_out_step == Some(0) {
+        bad(None, "max_scale_out_step", "must be at least 1".into());
     }
     if s.max_concurrency == 0 {
         bad(None, "max_concurrency", "must be at least 1".into());
@@ -433,12 +440,13 @@ to = "b.x"
     #[test]
     fn defaults_and_overrides() {
         let text = format!(
-            "{CHAIN}\n[scaling]\nmax_replicas = 4\nscale_in_cooldown = \"30s\"\n[scaling.task.b]\nmax_concurrency = 2\nmin_replicas = 2\n"
+            "{CHAIN}\n[scaling]\nmax_replicas = 4\nscale_in_cooldown = \"30s\"\nmax_scale_out_step = 2\n[scaling.task.b]\nmax_concurrency = 2\nmin_replicas = 2\n"
         );
         let g = file::parse("g.toml", &text).unwrap().graph;
         let s = g.scaling.as_ref().unwrap();
         assert_eq!(s.scale_in_cooldown_ns, 30_000_000_000);
         assert_eq!(s.window_ns, 10_000_000_000, "defaulted");
+        assert_eq!(s.max_scale_out_step, Some(2));
         let a = s.for_task("a");
         let b = s.for_task("b");
         assert_eq!(
@@ -477,10 +485,17 @@ to = "b.x"
             ps[1].contains("scaling.task.nope.max_concurrency"),
             "{ps:?}"
         );
-        let ps = problems("\n[scaling]\ntarget_utilisation = 1.5\nmax_vms = 1\n");
-        assert_eq!(ps.len(), 2, "{ps:?}");
+        let ps = problems(
+            "\n[scaling]\ntarget_utilisation = 1.5\nmax_vms = 1\nmax_scale_out_step = 0\n",
+        );
+        assert_eq!(ps.len(), 3, "{ps:?}");
         assert!(
-            ps[1].contains("scaling.max_vms: 1 must cover every task's min_replicas (2 in all)"),
+            ps.iter()
+                .any(|p| p.contains("scaling.max_scale_out_step: must be at least 1")),
+            "{ps:?}"
+        );
+        assert!(
+            ps[2].contains("scaling.max_vms: 1 must cover every task's min_replicas (2 in all)"),
             "{ps:?}"
         );
         // Unknown keys are refused at parse time, with their line.

@@ -276,6 +276,24 @@ impl Sketch {
         })
     }
 
+    /// How many values are above `x`, and their sum, from the buckets (each value taken at its
+    /// bucket's representative, so within the sketch's relative error).
+    pub fn above(&self, x: f64) -> (u64, f64) {
+        if self.count == 0 || self.max <= x {
+            return (0, 0.0);
+        }
+        let g = gamma();
+        let (mut n, mut sum) = (if x < 0.0 { self.zeros } else { 0 }, 0.0);
+        for (i, c) in self.buckets.iter() {
+            let v = (2.0 * g.powi(i) / (g + 1.0)).clamp(self.min, self.max);
+            if v > x {
+                n += c;
+                sum += v * c as f64;
+            }
+        }
+        (n, sum)
+    }
+
     /// The value at quantile `q` (0..=1); 0 for an empty sketch.
     pub fn quantile(&self, q: f64) -> f64 {
         if self.count == 0 {
@@ -361,6 +379,23 @@ mod tests {
             );
         }
         assert_eq!(s.count(), 10_000);
+    }
+
+    #[test]
+    fn counts_and_sums_above_a_value_within_the_relative_error() {
+        let mut s = Sketch::default();
+        for i in 0..1000 {
+            s.record(f64::from(i));
+        }
+        s.record(0.0);
+        let (n, sum) = s.above(899.5);
+        // 900..=999: 100 values summing to 94,950; a bucket straddling 899.5 may move a few.
+        assert!((98..=102).contains(&n), "{n}");
+        assert!((sum - 94_950.0).abs() / 94_950.0 < 0.03, "{sum}");
+        assert_eq!(s.above(999.0), (0, 0.0));
+        assert_eq!(Sketch::default().above(0.0), (0, 0.0));
+        assert_eq!(s.above(-1.0).0, 1001, "zeros too");
+        assert_eq!(s.above(0.0).0, 999);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! acting (`mode = "on"`), each on a fresh cluster of real processes with the process
 //! provisioner's real lead time; rounds alternate which goes first. Per run: the share within
 //! the objective, latency, failures, replica-seconds (the VM-seconds a VM per replica would
-//! bill) and the most replicas, the lead time the plan used, and the plan's scale-outs.
+//! bill) and the most replicas, the lead time the plan used, the plan's scale-outs, and the
+//! cold executions (queued past the wait budget while a replica was on its way).
 
 use super::*;
 use crate::load;
@@ -70,8 +71,9 @@ pub(super) async fn predictive(plan: Plan) -> Result<serde_json::Value> {
             "predictive_within_objective_pct": median("predictive", "within_objective_pct"),
             "replica_seconds_predictive_over_reactive": ratio("replica_seconds"),
             "p99_predictive_over_reactive": ratio("p99_us"),
+            "reactive_cold_executions": median("reactive", "cold_executions"),
+            "predictive_cold_executions": median("predictive", "cold_executions"),
         },
-        "cold": "not measured live yet: the simulator counts it (prescient simulate)",
     }))
 }
 
@@ -123,6 +125,7 @@ async fn one(
         .1
         .first()
         .and_then(|t| t["lead_s"].as_f64());
+    let cold = client.stats(&id, 600).await?.cold;
     let events = client.events(0, 100_000).await?;
     let planned = events
         .iter()
@@ -141,6 +144,8 @@ async fn one(
         "replica_seconds": replica_s,
         "max_replicas": max_replicas,
         "lead_time_s": lead_s,
+        "cold_executions": cold.total_executions,
+        "cold_wait_s": cold.total_wait_s,
         "scale_outs": scale_outs,
         "scale_outs_by_the_plan": planned,
         "forecast_only_events": told,

@@ -11,7 +11,7 @@ impl Engine<'_> {
         let now_ms = self.now / 1_000_000;
         self.forecasting.track(&self.snap, now_ms);
         for (g, t, ..) in self.forecasting.unseeded() {
-            self.forecasting.seed(&g, &t, &[]);
+            self.forecasting.seed(&g, &t, &[], &[]);
         }
         self.forecasting.read(
             &self.monitor,
