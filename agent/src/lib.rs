@@ -12,6 +12,7 @@
 //! - [`telemetry`] — spans, host samples, eBPF probes, socket counters.
 
 pub mod dataplane;
+pub mod guest;
 pub mod node;
 pub mod provision;
 pub mod request_path;

@@ -720,6 +720,7 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(20)), if draining.is_some() => {}
         }
     }
+    info!(drained = draining.is_some(), "worker stopping");
     // What it measured while draining goes out before it exits.
     if let Some((batch, n)) = worker.spans.take_batch(host) {
         if !batches.send(batch) {

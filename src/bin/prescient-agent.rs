@@ -57,6 +57,17 @@ struct Args {
     /// Serve Prometheus metrics on `GET /metrics` at this address (port 0 picks one).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// How replicas run: `process` (a worker process in a cgroup) or `qemu` (a microVM each,
+    /// booted from the guest image `cargo xtask guest-image` builds).
+    #[arg(long, default_value = "process")]
+    provisioner: String,
+    /// The guest image's directory (vmlinuz, initramfs.cpio.gz); default: `target/guest` near
+    /// this binary, `$PRESCIENT_GUEST_DIR`, or /usr/lib/prescient/guest.
+    #[arg(long)]
+    guest_image: Option<PathBuf>,
+    /// The microVMs' accelerator: auto (KVM where a guest boots under it, else TCG), kvm, tcg.
+    #[arg(long, default_value = "auto")]
+    accel: String,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -194,6 +205,32 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let metrics_listen = args.metrics_listen;
+    let exe = std::env::current_exe()?;
+    let qemu = match args.provisioner.as_str() {
+        "process" => None,
+        "qemu" => {
+            use prescient_agent::provision::qemu::{find_image, Accel};
+            let image = match &args.guest_image {
+                Some(d) => d.clone(),
+                None => find_image(&exe).context(
+                    "--provisioner qemu: no guest image found (run `cargo xtask guest-image`, or pass --guest-image DIR)",
+                )?,
+            };
+            for f in ["vmlinuz", "initramfs.cpio.gz"] {
+                if !image.join(f).exists() {
+                    anyhow::bail!("--guest-image {}: no {f} there", image.display());
+                }
+            }
+            let accel = match args.accel.as_str() {
+                "auto" => None,
+                "kvm" => Some(Accel::Kvm),
+                "tcg" => Some(Accel::Tcg),
+                other => anyhow::bail!("--accel {other:?}: auto, kvm or tcg"),
+            };
+            Some(prescient_agent::node::QemuSettings { image, accel })
+        }
+        other => anyhow::bail!("--provisioner {other:?}: process or qemu"),
+    };
     let config = AgentConfig {
         name: args.name.clone().unwrap_or(hostname),
         control: args.control.unwrap_or_else(|| "127.0.0.1:7400".into()),
@@ -203,7 +240,8 @@ fn main() -> Result<()> {
         cpus: args.cpus,
         memory_bytes,
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
-        worker_exe: std::env::current_exe()?,
+        worker_exe: exe,
+        qemu,
         data_plane: transport,
         telemetry: !args.no_telemetry,
         probes: !args.no_probes,

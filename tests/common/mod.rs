@@ -175,6 +175,30 @@ impl Agent {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
+
+    /// An agent started with `extra` flags (e.g. `--provisioner qemu`).
+    pub fn start_with(
+        control: &str,
+        name: &str,
+        cpus: u32,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let log = log_dir.join(format!("agent-{name}.log"));
+        let mut cmd = binaries().agent(control, name, cpus);
+        cmd.args(["--heartbeat-ms", "200"]).args(extra);
+        let proc = launch(cmd, &log, AGENT_READY, name);
+        Agent {
+            ingress: proc.addr.clone(),
+            proc,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 /// Waits until every task of `graph` has `per_task` ready replicas; returns the replicas JSON.

@@ -3,6 +3,7 @@
 //! `cargo xtask codegen [--check]`  regenerate (or verify) the committed Cap'n Proto code
 //! `cargo xtask deps`               install what the other tasks need (Debian's `capnproto`)
 //! `cargo xtask build-ebpf`         build the eBPF probes (installs rust-src and bpf-linker)
+//! `cargo xtask guest-image`        the microVM guest: cloud kernel and initramfs (installs QEMU)
 //! `cargo xtask demo`               build the binaries and run `prescient demo` (the main job)
 //! `cargo xtask test`               the whole test suite (the README's test command)
 //! `cargo xtask lint`               fmt check, codegen check, clippy with warnings as errors, tidy
@@ -14,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod guest;
 mod tidy;
 
 const SCHEMAS: &[&str] = &[
@@ -35,6 +37,7 @@ fn main() -> Result<()> {
             onnxruntime().map(|p| eprintln!("xtask: ONNX Runtime at {}", p.display()))
         }
         Some("train-forecaster") => train_forecaster(),
+        Some("guest-image") => guest::guest_image().map(|_| ()),
         Some("ci") => lint().and_then(|()| test()),
         Some("lint") => lint(),
         Some("tidy") => tidy::tidy(&root()),
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
                  build-ebpf  build the eBPF probes into target/ebpf (the agent embeds them)\n\
                  onnxruntime  fetch libonnxruntime.so from the PyPI wheel into target/onnxruntime/lib\n\
                  train-forecaster  train models/forecaster.onnx on ../shared/traces and rewrite models/ACCURACY.md\n\
+                 guest-image  the microVM guest (cloud kernel, initramfs with a static worker) in target/guest\n\
                  demo     build the binaries (release) and run `prescient demo`\n\
                  test     the whole test suite (what the README's test command runs)\n\
                  lint     fmt check, codegen check, clippy with warnings as errors, tidy\n\
@@ -323,6 +327,7 @@ fn test() -> Result<()> {
     deps()?;
     onnxruntime()?;
     build_ebpf()?;
+    guest::guest_image()?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo().args([
         "test",

@@ -70,7 +70,16 @@ impl Transport {
     /// `auto` takes io_uring when this kernel lets the process create a ring, else epoll;
     /// the reason for the choice is returned for a log line.
     pub fn choose(requested: &str) -> Result<(Transport, String), TransportError> {
-        let probe = || io_uring::IoUring::new(8).map(|_| ());
+        let probe = || {
+            if cfg!(feature = "io-uring") {
+                io_uring::IoUring::new(8).map(|_| ())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "built without io_uring",
+                ))
+            }
+        };
         match requested {
             "epoll" => Ok((Transport::Epoll, "requested".into())),
             "io_uring" => probe()
@@ -100,16 +109,42 @@ pub fn transport() -> Transport {
 #[derive(Clone)]
 enum Conn {
     Epoll(Rc<TcpStream>),
+    #[cfg(feature = "io-uring")]
     Uring(Rc<tokio_uring::net::TcpStream>),
 }
 
+static LOOPBACK_VIA: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+
+/// In a microVM guest: connections to a loopback address go to `ip` instead (the host's
+/// loopback as QEMU's user network presents it), since routing tables name host addresses.
+pub fn set_loopback_via(ip: std::net::IpAddr) {
+    let _ = LOOPBACK_VIA.set(ip);
+}
+
+/// `addr` as this process must dial it (see [`set_loopback_via`]).
+fn dialled(addr: &str) -> std::borrow::Cow<'_, str> {
+    match (LOOPBACK_VIA.get(), addr.parse::<std::net::SocketAddr>()) {
+        (Some(via), Ok(sa)) if sa.ip().is_loopback() => std::net::SocketAddr::new(*via, sa.port())
+            .to_string()
+            .into(),
+        _ => addr.into(),
+    }
+}
+
 async fn connect(addr: &str) -> std::io::Result<Conn> {
+    let addr = &*dialled(addr);
     match transport() {
         Transport::Epoll => {
             let s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
             Ok(Conn::Epoll(Rc::new(s)))
         }
+        #[cfg(not(feature = "io-uring"))]
+        Transport::IoUring => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "built without io_uring",
+        )),
+        #[cfg(feature = "io-uring")]
         Transport::IoUring => {
             let sa: std::net::SocketAddr = addr.parse().map_err(|e| {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
@@ -124,6 +159,7 @@ async fn connect(addr: &str) -> std::io::Result<Conn> {
 /// A data-plane listener.
 pub enum Listener {
     Epoll(TcpListener),
+    #[cfg(feature = "io-uring")]
     Uring(tokio_uring::net::TcpListener),
 }
 
@@ -132,13 +168,22 @@ impl Listener {
     pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<Listener> {
         Ok(match transport() {
             Transport::Epoll => Listener::Epoll(TcpListener::bind(addr).await?),
+            #[cfg(feature = "io-uring")]
             Transport::IoUring => Listener::Uring(tokio_uring::net::TcpListener::bind(addr)?),
+            #[cfg(not(feature = "io-uring"))]
+            Transport::IoUring => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "built without io_uring",
+                ))
+            }
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         match self {
             Listener::Epoll(l) => l.local_addr(),
+            #[cfg(feature = "io-uring")]
             Listener::Uring(l) => l.local_addr(),
         }
     }
@@ -150,6 +195,7 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Ok((Conn::Epoll(Rc::new(s)), peer))
             }
+            #[cfg(feature = "io-uring")]
             Listener::Uring(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);

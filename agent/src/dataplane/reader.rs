@@ -24,6 +24,7 @@ impl AlignedBuf {
 // SAFETY: the pointer is to the Vec's heap allocation, which does not move while the buffer is
 // owned by an in-flight operation (the Vec itself is never resized then); all bytes are
 // initialised (zeroed at allocation).
+#[cfg(feature = "io-uring")]
 unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
     fn stable_ptr(&self) -> *const u8 {
         self.words.as_ptr() as *const u8
@@ -37,6 +38,7 @@ unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
 }
 
 // SAFETY: as above; every byte is always initialised, so `set_init` has nothing to record.
+#[cfg(feature = "io-uring")]
 unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         self.words.as_mut_ptr() as *mut u8
@@ -157,6 +159,7 @@ pub(super) async fn read_frames(
                     Err(e) => return Err(e.into()),
                 }
             }
+            #[cfg(feature = "io-uring")]
             Conn::Uring(s) => {
                 use tokio_uring::buf::BoundedBuf;
                 let total = buf.words.len() * 8;

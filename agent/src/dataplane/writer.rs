@@ -69,6 +69,7 @@ impl Sender {
                             Err(_) => o.closed.set(true),
                         }
                     }
+                    #[cfg(feature = "io-uring")]
                     Conn::Uring(stream) => {
                         // The ring owns each buffer while writing it; new frames gather meanwhile.
                         let chunks = o.pending.borrow_mut().take_all();
@@ -103,6 +104,7 @@ impl Sender {
         let idle = pending.is_empty() && quiet && !o.writing.get() && frame.len() < COALESCE_BELOW;
         let direct = match &o.stream {
             Conn::Epoll(stream) if idle => Some(stream.try_write(&frame)),
+            #[cfg(feature = "io-uring")]
             Conn::Uring(stream) if idle => Some(try_send_now(stream, &frame)),
             _ => None,
         };
@@ -152,6 +154,7 @@ impl Sender {
 
 /// A non-blocking `send` on an io_uring socket: when the connection is idle, a small frame
 /// leaves at once instead of waiting for the writer task and a ring submission.
+#[cfg(feature = "io-uring")]
 pub(super) fn try_send_now(
     stream: &tokio_uring::net::TcpStream,
     frame: &[u8],
@@ -244,6 +247,7 @@ impl OutQueue {
         }
     }
 
+    #[cfg_attr(not(feature = "io-uring"), allow(dead_code))]
     pub(super) fn take_all(&mut self) -> Vec<Vec<u8>> {
         let mut chunks: Vec<Vec<u8>> = self.chunks.drain(..).collect();
         if self.head > 0 {

@@ -13,7 +13,7 @@ mod report;
 
 use crate::dataplane::{self, PeerPool};
 use crate::node::inventory::HostInventory;
-use crate::provision::{ProcessProvisioner, Provisioner};
+use crate::provision::{Backend, ProcessProvisioner};
 use crate::request_path::ingress::Ingress;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures::AsyncReadExt as _;
@@ -62,6 +62,17 @@ pub struct AgentConfig {
     pub telemetry: bool,
     /// Whether to load the eBPF probes (without them, or without the rights, procfs alone).
     pub probes: bool,
+    /// `None`: process workers; else microVMs booted from this guest image.
+    pub qemu: Option<QemuSettings>,
+}
+
+/// How the `qemu` provisioner runs.
+#[derive(Debug, Clone)]
+pub struct QemuSettings {
+    /// The directory holding `vmlinuz` and `initramfs.cpio.gz`.
+    pub image: std::path::PathBuf,
+    /// `None`: detected once at start (a guest booted under KVM, else TCG).
+    pub accel: Option<crate::provision::qemu::Accel>,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -86,7 +97,7 @@ pub struct AgentNode {
     inventory: HostInventory,
     ingress: Rc<Ingress>,
     ingress_addr: String,
-    provisioner: ProcessProvisioner,
+    provisioner: Backend,
     replicas: RefCell<HashMap<String, Replica>>,
     /// Latest routing table per graph, encoded as a worker command, with its epoch.
     tables: RefCell<HashMap<String, EncodedTable>>,
@@ -126,13 +137,36 @@ impl AgentNode {
         ));
         tokio::task::spawn_local(ingress.clone().handle_lost(lost));
         let inventory = HostInventory::read(config.cpus, config.memory_bytes);
-        let mut provisioner = ProcessProvisioner::new(
-            config.worker_exe.clone(),
-            config.name.clone(),
-            config.listen.ip(),
-        );
-        provisioner.data_plane = config.data_plane;
-        provisioner.telemetry = config.telemetry;
+        let provisioner = match &config.qemu {
+            None => {
+                let mut p = ProcessProvisioner::new(
+                    config.worker_exe.clone(),
+                    config.name.clone(),
+                    config.listen.ip(),
+                );
+                p.data_plane = config.data_plane;
+                p.telemetry = config.telemetry;
+                Backend::Process(p)
+            }
+            Some(q) => {
+                use crate::provision::qemu;
+                let run_dir = config.data_dir.join("vms");
+                let accel = match q.accel {
+                    Some(a) => a,
+                    None => qemu::detect_accel(&q.image, &run_dir).await,
+                };
+                let mut p = qemu::QemuProvisioner::new(
+                    &q.image,
+                    config.name.clone(),
+                    config.listen.ip(),
+                    run_dir,
+                    accel,
+                );
+                p.data_plane = config.data_plane;
+                p.telemetry = config.telemetry;
+                Backend::Qemu(p)
+            }
+        };
         let (probes, probe_status) = if config.probes {
             match crate::telemetry::probes::Probes::load() {
                 Ok(p) => {
@@ -221,7 +255,7 @@ impl AgentNode {
             let mut p = req.get();
             self.inventory.encode(
                 &self.config.name,
-                self.provisioner.kind(),
+                &self.provisioner.description(),
                 &self.ingress_addr,
                 &self.probe_status,
                 p.reborrow().init_host(),

@@ -113,7 +113,7 @@ impl AgentNode {
             })?;
         info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), warmup = ?vm.warmup, "replica ready");
         let warmup = vm.warmup;
-        let pid = vm.child.id();
+        let pid = vm.instance.pid();
         // Counted from its first switch, not from the next per-second sample.
         if let (Some(probes), Some(pid)) = (&self.probes, pid) {
             probes.join(&replica, pid);
@@ -121,8 +121,8 @@ impl AgentNode {
         let crate::provision::Vm {
             data_plane_addr,
             warmup: _,
-            mut child,
-            mut stdin,
+            mut instance,
+            commands: mut stdin,
             cgroup,
             telemetry,
             ..
@@ -169,13 +169,10 @@ impl AgentNode {
         let node = self.clone();
         tokio::task::spawn_local(async move {
             let reason = tokio::select! {
-                status = child.wait() => match status {
-                    Ok(s) => format!("worker exited: {s}"),
-                    Err(e) => format!("worker lost: {e}"),
-                },
+                how = instance.wait() => how,
                 _ = kill_rx => {
                     // The receiver ends when its sender is dropped too; either way, stop.
-                    let _ = child.kill().await;
+                    instance.kill().await;
                     drop(cgroup);
                     return;
                 }

@@ -1,20 +1,23 @@
 //! Provisioners turn "run a replica of this task with these resources" into a running, warm
 //! worker. The `process` backend (the embedded default) starts a worker process in its own cgroup;
-//! the KVM backend (its own issue) boots a microVM running the same worker.
+//! the `qemu` backend ([`qemu`]) boots a microVM running the same worker.
 //!
 //! The trait is shaped for VMs: provisioning takes seconds and is awaited; resources are given
 //! whole at creation; the worker is told what to run after it boots and answers when warm.
 
 pub mod cgroup;
+pub mod qemu;
+pub mod vfio;
 
 use crate::provision::cgroup::{Cgroup, Hierarchy};
 use prescient_schemas::Resources;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::Child;
 use tracing::{info, warn};
 
 /// Why a replica could not be provisioned.
@@ -48,12 +51,86 @@ pub struct Vm {
     pub data_plane_addr: String,
     /// What its warm-up did before it said it was ready.
     pub warmup: crate::warmup::Warmup,
-    pub child: Child,
-    /// Encoded `WorkerCommand` messages go here.
-    pub stdin: ChildStdin,
-    /// The worker's telemetry batches (`TelemetryBatch` messages) come from here.
-    pub telemetry: BufReader<tokio::process::ChildStdout>,
+    pub instance: Instance,
+    /// Encoded `WorkerCommand` messages go here (a pipe, or a VM's channel).
+    pub commands: Pin<Box<dyn AsyncWrite>>,
+    /// The worker's telemetry batches (`TelemetryBatch` messages) come from here (what was
+    /// read past the ready line included).
+    pub telemetry: Pin<Box<dyn AsyncRead>>,
     pub cgroup: Option<Cgroup>,
+}
+
+/// What runs a worker: its process, or the QEMU whose guest runs it.
+pub enum Instance {
+    Process(Child),
+    Qemu(qemu::QemuVm),
+}
+
+impl Instance {
+    /// The host process (for probes and `ps`): the worker, or its QEMU.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Instance::Process(c) => c.id(),
+            Instance::Qemu(vm) => vm.child.id(),
+        }
+    }
+
+    /// Waits for it to end; says how.
+    pub async fn wait(&mut self) -> String {
+        match self {
+            Instance::Process(c) => match c.wait().await {
+                Ok(s) => format!("worker exited: {s}"),
+                Err(e) => format!("worker lost: {e}"),
+            },
+            Instance::Qemu(vm) => {
+                let how = match vm.child.wait().await {
+                    Ok(s) => format!("the VM stopped ({s}); console: {}", vm.console_tail()),
+                    Err(e) => format!("the VM was lost: {e}"),
+                };
+                let _ = std::fs::remove_dir_all(&vm.dir);
+                how
+            }
+        }
+    }
+
+    /// Ends it now: a process is killed; a VM is stopped over QMP, and killed if it lingers.
+    pub async fn kill(&mut self) {
+        match self {
+            Instance::Process(c) => {
+                let _ = c.kill().await;
+            }
+            Instance::Qemu(vm) => {
+                vm.stop(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Reads a worker's ready line: `prescient-worker ready ADDR warmup NS EXECUTIONS STABLE`
+/// (older workers: `ADDR` alone), or why it failed.
+pub fn parse_ready(line: &str) -> Result<(String, crate::warmup::Warmup), ProvisionError> {
+    let line = line.trim();
+    let Some(addr) = line.strip_prefix("prescient-worker ready ") else {
+        let why = line
+            .strip_prefix("prescient-worker failed: ")
+            .unwrap_or(if line.is_empty() {
+                "exited before it was ready"
+            } else {
+                line
+            });
+        return Err(ProvisionError::Refused(why.to_string()));
+    };
+    let mut words = addr.split_whitespace();
+    let addr = words.next().unwrap_or_default().to_string();
+    let warmup = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("warmup"), Some(ns), Some(n), Some(stable)) => crate::warmup::Warmup {
+            elapsed: Duration::from_nanos(ns.parse().unwrap_or(0)),
+            executions: n.parse().unwrap_or(0),
+            stable: stable == "true",
+        },
+        _ => crate::warmup::Warmup::default(),
+    };
+    Ok((addr, warmup))
 }
 
 pub trait Provisioner {
@@ -166,36 +243,47 @@ impl Provisioner for ProcessProvisioner {
             Ok(Err(e)) => return Err(ProvisionError::Io(e)),
             Ok(Ok(_)) => {}
         }
-        let line = line.trim();
-        let Some(addr) = line.strip_prefix("prescient-worker ready ") else {
-            let why =
-                line.strip_prefix("prescient-worker failed: ")
-                    .unwrap_or(if line.is_empty() {
-                        "exited before it was ready"
-                    } else {
-                        line
-                    });
-            return Err(ProvisionError::Refused(why.to_string()));
-        };
-        // `ADDR warmup NS EXECUTIONS STABLE` (older workers: `ADDR` alone).
-        let mut words = addr.split_whitespace();
-        let addr = words.next().unwrap_or_default().to_string();
-        let warmup = match (words.next(), words.next(), words.next(), words.next()) {
-            (Some("warmup"), Some(ns), Some(n), Some(stable)) => crate::warmup::Warmup {
-                elapsed: Duration::from_nanos(ns.parse().unwrap_or(0)),
-                executions: n.parse().unwrap_or(0),
-                stable: stable == "true",
-            },
-            _ => crate::warmup::Warmup::default(),
-        };
+        let (addr, warmup) = parse_ready(&line)?;
         Ok(Vm {
             replica: spec.replica,
             data_plane_addr: addr,
             warmup,
-            child,
-            stdin,
-            telemetry: reader,
+            instance: Instance::Process(child),
+            commands: Box::pin(stdin),
+            telemetry: Box::pin(reader),
             cgroup,
         })
+    }
+}
+
+/// The provisioner an agent runs its replicas with.
+pub enum Backend {
+    Process(ProcessProvisioner),
+    Qemu(qemu::QemuProvisioner),
+}
+
+impl Backend {
+    /// What `prescient agents` shows: `process`, or `qemu (tcg)` with the accelerator.
+    pub fn description(&self) -> String {
+        match self {
+            Backend::Process(_) => "process".into(),
+            Backend::Qemu(q) => format!("qemu ({})", q.accel.name()),
+        }
+    }
+}
+
+impl Provisioner for Backend {
+    fn kind(&self) -> &'static str {
+        match self {
+            Backend::Process(p) => p.kind(),
+            Backend::Qemu(q) => q.kind(),
+        }
+    }
+
+    async fn provision(&self, spec: VmSpec) -> Result<Vm, ProvisionError> {
+        match self {
+            Backend::Process(p) => p.provision(spec).await,
+            Backend::Qemu(q) => q.provision(spec).await,
+        }
     }
 }

@@ -1,0 +1,682 @@
+//! The `qemu` provisioner: each replica a QEMU microVM (`microvm`; `q35` where GPUs pass
+//! through) booting the guest image of `cargo xtask guest-image`, whose init runs the worker on
+//! a virtio-serial port: the agent connects to that port's socket and speaks the same framed
+//! protocol as to a process worker's pipes. The data plane reaches the guest through QEMU's
+//! user network, a host port forwarded to the guest worker's. QMP (the `qapi` crate) asks for
+//! the VM's status and stops it. Every QEMU is tied to its agent (`PR_SET_PDEATHSIG`) and
+//! killed when its handle is dropped.
+
+use super::cgroup::{Cgroup, Hierarchy};
+use super::vfio::PassedGpu;
+use super::{ProvisionError, Vm, VmSpec};
+use crate::guest::{CHANNEL_NAME, DATA_PLANE_PORT, GATEWAY_IP};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tracing::{info, warn};
+
+/// The guest's memory beyond the task's: its kernel, init and the worker.
+const GUEST_BASE_MIB: u64 = 96;
+/// QEMU's own memory beside the guest's, allowed in the VM's cgroup.
+const QEMU_OVERHEAD_BYTES: u64 = 256 << 20;
+
+/// How guest code runs on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation (TCG): everywhere, ~10× slower.
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// How long a guest under KVM gets to reach its init before this host is taken for TCG.
+const KVM_PROBE: Duration = Duration::from_secs(15);
+
+/// Whether guests run under KVM on this host: `/dev/kvm` opens, and the guest image booted with
+/// `-accel kvm` reaches its init within `KVM_PROBE` (a nested or broken KVM can open and still
+/// crash every guest); else TCG. Said once in the log, with why.
+pub async fn detect_accel(image: &Path, run_dir: &Path) -> Accel {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        info!("microVMs run under TCG: /dev/kvm: {e}");
+        return Accel::Tcg;
+    }
+    let dir = run_dir.join("kvm-probe");
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        warn!("microVMs run under TCG: creating {}: {e}", dir.display());
+        return Accel::Tcg;
+    }
+    let machine = Machine {
+        accel: Accel::Kvm,
+        vcpus: 1,
+        memory_mib: GUEST_BASE_MIB + 32,
+        kernel: image.join("vmlinuz"),
+        initrd: image.join("initramfs.cpio.gz"),
+        worker_args: Vec::new(),
+        channel: dir.join("channel.sock"),
+        qmp: dir.join("qmp.sock"),
+        console: dir.join("console.log"),
+        forward: (IpAddr::from([127, 0, 0, 1]), 0),
+        gpus: Vec::new(),
+        tsc_khz: None,
+    };
+    let mut args = machine.args();
+    // No data-plane forward for the probe.
+    if let Some(i) = args
+        .iter()
+        .position(|a| a.starts_with("user,id=net0,hostfwd"))
+    {
+        args[i] = "user,id=net0".into();
+    }
+    let child = tokio::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("microVMs run under TCG: starting qemu-system-x86_64: {e}");
+            return Accel::Tcg;
+        }
+    };
+    let started = Instant::now();
+    let up = loop {
+        let console = std::fs::read_to_string(&machine.console).unwrap_or_default();
+        if console.contains(crate::guest::UP_LINE) {
+            break Ok(started.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!(
+                "QEMU exited ({status}): {}",
+                console_tail(&machine.console)
+            ));
+        }
+        if started.elapsed() > KVM_PROBE {
+            break Err(format!(
+                "the guest did not reach its init within {KVM_PROBE:?}: {}",
+                console_tail(&machine.console)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match up {
+        Ok(t) => {
+            info!("microVMs run under KVM (a probe guest reached its init in {t:?})");
+            Accel::Kvm
+        }
+        Err(why) => {
+            warn!("microVMs run under TCG: /dev/kvm opens but a guest under KVM failed: {why}");
+            Accel::Tcg
+        }
+    }
+}
+
+/// Everything one QEMU command line is made of.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The kernel command line after `--`: the guest worker's arguments.
+    pub worker_args: Vec<String>,
+    pub channel: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    /// The host address and port forwarded to the guest worker's data plane.
+    pub forward: (IpAddr, u16),
+    pub gpus: Vec<PassedGpu>,
+    /// The host's TSC rate, given to TCG guests (see [`tsc_khz`]).
+    pub tsc_khz: Option<u64>,
+}
+
+/// The host's TSC rate in kHz, measured over 20 ms. A TCG guest's TSC is the host's; told its
+/// rate, the guest skips calibrating it against the emulated PIT, which under CPU contention
+/// failed and hung the boot (one in six of two guests booting at once here).
+pub fn tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let started = Instant::now();
+        // SAFETY: rdtsc has no preconditions on x86_64.
+        let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: as above.
+        let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = started.elapsed().as_nanos() as u64;
+        (ns > 0 && t1 > t0).then(|| (t1 - t0) * 1_000_000 / ns)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+impl Machine {
+    /// The QEMU arguments: `microvm` (no PCI, no firmware, virtio-mmio) unless GPUs pass
+    /// through, which need PCI: `q35` with `vfio-pci` devices. Pure: unit-tested.
+    pub fn args(&self) -> Vec<String> {
+        let pci = !self.gpus.is_empty();
+        let s = |x: &str| x.to_string();
+        let mut a = vec![
+            s("-nodefaults"),
+            s("-no-user-config"),
+            s("-nographic"),
+            s("-no-reboot"),
+        ];
+        a.push(s("-machine"));
+        a.push(match (pci, self.accel) {
+            (true, _) => s("q35"),
+            // No PIC, no PCI, no firmware beyond the kernel loader. KVM guests keep time by
+            // kvmclock and need no PIT; TCG guests calibrate the TSC against it.
+            (false, Accel::Kvm) => s("microvm,pit=off,pic=off,isa-serial=on,rtc=on"),
+            (false, Accel::Tcg) => s("microvm,pic=off,isa-serial=on,rtc=on"),
+        });
+        a.extend([s("-accel"), s(self.accel.name())]);
+        a.extend([
+            s("-cpu"),
+            s(if self.accel == Accel::Kvm {
+                "host"
+            } else {
+                "max"
+            }),
+        ]);
+        a.extend([s("-smp"), self.vcpus.max(1).to_string()]);
+        a.extend([s("-m"), format!("{}M", self.memory_mib.max(64))]);
+        a.extend([s("-kernel"), self.kernel.display().to_string()]);
+        a.extend([s("-initrd"), self.initrd.display().to_string()]);
+        // Skips crypto self-tests and entropy waits. (`tsc=reliable no_timer_check` boot faster
+        // alone, but hung one of two guests booting at once under TCG here.)
+        let mut append =
+            s("console=ttyS0 quiet panic=-1 cryptomgr.notests random.trust_cpu=on rdinit=/init");
+        if let (Accel::Tcg, Some(khz)) = (self.accel, self.tsc_khz) {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if !self.worker_args.is_empty() {
+            append.push_str(" -- ");
+            append.push_str(&self.worker_args.join(" "));
+        }
+        a.extend([s("-append"), append]);
+        a.extend([s("-serial"), format!("file:{}", self.console.display())]);
+        a.extend([
+            s("-qmp"),
+            format!("unix:{},server=on,wait=off", self.qmp.display()),
+        ]);
+        let (dev_serial, dev_net) = if pci {
+            ("virtio-serial-pci", "virtio-net-pci")
+        } else {
+            ("virtio-serial-device", "virtio-net-device")
+        };
+        a.extend([s("-device"), s(dev_serial)]);
+        a.extend([
+            s("-chardev"),
+            format!(
+                "socket,id=channel,path={},server=on,wait=off",
+                self.channel.display()
+            ),
+        ]);
+        a.extend([
+            s("-device"),
+            format!("virtserialport,chardev=channel,name={CHANNEL_NAME}"),
+        ]);
+        let (ip, port) = self.forward;
+        a.extend([
+            s("-netdev"),
+            format!("user,id=net0,hostfwd=tcp:{ip}:{port}-:{DATA_PLANE_PORT}"),
+        ]);
+        a.extend([s("-device"), format!("{dev_net},netdev=net0")]);
+        for g in &self.gpus {
+            a.extend([s("-device"), format!("vfio-pci,host={}", g.pci_bus_id)]);
+        }
+        a
+    }
+}
+
+/// A running QEMU: the process, its QMP socket, where it logs.
+pub struct QemuVm {
+    pub child: tokio::process::Child,
+    pub qmp: PathBuf,
+    pub dir: PathBuf,
+    pub console: PathBuf,
+}
+
+impl QemuVm {
+    /// The VM's run state as QMP reports it (`running`, `shutdown`, ...).
+    pub async fn status(&self) -> Result<String, std::io::Error> {
+        let mut qmp = qapi::futures::QmpStreamTokio::open_uds(&self.qmp)
+            .await?
+            .negotiate()
+            .await?;
+        let s = qmp
+            .execute(qapi::qmp::query_status {})
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(format!("{:?}", s.status).to_lowercase())
+    }
+
+    /// Stops the VM: QMP `quit` (QEMU exits cleanly), then a kill if it has not within
+    /// `grace`. Returns whether QMP stopped it.
+    pub async fn stop(&mut self, grace: Duration) -> bool {
+        let asked = async {
+            let mut qmp = qapi::futures::QmpStreamTokio::open_uds(&self.qmp)
+                .await?
+                .negotiate()
+                .await?;
+            // `quit` may close the socket before answering: the exit is what counts.
+            let _ = qmp.execute(qapi::qmp::quit {}).await;
+            Ok::<_, std::io::Error>(())
+        };
+        let clean = tokio::time::timeout(grace, async {
+            asked.await.ok()?;
+            self.child.wait().await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+        if !clean {
+            let _ = self.child.kill().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        clean
+    }
+
+    /// The console's last lines (what the guest printed), for errors.
+    pub fn console_tail(&self) -> String {
+        console_tail(&self.console)
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(6)..].join(" | ")
+}
+
+/// QEMU microVMs on this host.
+pub struct QemuProvisioner {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub host: String,
+    pub bind_ip: IpAddr,
+    pub accel: Accel,
+    pub cgroups: Option<Hierarchy>,
+    /// Per-VM sockets and console logs go in a directory here.
+    pub run_dir: PathBuf,
+    pub ready_timeout: Duration,
+    pub data_plane: crate::dataplane::Transport,
+    pub telemetry: bool,
+    pub tsc_khz: Option<u64>,
+}
+
+/// Where the guest image is: `$PRESCIENT_GUEST_DIR`, else `target/guest` beside the binary's
+/// build directory (where `cargo xtask guest-image` leaves it), else `/usr/lib/prescient/guest`.
+pub fn find_image(exe: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PRESCIENT_GUEST_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    for up in exe.ancestors().skip(1).take(4) {
+        candidates.push(up.join("guest"));
+        candidates.push(up.join("target/guest"));
+    }
+    candidates.push(PathBuf::from("/usr/lib/prescient/guest"));
+    candidates
+        .into_iter()
+        .find(|d| d.join("vmlinuz").exists() && d.join("initramfs.cpio.gz").exists())
+}
+
+impl QemuProvisioner {
+    /// A provisioner booting the image in `image` with the accelerator `accel`.
+    pub fn new(
+        image: &Path,
+        host: String,
+        bind_ip: IpAddr,
+        run_dir: PathBuf,
+        accel: Accel,
+    ) -> Self {
+        let cgroups = Hierarchy::detect(Path::new("/sys/fs/cgroup"), "prescient")
+            .map_err(|why| warn!("VMs run without cgroup limits: {why}"))
+            .ok();
+        QemuProvisioner {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            kernel: image.join("vmlinuz"),
+            initrd: image.join("initramfs.cpio.gz"),
+            host,
+            bind_ip,
+            accel,
+            cgroups,
+            run_dir,
+            ready_timeout: Duration::from_secs(60),
+            data_plane: crate::dataplane::Transport::Epoll,
+            telemetry: true,
+            tsc_khz: tsc_khz(),
+        }
+    }
+
+    fn machine(&self, spec: &VmSpec, dir: &Path, port: u16) -> Machine {
+        let cpus = spec.resources.cpu_millicores.div_ceil(1000).max(1);
+        let task_mib = spec.resources.memory_bytes.div_ceil(1 << 20);
+        let mut worker_args = vec![
+            "--host".to_string(),
+            self.host.clone(),
+            "--replica".into(),
+            spec.replica.clone(),
+            "--data-plane".into(),
+            self.data_plane.name().into(),
+            "--listen".into(),
+            format!("0.0.0.0:{DATA_PLANE_PORT}"),
+            "--loopback-via".into(),
+            IpAddr::from(GATEWAY_IP).to_string(),
+        ];
+        if !self.telemetry {
+            worker_args.push("--no-telemetry".into());
+        }
+        Machine {
+            accel: self.accel,
+            vcpus: cpus,
+            memory_mib: task_mib + GUEST_BASE_MIB,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            worker_args,
+            channel: dir.join("channel.sock"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.log"),
+            forward: (self.bind_ip, port),
+            gpus: Vec::new(),
+            tsc_khz: self.tsc_khz,
+        }
+    }
+
+    /// Boots a VM for `spec`, deploys its task through the channel and returns once the guest
+    /// worker says it is warm, with how long each part took.
+    pub async fn boot(&self, spec: VmSpec) -> Result<(Vm, BootTimes), ProvisionError> {
+        let started = Instant::now();
+        // A free port on the data-plane address, given to QEMU to forward.
+        let port = std::net::TcpListener::bind((self.bind_ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(ProvisionError::Spawn)?
+            .port();
+        let dir = self.run_dir.join(spec.replica.replace(['/', ' '], "_"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(ProvisionError::Spawn)?;
+        let machine = self.machine(&spec, &dir, port);
+        let mut cmd = tokio::process::Command::new(&self.qemu);
+        cmd.args(machine.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("qemu.log")).map_err(ProvisionError::Spawn)?)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only marks the child to die with its parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(ProvisionError::Spawn)?;
+        let cgroup = self.limit(&spec, child.id());
+        let mut vm = QemuVm {
+            child,
+            qmp: machine.qmp.clone(),
+            dir: dir.clone(),
+            console: machine.console.clone(),
+        };
+        match self.connect(&mut vm, &machine, spec.deploy, started).await {
+            Ok((stream, reader, times)) => {
+                let (ready, times) = (times.0, times.1);
+                let (addr_in_guest, warmup) = super::parse_ready(&ready)?;
+                info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, boot = ?times.boot, deploy = ?times.ready, "microVM ready");
+                Ok((
+                    Vm {
+                        replica: spec.replica,
+                        data_plane_addr: format!("{}:{port}", self.bind_ip),
+                        warmup,
+                        instance: super::Instance::Qemu(vm),
+                        commands: Box::pin(stream),
+                        telemetry: Box::pin(reader),
+                        cgroup,
+                    },
+                    times,
+                ))
+            }
+            Err(e) => {
+                let tail = vm.console_tail();
+                let qemu_log = console_tail(&dir.join("qemu.log"));
+                let _ = vm.child.kill().await;
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(match e {
+                    ProvisionError::Refused(why) => ProvisionError::Refused(format!(
+                        "{why} (console: {tail}{}{qemu_log})",
+                        if qemu_log.is_empty() { "" } else { "; qemu: " }
+                    )),
+                    ProvisionError::Timeout(t) => ProvisionError::Refused(format!(
+                        "the VM was not ready within {t:?} (console: {tail})"
+                    )),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Puts QEMU in a cgroup holding the VM's vCPUs and its memory plus QEMU's own.
+    fn limit(&self, spec: &VmSpec, pid: Option<u32>) -> Option<Cgroup> {
+        let (h, pid) = (self.cgroups.as_ref()?, pid?);
+        let name = spec.replica.replace(['/', ' '], "_");
+        let cpus = spec.resources.cpu_millicores.div_ceil(1000).max(1) * 1000;
+        let memory = spec.resources.memory_bytes + (GUEST_BASE_MIB << 20) + QEMU_OVERHEAD_BYTES;
+        match h
+            .create(&name, cpus, memory)
+            .and_then(|cg| cg.add(pid).map(|()| cg))
+        {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                warn!(replica = %spec.replica, "the VM runs without limits: {e}");
+                None
+            }
+        }
+    }
+
+    /// Connects to the channel once QEMU has made it, sends the deploy, and waits for the
+    /// ready line; QEMU exiting first is a boot failure.
+    async fn connect(
+        &self,
+        vm: &mut QemuVm,
+        machine: &Machine,
+        deploy: Vec<u8>,
+        started: Instant,
+    ) -> Result<
+        (
+            tokio::io::WriteHalf<tokio::net::UnixStream>,
+            BufReader<tokio::io::ReadHalf<tokio::net::UnixStream>>,
+            (String, BootTimes),
+        ),
+        ProvisionError,
+    > {
+        let until = started + self.ready_timeout;
+        let stream = loop {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                return Err(ProvisionError::Refused(format!(
+                    "QEMU exited before the guest started: {status}"
+                )));
+            }
+            match tokio::net::UnixStream::connect(&machine.channel).await {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => return Err(ProvisionError::Io(e)),
+            }
+        };
+        // Not `into_split`: its write half shuts the socket's writing down when dropped, and
+        // QEMU then drops the whole connection, so the guest's last telemetry could not leave.
+        // These halves close the socket only when both are gone.
+        let (read, mut write) = tokio::io::split(stream);
+        write.write_all(&deploy).await.map_err(ProvisionError::Io)?;
+        write.flush().await.map_err(ProvisionError::Io)?;
+        let mut reader = BufReader::new(read);
+        let mut line = String::new();
+        let read_line = reader.read_line(&mut line);
+        let exited = vm.child.wait();
+        let left = until.saturating_duration_since(Instant::now());
+        tokio::select! {
+            r = tokio::time::timeout(left, read_line) => match r {
+                Err(_) => return Err(ProvisionError::Timeout(self.ready_timeout)),
+                Ok(Err(e)) => return Err(ProvisionError::Io(e)),
+                Ok(Ok(_)) => {}
+            },
+            status = exited => {
+                return Err(ProvisionError::Refused(format!(
+                    "QEMU exited while the guest booted: {}",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )));
+            }
+        }
+        let ready_at = started.elapsed();
+        // The console says when init had the channel (`prescient-guest up in ...`): boot.
+        let boot = std::fs::read_to_string(&machine.console)
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with(crate::guest::UP_LINE))
+                    .map(|_| ())
+            })
+            .map(|()| ready_at);
+        Ok((
+            write,
+            reader,
+            (
+                line,
+                BootTimes {
+                    boot: boot.unwrap_or(ready_at),
+                    ready: ready_at,
+                },
+            ),
+        ))
+    }
+}
+
+/// How long a VM took: QEMU started to the guest worker started (boot), and to it warm and
+/// serving (ready).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    pub boot: Duration,
+    pub ready: Duration,
+}
+
+impl super::Provisioner for QemuProvisioner {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn provision(&self, spec: VmSpec) -> Result<Vm, ProvisionError> {
+        self.boot(spec).await.map(|(vm, _)| vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(gpus: Vec<PassedGpu>) -> Machine {
+        Machine {
+            accel: Accel::Tcg,
+            vcpus: 2,
+            memory_mib: 224,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initramfs.cpio.gz".into(),
+            worker_args: vec!["--host".into(), "h1".into()],
+            channel: "/run/r1/channel.sock".into(),
+            qmp: "/run/r1/qmp.sock".into(),
+            console: "/run/r1/console.log".into(),
+            forward: ("127.0.0.1".parse().expect("an address"), 40123),
+            gpus,
+            tsc_khz: Some(2_445_430),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_microvm_gets_mmio_devices_the_channel_and_the_forward() {
+        let a = machine(vec![]).args();
+        assert_eq!(after(&a, "-machine")[0].split(',').next(), Some("microvm"));
+        assert_eq!(after(&a, "-accel"), vec!["tcg"]);
+        assert_eq!(after(&a, "-smp"), vec!["2"]);
+        assert_eq!(after(&a, "-m"), vec!["224M"]);
+        let devices = after(&a, "-device");
+        assert!(devices.contains(&"virtio-serial-device"), "{devices:?}");
+        assert!(devices.contains(&"virtserialport,chardev=channel,name=prescient.worker"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net0"));
+        assert!(!devices.iter().any(|d| d.starts_with("vfio")));
+        assert_eq!(
+            after(&a, "-netdev"),
+            vec!["user,id=net0,hostfwd=tcp:127.0.0.1:40123-:7600"]
+        );
+        let append = after(&a, "-append")[0];
+        assert!(append.ends_with(" -- --host h1"), "{append}");
+        assert!(append.contains(" tsc_early_khz=2445430"), "{append}");
+        assert_eq!(
+            after(&a, "-qmp"),
+            vec!["unix:/run/r1/qmp.sock,server=on,wait=off"]
+        );
+        assert!(a.iter().any(|x| x == "-no-reboot"));
+    }
+
+    #[test]
+    fn gpus_pass_through_on_q35_with_pci_devices() {
+        let mut m = machine(vec![
+            PassedGpu {
+                pci_bus_id: "0000:65:00.0".into(),
+            },
+            PassedGpu {
+                pci_bus_id: "0000:b3:00.0".into(),
+            },
+        ]);
+        m.accel = Accel::Kvm;
+        let a = m.args();
+        assert_eq!(after(&a, "-machine"), vec!["q35"]);
+        assert!(
+            !after(&a, "-append")[0].contains("tsc_early_khz"),
+            "KVM guests use kvmclock"
+        );
+        assert_eq!(after(&a, "-cpu"), vec!["host"]);
+        let devices = after(&a, "-device");
+        assert!(devices.contains(&"virtio-serial-pci"));
+        assert!(devices.contains(&"virtio-net-pci,netdev=net0"));
+        assert_eq!(
+            devices
+                .iter()
+                .filter(|d| d.starts_with("vfio-pci,host="))
+                .count(),
+            2
+        );
+        assert!(devices.contains(&"vfio-pci,host=0000:b3:00.0"));
+    }
+}

@@ -1,0 +1,192 @@
+//! The `qemu` provisioner with real processes: an agent runs each replica in a QEMU microVM
+//! (TCG here) booted from the guest image, beside an agent with process workers; a 3-task
+//! chain whose two memory-heavy tasks only fit the VM host serves invocations through the
+//! process worker and both VMs, and removing the graph stops every VM, leaving no QEMU behind
+//! (a guard kills any that a failing test would leave).
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const GRAPH: &str = r#"
+name = "vm-chain"
+[[task]]
+id = "front"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "100us"
+resources = { cpu = "500m", memory = "64MiB" }
+
+[[task]]
+id = "upper"
+code = { builtin = "identity" }
+inputs = { x = "bytes" }
+outputs = { y = "bytes" }
+estimate = "100us"
+resources = { cpu = "1", memory = "192MiB" }
+
+[[task]]
+id = "digest"
+code = { builtin = "sha256" }
+inputs = { x = "bytes" }
+outputs = { d = "bytes" }
+estimate = "100us"
+resources = { cpu = "1", memory = "192MiB" }
+
+[[edge]]
+from = "front.y"
+to = "upper.x"
+
+[[edge]]
+from = "upper.y"
+to = "digest.x"
+"#;
+
+/// The pids of QEMU processes whose command line names `dir`.
+fn qemus(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.starts_with("qemu-system") && cmd.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Every VM's console (what its guest printed), for failure messages.
+fn consoles(agent_data: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(agent_data.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+        out.push_str(&format!("--- {}:\n{text}\n", e.path().display()));
+    }
+    out
+}
+
+/// Kills every QEMU of this test's directory when dropped, pass or fail.
+struct NoQemuLeft(std::path::PathBuf);
+
+impl Drop for NoQemuLeft {
+    fn drop(&mut self) {
+        for pid in qemus(&self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn guest_image() -> String {
+    let dir = repo_path("target/guest");
+    assert!(
+        std::path::Path::new(&dir)
+            .join("initramfs.cpio.gz")
+            .exists(),
+        "no guest image in {dir}: run `cargo xtask guest-image` (`cargo xtask test` does)"
+    );
+    dir
+}
+
+#[test]
+fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
+    let image = guest_image();
+    let dir = TempDir::new("qemu");
+    let _guard = NoQemuLeft(dir.path().to_path_buf());
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let vm_data = dir.path().join("a1");
+    let vm_data = vm_data.to_str().unwrap();
+    let vms = Agent::start_with(
+        &control.addr,
+        "a1",
+        2,
+        dir.path(),
+        &[
+            "--provisioner",
+            "qemu",
+            "--guest-image",
+            &image,
+            "--memory",
+            "2GiB",
+            "--data-dir",
+            vm_data,
+        ],
+    );
+    // The process host has the most CPU (spread puts `front` there) and too little memory for
+    // the other two.
+    let _processes = Agent::start_with(&control.addr, "a2", 8, dir.path(), &["--memory", "160MiB"]);
+    control.wait_agents(2);
+    let agents = control.cli_json(&["agents"]);
+    let provisioner = |name: &str| {
+        agents
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == name))
+            .map(|x| x["provisioner"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    // This host's /dev/kvm cannot run guests: the probe falls back to TCG, and says so.
+    assert_eq!(provisioner("a1"), "qemu (tcg)", "{agents}");
+    assert_eq!(provisioner("a2"), "process", "{agents}");
+    let path = dir.path().join("vm-chain.toml");
+    std::fs::write(&path, GRAPH).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    let replicas = wait_deployed(&control, "vm-chain", 3, 1);
+    let host_of = |task: &str| {
+        replicas["replicas"]
+            .as_array()
+            .and_then(|r| r.iter().find(|x| x["task"] == task))
+            .map(|x| x["host"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (host_of("front"), host_of("upper"), host_of("digest")),
+        ("a2".into(), "a1".into(), "a1".into()),
+        "{replicas}"
+    );
+    assert_eq!(qemus(dir.path()).len(), 2, "one VM per replica on a1");
+    let log = vms.log_text();
+    assert!(log.contains("microVM ready"), "{log}");
+    // Invocations enter at an ingress, pass the process worker, then both VMs.
+    for i in 0..20 {
+        let input = format!("hello {i}");
+        let out = control.cli_json(&["invoke", "vm-chain", "--input", &format!("={input}")]);
+        let digest = out["outputs"]["digest.d"].to_string();
+        let expected = {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(input.as_bytes());
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        assert!(digest.contains(&expected), "{out} (want {expected})");
+    }
+    // Removing the graph drains and stops both VMs: each guest's worker finishes and exits,
+    // its init powers the VM off, and QEMU ends.
+    control.cli_ok(&["rm", "vm-chain"]);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !qemus(dir.path()).is_empty() {
+        assert!(
+            Instant::now() < until,
+            "QEMU still running: {:?}\n{}\n{}",
+            qemus(dir.path()),
+            vms.log_text(),
+            consoles(std::path::Path::new(vm_data))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = vms.log_text();
+    assert!(
+        log.matches("retired replica drained: the VM stopped (exit status: 0)")
+            .count()
+            == 2,
+        "{log}"
+    );
+}
