@@ -160,16 +160,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(control: &str, name: &str, cpus: u32, log_dir: &Path) -> Agent {
-        let log = log_dir.join(format!("agent-{name}.log"));
-        let mut cmd = binaries().agent(control, name, cpus);
-        cmd.args(["--heartbeat-ms", "200"]);
-        let proc = launch(cmd, &log, AGENT_READY, name);
-        Agent {
-            ingress: proc.addr.clone(),
-            proc,
-            name: name.to_string(),
-            log,
-        }
+        Agent::start_with(control, name, cpus, log_dir, &[])
     }
 
     pub fn pid(&self) -> u32 {
