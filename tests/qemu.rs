@@ -44,6 +44,23 @@ from = "upper.y"
 to = "digest.x"
 "#;
 
+const SOLO: &str = r#"
+name = "vm-solo"
+[[task]]
+id = "solo"
+code = { builtin = "sha256" }
+inputs = { x = "bytes" }
+outputs = { d = "bytes" }
+estimate = "100us"
+resources = { cpu = "1", memory = "192MiB" }
+"#;
+
+fn sha256_hex(input: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(input.as_bytes());
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The pids of QEMU processes whose command line names `dir`.
 fn qemus(dir: &std::path::Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().to_string();
@@ -109,7 +126,7 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
     let vms = Agent::start_with(
         &control.addr,
         "a1",
-        2,
+        3,
         dir.path(),
         &[
             "--provisioner",
@@ -161,16 +178,44 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
         let input = format!("hello {i}");
         let out = control.cli_json(&["invoke", "vm-chain", "--input", &format!("={input}")]);
         let digest = out["outputs"]["digest.d"].to_string();
-        let expected = {
-            use sha2::Digest;
-            let h = sha2::Sha256::digest(input.as_bytes());
-            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        };
+        let expected = sha256_hex(&input);
         assert!(digest.contains(&expected), "{out} (want {expected})");
     }
+    // Meanwhile a1 saved a snapshot of a booted idle guest of that shape (1 vCPU, 288 MiB): a
+    // VM of the same shape now starts from it instead of booting.
+    let until = Instant::now() + Duration::from_secs(60);
+    while !vms.log_text().contains("VM snapshot saved") {
+        assert!(Instant::now() < until, "no snapshot: {}", vms.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let path = dir.path().join("vm-solo.toml");
+    std::fs::write(&path, SOLO).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "vm-solo", 1, 1);
+    let ev = events(&control);
+    let (_, _, why) = ev
+        .iter()
+        .find(|(k, s, _)| k == "replica-ready" && s.starts_with("g2.solo"))
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(why.contains("its VM restored in"), "{why}");
+    let booted = ev
+        .iter()
+        .filter(|(k, s, r)| {
+            k == "replica-ready" && s.starts_with("g1.") && r.contains("its VM booted in")
+        })
+        .count();
+    assert_eq!(booted, 2, "{ev:#?}");
+    let out = control.cli_json(&["invoke", "vm-solo", "--input", "=restored"]);
+    assert!(
+        out["outputs"]["solo.d"]
+            .to_string()
+            .contains(&sha256_hex("restored")),
+        "{out}"
+    );
     // Removing the graph drains and stops both VMs: each guest's worker finishes and exits,
     // its init powers the VM off, and QEMU ends.
     control.cli_ok(&["rm", "vm-chain"]);
+    control.cli_ok(&["rm", "vm-solo"]);
     let until = Instant::now() + Duration::from_secs(20);
     while !qemus(dir.path()).is_empty() {
         assert!(
@@ -186,7 +231,7 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
     assert!(
         log.matches("retired replica drained: the VM stopped (exit status: 0)")
             .count()
-            == 2,
+            == 3,
         "{log}"
     );
 }

@@ -227,8 +227,9 @@ fn find_channel(limit: Duration) -> Result<String, GuestError> {
     }
 }
 
-/// Waits until the port has data from the host (it polls as hung up while the host side is
-/// not connected).
+/// Waits until the port has data from the host. While the host side is not connected the port
+/// polls readable (a read would return end of file) and hung up: only readable without the
+/// hang-up counts.
 fn wait_for_host(port: &std::fs::File, limit: Duration) -> std::io::Result<()> {
     let until = Instant::now() + limit;
     loop {
@@ -239,7 +240,7 @@ fn wait_for_host(port: &std::fs::File, limit: Duration) -> std::io::Result<()> {
         };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut fds, 1, 100) };
-        if n > 0 && fds.revents & libc::POLLIN != 0 {
+        if n > 0 && fds.revents & libc::POLLIN != 0 && fds.revents & libc::POLLHUP == 0 {
             return Ok(());
         }
         if Instant::now() > until {

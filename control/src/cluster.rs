@@ -618,11 +618,14 @@ impl Cluster {
                     Ok(reply) => reply
                         .get()
                         .and_then(|r| {
+                            let how = text(r.get_vm_start())?;
                             Ok((
                                 text(r.get_data_plane_addr())?,
                                 Duration::from_nanos(r.get_warmup_ns()),
                                 r.get_warmup_executions(),
                                 r.get_warmup_stable(),
+                                (!how.is_empty())
+                                    .then(|| (how, Duration::from_nanos(r.get_vm_start_ns()))),
                             ))
                         })
                         .map_err(|e| e.to_string()),
@@ -632,7 +635,7 @@ impl Cluster {
         };
         let now = self.now();
         match result {
-            Ok((addr, warmup, executions, stable)) => {
+            Ok((addr, warmup, executions, stable, vm_start)) => {
                 let took = observe::provisioned_after_warmup(
                     &mut self.state.borrow_mut(),
                     &record.id,
@@ -650,6 +653,7 @@ impl Cluster {
                         warmup,
                         executions,
                         stable,
+                        vm_start,
                     })
                     .await;
             }

@@ -143,6 +143,8 @@ pub enum Event {
         warmup: Duration,
         executions: u32,
         stable: bool,
+        /// A microVM's start: `booted` or `restored`, and how long to its guest running.
+        vm_start: Option<(String, Duration)>,
     },
 }
 
@@ -368,9 +370,21 @@ impl Event {
                 warmup,
                 executions,
                 stable,
+                vm_start,
                 ..
             } => {
                 let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+                let vm = vm_start.as_ref().map_or(String::new(), |(how, t)| {
+                    format!(
+                        "; its VM {how} in {:.0} ms{}",
+                        ms(t),
+                        if how == "restored" {
+                            " (from this host's snapshot)"
+                        } else {
+                            ""
+                        }
+                    )
+                });
                 let warm = if *executions == 0 {
                     "no recent inputs of its task to warm up on".to_string()
                 } else if *stable {
@@ -384,7 +398,10 @@ impl Event {
                         ms(warmup)
                     )
                 };
-                format!("on {host}, ready {:.0} ms after placement; {warm}", ms(took))
+                format!(
+                    "on {host}, ready {:.0} ms after placement{vm}; {warm}",
+                    ms(took)
+                )
             }
         }
     }

@@ -193,7 +193,10 @@ struct WorkerCommand {
 interface Agent {
   # Commands control sends to an agent.
   provision @0 (spec :ReplicaSpec) -> (dataPlaneAddr :Text, warmupNs :UInt64,
-                                       warmupExecutions :UInt32, warmupStable :Bool);
+                                       warmupExecutions :UInt32, warmupStable :Bool,
+                                       vmStart :Text, vmStartNs :UInt64);
+  # vmStart: "booted" or "restored" (from a snapshot) for a microVM, "" for a process worker;
+  # vmStartNs: from starting QEMU to the guest running.
                                        # returns once deployed and warm
   retire @1 (replica :Text) -> ();
   setRoutes @2 (table :RoutingTable) -> ();

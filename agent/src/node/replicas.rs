@@ -64,11 +64,18 @@ impl AgentNode {
     pub(super) async fn provision(
         self: &Rc<Self>,
         spec: prescient_schemas::agent_capnp::replica_spec::Reader<'_>,
-    ) -> Result<(String, crate::warmup::Warmup), ReplicaError> {
+    ) -> Result<
+        (
+            String,
+            crate::warmup::Warmup,
+            Option<(&'static str, std::time::Duration)>,
+        ),
+        ReplicaError,
+    > {
         let replica = text(spec.get_replica())?;
         let task = text(spec.get_task())?;
         if let Some(r) = self.replicas.borrow().get(&replica) {
-            return Ok((r.addr.clone(), Default::default()));
+            return Ok((r.addr.clone(), Default::default(), None));
         }
         let record = codec::decode_record(spec.get_graph()?)?;
         let t = record
@@ -112,7 +119,7 @@ impl AgentNode {
                 source,
             })?;
         info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), warmup = ?vm.warmup, "replica ready");
-        let warmup = vm.warmup;
+        let (warmup, started) = (vm.warmup, vm.started);
         let pid = vm.instance.pid();
         // Counted from its first switch, not from the next per-second sample.
         if let (Some(probes), Some(pid)) = (&self.probes, pid) {
@@ -180,7 +187,7 @@ impl AgentNode {
             drop(cgroup);
             node.replica_exited(&replica, reason).await;
         });
-        Ok((data_plane_addr, warmup))
+        Ok((data_plane_addr, warmup, started))
     }
 
     /// A verified local copy of an artifact, fetched from the control node when missing.
@@ -341,8 +348,12 @@ impl agent::Server for AgentCap {
             .provision(spec)
             .await
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        let (addr, warmup) = addr;
+        let (addr, warmup, started) = addr;
         let mut r = results.get();
+        if let Some((how, took)) = started {
+            r.set_vm_start(how);
+            r.set_vm_start_ns(took.as_nanos() as u64);
+        }
         r.set_data_plane_addr(addr.as_str());
         r.set_warmup_ns(warmup.elapsed.as_nanos() as u64);
         r.set_warmup_executions(warmup.executions);

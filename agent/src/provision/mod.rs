@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod qemu;
+pub mod snapshot;
 pub mod vfio;
 
 use crate::provision::cgroup::{Cgroup, Hierarchy};
@@ -52,6 +53,8 @@ pub struct Vm {
     /// What its warm-up did before it said it was ready.
     pub warmup: crate::warmup::Warmup,
     pub instance: Instance,
+    /// A VM's start: how (`booted` or `restored` from a snapshot) and how long to running.
+    pub started: Option<(&'static str, Duration)>,
     /// Encoded `WorkerCommand` messages go here (a pipe, or a VM's channel).
     pub commands: Pin<Box<dyn AsyncWrite>>,
     /// The worker's telemetry batches (`TelemetryBatch` messages) come from here (what was
@@ -249,6 +252,7 @@ impl Provisioner for ProcessProvisioner {
             data_plane_addr: addr,
             warmup,
             instance: Instance::Process(child),
+            started: None,
             commands: Box::pin(stdin),
             telemetry: Box::pin(reader),
             cgroup,

@@ -261,27 +261,15 @@ pub struct QemuVm {
 impl QemuVm {
     /// The VM's run state as QMP reports it (`running`, `shutdown`, ...).
     pub async fn status(&self) -> Result<String, std::io::Error> {
-        let mut qmp = qapi::futures::QmpStreamTokio::open_uds(&self.qmp)
-            .await?
-            .negotiate()
-            .await?;
-        let s = qmp
-            .execute(qapi::qmp::query_status {})
-            .await
-            .map_err(std::io::Error::other)?;
-        Ok(format!("{:?}", s.status).to_lowercase())
+        super::snapshot::status(&self.qmp).await
     }
 
     /// Stops the VM: QMP `quit` (QEMU exits cleanly), then a kill if it has not within
     /// `grace`. Returns whether QMP stopped it.
     pub async fn stop(&mut self, grace: Duration) -> bool {
+        // `quit` may close the socket before answering: the exit is what counts.
         let asked = async {
-            let mut qmp = qapi::futures::QmpStreamTokio::open_uds(&self.qmp)
-                .await?
-                .negotiate()
-                .await?;
-            // `quit` may close the socket before answering: the exit is what counts.
-            let _ = qmp.execute(qapi::qmp::quit {}).await;
+            let _ = super::snapshot::qmp(&self.qmp, qapi::qmp::quit {}).await;
             Ok::<_, std::io::Error>(())
         };
         let clean = tokio::time::timeout(grace, async {
@@ -305,7 +293,21 @@ impl QemuVm {
     }
 }
 
-fn console_tail(path: &Path) -> String {
+/// Marks `cmd`'s process to be killed when the agent's thread that spawned it ends (the agent
+/// is single-threaded: when the agent ends, even by `kill -9`).
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe; it only marks the child to die with its parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+pub fn console_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(6)..].join(" | ")
@@ -326,6 +328,9 @@ pub struct QemuProvisioner {
     pub data_plane: crate::dataplane::Transport,
     pub telemetry: bool,
     pub tsc_khz: Option<u64>,
+    /// Start VMs from a per-shape snapshot once one is saved (else always boot).
+    pub restore: bool,
+    pub snapshots: super::snapshot::Snapshots,
 }
 
 /// Where the guest image is: `$PRESCIENT_GUEST_DIR`, else `target/guest` beside the binary's
@@ -365,22 +370,34 @@ impl QemuProvisioner {
             bind_ip,
             accel,
             cgroups,
-            run_dir,
             ready_timeout: Duration::from_secs(60),
             data_plane: crate::dataplane::Transport::Epoll,
             telemetry: true,
             tsc_khz: tsc_khz(),
+            restore: true,
+            snapshots: super::snapshot::Snapshots::new(run_dir.join("snapshots")),
+            run_dir,
         }
     }
 
     fn machine(&self, spec: &VmSpec, dir: &Path, port: u16) -> Machine {
-        let cpus = spec.resources.cpu_millicores.div_ceil(1000).max(1);
-        let task_mib = spec.resources.memory_bytes.div_ceil(1 << 20);
+        self.machine_for(&spec.replica, &spec.resources, dir, port)
+    }
+
+    fn machine_for(
+        &self,
+        replica: &str,
+        resources: &prescient_schemas::Resources,
+        dir: &Path,
+        port: u16,
+    ) -> Machine {
+        let cpus = resources.cpu_millicores.div_ceil(1000).max(1);
+        let task_mib = resources.memory_bytes.div_ceil(1 << 20);
         let mut worker_args = vec![
             "--host".to_string(),
             self.host.clone(),
             "--replica".into(),
-            spec.replica.clone(),
+            replica.to_string(),
             "--data-plane".into(),
             self.data_plane.name().into(),
             "--listen".into(),
@@ -420,21 +437,31 @@ impl QemuProvisioner {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(ProvisionError::Spawn)?;
         let machine = self.machine(&spec, &dir, port);
+        let shape = (machine.vcpus, machine.memory_mib);
+        let snapshot = self.restore.then(|| self.snapshots.ready(shape)).flatten();
+        let mut args = machine.args();
+        if let Some(s) = &snapshot {
+            args.extend(["-incoming".to_string(), format!("file:{}", s.display())]);
+        } else if self.restore {
+            // Saved once per shape, beside this boot; later VMs of the shape restore from it.
+            let template = self
+                .run_dir
+                .join(format!("template-{}x{}", shape.0, shape.1));
+            let port = std::net::TcpListener::bind((self.bind_ip, 0))
+                .and_then(|l| l.local_addr())
+                .map_or(0, |a| a.port());
+            self.snapshots.make(
+                self.qemu.clone(),
+                self.machine_for("template", &spec.resources, &template, port),
+            );
+        }
         let mut cmd = tokio::process::Command::new(&self.qemu);
-        cmd.args(machine.args())
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("qemu.log")).map_err(ProvisionError::Spawn)?)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only marks the child to die with its parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(ProvisionError::Spawn)?;
         let cgroup = self.limit(&spec, child.id());
         let mut vm = QemuVm {
@@ -443,17 +470,37 @@ impl QemuProvisioner {
             dir: dir.clone(),
             console: machine.console.clone(),
         };
-        match self.connect(&mut vm, &machine, spec.deploy, started).await {
-            Ok((stream, reader, times)) => {
-                let (ready, times) = (times.0, times.1);
+        let resumed = match &snapshot {
+            None => Ok(None),
+            Some(_) => super::snapshot::resume_restored(&machine.qmp, self.ready_timeout)
+                .await
+                .map(|()| Some(started.elapsed()))
+                .map_err(|e| ProvisionError::Refused(format!("restoring the VM: {e}"))),
+        };
+        let connected = match resumed {
+            Ok(r) => self
+                .connect(&mut vm, &machine, spec.deploy, started)
+                .await
+                .map(|c| (c, r)),
+            Err(e) => Err(e),
+        };
+        match connected {
+            Ok(((stream, reader, times), resumed)) => {
+                let (ready, mut times) = (times.0, times.1);
+                if let Some(r) = resumed {
+                    times.boot = r;
+                }
+                times.restored = resumed.is_some();
                 let (addr_in_guest, warmup) = super::parse_ready(&ready)?;
-                info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, boot = ?times.boot, deploy = ?times.ready, "microVM ready");
+                let how = if times.restored { "restored" } else { "booted" };
+                info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, how, running = ?times.boot, ready = ?times.ready, "microVM ready");
                 Ok((
                     Vm {
                         replica: spec.replica,
                         data_plane_addr: format!("{}:{port}", self.bind_ip),
                         warmup,
                         instance: super::Instance::Qemu(vm),
+                        started: Some((how, times.boot)),
                         commands: Box::pin(stream),
                         telemetry: Box::pin(reader),
                         cgroup,
@@ -571,18 +618,21 @@ impl QemuProvisioner {
                 BootTimes {
                     boot: boot.unwrap_or(ready_at),
                     ready: ready_at,
+                    restored: false,
                 },
             ),
         ))
     }
 }
 
-/// How long a VM took: QEMU started to the guest worker started (boot), and to it warm and
-/// serving (ready).
+/// How long a VM took: QEMU started to the guest running (booted, or restored and resumed),
+/// and to its worker deployed, warm and serving (ready).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BootTimes {
     pub boot: Duration,
     pub ready: Duration,
+    /// Started from a snapshot.
+    pub restored: bool,
 }
 
 impl super::Provisioner for QemuProvisioner {
