@@ -81,6 +81,20 @@ pub enum Which {
         #[arg(long, default_value_t = 300)]
         steps: usize,
     },
+    /// Replica start times: placement to ready, VM boot against snapshot restore (`--provisioner
+    /// qemu`: two agents side by side, rounds alternating), idle VM RSS, and a 2-stage chain's
+    /// p50 through VMs against process workers.
+    Boot {
+        /// `qemu` (microVMs; needs `cargo xtask guest-image`) or `process`.
+        #[arg(long, default_value = "qemu")]
+        provisioner: String,
+        /// Starts measured per mode.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds of chain load per configuration.
+        #[arg(long, default_value_t = 5.0)]
+        chain_seconds: f64,
+    },
     /// Predictive provisioning live: a real trace slice with a ramp (the Azure LLM
     /// conversation trace, time-compressed, thinned from 10% to all of it) against one task
     /// serving one execution at a time, once reactive (forecast-only) and once with the plan
@@ -208,6 +222,18 @@ pub async fn run(which: Which) -> Result<ExitCode> {
         Which::Idle { seconds, rounds } => idle::idle(seconds, rounds).await?,
         Which::Forecast { series, steps } => forecast::forecast(&series, steps)?,
         Which::Scale { phase, service_ms } => scale::scale(phase, service_ms).await?,
+        Which::Boot {
+            provisioner,
+            runs,
+            chain_seconds,
+        } => {
+            boot::boot(boot::Plan {
+                provisioner,
+                runs,
+                chain_seconds,
+            })
+            .await?
+        }
         Which::Predictive {
             seconds,
             speedup,
@@ -330,6 +356,7 @@ async fn deploy_chain(
     Ok((client, *record))
 }
 
+mod boot;
 mod chain;
 mod forecast;
 mod hedging;

@@ -68,6 +68,9 @@ struct Args {
     /// The microVMs' accelerator: auto (KVM where a guest boots under it, else TCG), kvm, tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Boot every microVM instead of restoring from a snapshot saved per VM shape.
+    #[arg(long)]
+    no_snapshots: bool,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -227,7 +230,11 @@ fn main() -> Result<()> {
                 "tcg" => Some(Accel::Tcg),
                 other => anyhow::bail!("--accel {other:?}: auto, kvm or tcg"),
             };
-            Some(prescient_agent::node::QemuSettings { image, accel })
+            Some(prescient_agent::node::QemuSettings {
+                image,
+                accel,
+                snapshots: !args.no_snapshots,
+            })
         }
         other => anyhow::bail!("--provisioner {other:?}: process or qemu"),
     };

@@ -73,6 +73,8 @@ pub struct QemuSettings {
     pub image: std::path::PathBuf,
     /// `None`: detected once at start (a guest booted under KVM, else TCG).
     pub accel: Option<crate::provision::qemu::Accel>,
+    /// Start VMs from a per-shape snapshot once saved (else every VM boots).
+    pub snapshots: bool,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -164,6 +166,7 @@ impl AgentNode {
                 );
                 p.data_plane = config.data_plane;
                 p.telemetry = config.telemetry;
+                p.restore = q.snapshots;
                 Backend::Qemu(p)
             }
         };

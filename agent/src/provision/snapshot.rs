@@ -121,17 +121,28 @@ impl Snapshots {
     }
 }
 
+/// Why a snapshot could not be saved (its VMs then boot).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the template guest stopped ({0}): {1}")]
+    TemplateStopped(String, String),
+    #[error("the template guest did not start within 60 s")]
+    TemplateTimeout,
+    #[error("QMP {0}: {1}")]
+    Qmp(&'static str, std::io::Error),
+    #[error("the migration to a file ended {0}")]
+    Migration(String),
+}
+
 /// Boots `machine`, waits for its init to wait on the channel, stops it and migrates it to
 /// `path`. Returns the file's size.
-async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, String> {
-    let dir = machine
-        .qmp
-        .parent()
-        .ok_or("the template's directory")?
-        .to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, SnapshotError> {
+    let dir = machine.qmp.with_file_name("");
+    std::fs::create_dir_all(&dir)?;
     if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(p)?;
     }
     let mut cmd = tokio::process::Command::new(qemu);
     cmd.args(machine.args())
@@ -140,7 +151,7 @@ async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, String
         .stderr(Stdio::null())
         .kill_on_drop(true);
     super::qemu::die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| format!("starting QEMU: {e}"))?;
+    let mut child = cmd.spawn()?;
     let result = async {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
@@ -149,13 +160,13 @@ async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, String
                 break;
             }
             if let Ok(Some(s)) = child.try_wait() {
-                return Err(format!(
-                    "the template guest stopped ({s}): {}",
-                    console_tail(&machine.console)
+                return Err(SnapshotError::TemplateStopped(
+                    s.to_string(),
+                    console_tail(&machine.console),
                 ));
             }
             if Instant::now() > until {
-                return Err("the template guest did not start within 60 s".to_string());
+                return Err(SnapshotError::TemplateTimeout);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -163,7 +174,7 @@ async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, String
         let tmp = path.with_extension("tmp");
         qmp(&machine.qmp, qapi::qmp::stop {})
             .await
-            .map_err(|e| format!("QMP stop: {e}"))?;
+            .map_err(|e| SnapshotError::Qmp("stop", e))?;
         qmp(
             &machine.qmp,
             qapi::qmp::migrate {
@@ -174,25 +185,23 @@ async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, String
             },
         )
         .await
-        .map_err(|e| format!("QMP migrate: {e}"))?;
+        .map_err(|e| SnapshotError::Qmp("migrate", e))?;
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let m = qmp(&machine.qmp, qapi::qmp::query_migrate {})
                 .await
-                .map_err(|e| format!("QMP query-migrate: {e}"))?;
+                .map_err(|e| SnapshotError::Qmp("query-migrate", e))?;
             let status = format!("{:?}", m.status).to_lowercase();
             if status.contains("completed") {
                 break;
             }
             if status.contains("failed") || status.contains("cancel") || Instant::now() > until {
-                return Err(format!("the migration to a file ended {status}"));
+                return Err(SnapshotError::Migration(status));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
-        std::fs::metadata(path)
-            .map(|m| m.len())
-            .map_err(|e| e.to_string())
+        std::fs::rename(&tmp, path)?;
+        Ok(std::fs::metadata(path)?.len())
     }
     .await;
     let _ = qmp(&machine.qmp, qapi::qmp::quit {}).await;
