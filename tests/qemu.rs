@@ -170,7 +170,8 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
         ("a2".into(), "a1".into(), "a1".into()),
         "{replicas}"
     );
-    assert_eq!(qemus(dir.path()).len(), 2, "one VM per replica on a1");
+    let replica_vms = qemus(&std::path::Path::new(vm_data).join("vms/g1."));
+    assert_eq!(replica_vms.len(), 2, "one VM per replica on a1");
     let log = vms.log_text();
     assert!(log.contains("microVM ready"), "{log}");
     // Invocations enter at an ingress, pass the process worker, then both VMs.
@@ -212,6 +213,33 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
             .contains(&sha256_hex("restored")),
         "{out}"
     );
+    // A VM that dies (its QEMU killed here; a crashed guest worker ends its VM the same way)
+    // is reported lost with how, and replaced.
+    let solo = qemus(&std::path::Path::new(vm_data).join("vms/g2.solo.r1"));
+    assert_eq!(solo.len(), 1);
+    std::process::Command::new("kill")
+        .args(["-9", &solo[0].to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = events(&control);
+        let lost = ev
+            .iter()
+            .find(|(k, s, _)| k == "replica-lost" && s == "g2.solo.r1");
+        let replaced = ev.iter().any(|(k, s, _)| {
+            k == "replica-ready" && s.starts_with("g2.solo.r") && s != "g2.solo.r1"
+        });
+        if let (Some((_, _, why)), true) = (lost, replaced) {
+            assert!(
+                why.contains("the VM stopped") && why.contains("SIGKILL"),
+                "{why}"
+            );
+            break;
+        }
+        assert!(Instant::now() < until, "no replacement: {ev:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Removing the graph drains and stops both VMs: each guest's worker finishes and exits,
     // its init powers the VM off, and QEMU ends.
     control.cli_ok(&["rm", "vm-chain"]);
@@ -227,11 +255,166 @@ fn a_chain_runs_through_microvms_and_leaves_no_qemu_behind() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Each drained worker exited, its guest powered off, and QEMU ended by itself.
     let log = vms.log_text();
-    assert!(
-        log.matches("retired replica drained: the VM stopped (exit status: 0)")
-            .count()
-            == 3,
-        "{log}"
+    let drained: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retired replica drained"))
+        .collect();
+    for r in ["g1.upper.r", "g1.digest.r"] {
+        assert!(
+            drained
+                .iter()
+                .any(|l| l.contains(r) && l.contains("the VM stopped (exit status: 0)")),
+            "{r}: {drained:#?}"
+        );
+    }
+}
+
+/// The guest's initramfs without `module` in its load order: the guest then never sees the
+/// device that module drives (newc entries rewritten; the kernel reads nothing else).
+fn initramfs_without(module: &str) -> Vec<u8> {
+    use std::io::Write;
+    let gz = std::fs::read(std::path::Path::new(&guest_image()).join("initramfs.cpio.gz")).unwrap();
+    let mut unzip = std::process::Command::new("gzip")
+        .args(["-dc"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = unzip.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&gz));
+    let cpio = unzip.wait_with_output().unwrap().stdout;
+    writer.join().unwrap().unwrap();
+    let (mut out, mut at) = (Vec::new(), 0);
+    let pad = |n: usize| n.div_ceil(4) * 4;
+    while at + 110 <= cpio.len() {
+        let field = |i: usize| {
+            usize::from_str_radix(
+                std::str::from_utf8(&cpio[at + 6 + i * 8..at + 14 + i * 8]).unwrap(),
+                16,
+            )
+            .unwrap()
+        };
+        let (size, name_len) = (field(6), field(11));
+        let name_end = at + 110 + name_len;
+        let data_at = pad(name_end);
+        let name = String::from_utf8_lossy(&cpio[at + 110..name_end - 1]).to_string();
+        let mut data = cpio[data_at..data_at + size].to_vec();
+        if name == "modules.order" {
+            data = String::from_utf8_lossy(&data)
+                .lines()
+                .filter(|l| *l != module)
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                .into_bytes();
+        }
+        let mut header = cpio[at..at + 110].to_vec();
+        header[54..62].copy_from_slice(format!("{:08x}", data.len()).as_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&cpio[at + 110..name_end]);
+        out.resize(pad(out.len()), 0);
+        out.extend_from_slice(&data);
+        out.resize(pad(out.len()), 0);
+        at = pad(data_at + size);
+        if name == "TRAILER!!!" {
+            break;
+        }
+    }
+    out
+}
+
+/// A guest image in `dir` made from the real one with `junk` (a file of it) spoilt: the
+/// initramfs replaced by junk, or without the virtio-serial driver (the guest waits for a
+/// channel that never appears).
+fn broken_image(dir: &std::path::Path, junk: &str) -> String {
+    let real = std::path::PathBuf::from(guest_image());
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["vmlinuz", "initramfs.cpio.gz"] {
+        if junk == "no-channel" && f == "initramfs.cpio.gz" {
+            // Uncompressed: the kernel takes a plain cpio as well.
+            std::fs::write(dir.join(f), initramfs_without("virtio_console")).unwrap();
+        } else if f == junk {
+            std::fs::write(dir.join(f), vec![0x5a; 1 << 20]).unwrap();
+        } else {
+            std::fs::copy(real.join(f), dir.join(f)).unwrap();
+        }
+    }
+    dir.to_string_lossy().to_string()
+}
+
+/// A VM host whose guests cannot start (`junk` spoils the image) beside a process host: the
+/// replica's failure is an event naming why, and its replacement lands on the other host.
+fn a_failing_vm_is_placed_elsewhere(junk: &str, timeout_ms: &str, why: &str) {
+    let dir = TempDir::new("qemu-fails");
+    let _guard = NoQemuLeft(dir.path().to_path_buf());
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let image = broken_image(&dir.path().join("image"), junk);
+    let data = dir.path().join("a1");
+    let _vms = Agent::start_with(
+        &control.addr,
+        "a1",
+        8,
+        dir.path(),
+        &[
+            "--provisioner",
+            "qemu",
+            "--guest-image",
+            &image,
+            "--accel",
+            "tcg",
+            "--vm-ready-timeout-ms",
+            timeout_ms,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
     );
+    let _processes = Agent::start(&control.addr, "a2", 2, dir.path());
+    control.wait_agents(2);
+    let path = dir.path().join("solo.toml");
+    std::fs::write(&path, SOLO).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    let replicas = wait_deployed(&control, "vm-solo", 1, 1);
+    let ready: Vec<&serde_json::Value> = replicas["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "ready")
+        .collect();
+    assert_eq!(ready[0]["host"], "a2", "{replicas}");
+    let ev = events(&control);
+    let (_, _, failed) = ev
+        .iter()
+        .find(|(k, s, _)| k == "replica-failed" && s == "g1.solo.r1")
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(
+        failed.contains("on a1 failed") && failed.contains(why),
+        "{failed}"
+    );
+    let (_, _, placed) = ev
+        .iter()
+        .rev()
+        .find(|(k, s, _)| k == "replica-placed" && s.starts_with("g1.solo"))
+        .unwrap();
+    assert!(
+        placed.contains("not a1, where its last replica failed"),
+        "{placed}"
+    );
+    assert!(qemus(dir.path()).is_empty(), "the failed VM's QEMU is gone");
+}
+
+#[test]
+fn a_guest_that_fails_to_boot_is_reported_and_replaced_elsewhere() {
+    // A spoilt initramfs: the kernel panics, and QEMU (-no-reboot) exits.
+    a_failing_vm_is_placed_elsewhere(
+        "initramfs.cpio.gz",
+        "60000",
+        "QEMU exited while the guest booted",
+    );
+}
+
+#[test]
+fn a_hung_guest_is_killed_reported_and_replaced_elsewhere() {
+    // No channel ever appears: the guest waits, and the agent gives up on it after 3 s.
+    a_failing_vm_is_placed_elsewhere("no-channel", "3000", "was not ready within 3s");
 }

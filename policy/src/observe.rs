@@ -70,6 +70,7 @@ pub fn provisioned_after_warmup(
         return Duration::ZERO;
     };
     let took = now.saturating_sub(r.placed_at);
+    d.failed_on.remove(&r.task);
     d.lead_times.insert(
         (r.task.clone(), r.host.clone()),
         crate::snapshot::LeadTime {
@@ -115,6 +116,7 @@ pub fn provision_failed(
     let r = d.replicas.remove(i);
     let f = count_failure(d.failures.get(&r.task).copied(), None, backoff, now);
     d.failures.insert(r.task.clone(), f);
+    d.failed_on.insert(r.task.clone(), r.host.clone());
     Some((r, f, backoff.delay(f.count)))
 }
 
@@ -145,6 +147,9 @@ pub fn replica_down(
         };
         let f = count_failure(d.failures.get(&r.task).copied(), ran_for, backoff, now);
         d.failures.insert(r.task.clone(), f);
+        if ran_for.is_none_or(|t| t < backoff.stable_after) {
+            d.failed_on.insert(r.task.clone(), r.host.clone());
+        }
         return Some((r, f, backoff.delay(f.count)));
     }
     None

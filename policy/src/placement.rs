@@ -175,6 +175,9 @@ pub struct Need {
     /// runs, nor on a contended host).
     pub exclude: Vec<String>,
     pub exclude_why: String,
+    /// A host it goes to only when no other fits: where its task's last replica failed to
+    /// start or crashed young.
+    pub avoid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +220,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
     for need in needs {
         let mut occupied = flags(&mut need.occupied.iter().map(String::as_str));
         let excluded = flags(&mut need.exclude.iter().map(String::as_str));
+        let avoided = flags(&mut need.avoid.iter().map(String::as_str));
         let near: Vec<String> = need
             .near
             .as_deref()
@@ -240,6 +244,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                         let with_upstream = near[i] && !occupied[i];
                         (
                             h.contended.is_some(),
+                            avoided[i],
                             !with_upstream,
                             occupied[i],
                             std::cmp::Reverse(h.cpu_free_millicores),
@@ -302,6 +307,13 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
             if let Some(c) = &h.contended {
                 reason += &format!("; every other host is full, though it is contended ({c})");
             }
+            match need.avoid.as_deref() {
+                Some(a) if a == h.name => {
+                    reason += "; every other host is full, though its last replica failed there"
+                }
+                Some(a) => reason += &format!("; not {a}, where its last replica failed"),
+                None => {}
+            }
             placed.push((&need.graph_id, &need.task, h.name.clone()));
             h.take(r);
             occupied[i] = true;
@@ -346,6 +358,7 @@ mod tests {
             near: None,
             exclude: vec![],
             exclude_why: String::new(),
+            avoid: None,
         }
     }
 
@@ -423,6 +436,34 @@ mod tests {
         let mut n = need("t", 100, 1);
         n.resources.network_bits_per_sec = 10_000_000_000;
         assert_eq!(hosts_of(&place(&[n], &[host("a", 1000)])), ["a"]);
+    }
+
+    #[test]
+    fn a_host_where_the_task_failed_to_start_is_used_only_when_nothing_else_fits() {
+        let hosts = vec![host("a1", 8000), host("a2", 2000)];
+        let mut n = need("t", 1000, 1);
+        n.avoid = Some("a1".into());
+        match &place(&[n.clone()], &hosts)[0] {
+            Decision::Place { host, reason, .. } => {
+                assert_eq!(host, "a2", "the most free CPU is a1, but it failed there");
+                assert!(
+                    reason.contains("not a1, where its last replica failed"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        n.resources.cpu_millicores = 4000;
+        match &place(&[n], &hosts)[0] {
+            Decision::Place { host, reason, .. } => {
+                assert_eq!(host, "a1");
+                assert!(
+                    reason.contains("though its last replica failed there"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -323,6 +323,7 @@ fn placements(s: &Snapshot, config: &Config, now: Duration) -> Vec<Action> {
                     near,
                     exclude,
                     exclude_why,
+                    avoid: d.and_then(|d| d.failed_on.get(task)).cloned(),
                 });
             }
         }

@@ -131,6 +131,10 @@ pub struct Deployment {
     pub next_replica: u64,
     /// Provisioning failures and crashes in a row, per task.
     pub failures: BTreeMap<String, Failures>,
+    /// The host where each task's last replica failed to start, or crashed before it was
+    /// stable: placement avoids it while another host fits (a VM that does not boot there
+    /// is placed elsewhere). Cleared when a replica of the task becomes ready.
+    pub failed_on: BTreeMap<String, String>,
     /// The last "cannot place" reason per task, so it is recorded once, not every pass.
     pub unplaceable: BTreeMap<String, String>,
     /// Replicas scaled in: out of the routing table, serving what is on its way until then.
@@ -261,6 +265,7 @@ impl Deployment {
             drain_until: None,
             next_replica: 1,
             failures: BTreeMap::new(),
+            failed_on: BTreeMap::new(),
             unplaceable: BTreeMap::new(),
             draining: Vec::new(),
             load: BTreeMap::new(),

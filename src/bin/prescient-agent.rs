@@ -71,6 +71,9 @@ struct Args {
     /// Boot every microVM instead of restoring from a snapshot saved per VM shape.
     #[arg(long)]
     no_snapshots: bool,
+    /// A microVM not serving this long after QEMU started is killed and reported failed.
+    #[arg(long, default_value_t = 60_000)]
+    vm_ready_timeout_ms: u64,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -234,6 +237,7 @@ fn main() -> Result<()> {
                 image,
                 accel,
                 snapshots: !args.no_snapshots,
+                ready_timeout: Duration::from_millis(args.vm_ready_timeout_ms.max(100)),
             })
         }
         other => anyhow::bail!("--provisioner {other:?}: process or qemu"),

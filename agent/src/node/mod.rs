@@ -75,6 +75,8 @@ pub struct QemuSettings {
     pub accel: Option<crate::provision::qemu::Accel>,
     /// Start VMs from a per-shape snapshot once saved (else every VM boots).
     pub snapshots: bool,
+    /// A VM not serving this long after QEMU started is killed and reported failed.
+    pub ready_timeout: Duration,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -167,6 +169,7 @@ impl AgentNode {
                 p.data_plane = config.data_plane;
                 p.telemetry = config.telemetry;
                 p.restore = q.snapshots;
+                p.ready_timeout = q.ready_timeout;
                 Backend::Qemu(p)
             }
         };

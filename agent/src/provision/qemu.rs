@@ -442,18 +442,6 @@ impl QemuProvisioner {
         let mut args = machine.args();
         if let Some(s) = &snapshot {
             args.extend(["-incoming".to_string(), format!("file:{}", s.display())]);
-        } else if self.restore {
-            // Saved once per shape, beside this boot; later VMs of the shape restore from it.
-            let template = self
-                .run_dir
-                .join(format!("template-{}x{}", shape.0, shape.1));
-            let port = std::net::TcpListener::bind((self.bind_ip, 0))
-                .and_then(|l| l.local_addr())
-                .map_or(0, |a| a.port());
-            self.snapshots.make(
-                self.qemu.clone(),
-                self.machine_for("template", &spec.resources, &template, port),
-            );
         }
         let mut cmd = tokio::process::Command::new(&self.qemu);
         cmd.args(args)
@@ -493,6 +481,20 @@ impl QemuProvisioner {
                 times.restored = resumed.is_some();
                 let (addr_in_guest, warmup) = super::parse_ready(&ready)?;
                 let how = if times.restored { "restored" } else { "booted" };
+                if self.restore && !times.restored {
+                    // A shape that boots is saved once, after its first VM is up; later VMs
+                    // of the shape restore from it.
+                    let template = self
+                        .run_dir
+                        .join(format!("template-{}x{}", shape.0, shape.1));
+                    let port = std::net::TcpListener::bind((self.bind_ip, 0))
+                        .and_then(|l| l.local_addr())
+                        .map_or(0, |a| a.port());
+                    self.snapshots.make(
+                        self.qemu.clone(),
+                        self.machine_for("template", &spec.resources, &template, port),
+                    );
+                }
                 info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, how, running = ?times.boot, ready = ?times.ready, "microVM ready");
                 Ok((
                     Vm {
@@ -587,11 +589,10 @@ impl QemuProvisioner {
         let read_line = reader.read_line(&mut line);
         let exited = vm.child.wait();
         let left = until.saturating_duration_since(Instant::now());
-        tokio::select! {
+        let read = tokio::select! {
             r = tokio::time::timeout(left, read_line) => match r {
                 Err(_) => return Err(ProvisionError::Timeout(self.ready_timeout)),
-                Ok(Err(e)) => return Err(ProvisionError::Io(e)),
-                Ok(Ok(_)) => {}
+                Ok(r) => r,
             },
             status = exited => {
                 return Err(ProvisionError::Refused(format!(
@@ -599,7 +600,18 @@ impl QemuProvisioner {
                     status.map_or_else(|e| e.to_string(), |s| s.to_string())
                 )));
             }
+        };
+        // The channel closing (or failing) first usually means QEMU is on its way out.
+        if matches!(read, Ok(0) | Err(_)) {
+            if let Ok(status) = tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await
+            {
+                return Err(ProvisionError::Refused(format!(
+                    "QEMU exited while the guest booted: {}",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )));
+            }
         }
+        read.map_err(ProvisionError::Io)?;
         let ready_at = started.elapsed();
         // The console says when init had the channel (`prescient-guest up in ...`): boot.
         let boot = std::fs::read_to_string(&machine.console)
