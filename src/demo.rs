@@ -247,7 +247,13 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
     crate::demo_replication::slowed_host(&client, &cluster).await?;
 
-    step(11, "what the control node decided, and why");
+    step(
+        11,
+        "microVMs: a task in a QEMU microVM, booted; the next of its shape restored from a snapshot",
+    );
+    crate::demo_vms::microvms(&client, &cluster.control.addr, dir).await?;
+
+    step(12, "what the control node decided, and why");
     for e in client.events(0, 1000).await? {
         output::print_event(&e, false)?;
     }
@@ -258,7 +264,7 @@ async fn walk_through(dir: &Path) -> Result<()> {
     );
 
     step(
-        12,
+        13,
         "the same decision code on a simulated fleet: 20 Azure functions, 100 hosts, a host dies",
     );
     simulated_fleet(dir)?;

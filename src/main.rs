@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod demo_predictive;
 mod demo_replication;
+mod demo_vms;
 mod forecast;
 mod forecast_show;
 mod history;

@@ -342,6 +342,7 @@ fn demo(args: &[&str]) -> Result<()> {
     deps()?;
     onnxruntime()?;
     build_ebpf()?;
+    guest::guest_image()?;
     run(cargo().args(["build", "--release", "--bins"]))?;
     run(Command::new(root().join("target/release/prescient"))
         .arg("demo")
