@@ -418,3 +418,45 @@ fn a_hung_guest_is_killed_reported_and_replaced_elsewhere() {
     // No channel ever appears: the guest waits, and the agent gives up on it after 3 s.
     a_failing_vm_is_placed_elsewhere("no-channel", "3000", "was not ready within 3s");
 }
+
+#[test]
+fn no_qemu_outlives_its_agent_killed_with_sigkill() {
+    let image = guest_image();
+    let dir = TempDir::new("qemu-agent-dies");
+    let _guard = NoQemuLeft(dir.path().to_path_buf());
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let data = dir.path().join("a1");
+    let vms = Agent::start_with(
+        &control.addr,
+        "a1",
+        2,
+        dir.path(),
+        &[
+            "--provisioner",
+            "qemu",
+            "--guest-image",
+            &image,
+            "--accel",
+            "tcg",
+            "--no-snapshots",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    control.wait_agents(1);
+    let path = dir.path().join("solo.toml");
+    std::fs::write(&path, SOLO).unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "vm-solo", 1, 1);
+    assert_eq!(qemus(dir.path()).len(), 1);
+    std::process::Command::new("kill")
+        .args(["-9", &vms.pid().to_string()])
+        .status()
+        .unwrap();
+    // PR_SET_PDEATHSIG: the kernel kills each QEMU as its agent dies.
+    let until = Instant::now() + Duration::from_secs(5);
+    while !qemus(dir.path()).is_empty() {
+        assert!(Instant::now() < until, "QEMU outlived its agent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
