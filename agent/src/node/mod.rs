@@ -140,7 +140,7 @@ impl AgentNode {
             ingress.clone(),
         ));
         tokio::task::spawn_local(ingress.clone().handle_lost(lost));
-        let inventory = HostInventory::read(config.cpus, config.memory_bytes);
+        let mut inventory = HostInventory::read(config.cpus, config.memory_bytes);
         let provisioner = match &config.qemu {
             None => {
                 let mut p = ProcessProvisioner::new(
@@ -170,6 +170,21 @@ impl AgentNode {
                 p.telemetry = config.telemetry;
                 p.restore = q.snapshots;
                 p.ready_timeout = q.ready_timeout;
+                // GPUs bound to vfio-pci are the VMs' to take; NVML cannot see them.
+                let vfio = crate::provision::vfio::vfio_gpus(&p.sysfs);
+                if !vfio.is_empty() {
+                    info!(gpus = vfio.len(), "GPUs bound to vfio-pci, for VMs to take");
+                }
+                let first = inventory.gpus.len() as u32;
+                for (i, g) in vfio.into_iter().enumerate() {
+                    inventory.gpus.push(crate::node::inventory::Gpu {
+                        index: first + i as u32,
+                        name: format!("vfio-pci {}", g.pci_bus_id),
+                        uuid: g.pci_bus_id,
+                        // Unknown without the NVIDIA driver: tasks asking GPU memory go elsewhere.
+                        memory_bytes: 0,
+                    });
+                }
                 Backend::Qemu(p)
             }
         };

@@ -253,6 +253,8 @@ impl Machine {
 /// A running QEMU: the process, its QMP socket, where it logs.
 pub struct QemuVm {
     pub child: tokio::process::Child,
+    /// The GPUs passed through to it, given back when it is dropped.
+    pub gpus: Option<super::vfio::GpuLease>,
     pub qmp: PathBuf,
     pub dir: PathBuf,
     pub console: PathBuf,
@@ -331,6 +333,10 @@ pub struct QemuProvisioner {
     /// Start VMs from a per-shape snapshot once one is saved (else always boot).
     pub restore: bool,
     pub snapshots: super::snapshot::Snapshots,
+    /// GPUs bound to `vfio-pci` that VMs hold; where sysfs and device nodes are (`/sys`, `/dev`).
+    pub gpus: super::vfio::GpuLeases,
+    pub sysfs: PathBuf,
+    pub dev: PathBuf,
 }
 
 /// Where the guest image is: `$PRESCIENT_GUEST_DIR`, else `target/guest` beside the binary's
@@ -376,6 +382,9 @@ impl QemuProvisioner {
             tsc_khz: tsc_khz(),
             restore: true,
             snapshots: super::snapshot::Snapshots::new(run_dir.join("snapshots")),
+            gpus: Default::default(),
+            sysfs: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
             run_dir,
         }
     }
@@ -436,9 +445,28 @@ impl QemuProvisioner {
         let dir = self.run_dir.join(spec.replica.replace(['/', ' '], "_"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(ProvisionError::Spawn)?;
-        let machine = self.machine(&spec, &dir, port);
+        let mut machine = self.machine(&spec, &dir, port);
+        // GPUs: bound to vfio-pci, checked, and held by this VM until it ends.
+        let lease = match spec.resources.gpus {
+            0 => None,
+            n => {
+                let candidates = super::vfio::vfio_gpus(&self.sysfs);
+                match self.gpus.lease(&candidates, n, &self.sysfs, &self.dev) {
+                    Ok(l) => {
+                        machine.gpus = l.gpus.clone();
+                        Some(l)
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(ProvisionError::Refused(e.to_string()));
+                    }
+                }
+            }
+        };
         let shape = (machine.vcpus, machine.memory_mib);
-        let snapshot = self.restore.then(|| self.snapshots.ready(shape)).flatten();
+        // A snapshot holds no passed-through devices: VMs with GPUs always boot.
+        let restoring = self.restore && machine.gpus.is_empty();
+        let snapshot = restoring.then(|| self.snapshots.ready(shape)).flatten();
         let mut args = machine.args();
         if let Some(s) = &snapshot {
             args.extend(["-incoming".to_string(), format!("file:{}", s.display())]);
@@ -454,6 +482,7 @@ impl QemuProvisioner {
         let cgroup = self.limit(&spec, child.id());
         let mut vm = QemuVm {
             child,
+            gpus: lease,
             qmp: machine.qmp.clone(),
             dir: dir.clone(),
             console: machine.console.clone(),
@@ -481,7 +510,7 @@ impl QemuProvisioner {
                 times.restored = resumed.is_some();
                 let (addr_in_guest, warmup) = super::parse_ready(&ready)?;
                 let how = if times.restored { "restored" } else { "booted" };
-                if self.restore && !times.restored {
+                if restoring && !times.restored {
                     // A shape that boots is saved once, after its first VM is up; later VMs
                     // of the shape restore from it.
                     let template = self
@@ -658,87 +687,4 @@ impl super::Provisioner for QemuProvisioner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn machine(gpus: Vec<PassedGpu>) -> Machine {
-        Machine {
-            accel: Accel::Tcg,
-            vcpus: 2,
-            memory_mib: 224,
-            kernel: "/img/vmlinuz".into(),
-            initrd: "/img/initramfs.cpio.gz".into(),
-            worker_args: vec!["--host".into(), "h1".into()],
-            channel: "/run/r1/channel.sock".into(),
-            qmp: "/run/r1/qmp.sock".into(),
-            console: "/run/r1/console.log".into(),
-            forward: ("127.0.0.1".parse().expect("an address"), 40123),
-            gpus,
-            tsc_khz: Some(2_445_430),
-        }
-    }
-
-    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
-    }
-
-    #[test]
-    fn a_microvm_gets_mmio_devices_the_channel_and_the_forward() {
-        let a = machine(vec![]).args();
-        assert_eq!(after(&a, "-machine")[0].split(',').next(), Some("microvm"));
-        assert_eq!(after(&a, "-accel"), vec!["tcg"]);
-        assert_eq!(after(&a, "-smp"), vec!["2"]);
-        assert_eq!(after(&a, "-m"), vec!["224M"]);
-        let devices = after(&a, "-device");
-        assert!(devices.contains(&"virtio-serial-device"), "{devices:?}");
-        assert!(devices.contains(&"virtserialport,chardev=channel,name=prescient.worker"));
-        assert!(devices.contains(&"virtio-net-device,netdev=net0"));
-        assert!(!devices.iter().any(|d| d.starts_with("vfio")));
-        assert_eq!(
-            after(&a, "-netdev"),
-            vec!["user,id=net0,hostfwd=tcp:127.0.0.1:40123-:7600"]
-        );
-        let append = after(&a, "-append")[0];
-        assert!(append.ends_with(" -- --host h1"), "{append}");
-        assert!(append.contains(" tsc_early_khz=2445430"), "{append}");
-        assert_eq!(
-            after(&a, "-qmp"),
-            vec!["unix:/run/r1/qmp.sock,server=on,wait=off"]
-        );
-        assert!(a.iter().any(|x| x == "-no-reboot"));
-    }
-
-    #[test]
-    fn gpus_pass_through_on_q35_with_pci_devices() {
-        let mut m = machine(vec![
-            PassedGpu {
-                pci_bus_id: "0000:65:00.0".into(),
-            },
-            PassedGpu {
-                pci_bus_id: "0000:b3:00.0".into(),
-            },
-        ]);
-        m.accel = Accel::Kvm;
-        let a = m.args();
-        assert_eq!(after(&a, "-machine"), vec!["q35"]);
-        assert!(
-            !after(&a, "-append")[0].contains("tsc_early_khz"),
-            "KVM guests use kvmclock"
-        );
-        assert_eq!(after(&a, "-cpu"), vec!["host"]);
-        let devices = after(&a, "-device");
-        assert!(devices.contains(&"virtio-serial-pci"));
-        assert!(devices.contains(&"virtio-net-pci,netdev=net0"));
-        assert_eq!(
-            devices
-                .iter()
-                .filter(|d| d.starts_with("vfio-pci,host="))
-                .count(),
-            2
-        );
-        assert!(devices.contains(&"vfio-pci,host=0000:b3:00.0"));
-    }
-}
+mod tests;
