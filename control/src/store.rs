@@ -535,7 +535,7 @@ impl Registry {
             });
         }
         let start_s = end_s.saturating_sub(span);
-        let mut minutes: std::collections::BTreeMap<u64, f64> = Default::default();
+        let mut minutes: std::collections::BTreeMap<u64, u64> = Default::default();
         let mut seconds: Vec<(u64, u64)> = Vec::new();
         for (i, &c) in counts.iter().enumerate() {
             let from = start_s + i as u64 * step_s;
@@ -543,7 +543,7 @@ impl Registry {
             let upto = |k: u64| (u128::from(c) * u128::from(k) / u128::from(step_s)) as u64;
             for k in 0..step_s {
                 let n = upto(k + 1) - upto(k);
-                *minutes.entry((from + k) / 60).or_default() += n as f64;
+                *minutes.entry((from + k) / 60).or_default() += n;
                 if step_s < 60 && from + k + SECOND_HISTORY_S >= end_s {
                     seconds.push((from + k, n));
                 }
@@ -558,7 +558,7 @@ impl Registry {
         {
             let mut t = tx.open_table(HISTORY)?;
             for (&m, &c) in &minutes {
-                t.insert((graph, task, m), point(m, c as u64).to_bytes().as_slice())?;
+                t.insert((graph, task, m), point(m, c).to_bytes().as_slice())?;
             }
             let mut t = tx.open_table(HISTORY_SECONDS)?;
             for &(s, c) in &seconds {

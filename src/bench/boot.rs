@@ -63,15 +63,6 @@ fn qemu_rss(needle: &str) -> Option<u64> {
     None
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        n => v[n / 2],
-    }
-}
-
 /// Submits a one-task graph (to a cluster of one agent) and returns its time to ready, its
 /// VM's start time and how it started, and the idle VM's RSS; then removes it and waits for
 /// its VM to stop.
@@ -196,13 +187,17 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
         }
     }
     let of = |mode: &str, key: &str| {
-        median(
-            starts
-                .iter()
-                .filter(|s| s["mode"] == mode)
-                .filter_map(|s| s[key].as_f64())
-                .collect(),
-        )
+        let v: Vec<f64> = starts
+            .iter()
+            .filter(|s| s["mode"] == mode)
+            .filter_map(|s| s[key].as_f64())
+            .collect();
+        // None measured (a process cluster restores nothing): null in the JSON.
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            median(&v)
+        }
     };
     // The chain through VMs (the restoring cluster) against process workers (a fresh one).
     let mut chains = serde_json::Map::new();

@@ -97,25 +97,16 @@ pub async fn detect_accel(image: &Path, run_dir: &Path) -> Accel {
             return Accel::Tcg;
         }
     };
-    let started = Instant::now();
-    let up = loop {
-        let console = std::fs::read_to_string(&machine.console).unwrap_or_default();
-        if console.contains(crate::guest::UP_LINE) {
-            break Ok(started.elapsed());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!(
-                "QEMU exited ({status}): {}",
-                console_tail(&machine.console)
-            ));
-        }
-        if started.elapsed() > KVM_PROBE {
-            break Err(format!(
-                "the guest did not reach its init within {KVM_PROBE:?}: {}",
-                console_tail(&machine.console)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let up = match wait_for_init(&mut child, &machine.console, KVM_PROBE).await {
+        Ok(t) => Ok(t),
+        Err(GuestNotUp::Exited(status)) => Err(format!(
+            "QEMU exited ({status}): {}",
+            console_tail(&machine.console)
+        )),
+        Err(GuestNotUp::Timeout) => Err(format!(
+            "the guest did not reach its init within {KVM_PROBE:?}: {}",
+            console_tail(&machine.console)
+        )),
     };
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -128,6 +119,36 @@ pub async fn detect_accel(image: &Path, run_dir: &Path) -> Accel {
             warn!("microVMs run under TCG: /dev/kvm opens but a guest under KVM failed: {why}");
             Accel::Tcg
         }
+    }
+}
+
+/// Why a guest's init never said it was up.
+pub enum GuestNotUp {
+    /// QEMU exited first, with this status.
+    Exited(std::process::ExitStatus),
+    Timeout,
+}
+
+/// Waits until the guest's init prints `UP_LINE` on the console (it then waits for the agent
+/// on the channel); returns how long that took.
+pub async fn wait_for_init(
+    child: &mut tokio::process::Child,
+    console: &Path,
+    limit: Duration,
+) -> Result<Duration, GuestNotUp> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains(crate::guest::UP_LINE) {
+            return Ok(started.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(GuestNotUp::Exited(status));
+        }
+        if started.elapsed() > limit {
+            return Err(GuestNotUp::Timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

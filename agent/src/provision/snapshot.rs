@@ -3,7 +3,7 @@
 //! of that shape start from it with `-incoming` instead of booting, the way Firecracker's
 //! snapshots and REAP cut cold starts. Also the QMP calls the provisioner makes.
 
-use super::qemu::{console_tail, Machine};
+use super::qemu::{console_tail, GuestNotUp, Machine};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -153,22 +153,17 @@ async fn save(qemu: &Path, machine: &Machine, path: &Path) -> Result<u64, Snapsh
     super::qemu::die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
     let result = async {
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let console = std::fs::read_to_string(&machine.console).unwrap_or_default();
-            if console.contains(crate::guest::UP_LINE) {
-                break;
-            }
-            if let Ok(Some(s)) = child.try_wait() {
+        match super::qemu::wait_for_init(&mut child, &machine.console, Duration::from_secs(60))
+            .await
+        {
+            Ok(_) => {}
+            Err(GuestNotUp::Exited(s)) => {
                 return Err(SnapshotError::TemplateStopped(
                     s.to_string(),
                     console_tail(&machine.console),
-                ));
+                ))
             }
-            if Instant::now() > until {
-                return Err(SnapshotError::TemplateTimeout);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(GuestNotUp::Timeout) => return Err(SnapshotError::TemplateTimeout),
         }
         // A stopped guest saves consistently; restored VMs are resumed (`cont`).
         let tmp = path.with_extension("tmp");
