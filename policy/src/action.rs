@@ -122,6 +122,12 @@ pub enum Action {
         drain: Duration,
         replicas: Vec<Replica>,
     },
+    /// A host that keeps a warm pool is told what to keep (booted, idle VMs per shape).
+    WarmPool {
+        host: String,
+        shapes: Vec<crate::snapshot::WarmShape>,
+        reason: String,
+    },
     /// Stop the drained replicas.
     Retire {
         graph_id: String,
@@ -231,6 +237,15 @@ impl Action {
                 task: task.clone(),
                 from: *from,
                 to: *to,
+                reason: reason.clone(),
+            },
+            Action::WarmPool {
+                host,
+                shapes,
+                reason,
+            } => Event::WarmPool {
+                host: host.clone(),
+                shapes: shapes.clone(),
                 reason: reason.clone(),
             },
             Action::ForecastOnly {
@@ -435,6 +450,14 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             resources,
             ..
         } => {
+            // A warm VM of its shape there is now its (until the host's next heartbeat says).
+            if let Some(w) = s
+                .hosts
+                .get_mut(host)
+                .and_then(|h| h.warm.iter_mut().find(|w| w.count > 0 && w.holds(resources)))
+            {
+                w.count -= 1;
+            }
             let Some(d) = deployment(s, graph_id) else {
                 return;
             };
@@ -494,6 +517,11 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
         Action::ScaleOut { graph_id, task, .. } => {
             if let Some(d) = deployment(s, graph_id) {
                 d.scaled.entry(task.clone()).or_default().out_at = Some(now);
+            }
+        }
+        Action::WarmPool { host, shapes, .. } => {
+            if let Some(h) = s.hosts.get_mut(host) {
+                h.warm_target = shapes.clone();
             }
         }
         Action::ForecastOnly {

@@ -134,6 +134,12 @@ pub enum Event {
         drain: Duration,
         reason: String,
     },
+    /// A microVM host is told what warm pool to keep.
+    WarmPool {
+        host: String,
+        shapes: Vec<crate::snapshot::WarmShape>,
+        reason: String,
+    },
     /// A replica is provisioned and warm: it joins the next routing table.
     ReplicaReady {
         replica: String,
@@ -143,8 +149,11 @@ pub enum Event {
         warmup: Duration,
         executions: u32,
         stable: bool,
-        /// A microVM's start: `booted` or `restored`, and how long to its guest running.
+        /// A microVM's start: `booted` or `restored`, and how long to its guest running; or
+        /// `warm` (taken from the warm pool), and how long it had waited there.
         vm_start: Option<(String, Duration)>,
+        /// A microVM's deploy: from its guest running to its task deployed (warm-up apart).
+        vm_deploy: Option<Duration>,
     },
 }
 
@@ -176,6 +185,7 @@ impl Event {
             Event::ArtifactUploaded { .. } => "artifact-uploaded",
             Event::ScaledOut { .. } => "scale-out",
             Event::ForecastOnly { .. } => "forecast-only",
+            Event::WarmPool { .. } => "warm-pool",
             Event::ScaledIn { .. } => "scale-in",
             Event::DrainedRetired { .. } => "replicas-retired",
             Event::ReplicaReplacing { .. } => "replace",
@@ -194,7 +204,9 @@ impl Event {
             | Event::ReplicasDraining { graph_id, .. }
             | Event::ReplicasRetired { graph_id, .. }
             | Event::GraphUndeployed { graph_id, .. } => graph_id.clone(),
-            Event::AgentRegistered { host, .. } | Event::AgentLost { host, .. } => host.clone(),
+            Event::AgentRegistered { host, .. }
+            | Event::AgentLost { host, .. }
+            | Event::WarmPool { host, .. } => host.clone(),
             Event::ReplicaPlaced { replica, .. }
             | Event::ReplicaFailed { replica, .. }
             | Event::ReplicaLost { replica, .. } => replica.clone(),
@@ -335,6 +347,24 @@ impl Event {
             Event::ForecastOnly {
                 have, would, reason, ..
             } => format!("would hold {would} replicas (has {have}): {reason}"),
+            Event::WarmPool { shapes, reason, .. } => {
+                if shapes.is_empty() {
+                    "keep no idle VMs (those idle past the timeout stop)".to_string()
+                } else {
+                    let kept: Vec<String> = shapes
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "{} of {}m CPU, {}",
+                                w.count,
+                                w.cpu_millicores,
+                                prescient_schemas::quantity::format_bytes(w.memory_bytes)
+                            )
+                        })
+                        .collect();
+                    format!("keep {} booted idle VMs: {reason}", kept.join(", "))
+                }
+            }
             Event::ScaledIn {
                 from,
                 drain,
@@ -371,11 +401,16 @@ impl Event {
                 executions,
                 stable,
                 vm_start,
+                vm_deploy,
                 ..
             } => {
                 let ms = |d: &Duration| d.as_secs_f64() * 1e3;
-                let vm = vm_start.as_ref().map_or(String::new(), |(how, t)| {
-                    format!(
+                let mut vm = vm_start.as_ref().map_or(String::new(), |(how, t)| match how.as_str() {
+                    "warm" => format!(
+                        "; it took a warm VM from the pool (idle for {:.1} s)",
+                        t.as_secs_f64()
+                    ),
+                    how => format!(
                         "; its VM {how} in {:.0} ms{}",
                         ms(t),
                         if how == "restored" {
@@ -383,8 +418,11 @@ impl Event {
                         } else {
                             ""
                         }
-                    )
+                    ),
                 });
+                if let Some(d) = vm_deploy {
+                    vm += &format!(", deployed in it in {:.0} ms", ms(d));
+                }
                 let warm = if *executions == 0 {
                     "no recent inputs of its task to warm up on".to_string()
                 } else if *stable {

@@ -36,6 +36,7 @@ pub mod predictive;
 pub mod replace;
 pub mod scaling;
 pub mod snapshot;
+pub mod warm;
 
 pub use action::{apply, Action};
 pub use event::Event;
@@ -110,3 +111,5 @@ mod replace_tests;
 mod scaling_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod warm_tests;

@@ -4,7 +4,7 @@
 //! that the control node and the simulator count failures the same way.
 
 use crate::snapshot::{
-    Capacity, Failures, Health, Host, Replica, ReplicaState, Reported, Snapshot,
+    Capacity, Failures, Health, Host, Replica, ReplicaState, Reported, Snapshot, WarmShape,
 };
 use crate::Backoff;
 use std::time::Duration;
@@ -25,8 +25,32 @@ pub fn registered(
             last_heartbeat: now,
             capacity,
             reported: Some(reported),
+            pools: false,
+            warm: Vec::new(),
+            warm_target: Vec::new(),
         },
     );
+}
+
+/// As [`registered`], for an agent that keeps a warm pool of microVMs.
+pub fn registered_with_pool(
+    s: &mut Snapshot,
+    name: &str,
+    capacity: Capacity,
+    reported: Vec<Reported>,
+    now: Duration,
+) {
+    registered(s, name, capacity, reported, now);
+    if let Some(h) = s.hosts.get_mut(name) {
+        h.pools = true;
+    }
+}
+
+/// What a heartbeat said of the host's warm pool: the idle VMs it has now.
+pub fn warm_reported(s: &mut Snapshot, name: &str, warm: Vec<WarmShape>) {
+    if let Some(h) = s.hosts.get_mut(name) {
+        h.warm = warm;
+    }
 }
 
 /// A heartbeat; false when the host must register again (it was declared lost).

@@ -8,9 +8,11 @@
 //! things come before all of those: a host that is contended (a replica was moved off it for
 //! contention) is used only when no other fits, and a replica that grows a running chain goes
 //! where the same pass just put its upstream task's new replica (chain-local: the new copy of
-//! the chain keeps its hops on one host).
+//! the chain keeps its hops on one host). Between those, a host where a warm VM of the replica's
+//! shape waits (its warm pool) comes first: the replica starts there at once, in capacity
+//! already held for it.
 
-use crate::snapshot::{Health, Host, Snapshot};
+use crate::snapshot::{Health, Host, Snapshot, WarmShape};
 use prescient_schemas::quantity::format_bytes;
 use prescient_schemas::Resources;
 
@@ -27,6 +29,8 @@ pub struct HostView {
     pub replicas: usize,
     /// Why the host is avoided, while it is.
     pub contended: Option<String>,
+    /// Its booted, idle VMs (their resources are not free; a replica of their shape takes one).
+    pub warm: Vec<WarmShape>,
 }
 
 /// The ready hosts with what they have free: capacity less every replica they hold, retiring
@@ -76,9 +80,10 @@ fn held(s: &Snapshot) -> impl Iterator<Item = &crate::snapshot::Replica> {
     })
 }
 
+/// A host's capacity less its warm VMs, before any replica is charged.
 fn empty_view(h: &Host) -> HostView {
     let c = h.capacity;
-    HostView {
+    let mut v = HostView {
         name: h.name.clone(),
         cpu_free_millicores: c.cpu_millicores,
         memory_free_bytes: c.memory_bytes,
@@ -87,7 +92,21 @@ fn empty_view(h: &Host) -> HostView {
         network_free_bits_per_sec: c.network_bits_per_sec,
         replicas: 0,
         contended: None,
+        warm: Vec::new(),
+    };
+    for w in &h.warm {
+        let r = Resources {
+            cpu_millicores: w.cpu_millicores,
+            memory_bytes: w.memory_bytes,
+            ..Resources::default()
+        };
+        for _ in 0..w.count {
+            v.take(&r);
+        }
     }
+    v.replicas = 0;
+    v.warm = h.warm.iter().filter(|w| w.count > 0).copied().collect();
+    v
 }
 
 /// One host with what it has free.
@@ -100,7 +119,16 @@ pub fn host_view(s: &Snapshot, h: &Host) -> HostView {
 }
 
 impl HostView {
+    /// Whether a warm VM for `r` waits here.
+    pub fn warm_for(&self, r: &Resources) -> bool {
+        self.warm.iter().any(|w| w.count > 0 && w.holds(r))
+    }
+
     fn fits(&self, r: &Resources) -> bool {
+        self.warm_for(r) || self.fits_free(r)
+    }
+
+    fn fits_free(&self, r: &Resources) -> bool {
         self.cpu_free_millicores >= u64::from(r.cpu_millicores)
             && self.memory_free_bytes >= r.memory_bytes
             && self.gpus_free >= r.gpus
@@ -110,7 +138,14 @@ impl HostView {
                 .is_none_or(|n| n >= r.network_bits_per_sec)
     }
 
+    /// Charges a replica needing `r`: to a warm VM of its shape if one waits (its capacity is
+    /// already held), else to what is free.
     fn take(&mut self, r: &Resources) {
+        if let Some(w) = self.warm.iter_mut().find(|w| w.count > 0 && w.holds(r)) {
+            w.count -= 1;
+            self.replicas += 1;
+            return;
+        }
         self.cpu_free_millicores = self
             .cpu_free_millicores
             .saturating_sub(u64::from(r.cpu_millicores));
@@ -245,6 +280,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                         (
                             h.contended.is_some(),
                             avoided[i],
+                            !h.warm_for(r),
                             !with_upstream,
                             occupied[i],
                             std::cmp::Reverse(h.cpu_free_millicores),
@@ -284,6 +320,11 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
             };
             let already = occupied[i];
             let h = &mut hosts[i];
+            let warm = if h.warm_for(r) {
+                "; a warm VM of its shape waits there"
+            } else {
+                ""
+            };
             let why = if near[i] && !already {
                 format!(
                     "and just got the new replica of its upstream {}: the chain stays local",
@@ -304,6 +345,7 @@ pub fn place(needs: &[Need], hosts: &[HostView]) -> Vec<Decision> {
                     ""
                 }
             );
+            reason += warm;
             if let Some(c) = &h.contended {
                 reason += &format!("; every other host is full, though it is contended ({c})");
             }
@@ -342,6 +384,7 @@ mod tests {
             network_free_bits_per_sec: None,
             replicas: 0,
             contended: None,
+            warm: vec![],
         }
     }
 

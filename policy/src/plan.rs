@@ -54,6 +54,14 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: Duration) -> Vec<Action> 
     for a in drains(&work, config, now) {
         emit(&mut work, a);
     }
+    for (host, t) in crate::warm::changes(&work, now) {
+        let a = Action::WarmPool {
+            host,
+            shapes: t.shapes,
+            reason: t.reasons.join("; "),
+        };
+        emit(&mut work, a);
+    }
     out
 }
 

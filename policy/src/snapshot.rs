@@ -78,6 +78,31 @@ pub struct Host {
     /// The replicas the agent said it runs when it last registered, not yet reconciled with the
     /// deployments (adopted, forgotten or retired by the next pass).
     pub reported: Option<Vec<Reported>>,
+    /// Whether it keeps a warm pool (its replicas are microVMs).
+    pub pools: bool,
+    /// The booted, idle VMs it has, as its last heartbeat said.
+    pub warm: Vec<WarmShape>,
+    /// The pool it was last told to keep.
+    pub warm_target: Vec<WarmShape>,
+}
+
+/// Booted, idle VMs of one shape (a task's CPU and memory), and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WarmShape {
+    pub cpu_millicores: u32,
+    pub memory_bytes: u64,
+    pub count: u32,
+}
+
+impl WarmShape {
+    /// Whether a replica needing `r` fits a VM of this shape (one without GPUs or their
+    /// memory: a VM holding passed-through GPUs is never kept idle).
+    pub fn holds(&self, r: &Resources) -> bool {
+        self.cpu_millicores == r.cpu_millicores
+            && self.memory_bytes == r.memory_bytes
+            && r.gpus == 0
+            && r.gpu_memory_bytes == 0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

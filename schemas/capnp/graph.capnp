@@ -94,6 +94,8 @@ struct TaskScaling {
   maxReplicas @2 :UInt32;
   maxConcurrency @3 :UInt32;
   targetUtilisation @4 :Float64;
+  warmVms @5 :UInt32;           # booted idle VMs kept for the task (read when hasWarmVms)
+  hasWarmVms @6 :Bool;
 }
 
 struct ScalingPolicy {
@@ -122,6 +124,7 @@ struct ScalingPolicy {
   predictiveMaxWaitNs @19 :UInt64;    # 0: each task's calibrated execution time
   predictiveLeadNs @20 :UInt64;       # 0: the default
   maxScaleOutStep @21 :UInt32;        # replicas one scale-out adds at most; 0: no limit
+  warmVms @22 :UInt32;                # booted idle VMs kept per task on microVM hosts, at least
 }
 
 struct ScalingSignal {

@@ -68,6 +68,7 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
         sb.set_scale_out_cooldown_ns(s.scale_out_cooldown_ns);
         sb.set_scale_in_cooldown_ns(s.scale_in_cooldown_ns);
         sb.set_max_scale_out_step(s.max_scale_out_step.unwrap_or(0));
+        sb.set_warm_vms(s.warm_vms);
         sb.set_max_concurrency(s.max_concurrency);
         sb.set_slow_factor(s.slow_factor);
         sb.set_error_rate(s.error_rate);
@@ -95,6 +96,8 @@ pub fn encode_graph(graph: &TaskGraph, mut b: wire::graph::Builder<'_>) {
             tb.set_max_replicas(t.max_replicas.unwrap_or(0));
             tb.set_max_concurrency(t.max_concurrency.unwrap_or(0));
             tb.set_target_utilisation(t.target_utilisation.unwrap_or(0.0));
+            tb.set_has_warm_vms(t.warm_vms.is_some());
+            tb.set_warm_vms(t.warm_vms.unwrap_or(0));
         }
     }
 }
@@ -122,6 +125,7 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
             max_replicas: some(t.get_max_replicas()),
             max_concurrency: some(t.get_max_concurrency()),
             target_utilisation: (u > 0.0).then_some(u),
+            warm_vms: t.get_has_warm_vms().then(|| t.get_warm_vms()),
         });
     }
     Ok(ScalingPolicy {
@@ -133,6 +137,7 @@ fn decode_scaling(s: wire::scaling_policy::Reader<'_>) -> Result<ScalingPolicy, 
         scale_out_cooldown_ns: s.get_scale_out_cooldown_ns(),
         scale_in_cooldown_ns: s.get_scale_in_cooldown_ns(),
         max_scale_out_step: some(s.get_max_scale_out_step()),
+        warm_vms: s.get_warm_vms(),
         max_concurrency: s.get_max_concurrency(),
         tasks,
         slow_factor: or_default(s.get_slow_factor(), d.slow_factor),
@@ -521,14 +526,16 @@ mod tests {
             prop::option::of(1u32..100),
             prop::option::of(1u32..100),
             prop::option::of(0.01f64..1.0),
+            prop::option::of(0u32..4),
         )
-            .prop_map(|(task, min_replicas, max_replicas, max_concurrency, u)| {
+            .prop_map(|(task, min_replicas, max_replicas, max_concurrency, u, warm)| {
                 TaskScaling {
                     task,
                     min_replicas,
                     max_replicas,
                     max_concurrency,
                     target_utilisation: u,
+                    warm_vms: warm,
                 }
             });
         (
@@ -547,6 +554,7 @@ mod tests {
                     scale_out_cooldown_ns: out,
                     scale_in_cooldown_ns: inn,
                     max_scale_out_step: (mc % 5 > 0).then_some(mc % 5),
+                    warm_vms: mc % 3,
                     max_concurrency: mc,
                     tasks,
                     slow_factor: 1.0 + u * 4.0,

@@ -201,6 +201,7 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
                 .map_or(d.scale_out_cooldown_ns, |w| w.0),
             scale_in_cooldown_ns: s.scale_in_cooldown.map_or(d.scale_in_cooldown_ns, |w| w.0),
             max_scale_out_step: s.max_scale_out_step,
+            warm_vms: s.warm_vms.unwrap_or(d.warm_vms),
             max_concurrency: s.max_concurrency.unwrap_or(d.max_concurrency),
             slow_factor: s.slow_factor.unwrap_or(d.slow_factor),
             error_rate: s.error_rate.unwrap_or(d.error_rate),
@@ -242,6 +243,7 @@ pub fn parse(path: &str, text: &str) -> Result<GraphFile, FileError> {
                         max_replicas: t.max_replicas,
                         max_concurrency: t.max_concurrency,
                         target_utilisation: t.target_utilisation,
+                        warm_vms: t.warm_vms,
                     }
                 })
                 .collect(),
@@ -283,6 +285,7 @@ struct RawScaling {
     scale_out_cooldown: Option<DurationNs>,
     scale_in_cooldown: Option<DurationNs>,
     max_scale_out_step: Option<u32>,
+    warm_vms: Option<u32>,
     max_concurrency: Option<u32>,
     slow_factor: Option<f64>,
     error_rate: Option<f64>,
@@ -325,6 +328,7 @@ struct RawTaskScaling {
     max_replicas: Option<u32>,
     max_concurrency: Option<u32>,
     target_utilisation: Option<f64>,
+    warm_vms: Option<u32>,
 }
 
 #[derive(Deserialize)]

@@ -22,6 +22,9 @@ pub struct ScalingPolicy {
     /// Replicas one scale-out adds to a task at most (a step limit, as HPA's `behavior`);
     /// `None`: straight to what is needed.
     pub max_scale_out_step: Option<u32>,
+    /// Booted, idle VMs kept per task on microVM hosts at least (a warm pool a new replica
+    /// lands on at once); the plan may ask for more. 0: none beyond the plan's.
+    pub warm_vms: u32,
     /// No scale-in of a task within this long of its last change, and no replica retired
     /// within this long of being added.
     pub scale_in_cooldown_ns: u64,
@@ -184,6 +187,7 @@ impl Default for ScalingPolicy {
             window_ns: 10_000_000_000,
             scale_out_cooldown_ns: 10_000_000_000,
             max_scale_out_step: None,
+            warm_vms: 0,
             scale_in_cooldown_ns: 60_000_000_000,
             max_concurrency: 1,
             tasks: Vec::new(),
@@ -208,6 +212,7 @@ pub struct TaskScaling {
     pub max_replicas: Option<u32>,
     pub max_concurrency: Option<u32>,
     pub target_utilisation: Option<f64>,
+    pub warm_vms: Option<u32>,
 }
 
 /// A task's scaling policy with its overrides applied.
@@ -217,6 +222,7 @@ pub struct TaskPolicy {
     pub max_replicas: u32,
     pub max_concurrency: u32,
     pub target_utilisation: f64,
+    pub warm_vms: u32,
 }
 
 impl ScalingPolicy {
@@ -232,6 +238,7 @@ impl ScalingPolicy {
             target_utilisation: o
                 .and_then(|o| o.target_utilisation)
                 .unwrap_or(self.target_utilisation),
+            warm_vms: o.and_then(|o| o.warm_vms).unwrap_or(self.warm_vms),
         }
     }
 }
@@ -309,6 +316,24 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
     if s.max_concurrency == 0 {
         bad(None, "max_concurrency", "must be at least 1".into());
     }
+    // Warm VMs hold memory while idle: no more than a task may have replicas.
+    if s.warm_vms > s.max_replicas {
+        bad(
+            None,
+            "warm_vms",
+            format!("{} is more than max_replicas ({})", s.warm_vms, s.max_replicas),
+        );
+    }
+    for t in &s.tasks {
+        let most = s.for_task(&t.task).max_replicas;
+        if let Some(w) = t.warm_vms.filter(|w| *w > most) {
+            bad(
+                Some(&t.task),
+                "warm_vms",
+                format!("{w} is more than the task's max_replicas ({most})"),
+            );
+        }
+    }
     if let Some(v) = s.max_vms {
         let least: u64 = graph
             .tasks
@@ -382,6 +407,7 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
                 max_replicas: s.max_replicas,
                 max_concurrency: s.max_concurrency,
                 target_utilisation: s.target_utilisation,
+                warm_vms: s.warm_vms,
             },
             |t| s.for_task(t),
         );
@@ -447,6 +473,7 @@ to = "b.x"
         assert_eq!(s.scale_in_cooldown_ns, 30_000_000_000);
         assert_eq!(s.window_ns, 10_000_000_000, "defaulted");
         assert_eq!(s.max_scale_out_step, Some(2));
+        assert_eq!(s.warm_vms, 0, "no warm pool unless asked");
         let a = s.for_task("a");
         let b = s.for_task("b");
         assert_eq!(
@@ -496,6 +523,18 @@ to = "b.x"
         );
         assert!(
             ps[2].contains("scaling.max_vms: 1 must cover every task's min_replicas (2 in all)"),
+            "{ps:?}"
+        );
+        let ps = problems(
+            "\n[scaling]\nmax_replicas = 2\nwarm_vms = 3\n[scaling.task.b]\nmax_replicas = 1\nwarm_vms = 2\n",
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.contains("scaling.warm_vms: 3 is more than max_replicas (2)")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter().any(|p| p.contains("scaling.task.b.warm_vms: 2 is more")),
             "{ps:?}"
         );
         // Unknown keys are refused at parse time, with their line.
