@@ -1,7 +1,9 @@
 //! The demo's microVM step: an agent with the `qemu` provisioner joins the cluster; a task
 //! placed on it runs in a QEMU microVM booted from the guest image, serves an invocation, and
 //! once that shape's snapshot is saved the next VM of the shape is restored instead of booted.
-//! The events say how each VM started and how long it took.
+//! A graph asking for a warm VM (`warm_vms = 1`) has the agent keep one booted and idle, and
+//! the next replica of that shape takes it without a boot. The events say how each VM started
+//! and how long it took.
 
 use crate::client::{ControlClient, SubmitOutcome};
 use crate::local::wait_deployed;
@@ -12,7 +14,7 @@ use prescient_schemas::file;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn graph(name: &str) -> String {
+fn graph(name: &str, scaling: &str) -> String {
     format!(
         r#"
 name = "{name}"
@@ -23,8 +25,25 @@ inputs = {{ x = "bytes" }}
 outputs = {{ d = "bytes" }}
 estimate = "100us"
 resources = {{ cpu = "1", memory = "128MiB" }}
-"#
+{scaling}"#
     )
+}
+
+/// Waits until `log` says `what` `n` times.
+async fn wait_log(log: &Path, what: &str, n: usize) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(90);
+    while std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+        < n
+    {
+        if Instant::now() > until {
+            bail!("vm1 never said {what:?} (see {})", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }
 
 pub async fn microvms(client: &ControlClient, control: &str, dir: &Path) -> Result<()> {
@@ -57,32 +76,38 @@ pub async fn microvms(client: &ControlClient, control: &str, dir: &Path) -> Resu
     println!("agent vm1 joined with the {provisioner} provisioner (KVM where a probe guest boots under it, else TCG)");
     let mut seen = client.events(0, 100_000).await?.last().map_or(0, |e| e.seq);
     let mut ids = Vec::new();
-    for (i, name) in ["vm-digest", "vm-digest-2"].iter().enumerate() {
+    let log = dir.join("vm1.log");
+    let steps = [
+        ("vm-digest", ""),
+        ("vm-digest-2", ""),
+        ("vm-warm", "[scaling]\nmax_replicas = 2\nwarm_vms = 1\n"),
+        ("vm-digest-3", ""),
+    ];
+    for (i, (name, scaling)) in steps.iter().enumerate() {
         if i == 1 {
             // The first VM of a shape is saved as a snapshot once up; wait for it.
-            let log = dir.join("vm1.log");
-            let until = Instant::now() + Duration::from_secs(90);
-            while !std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("VM snapshot saved")
-            {
-                if Instant::now() > until {
-                    bail!("vm1 saved no snapshot (see {})", log.display());
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_log(&log, "VM snapshot saved", 1).await?;
             println!(
                 "vm1 saved a snapshot of a booted, idle guest of that shape (1 vCPU, 224 MiB)"
             );
         }
-        let f = file::parse(&format!("{name}.toml"), &graph(name))?;
+        if i == 3 {
+            wait_log(&log, "warm VM booted and idle", 1).await?;
+            // Its next heartbeat tells the control node.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            println!("vm1 keeps a booted, idle VM of that shape for vm-warm; the next replica of the shape takes it:");
+        }
+        let f = file::parse(&format!("{name}.toml"), &graph(name, scaling))?;
         let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
             bail!("the microVM example was rejected");
         };
         wait_deployed(client, &record.id, 1, Duration::from_secs(120)).await?;
         for e in client.events(seen, 100_000).await? {
             seen = e.seq;
-            if e.kind == "replica-ready" || e.kind == "replica-placed" {
+            if matches!(
+                e.kind.as_str(),
+                "replica-ready" | "replica-placed" | "warm-pool"
+            ) {
                 output::print_event(&e, false)?;
             }
         }
@@ -120,6 +145,6 @@ pub async fn microvms(client: &ControlClient, control: &str, dir: &Path) -> Resu
         }
     }
     drop(agent);
-    println!("removed both graphs: each VM drained, powered off and exited; vm1 stopped");
+    println!("removed the graphs: each VM drained, powered off and exited; vm1 stopped");
     Ok(())
 }

@@ -460,3 +460,124 @@ fn no_qemu_outlives_its_agent_killed_with_sigkill() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A graph asking for a warm VM: the plan tells the VM host to keep one, the agent boots it
+/// idle, a replacement replica takes it (placed there because it waits, ready without a
+/// boot), the pool refills, and once the graph is gone the idle VMs stop after the idle
+/// timeout.
+#[test]
+fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
+    let image = guest_image();
+    let dir = TempDir::new("qemu-warm");
+    let _guard = NoQemuLeft(dir.path().to_path_buf());
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let data = dir.path().join("a1");
+    let vms = Agent::start_with(
+        &control.addr,
+        "a1",
+        3,
+        dir.path(),
+        &[
+            "--provisioner",
+            "qemu",
+            "--guest-image",
+            &image,
+            "--accel",
+            "tcg",
+            "--memory",
+            "2GiB",
+            "--warm-idle-timeout-ms",
+            "1000",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    control.wait_agents(1);
+    let path = dir.path().join("warm.toml");
+    std::fs::write(
+        &path,
+        format!("{SOLO}\n[scaling]\nmax_replicas = 3\nwarm_vms = 1\n"),
+    )
+    .unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "vm-solo", 1, 1);
+    let ev = events(&control);
+    let (_, _, keep) = ev
+        .iter()
+        .find(|(k, s, _)| k == "warm-pool" && s == "a1")
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(
+        keep.contains("keep 1 of 1000m CPU, 192 MiB") && keep.contains("g1.solo (warm_vms = 1)"),
+        "{keep}"
+    );
+    let idle = |n: usize| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while vms.log_text().matches("warm VM booted and idle").count() < n {
+            assert!(Instant::now() < until, "no warm VM: {}", vms.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    idle(1);
+    // The heartbeat tells control the VM waits; then the replica's VM dies.
+    std::thread::sleep(Duration::from_millis(1500));
+    let solo = qemus(&data.join("vms/g1.solo.r1"));
+    assert_eq!(solo.len(), 1);
+    std::process::Command::new("kill")
+        .args(["-9", &solo[0].to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    let (placed, ready) = loop {
+        let ev = events(&control);
+        let find = |kind: &str| {
+            ev.iter()
+                .find(|(k, s, _)| k == kind && s.starts_with("g1.solo.r") && s != "g1.solo.r1")
+                .map(|(_, _, r)| r.clone())
+        };
+        if let (Some(p), Some(r)) = (find("replica-placed"), find("replica-ready")) {
+            break (p, r);
+        }
+        assert!(Instant::now() < until, "no replacement: {ev:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        placed.contains("a warm VM of its shape waits there"),
+        "{placed}"
+    );
+    assert!(
+        ready.contains("it took a warm VM from the pool") && ready.contains("deployed in it in"),
+        "{ready}"
+    );
+    let out = control.cli_json(&["invoke", "vm-solo", "--input", "=warm"]);
+    assert!(
+        out["outputs"]["solo.d"]
+            .to_string()
+            .contains(&sha256_hex("warm")),
+        "{out}"
+    );
+    // The pool refills to its target.
+    idle(2);
+    control.cli_ok(&["rm", "vm-solo"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    while !qemus(dir.path()).is_empty() {
+        assert!(
+            Instant::now() < until,
+            "QEMU still running: {:?}\n{}",
+            qemus(dir.path()),
+            vms.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ev = events(&control);
+    assert!(
+        ev.iter()
+            .any(|(k, s, r)| k == "warm-pool" && s == "a1" && r.starts_with("keep no idle VMs")),
+        "{ev:#?}"
+    );
+    assert!(
+        vms.log_text()
+            .contains("idle VM beyond the warm pool's target: stopped"),
+        "{}",
+        vms.log_text()
+    );
+}

@@ -229,9 +229,9 @@ fn find_channel(limit: Duration) -> Result<String, GuestError> {
 
 /// Waits until the port has data from the host. While the host side is not connected the port
 /// polls readable (a read would return end of file) and hung up: only readable without the
-/// hang-up counts.
-fn wait_for_host(port: &std::fs::File, limit: Duration) -> std::io::Result<()> {
-    let until = Instant::now() + limit;
+/// hang-up counts. No limit: a VM of the warm pool waits here until a replica takes it (the
+/// agent stops idle ones, and no QEMU outlives its agent).
+fn wait_for_host(port: &std::fs::File) -> std::io::Result<()> {
     loop {
         let mut fds = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(port),
@@ -243,14 +243,13 @@ fn wait_for_host(port: &std::fs::File, limit: Duration) -> std::io::Result<()> {
         if n > 0 && fds.revents & libc::POLLIN != 0 && fds.revents & libc::POLLHUP == 0 {
             return Ok(());
         }
-        if Instant::now() > until {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the agent never connected to the channel",
-            ));
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
         }
         if n > 0 {
-            std::thread::sleep(Duration::from_millis(5));
+            // Hung up polls at once: sleep, so an idle VM costs its host little (under TCG
+            // every guest wake-up is emulated).
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -304,8 +303,10 @@ pub fn init(exe: &str, worker_args: &[String]) -> ! {
         .write(true)
         .open(&channel);
     // Until the agent has connected and sent the deploy, reads would see end of file.
-    let port = port.and_then(|p| {
-        wait_for_host(&p, Duration::from_secs(60))?;
+    let port = port.and_then(|mut p| {
+        wait_for_host(&p)?;
+        // The agent times the boot (or restore, or its wait in the pool) to this line.
+        writeln!(p, "{UP_LINE}")?;
         Ok(p)
     });
     let child = match port.and_then(|rx| Ok((rx.try_clone()?, rx))) {

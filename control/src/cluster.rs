@@ -368,6 +368,22 @@ impl Cluster {
                 }
             }
             Action::Publish { graph_id, .. } => self.push_table(graph_id).await,
+            Action::WarmPool { host, shapes, .. } => {
+                let client = self.agents.borrow().get(host).map(|a| a.client.clone());
+                if let Some(c) = client {
+                    let mut req = c.set_warm_pool_request();
+                    let mut list = req.get().init_shapes(shapes.len() as u32);
+                    for (i, w) in shapes.iter().enumerate() {
+                        let mut b = list.reborrow().get(i as u32);
+                        b.set_cpu_millicores(w.cpu_millicores);
+                        b.set_memory_bytes(w.memory_bytes);
+                        b.set_count(w.count);
+                    }
+                    if let Err(e) = req.send().promise.await {
+                        warn!(agent = %host, "setting its warm pool failed: {e}");
+                    }
+                }
+            }
             Action::Retire { replicas, .. } | Action::RetireDrained { replicas, .. } => {
                 for r in replicas {
                     self.retire(&r.host, &r.id).await;
@@ -459,7 +475,13 @@ impl Cluster {
             client,
         };
         self.agents.borrow_mut().insert(name.clone(), entry);
-        observe::registered(
+        // A microVM agent keeps a warm pool the plan sizes.
+        let register = if text(host.get_provisioner())? == "qemu" {
+            observe::registered_with_pool
+        } else {
+            observe::registered
+        };
+        register(
             &mut self.state.borrow_mut(),
             &name,
             capacity,
@@ -540,12 +562,23 @@ impl Cluster {
 
     /// A heartbeat; false when the agent must register again (its session was replaced, or it
     /// was declared lost).
-    pub(crate) fn heartbeat(&self, name: &str, generation: u64) -> bool {
+    /// `warm`: the booted, idle VMs it has now (a microVM agent's warm pool).
+    pub(crate) fn heartbeat(
+        &self,
+        name: &str,
+        generation: u64,
+        warm: Vec<prescient_policy::snapshot::WarmShape>,
+    ) -> bool {
         let mut agents = self.agents.borrow_mut();
         match agents.get_mut(name) {
             Some(a) if a.generation == generation => {
                 a.last_heartbeat_unix_ms = unix_ms();
-                observe::heartbeat(&mut self.state.borrow_mut(), name, self.now())
+                let mut state = self.state.borrow_mut();
+                let pools = state.hosts.get(name).is_some_and(|h| h.pools);
+                if pools && state.hosts.get(name).is_some_and(|h| h.warm != warm) {
+                    observe::warm_reported(&mut state, name, warm);
+                }
+                observe::heartbeat(&mut state, name, self.now())
             }
             _ => false,
         }
@@ -626,6 +659,8 @@ impl Cluster {
                                 r.get_warmup_stable(),
                                 (!how.is_empty())
                                     .then(|| (how, Duration::from_nanos(r.get_vm_start_ns()))),
+                                Some(Duration::from_nanos(r.get_vm_deploy_ns()))
+                                    .filter(|d| !d.is_zero()),
                             ))
                         })
                         .map_err(|e| e.to_string()),
@@ -635,8 +670,15 @@ impl Cluster {
         };
         let now = self.now();
         match result {
-            Ok((addr, warmup, executions, stable, vm_start)) => {
-                let took = observe::provisioned_after_warmup(
+            Ok((addr, warmup, executions, stable, vm_start, vm_deploy)) => {
+                // A VM from the warm pool says nothing of the lead time the plan orders
+                // ahead by: that is the boot the pool hid.
+                let provisioned = if vm_start.as_ref().is_some_and(|(how, _)| how == "warm") {
+                    observe::provisioned_warm
+                } else {
+                    observe::provisioned_after_warmup
+                };
+                let took = provisioned(
                     &mut self.state.borrow_mut(),
                     &record.id,
                     &id,
@@ -654,6 +696,7 @@ impl Cluster {
                         executions,
                         stable,
                         vm_start,
+                        vm_deploy,
                     })
                     .await;
             }

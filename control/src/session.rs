@@ -45,10 +45,28 @@ struct Session {
 impl agent_session::Server for Session {
     async fn heartbeat(
         self: CapRc<Self>,
-        _: agent_session::HeartbeatParams,
+        params: agent_session::HeartbeatParams,
         mut results: agent_session::HeartbeatResults,
     ) -> Result<(), capnp::Error> {
-        if !self.cluster.heartbeat(&self.name, self.generation) {
+        let mut warm = Vec::new();
+        let list = params.get()?.get_warm()?;
+        // A pool holds at most what placement could use: a longer list is a broken agent.
+        if list.len() > 1024 {
+            return Err(capnp::Error::failed(format!(
+                "agent {}: a heartbeat with {} warm-pool shapes (at most 1024)",
+                self.name,
+                list.len()
+            )));
+        }
+        for w in list {
+            warm.push(prescient_policy::snapshot::WarmShape {
+                cpu_millicores: w.get_cpu_millicores(),
+                memory_bytes: w.get_memory_bytes(),
+                count: w.get_count().min(prescient_schemas::scaling::MAX_REPLICAS),
+            });
+        }
+        warm.sort();
+        if !self.cluster.heartbeat(&self.name, self.generation, warm) {
             return Err(capnp::Error::disconnected(format!(
                 "agent {} must register again (its session was replaced or it was declared lost)",
                 self.name

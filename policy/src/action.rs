@@ -451,11 +451,11 @@ fn apply_one(s: &mut Snapshot, action: &Action, now: Duration) {
             ..
         } => {
             // A warm VM of its shape there is now its (until the host's next heartbeat says).
-            if let Some(w) = s
-                .hosts
-                .get_mut(host)
-                .and_then(|h| h.warm.iter_mut().find(|w| w.count > 0 && w.holds(resources)))
-            {
+            if let Some(w) = s.hosts.get_mut(host).and_then(|h| {
+                h.warm
+                    .iter_mut()
+                    .find(|w| w.count > 0 && w.holds(resources))
+            }) {
                 w.count -= 1;
             }
             let Some(d) = deployment(s, graph_id) else {

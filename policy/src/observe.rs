@@ -64,6 +64,30 @@ pub fn heartbeat(s: &mut Snapshot, name: &str, now: Duration) -> bool {
     }
 }
 
+/// As [`provisioned_after_warmup`], for a replica that took a VM from the warm pool: its
+/// placement-to-ready time is returned but not kept as the task's lead time (the lead time the
+/// plan orders ahead by is the boot the pool hid).
+pub fn provisioned_warm(
+    s: &mut Snapshot,
+    graph_id: &str,
+    replica: &str,
+    addr: &str,
+    _warmup: Duration,
+    now: Duration,
+) -> Duration {
+    provisioned(s, graph_id, replica, addr, now);
+    let Some(d) = s.deployment_mut(graph_id) else {
+        return Duration::ZERO;
+    };
+    let Some(r) = d.replicas.iter().find(|r| r.id == replica) else {
+        return Duration::ZERO;
+    };
+    let took = now.saturating_sub(r.placed_at);
+    let task = r.task.clone();
+    d.failed_on.remove(&task);
+    took
+}
+
 /// A replica finished provisioning and serves at `addr`.
 pub fn provisioned(s: &mut Snapshot, graph_id: &str, replica: &str, addr: &str, now: Duration) {
     if let Some(r) = s

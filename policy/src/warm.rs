@@ -27,7 +27,11 @@ pub struct Target {
 /// Every pool-keeping host's target (hosts that are to keep nothing are absent).
 pub fn targets(s: &Snapshot, now: Duration) -> BTreeMap<String, Target> {
     let mut out: BTreeMap<String, Target> = BTreeMap::new();
-    if !s.hosts.values().any(|h| h.pools && h.health == Health::Ready) {
+    if !s
+        .hosts
+        .values()
+        .any(|h| h.pools && h.health == Health::Ready)
+    {
         return out;
     }
     let mut needs = Vec::new();

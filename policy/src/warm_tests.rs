@@ -82,9 +82,17 @@ fn a_new_replica_takes_the_warm_vm_waiting_for_it() {
         count: 1,
     };
     observe::warm_reported(&mut snap, "v2", vec![shape]);
-    snap.hosts.get_mut("v2").expect("added").capacity.cpu_millicores = 1000;
+    snap.hosts
+        .get_mut("v2")
+        .expect("added")
+        .capacity
+        .cpu_millicores = 1000;
     let d = snap.deployment_mut("g1").expect("deployed");
-    let bad = d.replicas.iter().find(|r| r.task == "infer").expect("placed");
+    let bad = d
+        .replicas
+        .iter()
+        .find(|r| r.task == "infer")
+        .expect("placed");
     let (id, host) = (bad.id.clone(), bad.host.clone());
     // Gone (as if retired): the pass places one to make up the minimum.
     d.replicas.retain(|r| r.id != id);

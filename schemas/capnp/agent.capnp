@@ -190,21 +190,34 @@ struct WorkerCommand {
   }
 }
 
+struct WarmShape {
+  # Booted, idle VMs of one shape (a task's CPU and memory): kept, or to keep.
+  cpuMillicores @0 :UInt32;
+  memoryBytes @1 :UInt64;
+  count @2 :UInt32;
+}
+
 interface Agent {
   # Commands control sends to an agent.
   provision @0 (spec :ReplicaSpec) -> (dataPlaneAddr :Text, warmupNs :UInt64,
                                        warmupExecutions :UInt32, warmupStable :Bool,
-                                       vmStart :Text, vmStartNs :UInt64);
-  # vmStart: "booted" or "restored" (from a snapshot) for a microVM, "" for a process worker;
-  # vmStartNs: from starting QEMU to the guest running.
+                                       vmStart :Text, vmStartNs :UInt64, vmDeployNs :UInt64);
+  # vmStart: "booted" or "restored" (from a snapshot) for a microVM, "warm" when it took one
+  # from the warm pool, "" for a process worker; vmStartNs: from starting QEMU to the guest
+  # running (warm: how long it had been idle); vmDeployNs: from the guest running to the task
+  # deployed in it (artifact received and verified, runtime loaded), warm-up apart.
                                        # returns once deployed and warm
   retire @1 (replica :Text) -> ();
   setRoutes @2 (table :RoutingTable) -> ();
   removeGraph @3 (graphId :Text) -> ();
+  setWarmPool @4 (shapes :List(WarmShape)) -> ();
+  # Keep this many booted, idle VMs per shape (microVM agents); idle ones beyond it stop
+  # once idle past the agent's timeout.
 }
 
 interface AgentSession {
-  heartbeat @0 (seq :UInt64) -> (ok :Bool);
+  heartbeat @0 (seq :UInt64, warm :List(WarmShape)) -> (ok :Bool);
+  # warm: the booted, idle VMs the agent has now (microVM agents).
   replicaDown @1 (replica :Text, reason :Text) -> ();
   telemetry @2 (batch :TelemetryBatch) -> ();
 }

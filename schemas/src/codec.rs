@@ -528,16 +528,16 @@ mod tests {
             prop::option::of(0.01f64..1.0),
             prop::option::of(0u32..4),
         )
-            .prop_map(|(task, min_replicas, max_replicas, max_concurrency, u, warm)| {
-                TaskScaling {
+            .prop_map(
+                |(task, min_replicas, max_replicas, max_concurrency, u, warm)| TaskScaling {
                     task,
                     min_replicas,
                     max_replicas,
                     max_concurrency,
                     target_utilisation: u,
                     warm_vms: warm,
-                }
-            });
+                },
+            );
         (
             (any::<u32>(), any::<u32>(), prop::option::of(1u32..1000)),
             (0.01f64..1.0, any::<u64>(), any::<u64>(), any::<u64>()),

@@ -321,7 +321,10 @@ pub(crate) fn check(graph: &TaskGraph, s: &ScalingPolicy, problems: &mut Vec<Pro
         bad(
             None,
             "warm_vms",
-            format!("{} is more than max_replicas ({})", s.warm_vms, s.max_replicas),
+            format!(
+                "{} is more than max_replicas ({})",
+                s.warm_vms, s.max_replicas
+            ),
         );
     }
     for t in &s.tasks {
@@ -534,7 +537,8 @@ to = "b.x"
             "{ps:?}"
         );
         assert!(
-            ps.iter().any(|p| p.contains("scaling.task.b.warm_vms: 2 is more")),
+            ps.iter()
+                .any(|p| p.contains("scaling.task.b.warm_vms: 2 is more")),
             "{ps:?}"
         );
         // Unknown keys are refused at parse time, with their line.

@@ -74,6 +74,10 @@ struct Args {
     /// A microVM not serving this long after QEMU started is killed and reported failed.
     #[arg(long, default_value_t = 60_000)]
     vm_ready_timeout_ms: u64,
+    /// Booted, idle microVMs beyond the warm pool the control node asks for stop once idle
+    /// this long.
+    #[arg(long, default_value_t = 300_000)]
+    warm_idle_timeout_ms: u64,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -238,6 +242,7 @@ fn main() -> Result<()> {
                 accel,
                 snapshots: !args.no_snapshots,
                 ready_timeout: Duration::from_millis(args.vm_ready_timeout_ms.max(100)),
+                warm_idle_timeout: Duration::from_millis(args.warm_idle_timeout_ms),
             })
         }
         other => anyhow::bail!("--provisioner {other:?}: process or qemu"),

@@ -77,6 +77,8 @@ pub struct QemuSettings {
     pub snapshots: bool,
     /// A VM not serving this long after QEMU started is killed and reported failed.
     pub ready_timeout: Duration,
+    /// Idle VMs of the warm pool beyond its target stop once idle this long.
+    pub warm_idle_timeout: Duration,
 }
 
 /// A routing table's epoch and its encoding as a worker command.
@@ -170,6 +172,7 @@ impl AgentNode {
                 p.telemetry = config.telemetry;
                 p.restore = q.snapshots;
                 p.ready_timeout = q.ready_timeout;
+                p.pool.idle_timeout = q.warm_idle_timeout;
                 // GPUs bound to vfio-pci are the VMs' to take; NVML cannot see them.
                 let vfio = crate::provision::vfio::vfio_gpus(&p.sysfs);
                 if !vfio.is_empty() {
@@ -185,7 +188,7 @@ impl AgentNode {
                         memory_bytes: 0,
                     });
                 }
-                Backend::Qemu(p)
+                Backend::Qemu(Box::new(p))
             }
         };
         let (probes, probe_status) = if config.probes {
@@ -209,7 +212,7 @@ impl AgentNode {
         } else {
             (None, "off: --no-probes".to_string())
         };
-        Ok(Rc::new(AgentNode {
+        let node = Rc::new(AgentNode {
             config,
             inventory,
             ingress,
@@ -225,7 +228,29 @@ impl AgentNode {
             probe_status,
             probe_totals: RefCell::default(),
             sockets: RefCell::default(),
-        }))
+        });
+        if matches!(node.provisioner, Backend::Qemu(_)) {
+            tokio::task::spawn_local(keep_warm_pool(Rc::downgrade(&node)));
+        }
+        Ok(node)
+    }
+
+    /// The booted, idle VMs this agent has, per shape (none for process workers).
+    pub fn warm_vms(&self) -> Vec<crate::provision::pool::Keep> {
+        match &self.provisioner {
+            Backend::Qemu(q) => q.pool.counts(),
+            Backend::Process(_) => Vec::new(),
+        }
+    }
+
+    /// What the control node asks the warm pool to keep.
+    pub fn set_warm_pool(&self, keep: Vec<crate::provision::pool::Keep>) {
+        match &self.provisioner {
+            Backend::Qemu(q) => q.pool.set_targets(keep),
+            Backend::Process(_) => {
+                tracing::debug!("a warm pool asked of a process-worker agent: ignored")
+            }
+        }
     }
 
     pub fn ingress_addr(&self) -> &str {
@@ -311,6 +336,14 @@ impl AgentNode {
                     seq += 1;
                     let mut hb = session.heartbeat_request();
                     hb.get().set_seq(seq);
+                    let warm = self.warm_vms();
+                    let mut list = hb.get().init_warm(warm.len() as u32);
+                    for (i, k) in warm.iter().enumerate() {
+                        let mut w = list.reborrow().get(i as u32);
+                        w.set_cpu_millicores(k.shape.0);
+                        w.set_memory_bytes(k.shape.1);
+                        w.set_count(k.count);
+                    }
                     match tokio::time::timeout(self.config.heartbeat * 3, hb.send().promise).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(err)) => break if seq == 1 { Err(err.into()) } else { Ok(()) },
@@ -323,5 +356,21 @@ impl AgentNode {
         *self.control.borrow_mut() = None;
         connection.abort();
         result
+    }
+}
+
+/// Keeps a microVM agent's warm pool while the agent lives: a round every 200 ms (each boots
+/// at most one VM, so several boot one after another).
+async fn keep_warm_pool(node: std::rc::Weak<AgentNode>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if let Backend::Qemu(q) = &node.provisioner {
+            q.keep_pool().await;
+        }
     }
 }

@@ -69,13 +69,14 @@ impl AgentNode {
             String,
             crate::warmup::Warmup,
             Option<(&'static str, std::time::Duration)>,
+            Option<std::time::Duration>,
         ),
         ReplicaError,
     > {
         let replica = text(spec.get_replica())?;
         let task = text(spec.get_task())?;
         if let Some(r) = self.replicas.borrow().get(&replica) {
-            return Ok((r.addr.clone(), Default::default(), None));
+            return Ok((r.addr.clone(), Default::default(), None, None));
         }
         let record = codec::decode_record(spec.get_graph()?)?;
         let t = record
@@ -119,7 +120,7 @@ impl AgentNode {
                 source,
             })?;
         info!(%replica, %task, addr = %vm.data_plane_addr, took = ?started.elapsed(), warmup = ?vm.warmup, "replica ready");
-        let (warmup, started) = (vm.warmup, vm.started);
+        let (warmup, started, deployed) = (vm.warmup, vm.started, vm.deploy);
         let pid = vm.instance.pid();
         // Counted from its first switch, not from the next per-second sample.
         if let (Some(probes), Some(pid)) = (&self.probes, pid) {
@@ -187,7 +188,7 @@ impl AgentNode {
             drop(cgroup);
             node.replica_exited(&replica, reason).await;
         });
-        Ok((data_plane_addr, warmup, started))
+        Ok((data_plane_addr, warmup, started, deployed))
     }
 
     /// A verified local copy of an artifact, fetched from the control node when missing.
@@ -348,11 +349,14 @@ impl agent::Server for AgentCap {
             .provision(spec)
             .await
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        let (addr, warmup, started) = addr;
+        let (addr, warmup, started, deployed) = addr;
         let mut r = results.get();
         if let Some((how, took)) = started {
             r.set_vm_start(how);
             r.set_vm_start_ns(took.as_nanos() as u64);
+        }
+        if let Some(d) = deployed {
+            r.set_vm_deploy_ns(d.as_nanos() as u64);
         }
         r.set_data_plane_addr(addr.as_str());
         r.set_warmup_ns(warmup.elapsed.as_nanos() as u64);
@@ -388,6 +392,24 @@ impl agent::Server for AgentCap {
     ) -> Result<(), capnp::Error> {
         let id = text(params.get()?.get_graph_id())?;
         self.node.remove_graph(&id);
+        Ok(())
+    }
+
+    async fn set_warm_pool(
+        self: CapRc<Self>,
+        params: agent::SetWarmPoolParams,
+        _: agent::SetWarmPoolResults,
+    ) -> Result<(), capnp::Error> {
+        let mut keep = Vec::new();
+        for w in params.get()?.get_shapes()? {
+            keep.push(crate::provision::pool::Keep {
+                shape: (w.get_cpu_millicores(), w.get_memory_bytes()),
+                // At most what any task may have (the control node's bound): a hostile or
+                // broken message cannot order unbounded VMs.
+                count: w.get_count().min(prescient_schemas::scaling::MAX_REPLICAS),
+            });
+        }
+        self.node.set_warm_pool(keep);
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! whole at creation; the worker is told what to run after it boots and answers when warm.
 
 pub mod cgroup;
+pub mod pool;
 pub mod qemu;
 pub mod snapshot;
 pub mod vfio;
@@ -55,6 +56,8 @@ pub struct Vm {
     pub instance: Instance,
     /// A VM's start: how (`booted` or `restored` from a snapshot) and how long to running.
     pub started: Option<(&'static str, Duration)>,
+    /// A VM's deploy: from its guest up to its task deployed (warm-up apart).
+    pub deploy: Option<Duration>,
     /// Encoded `WorkerCommand` messages go here (a pipe, or a VM's channel).
     pub commands: Pin<Box<dyn AsyncWrite>>,
     /// The worker's telemetry batches (`TelemetryBatch` messages) come from here (what was
@@ -253,6 +256,7 @@ impl Provisioner for ProcessProvisioner {
             warmup,
             instance: Instance::Process(child),
             started: None,
+            deploy: None,
             commands: Box::pin(stdin),
             telemetry: Box::pin(reader),
             cgroup,
@@ -263,7 +267,7 @@ impl Provisioner for ProcessProvisioner {
 /// The provisioner an agent runs its replicas with.
 pub enum Backend {
     Process(ProcessProvisioner),
-    Qemu(qemu::QemuProvisioner),
+    Qemu(Box<qemu::QemuProvisioner>),
 }
 
 impl Backend {

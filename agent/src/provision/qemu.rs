@@ -358,6 +358,8 @@ pub struct QemuProvisioner {
     pub gpus: super::vfio::GpuLeases,
     pub sysfs: PathBuf,
     pub dev: PathBuf,
+    /// Booted, idle VMs a replica can take.
+    pub pool: super::pool::WarmPool,
 }
 
 /// Where the guest image is: `$PRESCIENT_GUEST_DIR`, else `target/guest` beside the binary's
@@ -406,12 +408,9 @@ impl QemuProvisioner {
             gpus: Default::default(),
             sysfs: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
+            pool: Default::default(),
             run_dir,
         }
-    }
-
-    fn machine(&self, spec: &VmSpec, dir: &Path, port: u16) -> Machine {
-        self.machine_for(&spec.replica, &spec.resources, dir, port)
     }
 
     fn machine_for(
@@ -454,21 +453,35 @@ impl QemuProvisioner {
         }
     }
 
-    /// Boots a VM for `spec`, deploys its task through the channel and returns once the guest
-    /// worker says it is warm, with how long each part took.
+    /// Boots a VM for `spec` (or restores it from the shape's snapshot), deploys its task
+    /// through the channel and returns once the guest worker says it is warm, with how long
+    /// each part took.
     pub async fn boot(&self, spec: VmSpec) -> Result<(Vm, BootTimes), ProvisionError> {
-        let started = Instant::now();
+        let name = spec.replica.clone();
+        let started = self.start(&name, &spec.resources).await?;
+        self.finish(started, spec, None).await
+    }
+
+    /// Starts QEMU for a VM named `name` with `resources` (restored where the shape has a
+    /// snapshot and no GPU passes through), and returns once it runs: restored VMs are resumed;
+    /// booted ones are still booting.
+    pub(super) async fn start(
+        &self,
+        name: &str,
+        resources: &prescient_schemas::Resources,
+    ) -> Result<Started, ProvisionError> {
+        let at = Instant::now();
         // A free port on the data-plane address, given to QEMU to forward.
         let port = std::net::TcpListener::bind((self.bind_ip, 0))
             .and_then(|l| l.local_addr())
             .map_err(ProvisionError::Spawn)?
             .port();
-        let dir = self.run_dir.join(spec.replica.replace(['/', ' '], "_"));
+        let dir = self.run_dir.join(name.replace(['/', ' '], "_"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(ProvisionError::Spawn)?;
-        let mut machine = self.machine(&spec, &dir, port);
+        let mut machine = self.machine_for(name, resources, &dir, port);
         // GPUs: bound to vfio-pci, checked, and held by this VM until it ends.
-        let lease = match spec.resources.gpus {
+        let lease = match resources.gpus {
             0 => None,
             n => {
                 let candidates = super::vfio::vfio_gpus(&self.sysfs);
@@ -500,59 +513,79 @@ impl QemuProvisioner {
             .kill_on_drop(true);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(ProvisionError::Spawn)?;
-        let cgroup = self.limit(&spec, child.id());
+        let cgroup = self.limit(name, resources, child.id());
         let mut vm = QemuVm {
             child,
             gpus: lease,
             qmp: machine.qmp.clone(),
-            dir: dir.clone(),
+            dir,
             console: machine.console.clone(),
         };
-        let resumed = match &snapshot {
-            None => Ok(None),
-            Some(_) => super::snapshot::resume_restored(&machine.qmp, self.ready_timeout)
-                .await
-                .map(|()| Some(started.elapsed()))
-                .map_err(|e| ProvisionError::Refused(format!("restoring the VM: {e}"))),
-        };
-        let connected = match resumed {
-            Ok(r) => self
-                .connect(&mut vm, &machine, spec.deploy, started)
-                .await
-                .map(|c| (c, r)),
-            Err(e) => Err(e),
-        };
-        match connected {
-            Ok(((stream, reader, times), resumed)) => {
-                let (ready, mut times) = (times.0, times.1);
-                if let Some(r) = resumed {
-                    times.boot = r;
+        let mut resumed = None;
+        if snapshot.is_some() {
+            match super::snapshot::resume_restored(&machine.qmp, self.ready_timeout).await {
+                Ok(()) => resumed = Some(at.elapsed()),
+                Err(e) => {
+                    let e = ProvisionError::Refused(format!("restoring the VM: {e}"));
+                    return Err(failed(&mut vm, e).await);
                 }
+            }
+        }
+        Ok(Started {
+            vm,
+            machine,
+            port,
+            cgroup,
+            restoring,
+            resumed,
+            at,
+        })
+    }
+
+    /// Connects to a started VM's channel, deploys `spec`'s task and waits until its worker is
+    /// warm. `warm`: the VM came from the warm pool, idle that long.
+    pub(super) async fn finish(
+        &self,
+        started: Started,
+        spec: VmSpec,
+        warm: Option<Duration>,
+    ) -> Result<(Vm, BootTimes), ProvisionError> {
+        let Started {
+            mut vm,
+            machine,
+            port,
+            cgroup,
+            restoring,
+            resumed,
+            at,
+        } = started;
+        // Timed from now for a warm VM: its boot is long over.
+        let from = if warm.is_some() { Instant::now() } else { at };
+        match self.connect(&mut vm, &machine, spec.deploy, from).await {
+            Ok((stream, reader, (ready, mut times))) => {
                 times.restored = resumed.is_some();
                 let (addr_in_guest, warmup) = super::parse_ready(&ready)?;
-                let how = if times.restored { "restored" } else { "booted" };
+                times.deploy = times
+                    .ready
+                    .saturating_sub(times.boot)
+                    .saturating_sub(warmup.elapsed);
+                let how = match (warm, times.restored) {
+                    (Some(_), _) => "warm",
+                    (None, true) => "restored",
+                    (None, false) => "booted",
+                };
                 if restoring && !times.restored {
-                    // A shape that boots is saved once, after its first VM is up; later VMs
-                    // of the shape restore from it.
-                    let template = self
-                        .run_dir
-                        .join(format!("template-{}x{}", shape.0, shape.1));
-                    let port = std::net::TcpListener::bind((self.bind_ip, 0))
-                        .and_then(|l| l.local_addr())
-                        .map_or(0, |a| a.port());
-                    self.snapshots.make(
-                        self.qemu.clone(),
-                        self.machine_for("template", &spec.resources, &template, port),
-                    );
+                    self.snapshot_shape(&spec.resources);
                 }
-                info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, how, running = ?times.boot, ready = ?times.ready, "microVM ready");
+                info!(replica = %spec.replica, accel = self.accel.name(), guest = %addr_in_guest, how, running = ?times.boot, deploy = ?times.deploy, ready = ?times.ready, "microVM ready");
                 Ok((
                     Vm {
                         replica: spec.replica,
                         data_plane_addr: format!("{}:{port}", self.bind_ip),
                         warmup,
                         instance: super::Instance::Qemu(vm),
-                        started: Some((how, times.boot)),
+                        started: Some((how, warm.unwrap_or(times.boot))),
+                        deploy: Some(times.deploy),
                         commands: Box::pin(stream),
                         telemetry: Box::pin(reader),
                         cgroup,
@@ -560,38 +593,44 @@ impl QemuProvisioner {
                     times,
                 ))
             }
-            Err(e) => {
-                let tail = vm.console_tail();
-                let qemu_log = console_tail(&dir.join("qemu.log"));
-                let _ = vm.child.kill().await;
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(match e {
-                    ProvisionError::Refused(why) => ProvisionError::Refused(format!(
-                        "{why} (console: {tail}{}{qemu_log})",
-                        if qemu_log.is_empty() { "" } else { "; qemu: " }
-                    )),
-                    ProvisionError::Timeout(t) => ProvisionError::Refused(format!(
-                        "the VM was not ready within {t:?} (console: {tail})"
-                    )),
-                    other => other,
-                })
-            }
+            Err(e) => Err(failed(&mut vm, e).await),
         }
     }
 
+    /// A shape that boots is saved once, after its first VM is up; later VMs of the shape
+    /// restore from it.
+    pub(super) fn snapshot_shape(&self, resources: &prescient_schemas::Resources) {
+        let probe = self.machine_for("template", resources, &self.run_dir, 0);
+        let template = self
+            .run_dir
+            .join(format!("template-{}x{}", probe.vcpus, probe.memory_mib));
+        let port = std::net::TcpListener::bind((self.bind_ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_or(0, |a| a.port());
+        self.snapshots.make(
+            self.qemu.clone(),
+            self.machine_for("template", resources, &template, port),
+        );
+    }
+
     /// Puts QEMU in a cgroup holding the VM's vCPUs and its memory plus QEMU's own.
-    fn limit(&self, spec: &VmSpec, pid: Option<u32>) -> Option<Cgroup> {
+    fn limit(
+        &self,
+        name: &str,
+        resources: &prescient_schemas::Resources,
+        pid: Option<u32>,
+    ) -> Option<Cgroup> {
         let (h, pid) = (self.cgroups.as_ref()?, pid?);
-        let name = spec.replica.replace(['/', ' '], "_");
-        let cpus = spec.resources.cpu_millicores.div_ceil(1000).max(1) * 1000;
-        let memory = spec.resources.memory_bytes + (GUEST_BASE_MIB << 20) + QEMU_OVERHEAD_BYTES;
+        let name = name.replace(['/', ' '], "_");
+        let cpus = resources.cpu_millicores.div_ceil(1000).max(1) * 1000;
+        let memory = resources.memory_bytes + (GUEST_BASE_MIB << 20) + QEMU_OVERHEAD_BYTES;
         match h
             .create(&name, cpus, memory)
             .and_then(|cg| cg.add(pid).map(|()| cg))
         {
             Ok(cg) => Some(cg),
             Err(e) => {
-                warn!(replica = %spec.replica, "the VM runs without limits: {e}");
+                warn!(vm = %name, "the VM runs without limits: {e}");
                 None
             }
         }
@@ -636,54 +675,90 @@ impl QemuProvisioner {
         write.flush().await.map_err(ProvisionError::Io)?;
         let mut reader = BufReader::new(read);
         let mut line = String::new();
-        let read_line = reader.read_line(&mut line);
-        let exited = vm.child.wait();
-        let left = until.saturating_duration_since(Instant::now());
-        let read = tokio::select! {
-            r = tokio::time::timeout(left, read_line) => match r {
-                Err(_) => return Err(ProvisionError::Timeout(self.ready_timeout)),
-                Ok(r) => r,
-            },
-            status = exited => {
-                return Err(ProvisionError::Refused(format!(
-                    "QEMU exited while the guest booted: {}",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                )));
+        // The guest's init says it is up on the channel once the agent is there; then the
+        // worker answers the deploy with its ready line.
+        let mut up_at = None;
+        loop {
+            line.clear();
+            let read_line = reader.read_line(&mut line);
+            let exited = vm.child.wait();
+            let left = until.saturating_duration_since(Instant::now());
+            let read = tokio::select! {
+                r = tokio::time::timeout(left, read_line) => match r {
+                    Err(_) => return Err(ProvisionError::Timeout(self.ready_timeout)),
+                    Ok(r) => r,
+                },
+                status = exited => {
+                    return Err(ProvisionError::Refused(format!(
+                        "QEMU exited while the guest booted: {}",
+                        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                    )));
+                }
+            };
+            // The channel closing (or failing) first usually means QEMU is on its way out.
+            if matches!(read, Ok(0) | Err(_)) {
+                if let Ok(status) =
+                    tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await
+                {
+                    return Err(ProvisionError::Refused(format!(
+                        "QEMU exited while the guest booted: {}",
+                        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                    )));
+                }
             }
-        };
-        // The channel closing (or failing) first usually means QEMU is on its way out.
-        if matches!(read, Ok(0) | Err(_)) {
-            if let Ok(status) = tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await
-            {
-                return Err(ProvisionError::Refused(format!(
-                    "QEMU exited while the guest booted: {}",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                )));
+            read.map_err(ProvisionError::Io)?;
+            if up_at.is_none() && line.starts_with(crate::guest::UP_LINE) {
+                up_at = Some(started.elapsed());
+                continue;
             }
+            break;
         }
-        read.map_err(ProvisionError::Io)?;
         let ready_at = started.elapsed();
-        // The console says when init had the channel (`prescient-guest up in ...`): boot.
-        let boot = std::fs::read_to_string(&machine.console)
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with(crate::guest::UP_LINE))
-                    .map(|_| ())
-            })
-            .map(|()| ready_at);
         Ok((
             write,
             reader,
             (
                 line,
                 BootTimes {
-                    boot: boot.unwrap_or(ready_at),
+                    boot: up_at.unwrap_or(ready_at),
                     ready: ready_at,
+                    deploy: Duration::ZERO,
                     restored: false,
                 },
             ),
         ))
+    }
+}
+
+/// A QEMU started for a VM, its channel not yet connected.
+pub struct Started {
+    pub vm: QemuVm,
+    pub machine: Machine,
+    /// The host port forwarded to the guest's data plane.
+    pub port: u16,
+    pub cgroup: Option<Cgroup>,
+    /// Its shape is one that restores from a snapshot (else it always boots).
+    pub restoring: bool,
+    /// Restored from the snapshot and resumed after this long.
+    pub resumed: Option<Duration>,
+    pub at: Instant,
+}
+
+/// Kills a VM that failed to come up and says why, with its console's and QEMU's last words.
+async fn failed(vm: &mut QemuVm, e: ProvisionError) -> ProvisionError {
+    let tail = vm.console_tail();
+    let qemu_log = console_tail(&vm.dir.join("qemu.log"));
+    let _ = vm.child.kill().await;
+    let _ = std::fs::remove_dir_all(&vm.dir);
+    match e {
+        ProvisionError::Refused(why) => ProvisionError::Refused(format!(
+            "{why} (console: {tail}{}{qemu_log})",
+            if qemu_log.is_empty() { "" } else { "; qemu: " }
+        )),
+        ProvisionError::Timeout(t) => ProvisionError::Refused(format!(
+            "the VM was not ready within {t:?} (console: {tail})"
+        )),
+        other => other,
     }
 }
 
@@ -693,6 +768,8 @@ impl QemuProvisioner {
 pub struct BootTimes {
     pub boot: Duration,
     pub ready: Duration,
+    /// From the guest up to the task deployed in it, warm-up apart.
+    pub deploy: Duration,
     /// Started from a snapshot.
     pub restored: bool,
 }
@@ -702,7 +779,17 @@ impl super::Provisioner for QemuProvisioner {
         "qemu"
     }
 
+    /// On a VM from the warm pool when one of the shape waits, else on a new one.
     async fn provision(&self, spec: VmSpec) -> Result<Vm, ProvisionError> {
+        if let Some(idle) = self.pool.take(&spec.resources) {
+            let waited = idle.since.elapsed();
+            let vm = idle.started.vm.dir.display().to_string();
+            info!(replica = %spec.replica, %vm, ?waited, "a warm VM from the pool takes the replica");
+            return self
+                .finish(idle.started, spec, Some(waited))
+                .await
+                .map(|(vm, _)| vm);
+        }
         self.boot(spec).await.map(|(vm, _)| vm)
     }
 }

@@ -109,6 +109,8 @@ impl Engine<'_> {
             Action::Unplaceable { .. } => self.count("unplaceable"),
             Action::ScaleOut { .. } => self.count("scale-out"),
             Action::ForecastOnly { .. } => self.count("forecast-only"),
+            // The simulated hosts run no VMs of their own to keep warm.
+            Action::WarmPool { .. } => self.count("warm-pool"),
             Action::ScaleIn { .. } => self.count("scale-in"),
             Action::Replace { .. } => self.count("replace"),
             Action::Shed { .. } => self.count("shed"),
