@@ -507,7 +507,7 @@ fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
         .find(|(k, s, _)| k == "warm-pool" && s == "a1")
         .unwrap_or_else(|| panic!("{ev:#?}"));
     assert!(
-        keep.contains("keep 1 of 1000m CPU, 192 MiB") && keep.contains("g1.solo (warm_vms = 1)"),
+        keep.contains("keep 1 booted idle VM (1000m CPU, 192MiB)") && keep.contains("g1.solo (warm_vms = 1)"),
         "{keep}"
     );
     let idle = |n: usize| {
@@ -580,4 +580,70 @@ fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
         "{}",
         vms.log_text()
     );
+}
+
+/// An `exec` task in a microVM: the agent sends the uploaded artifact over the channel, the
+/// guest worker checks its digest and runs it (a glibc binary built on this host, on the
+/// guest's copy of the C runtime), and invocations come back through it.
+#[test]
+fn an_uploaded_executable_runs_inside_a_microvm() {
+    let image = guest_image();
+    let dir = TempDir::new("qemu-exec");
+    let _guard = NoQemuLeft(dir.path().to_path_buf());
+    let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
+    let data = dir.path().join("a1");
+    let vms = Agent::start_with(
+        &control.addr,
+        "a1",
+        2,
+        dir.path(),
+        &[
+            "--provisioner",
+            "qemu",
+            "--guest-image",
+            &image,
+            "--accel",
+            "tcg",
+            "--no-snapshots",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    control.wait_agents(1);
+    let exe = std::path::PathBuf::from(CLI)
+        .with_file_name("examples")
+        .join("exec_upper");
+    assert!(exe.exists(), "{}: `cargo test` builds the examples", exe.display());
+    let up = control.cli_json(&["upload", exe.to_str().unwrap()]);
+    let digest = up["sha256"].as_str().unwrap().to_string();
+    let path = dir.path().join("shout.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+name = "vm-shout"
+[[task]]
+id = "shout"
+code = {{ exec = "{digest}", args = ["BOOM"] }}
+inputs = {{ text = "text" }}
+outputs = {{ loud = "text" }}
+estimate = "1ms"
+resources = {{ cpu = "1", memory = "192MiB" }}
+"#
+        ),
+    )
+    .unwrap();
+    control.cli_ok(&["submit", path.to_str().unwrap()]);
+    wait_deployed(&control, "vm-shout", 1, 1);
+    assert_eq!(qemus(dir.path()).len(), 1, "the replica is a VM");
+    let out = control.cli_json(&["invoke", "vm-shout", "--input", "=hello vm"]);
+    assert_eq!(out["outputs"]["shout.loud"]["text"], "HELLO VM", "{out}");
+    let bad = control.cli(&["invoke", "vm-shout", "--input", "=a BOOM b"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("task shout failed on replica g1.shout.r1: input contains \"BOOM\""),
+        "{err}"
+    );
+    let console = consoles(&data);
+    assert!(console.contains("task deployed"), "{console}\n{}", vms.log_text());
 }

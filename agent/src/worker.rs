@@ -47,6 +47,15 @@ pub enum WorkerError {
     NoDeploy,
     #[error("the first command must deploy a task")]
     NotDeployFirst,
+    #[error("ONNX tasks do not run in microVMs yet: the guest worker is static (musl) and cannot load ONNX Runtime; run the task on an agent with process workers")]
+    OnnxInVm,
+    #[error("an artifact named {0:?} (a sha256 in hex was expected)")]
+    ArtifactName(String),
+    #[error("keeping the artifact in {path}: {source} (a VM holds it in its memory: give the task more)")]
+    ArtifactWrite {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("binding the data plane on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -74,6 +83,40 @@ pub enum Command {
     },
     Routes(GraphRoutes),
     Drain,
+    /// A piece of the artifact, for a worker that cannot read the agent's copy (in a VM).
+    Artifact {
+        sha256_hex: String,
+        data: Bytes,
+    },
+}
+
+/// Where a worker keeps an artifact the agent sent it in pieces (a VM's tmpfs).
+pub const SENT_ARTIFACTS: &str = "/tmp/prescient-artifacts";
+
+/// Appends a piece of an artifact to its file in [`SENT_ARTIFACTS`]; the deploy checks the
+/// digest of the whole.
+fn keep_artifact_piece(sha256_hex: &str, data: &[u8]) -> Result<(), WorkerError> {
+    use std::io::Write;
+    if sha256_hex.len() != 64 || !sha256_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(WorkerError::ArtifactName(sha256_hex.to_string()));
+    }
+    let dir = std::path::Path::new(SENT_ARTIFACTS);
+    let path = dir.join(sha256_hex);
+    let write = |path: &std::path::Path| -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(data)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
+    };
+    write(&path).map_err(|source| WorkerError::ArtifactWrite { path, source })
 }
 
 impl Command {
@@ -103,6 +146,13 @@ impl Command {
             }
             worker_command::Routes(t) => Command::Routes(GraphRoutes::decode(t?)?),
             worker_command::Drain(()) => Command::Drain,
+            worker_command::Artifact(a) => {
+                let a = a?;
+                Command::Artifact {
+                    sha256_hex: codec::text(a.get_sha256_hex())?,
+                    data: Bytes::copy_from_slice(a.get_data()?),
+                }
+            }
         })
     }
 }
@@ -234,6 +284,9 @@ impl Worker {
                         crate::runtime::exec::verify(path, sha256)?;
                         Runner::Exec(crate::runtime::exec::ExecProcess::start(path, args)?)
                     }
+                    prescient_schemas::CodeKind::Onnx { .. } if cfg!(target_env = "musl") => {
+                        return Err(WorkerError::OnnxInVm);
+                    }
                     prescient_schemas::CodeKind::Onnx { sha256, .. } => {
                         let path = std::path::Path::new(&artifact_path);
                         crate::runtime::exec::verify(path, sha256)?;
@@ -295,6 +348,9 @@ impl Worker {
                 }
             }
             Command::Drain => return Ok(false),
+            Command::Artifact { sha256_hex, .. } => {
+                warn!(artifact = %sha256_hex, "a piece of an artifact after the deploy: ignored")
+            }
         }
         Ok(true)
     }
@@ -625,8 +681,19 @@ pub async fn run(
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    let first = commands.recv().await.ok_or(WorkerError::NoDeploy)?;
-    let mut first = decode_command(&first)?;
+    // A VM's worker gets its task's artifact in pieces first.
+    let mut first = loop {
+        let msg = commands.recv().await.ok_or(WorkerError::NoDeploy)?;
+        match decode_command(&msg) {
+            Ok(Command::Artifact { sha256_hex, data }) => {
+                if let Err(e) = keep_artifact_piece(&sha256_hex, &data) {
+                    say(format!("prescient-worker failed: {e}"));
+                    return Err(e);
+                }
+            }
+            other => break other?,
+        }
+    };
     let Command::Deploy { warmup, .. } = &mut first else {
         return Err(WorkerError::NotDeployFirst);
     };

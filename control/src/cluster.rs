@@ -476,7 +476,7 @@ impl Cluster {
         };
         self.agents.borrow_mut().insert(name.clone(), entry);
         // A microVM agent keeps a warm pool the plan sizes.
-        let register = if text(host.get_provisioner())? == "qemu" {
+        let register = if text(host.get_provisioner())?.starts_with("qemu") {
             observe::registered_with_pool
         } else {
             observe::registered

@@ -351,18 +351,24 @@ impl Event {
                 if shapes.is_empty() {
                     "keep no idle VMs (those idle past the timeout stop)".to_string()
                 } else {
-                    let kept: Vec<String> = shapes
-                        .iter()
-                        .map(|w| {
-                            format!(
-                                "{} of {}m CPU, {}",
-                                w.count,
-                                w.cpu_millicores,
-                                prescient_schemas::quantity::format_bytes(w.memory_bytes)
-                            )
-                        })
-                        .collect();
-                    format!("keep {} booted idle VMs: {reason}", kept.join(", "))
+                    let size = |w: &crate::snapshot::WarmShape| {
+                        format!(
+                            "{}m CPU, {}",
+                            w.cpu_millicores,
+                            prescient_schemas::quantity::format_bytes(w.memory_bytes)
+                        )
+                    };
+                    let total: u32 = shapes.iter().map(|w| w.count).sum();
+                    let kinds = match shapes.as_slice() {
+                        [one] => size(one),
+                        many => many
+                            .iter()
+                            .map(|w| format!("{} of {}", w.count, size(w)))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    };
+                    let vms = if total == 1 { "VM" } else { "VMs" };
+                    format!("keep {total} booted idle {vms} ({kinds}): {reason}")
                 }
             }
             Event::ScaledIn {

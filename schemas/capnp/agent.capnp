@@ -187,7 +187,15 @@ struct WorkerCommand {
     deploy @0 :ReplicaSpec;
     routes @1 :RoutingTable;
     drain @2 :Void;
+    artifact @3 :ArtifactChunk;
   }
+}
+
+struct ArtifactChunk {
+  # A piece of the task's artifact for a worker that cannot read the agent's copy (a microVM's),
+  # sent in order before the deploy; the worker keeps it and checks its digest at deploy.
+  sha256Hex @0 :Text;           # the whole artifact's digest (its file name in the worker)
+  data @1 :Data;
 }
 
 struct WarmShape {

@@ -19,6 +19,20 @@ const MUSL: &str = "x86_64-unknown-linux-musl";
 /// virtio-serial channel and the network); their dependencies are added.
 const MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net"];
 
+/// Where the guest keeps the C runtime (Debian's multiarch directory, in glibc's search path).
+const GLIBC_DIR: &str = "lib/x86_64-linux-gnu";
+
+/// The C runtime's files a dynamically linked artifact needs: (path in the guest, on the host).
+const GLIBC: &[(&str, &str)] = &[
+    ("lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
+    ("lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
+    ("lib/x86_64-linux-gnu/libm.so.6", "/lib/x86_64-linux-gnu/libm.so.6"),
+    ("lib/x86_64-linux-gnu/libgcc_s.so.1", "/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+    ("lib/x86_64-linux-gnu/libpthread.so.0", "/lib/x86_64-linux-gnu/libpthread.so.0"),
+    ("lib/x86_64-linux-gnu/libdl.so.2", "/lib/x86_64-linux-gnu/libdl.so.2"),
+    ("lib/x86_64-linux-gnu/librt.so.1", "/lib/x86_64-linux-gnu/librt.so.1"),
+];
+
 /// Builds the image (when its inputs changed) and returns its directory.
 pub fn guest_image() -> Result<PathBuf> {
     qemu()?;
@@ -38,14 +52,26 @@ pub fn guest_image() -> Result<PathBuf> {
         .arg("--no-default-features")
         .args(["--target", MUSL, "--target-dir"])
         .arg(root().join("target/guest-build"))
+        // Without debug info: the kernel unpacks the whole initramfs at every boot, which
+        // under emulation costs time per megabyte.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
         .env_remove("RUSTFLAGS"))?;
     let init = root().join(format!("target/guest-build/{MUSL}/release/prescient-guest"));
     let order = load_order(&modules)?;
     let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+    for d in ["dev", "proc", "sys", "tmp", "lib", "lib/modules", "lib64", GLIBC_DIR] {
         cpio.dir(d);
     }
     cpio.file("init", 0o755, &std::fs::read(&init)?);
+    // The host's C runtime, so `exec` artifacts built on hosts like this one (glibc, dynamic)
+    // run in the guest as they do in process workers.
+    for (name, path) in GLIBC {
+        match std::fs::read(path) {
+            Ok(bytes) => cpio.file(name, 0o755, &bytes),
+            Err(e) => eprintln!("xtask: the guest image goes without {path}: {e}"),
+        }
+    }
     let mut names = String::new();
     for (name, path) in &order {
         cpio.file(

@@ -86,12 +86,30 @@ impl AgentNode {
                 graph: record.id.clone(),
                 task: task.clone(),
             })?;
-        let artifact_path = match &t.code.kind {
+        let local = match &t.code.kind {
             prescient_schemas::CodeKind::Exec { sha256, .. }
             | prescient_schemas::CodeKind::Onnx { sha256, .. } => {
-                self.fetch_artifact(sha256).await?.display().to_string()
+                Some((sha256.hex(), self.fetch_artifact(sha256).await?))
             }
-            _ => String::new(),
+            _ => None,
+        };
+        // A VM cannot read the agent's copy: it is sent over the channel first, in pieces,
+        // and the worker checks its digest at deploy as it does this copy's.
+        let mut deploy = Vec::new();
+        let artifact_path = match local {
+            Some((hex, path)) if self.provisioner.sends_artifacts() => {
+                let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+                for piece in bytes.chunks(ARTIFACT_PIECE) {
+                    let mut m = capnp::message::Builder::new_default();
+                    let mut a = m.init_root::<worker_command::Builder<'_>>().init_artifact();
+                    a.set_sha256_hex(hex.as_str());
+                    a.set_data(piece);
+                    deploy.extend(capnp::serialize::write_message_to_words(&m));
+                }
+                format!("{}/{hex}", crate::worker::SENT_ARTIFACTS)
+            }
+            Some((_, path)) => path.display().to_string(),
+            None => String::new(),
         };
         let mut msg = capnp::message::Builder::new_default();
         {
@@ -104,7 +122,7 @@ impl AgentNode {
             d.set_warmup_target_ns(spec.get_warmup_target_ns());
             d.set_warmup_timeout_ns(spec.get_warmup_timeout_ns());
         }
-        let deploy = capnp::serialize::write_message_to_words(&msg);
+        deploy.extend(capnp::serialize::write_message_to_words(&msg));
         let started = std::time::Instant::now();
         let vm = self
             .provisioner
@@ -331,6 +349,9 @@ impl AgentNode {
         self.ingress.remove_graph(graph_id);
     }
 }
+
+/// An artifact goes to a VM in pieces of this size (a capnp message each).
+const ARTIFACT_PIECE: usize = 1 << 20;
 
 /// The capability control drives this agent through.
 pub(super) struct AgentCap {

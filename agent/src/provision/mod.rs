@@ -271,6 +271,12 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Whether workers need the task's artifact sent to them (a VM cannot read the agent's
+    /// copy).
+    pub fn sends_artifacts(&self) -> bool {
+        matches!(self, Backend::Qemu(_))
+    }
+
     /// What `prescient agents` shows: `process`, or `qemu (tcg)` with the accelerator.
     pub fn description(&self) -> String {
         match self {
