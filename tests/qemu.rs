@@ -507,7 +507,8 @@ fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
         .find(|(k, s, _)| k == "warm-pool" && s == "a1")
         .unwrap_or_else(|| panic!("{ev:#?}"));
     assert!(
-        keep.contains("keep 1 booted idle VM (1000m CPU, 192MiB)") && keep.contains("g1.solo (warm_vms = 1)"),
+        keep.contains("keep 1 booted idle VM (1000m CPU, 192MiB)")
+            && keep.contains("g1.solo (warm_vms = 1)"),
         "{keep}"
     );
     let idle = |n: usize| {
@@ -613,7 +614,11 @@ fn an_uploaded_executable_runs_inside_a_microvm() {
     let exe = std::path::PathBuf::from(CLI)
         .with_file_name("examples")
         .join("exec_upper");
-    assert!(exe.exists(), "{}: `cargo test` builds the examples", exe.display());
+    assert!(
+        exe.exists(),
+        "{}: `cargo test` builds the examples",
+        exe.display()
+    );
     let up = control.cli_json(&["upload", exe.to_str().unwrap()]);
     let digest = up["sha256"].as_str().unwrap().to_string();
     let path = dir.path().join("shout.toml");
@@ -645,5 +650,9 @@ resources = {{ cpu = "1", memory = "192MiB" }}
         "{err}"
     );
     let console = consoles(&data);
-    assert!(console.contains("task deployed"), "{console}\n{}", vms.log_text());
+    assert!(
+        console.contains("task deployed"),
+        "{console}\n{}",
+        vms.log_text()
+    );
 }

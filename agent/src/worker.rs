@@ -49,13 +49,8 @@ pub enum WorkerError {
     NotDeployFirst,
     #[error("ONNX tasks do not run in microVMs yet: the guest worker is static (musl) and cannot load ONNX Runtime; run the task on an agent with process workers")]
     OnnxInVm,
-    #[error("an artifact named {0:?} (a sha256 in hex was expected)")]
-    ArtifactName(String),
-    #[error("keeping the artifact in {path}: {source} (a VM holds it in its memory: give the task more)")]
-    ArtifactWrite {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Sent(#[from] crate::runtime::sent::SentError),
     #[error("binding the data plane on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -90,34 +85,8 @@ pub enum Command {
     },
 }
 
-/// Where a worker keeps an artifact the agent sent it in pieces (a VM's tmpfs).
-pub const SENT_ARTIFACTS: &str = "/tmp/prescient-artifacts";
-
-/// Appends a piece of an artifact to its file in [`SENT_ARTIFACTS`]; the deploy checks the
-/// digest of the whole.
-fn keep_artifact_piece(sha256_hex: &str, data: &[u8]) -> Result<(), WorkerError> {
-    use std::io::Write;
-    if sha256_hex.len() != 64 || !sha256_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(WorkerError::ArtifactName(sha256_hex.to_string()));
-    }
-    let dir = std::path::Path::new(SENT_ARTIFACTS);
-    let path = dir.join(sha256_hex);
-    let write = |path: &std::path::Path| -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        f.write_all(data)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-        }
-        Ok(())
-    };
-    write(&path).map_err(|source| WorkerError::ArtifactWrite { path, source })
-}
+use crate::runtime::sent::keep_artifact_piece;
+pub use crate::runtime::sent::SENT_ARTIFACTS;
 
 impl Command {
     pub fn decode(r: worker_command::Reader<'_>) -> Result<Command, WorkerError> {
@@ -688,7 +657,7 @@ pub async fn run(
             Ok(Command::Artifact { sha256_hex, data }) => {
                 if let Err(e) = keep_artifact_piece(&sha256_hex, &data) {
                     say(format!("prescient-worker failed: {e}"));
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             other => break other?,

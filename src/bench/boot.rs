@@ -1,8 +1,10 @@
 //! `bench boot`: how long a replica takes from placement to serving, on real clusters of this
 //! machine. With `--provisioner qemu`, two agents side by side: one boots every microVM
-//! (`--no-snapshots`), the other restores from the snapshot it saved of its first; rounds
+//! (`--no-snapshots`), the other restores from the snapshot it saved of its first; a third keeps
+//! a warm pool of one VM (a keeper graph's `warm_vms = 1`), which each start takes. Rounds
 //! alternate between them. Per start: placement to ready (the control node's `replica-ready`),
-//! QEMU started to the guest running, and the QEMU process's RSS once idle. Then a 2-stage
+//! QEMU started to the guest running, the deploy in the guest, and the QEMU process's RSS once
+//! idle. Then a 2-stage
 //! chain's p50 at concurrency 1 through VMs against the same chain on process workers.
 
 use super::*;
@@ -70,7 +72,7 @@ async fn one_start(
     client: &ControlClient,
     name: &str,
     run_dir: &Path,
-) -> Result<(f64, Option<f64>, Option<String>, Option<u64>)> {
+) -> Result<(f64, Option<f64>, Option<String>, Option<u64>, Option<f64>)> {
     let text = ONE.replace("NAME", name);
     let f = file::parse(&format!("{name}.toml"), &text)?;
     let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
@@ -100,7 +102,14 @@ async fn one_start(
     let how = ["booted", "restored"]
         .iter()
         .find(|k| ready.reason.contains(&format!("its VM {k}")))
-        .map(|k| k.to_string());
+        .map(|k| k.to_string())
+        .or_else(|| {
+            ready
+                .reason
+                .contains("took a warm VM from the pool")
+                .then(|| "warm".to_string())
+        });
+    let deploy = number_after(&ready.reason, "deployed in it in ");
     // Idle for a moment first: what a VM holds at rest.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let needle = run_dir
@@ -114,7 +123,26 @@ async fn one_start(
     while qemu_rss(&needle).is_some() && std::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok((took, vm, how, rss))
+    Ok((took, vm, how, rss, deploy))
+}
+
+/// Waits until `log` says a warm VM is idle `n` times, then for the heartbeat that tells the
+/// control node.
+async fn wait_idle(log: &Path, n: usize) -> Result<()> {
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    while std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("warm VM booted and idle")
+        .count()
+        < n
+    {
+        if std::time::Instant::now() > until {
+            bail!("no warm VM (see {})", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    Ok(())
 }
 
 pub(super) async fn boot(plan: Plan) -> Result<serde_json::Value> {
@@ -143,6 +171,7 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
     )];
     if qemu {
         modes.push(("restore", vec!["--provisioner", "qemu"]));
+        modes.push(("warm", vec!["--provisioner", "qemu"]));
     }
     let mut clusters = Vec::new();
     for (mode, extra) in &modes {
@@ -175,14 +204,33 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The warm cluster keeps one idle VM of the bench's shape for a keeper graph.
+        let (_, _, client, _) = &clusters[2];
+        let text = ONE.replace("NAME", "keeper") + "[scaling]\nmax_replicas = 2\nwarm_vms = 1\n";
+        let f = file::parse("keeper.toml", &text)?;
+        let SubmitOutcome::Accepted { record, .. } = client.submit(&f.graph).await? else {
+            bail!("the keeper graph was rejected");
+        };
+        wait_deployed(client, &record.id, 1, Duration::from_secs(120)).await?;
     }
     let mut starts: Vec<serde_json::Value> = Vec::new();
+    // The warm start first, then its pool refilled before the others start: no round's boot
+    // shares the CPUs with another VM's.
+    let order: Vec<usize> = if qemu { vec![2, 0, 1] } else { vec![0] };
     for round in 0..plan.runs.max(1) {
-        for (mode, _, client, run_dir) in &clusters {
-            let (took, vm, how, rss) = one_start(client, &format!("s{round}"), run_dir).await?;
+        for &i in &order {
+            let (mode, _, client, run_dir) = &clusters[i];
+            if *mode == "warm" {
+                wait_idle(&dir.join("warm/a1.log"), round + 1).await?;
+            }
+            let (took, vm, how, rss, deploy) =
+                one_start(client, &format!("s{round}"), run_dir).await?;
+            if *mode == "warm" {
+                wait_idle(&dir.join("warm/a1.log"), round + 2).await?;
+            }
             starts.push(serde_json::json!({
                 "mode": mode, "round": round, "placement_to_ready_ms": took,
-                "vm_start_ms": vm, "started": how, "rss_bytes": rss,
+                "vm_start_ms": vm, "started": how, "rss_bytes": rss, "deploy_ms": deploy,
             }));
         }
     }
@@ -199,10 +247,16 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
             median(&v)
         }
     };
-    // The chain through VMs (the restoring cluster) against process workers (a fresh one).
+    // The chain through VMs (the restoring cluster, the others' VMs stopped) against process
+    // workers (a fresh one).
+    let mut clusters = clusters;
+    clusters.truncate(2);
+    if qemu {
+        clusters.remove(0);
+    }
     let mut chains = serde_json::Map::new();
     if qemu {
-        let (_, cluster, client, _) = &clusters[1];
+        let (_, cluster, client, _) = &clusters[0];
         chains.insert(
             "through_vms".into(),
             chain(client, &cluster.agents[0].addr, "vm", plan.chain_seconds).await?,
@@ -232,6 +286,9 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
         "runs": plan.runs,
         "boot_to_ready_ms": of("boot", "placement_to_ready_ms"),
         "restore_to_ready_ms": if qemu { of("restore", "placement_to_ready_ms").into() } else { serde_json::Value::Null },
+        "warm_to_ready_ms": if qemu { of("warm", "placement_to_ready_ms").into() } else { serde_json::Value::Null },
+        "boot_deploy_ms": of("boot", "deploy_ms"),
+        "warm_deploy_ms": of("warm", "deploy_ms"),
         "boot_vm_start_ms": of("boot", "vm_start_ms"),
         "restore_vm_start_ms": of("restore", "vm_start_ms"),
         "idle_vm_rss_bytes_booted": of("boot", "rss_bytes"),

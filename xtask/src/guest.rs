@@ -25,12 +25,30 @@ const GLIBC_DIR: &str = "lib/x86_64-linux-gnu";
 /// The C runtime's files a dynamically linked artifact needs: (path in the guest, on the host).
 const GLIBC: &[(&str, &str)] = &[
     ("lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
-    ("lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
-    ("lib/x86_64-linux-gnu/libm.so.6", "/lib/x86_64-linux-gnu/libm.so.6"),
-    ("lib/x86_64-linux-gnu/libgcc_s.so.1", "/lib/x86_64-linux-gnu/libgcc_s.so.1"),
-    ("lib/x86_64-linux-gnu/libpthread.so.0", "/lib/x86_64-linux-gnu/libpthread.so.0"),
-    ("lib/x86_64-linux-gnu/libdl.so.2", "/lib/x86_64-linux-gnu/libdl.so.2"),
-    ("lib/x86_64-linux-gnu/librt.so.1", "/lib/x86_64-linux-gnu/librt.so.1"),
+    (
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libm.so.6",
+        "/lib/x86_64-linux-gnu/libm.so.6",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libgcc_s.so.1",
+        "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libpthread.so.0",
+        "/lib/x86_64-linux-gnu/libpthread.so.0",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libdl.so.2",
+        "/lib/x86_64-linux-gnu/libdl.so.2",
+    ),
+    (
+        "lib/x86_64-linux-gnu/librt.so.1",
+        "/lib/x86_64-linux-gnu/librt.so.1",
+    ),
 ];
 
 /// Builds the image (when its inputs changed) and returns its directory.
@@ -60,7 +78,16 @@ pub fn guest_image() -> Result<PathBuf> {
     let init = root().join(format!("target/guest-build/{MUSL}/release/prescient-guest"));
     let order = load_order(&modules)?;
     let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "tmp", "lib", "lib/modules", "lib64", GLIBC_DIR] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "lib64",
+        GLIBC_DIR,
+    ] {
         cpio.dir(d);
     }
     cpio.file("init", 0o755, &std::fs::read(&init)?);

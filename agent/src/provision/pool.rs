@@ -240,6 +240,99 @@ impl QemuProvisioner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provision::qemu::{Accel, Machine, QemuVm};
+
+    /// An idle "VM" of `shape`, idle since `ago`: a `sleep` standing in for QEMU (`alive`) or
+    /// one that has exited.
+    async fn idle(shape: Shape, ago: Duration, alive: bool) -> Idle {
+        let mut child = tokio::process::Command::new(if alive { "sleep" } else { "true" })
+            .arg("60")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning a stand-in");
+        if !alive {
+            let _ = child.wait().await;
+        }
+        let dir = std::env::temp_dir().join(format!("pool-test-{}", std::process::id()));
+        let machine = Machine {
+            accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
+            worker_args: vec![],
+            channel: dir.join("channel.sock"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.log"),
+            forward: (std::net::Ipv4Addr::LOCALHOST.into(), 0),
+            gpus: vec![],
+            tsc_khz: None,
+        };
+        Idle {
+            shape,
+            started: Started {
+                vm: QemuVm {
+                    child,
+                    gpus: None,
+                    qmp: machine.qmp.clone(),
+                    dir: dir.clone(),
+                    console: machine.console.clone(),
+                },
+                machine,
+                port: 0,
+                cgroup: None,
+                restoring: false,
+                resumed: None,
+                at: Instant::now(),
+            },
+            since: Instant::now() - ago,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn beyond_the_target_the_oldest_stale_vms_stop_and_dead_ones_go() {
+        let (a, b) = ((1000, 128 << 20), (500, 64 << 20));
+        let p = WarmPool {
+            idle_timeout: Duration::from_secs(10),
+            ..WarmPool::default()
+        };
+        p.set_targets(vec![Keep { shape: a, count: 1 }]);
+        for v in [
+            idle(a, Duration::from_secs(30), true).await, // beyond, stale: stops
+            idle(a, Duration::from_secs(20), true).await, // the one kept
+            idle(b, Duration::from_secs(5), true).await,  // no target, not yet stale
+            idle(b, Duration::from_secs(1), false).await, // dead: goes
+        ] {
+            p.idle.borrow_mut().push(v);
+        }
+        let gone = p.surplus(Instant::now());
+        let mut gone: Vec<(Shape, u64)> = gone
+            .iter()
+            .map(|v| (v.shape, v.since.elapsed().as_secs()))
+            .collect();
+        gone.sort();
+        assert_eq!(gone, vec![(b, 1), (a, 30)]);
+        assert_eq!(
+            p.counts(),
+            vec![Keep { shape: b, count: 1 }, Keep { shape: a, count: 1 }]
+        );
+        // The kept one is what a replica of its shape takes; none of the other shape's is live
+        // for a shape with nothing idle.
+        assert!(p
+            .take(&Resources {
+                cpu_millicores: 1000,
+                memory_bytes: 128 << 20,
+                ..Resources::default()
+            })
+            .is_some());
+        assert!(p
+            .take(&Resources {
+                cpu_millicores: 1000,
+                memory_bytes: 128 << 20,
+                ..Resources::default()
+            })
+            .is_none());
+    }
 
     #[test]
     fn counts_group_by_shape_and_targets_default_to_none() {

@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod exec;
 pub mod onnx;
+pub mod sent;
 
 use bytes::Bytes;
 use std::rc::Rc;
