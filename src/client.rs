@@ -189,6 +189,8 @@ impl ControlClient {
                     .get_probes()
                     .then(|| a.get_run_queue_p99_ns() as f64 / 1000.0),
                 last_heartbeat_ms: a.get_last_heartbeat_ms(),
+                warm_vms: a.get_pools().then(|| a.get_warm_vms()),
+                warm_target: a.get_pools().then(|| a.get_warm_target()),
             });
         }
         Ok(out)
@@ -502,6 +504,9 @@ pub struct AgentRow {
     /// From the eBPF probes, where the host runs them.
     pub run_queue_p99_us: Option<f64>,
     pub last_heartbeat_ms: u64,
+    /// A microVM agent's warm pool: the idle VMs it has, and those it was told to keep.
+    pub warm_vms: Option<u32>,
+    pub warm_target: Option<u32>,
 }
 
 /// A graph's statistics over a window, as `stats` returns them.

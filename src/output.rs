@@ -189,6 +189,10 @@ pub fn agents_table(agents: &[crate::client::AgentRow]) -> String {
                 a.run_queue_p99_us
                     .map_or("-".into(), |us| format!("{us:.0} us")),
                 a.provisioner.clone(),
+                match (a.warm_vms, a.warm_target) {
+                    (Some(have), Some(keep)) => format!("{have}/{keep}"),
+                    _ => "-".into(),
+                },
                 a.telemetry
                     .split(':')
                     .next()
@@ -209,6 +213,7 @@ pub fn agents_table(agents: &[crate::client::AgentRow]) -> String {
             "CPU",
             "RUNQ P99",
             "PROVISIONER",
+            "WARM",
             "PROBES",
             "INGRESS",
             "LAST HEARTBEAT",

@@ -519,8 +519,16 @@ fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
         }
     };
     idle(1);
-    // The heartbeat tells control the VM waits; then the replica's VM dies.
+    // The heartbeat tells control the VM waits (`prescient agents` shows it); then the
+    // replica's VM dies.
     std::thread::sleep(Duration::from_millis(1500));
+    let agents = control.cli_json(&["agents"]);
+    let a1 = &agents[0];
+    assert_eq!(
+        (a1["warm_vms"].as_u64(), a1["warm_target"].as_u64()),
+        (Some(1), Some(1)),
+        "{agents}"
+    );
     let solo = qemus(&data.join("vms/g1.solo.r1"));
     assert_eq!(solo.len(), 1);
     std::process::Command::new("kill")

@@ -234,6 +234,9 @@ impl control::Server for Control {
             b.set_replicas(free.replicas as u32);
             b.set_cpu_millicores_free(free.cpu_free_millicores.min(u64::from(u32::MAX)) as u32);
             b.set_memory_bytes_free(free.memory_free_bytes);
+            b.set_pools(host.pools);
+            b.set_warm_vms(host.warm.iter().map(|w| w.count).sum());
+            b.set_warm_target(host.warm_target.iter().map(|w| w.count).sum());
             let mut h = b.reborrow().init_host();
             h.set_name(a.name.as_str());
             h.set_hostname(a.hostname.as_str());

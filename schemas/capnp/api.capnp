@@ -182,6 +182,9 @@ struct AgentSummary {
   runDelayNsPerSec @10 :UInt64; # schedstat: time runnable tasks waited, per second
   runQueueP99Ns @11 :UInt64;    # eBPF (0 without probes)
   probes @12 :Bool;
+  pools @13 :Bool;              # a microVM agent keeping a warm pool (the two below)
+  warmVms @14 :UInt32;          # booted idle VMs it has (its last heartbeat)
+  warmTarget @15 :UInt32;       # booted idle VMs it was told to keep
 }
 
 struct ReplicaSummary {
