@@ -249,7 +249,7 @@ async fn walk_through(dir: &Path) -> Result<()> {
 
     step(
         11,
-        "microVMs: a task in a QEMU microVM, booted; the next of its shape restored from a snapshot",
+        "microVMs: a task in a QEMU microVM, booted; the next of its shape restored from a snapshot; one started on a warm VM from the pool",
     );
     crate::demo_vms::microvms(&client, &cluster.control.addr, dir).await?;
 
