@@ -29,8 +29,8 @@ resources = {{ cpu = "1", memory = "128MiB" }}
     )
 }
 
-/// Waits until `log` says `what` `n` times.
-async fn wait_log(log: &Path, what: &str, n: usize) -> Result<()> {
+/// Waits (90 s at most) until the agent's `log` says `what` `n` times.
+pub(crate) async fn wait_log(log: &Path, what: &str, n: usize) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(90);
     while std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -39,7 +39,7 @@ async fn wait_log(log: &Path, what: &str, n: usize) -> Result<()> {
         < n
     {
         if Instant::now() > until {
-            bail!("vm1 never said {what:?} (see {})", log.display());
+            bail!("the agent never said {what:?} (see {})", log.display());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -104,6 +104,30 @@ impl Drop for NoQemuLeft {
     }
 }
 
+/// Agent `a1` with the `qemu` provisioner under TCG, booting `image`, its data in `dir/a1`,
+/// with `extra` flags.
+fn vm_agent(
+    control: &Control,
+    cpus: u32,
+    dir: &std::path::Path,
+    image: &str,
+    extra: &[&str],
+) -> Agent {
+    let data = dir.join("a1");
+    let mut args = vec![
+        "--provisioner",
+        "qemu",
+        "--guest-image",
+        image,
+        "--accel",
+        "tcg",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Agent::start_with(&control.addr, "a1", cpus, dir, &args)
+}
+
 fn guest_image() -> String {
     let dir = repo_path("target/guest");
     assert!(
@@ -350,24 +374,12 @@ fn a_failing_vm_is_placed_elsewhere(junk: &str, timeout_ms: &str, why: &str) {
     let _guard = NoQemuLeft(dir.path().to_path_buf());
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let image = broken_image(&dir.path().join("image"), junk);
-    let data = dir.path().join("a1");
-    let _vms = Agent::start_with(
-        &control.addr,
-        "a1",
+    let _vms = vm_agent(
+        &control,
         8,
         dir.path(),
-        &[
-            "--provisioner",
-            "qemu",
-            "--guest-image",
-            &image,
-            "--accel",
-            "tcg",
-            "--vm-ready-timeout-ms",
-            timeout_ms,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
+        &image,
+        &["--vm-ready-timeout-ms", timeout_ms],
     );
     let _processes = Agent::start(&control.addr, "a2", 2, dir.path());
     control.wait_agents(2);
@@ -425,24 +437,7 @@ fn no_qemu_outlives_its_agent_killed_with_sigkill() {
     let dir = TempDir::new("qemu-agent-dies");
     let _guard = NoQemuLeft(dir.path().to_path_buf());
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
-    let data = dir.path().join("a1");
-    let vms = Agent::start_with(
-        &control.addr,
-        "a1",
-        2,
-        dir.path(),
-        &[
-            "--provisioner",
-            "qemu",
-            "--guest-image",
-            &image,
-            "--accel",
-            "tcg",
-            "--no-snapshots",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-    );
+    let vms = vm_agent(&control, 2, dir.path(), &image, &["--no-snapshots"]);
     control.wait_agents(1);
     let path = dir.path().join("solo.toml");
     std::fs::write(&path, SOLO).unwrap();
@@ -472,25 +467,12 @@ fn a_warm_vm_from_the_pool_takes_a_new_replica_without_a_boot() {
     let _guard = NoQemuLeft(dir.path().to_path_buf());
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let data = dir.path().join("a1");
-    let vms = Agent::start_with(
-        &control.addr,
-        "a1",
+    let vms = vm_agent(
+        &control,
         3,
         dir.path(),
-        &[
-            "--provisioner",
-            "qemu",
-            "--guest-image",
-            &image,
-            "--accel",
-            "tcg",
-            "--memory",
-            "2GiB",
-            "--warm-idle-timeout-ms",
-            "1000",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
+        &image,
+        &["--memory", "2GiB", "--warm-idle-timeout-ms", "1000"],
     );
     control.wait_agents(1);
     let path = dir.path().join("warm.toml");
@@ -601,23 +583,7 @@ fn an_uploaded_executable_runs_inside_a_microvm() {
     let _guard = NoQemuLeft(dir.path().to_path_buf());
     let control = Control::start(dir.path(), &["--startup-grace-ms", "0"]);
     let data = dir.path().join("a1");
-    let vms = Agent::start_with(
-        &control.addr,
-        "a1",
-        2,
-        dir.path(),
-        &[
-            "--provisioner",
-            "qemu",
-            "--guest-image",
-            &image,
-            "--accel",
-            "tcg",
-            "--no-snapshots",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-    );
+    let vms = vm_agent(&control, 2, dir.path(), &image, &["--no-snapshots"]);
     control.wait_agents(1);
     let exe = std::path::PathBuf::from(CLI)
         .with_file_name("examples")

@@ -574,8 +574,11 @@ impl Cluster {
             Some(a) if a.generation == generation => {
                 a.last_heartbeat_unix_ms = unix_ms();
                 let mut state = self.state.borrow_mut();
-                let pools = state.hosts.get(name).is_some_and(|h| h.pools);
-                if pools && state.hosts.get(name).is_some_and(|h| h.warm != warm) {
+                if state
+                    .hosts
+                    .get(name)
+                    .is_some_and(|h| h.pools && h.warm != warm)
+                {
                     observe::warm_reported(&mut state, name, warm);
                 }
                 observe::heartbeat(&mut state, name, self.now())

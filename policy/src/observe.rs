@@ -64,9 +64,9 @@ pub fn heartbeat(s: &mut Snapshot, name: &str, now: Duration) -> bool {
     }
 }
 
-/// As [`provisioned_after_warmup`], for a replica that took a VM from the warm pool: its
-/// placement-to-ready time is returned but not kept as the task's lead time (the lead time the
-/// plan orders ahead by is the boot the pool hid).
+/// As [`provisioned`], and returns the placement-to-ready time, not kept as the task's lead
+/// time: for a replica that took a VM from the warm pool (the lead time the plan orders ahead
+/// by is the boot the pool hid). [`provisioned_after_warmup`] keeps it.
 pub fn provisioned_warm(
     s: &mut Snapshot,
     graph_id: &str,
@@ -110,22 +110,19 @@ pub fn provisioned_after_warmup(
     warmup: Duration,
     now: Duration,
 ) -> Duration {
-    provisioned(s, graph_id, replica, addr, now);
-    let Some(d) = s.deployment_mut(graph_id) else {
-        return Duration::ZERO;
-    };
-    let Some(r) = d.replicas.iter().find(|r| r.id == replica) else {
-        return Duration::ZERO;
-    };
-    let took = now.saturating_sub(r.placed_at);
-    d.failed_on.remove(&r.task);
-    d.lead_times.insert(
-        (r.task.clone(), r.host.clone()),
-        crate::snapshot::LeadTime {
-            ready_after: took,
-            warmup,
-        },
-    );
+    let took = provisioned_warm(s, graph_id, replica, addr, warmup, now);
+    if let Some(d) = s.deployment_mut(graph_id) {
+        if let Some(r) = d.replicas.iter().find(|r| r.id == replica) {
+            let key = (r.task.clone(), r.host.clone());
+            d.lead_times.insert(
+                key,
+                crate::snapshot::LeadTime {
+                    ready_after: took,
+                    warmup,
+                },
+            );
+        }
+    }
     took
 }
 

@@ -35,7 +35,9 @@ pub fn targets(s: &Snapshot, now: Duration) -> BTreeMap<String, Target> {
         return out;
     }
     let mut needs = Vec::new();
-    let mut why: BTreeMap<(String, String), String> = BTreeMap::new();
+    // Per (graph, task) with spares: why, and the shape of its VMs.
+    let mut why: BTreeMap<(String, String), (String, prescient_schemas::Resources)> =
+        BTreeMap::new();
     for (id, d) in &s.deployments {
         let Some(policy) = d.record.graph.scaling.as_ref() else {
             continue;
@@ -71,7 +73,7 @@ pub fn targets(s: &Snapshot, now: Duration) -> BTreeMap<String, Target> {
             } else {
                 format!("warm_vms = {}", tp.warm_vms)
             };
-            why.insert((id.clone(), task.id.clone()), reason);
+            why.insert((id.clone(), task.id.clone()), (reason, *r));
             needs.push(Need {
                 graph_id: id.clone(),
                 task: task.id.clone(),
@@ -105,16 +107,11 @@ pub fn targets(s: &Snapshot, now: Duration) -> BTreeMap<String, Target> {
             ..
         } = decision
         {
-            let Some(r) = s
-                .deployments
-                .get(&graph_id)
-                .and_then(|d| d.record.graph.tasks.iter().find(|t| t.id == task))
-                .map(|t| t.resources)
-            else {
+            let Some((_, r)) = why.get(&(graph_id.clone(), task.clone())) else {
                 continue;
             };
             let target = out.entry(host.clone()).or_default();
-            match target.shapes.iter_mut().find(|w| w.holds(&r)) {
+            match target.shapes.iter_mut().find(|w| w.holds(r)) {
                 Some(w) => w.count += 1,
                 None => target.shapes.push(WarmShape {
                     cpu_millicores: r.cpu_millicores,
@@ -128,8 +125,7 @@ pub fn targets(s: &Snapshot, now: Duration) -> BTreeMap<String, Target> {
     for ((host, graph_id, task), n) in counted {
         let because = why
             .get(&(graph_id.clone(), task.clone()))
-            .cloned()
-            .unwrap_or_default();
+            .map_or("", |(reason, _)| reason.as_str());
         if let Some(t) = out.get_mut(&host) {
             t.reasons
                 .push(format!("{n} for {graph_id}.{task} ({because})"));

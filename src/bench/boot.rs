@@ -129,18 +129,7 @@ async fn one_start(
 /// Waits until `log` says a warm VM is idle `n` times, then for the heartbeat that tells the
 /// control node.
 async fn wait_idle(log: &Path, n: usize) -> Result<()> {
-    let until = std::time::Instant::now() + Duration::from_secs(90);
-    while std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches("warm VM booted and idle")
-        .count()
-        < n
-    {
-        if std::time::Instant::now() > until {
-            bail!("no warm VM (see {})", log.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::demo_vms::wait_log(log, "warm VM booted and idle", n).await?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     Ok(())
 }
@@ -190,20 +179,7 @@ async fn measure(plan: &Plan, qemu: bool, dir: &Path) -> Result<serde_json::Valu
     if qemu {
         let (_, _, client, run_dir) = &clusters[1];
         one_start(client, "warm", run_dir).await?;
-        let log = dir.join("restore/a1.log");
-        let until = std::time::Instant::now() + Duration::from_secs(90);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("VM snapshot saved")
-        {
-            if std::time::Instant::now() > until {
-                bail!(
-                    "the restoring agent saved no snapshot (see {})",
-                    log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        crate::demo_vms::wait_log(&dir.join("restore/a1.log"), "VM snapshot saved", 1).await?;
         // The warm cluster keeps one idle VM of the bench's shape for a keeper graph.
         let (_, _, client, _) = &clusters[2];
         let text = ONE.replace("NAME", "keeper") + "[scaling]\nmax_replicas = 2\nwarm_vms = 1\n";

@@ -217,17 +217,13 @@ impl QemuProvisioner {
             let up =
                 super::qemu::wait_for_init(&mut started.vm.child, &started.vm.console, left).await;
             if let Err(why) = up {
-                let tail = started.vm.console_tail();
-                let _ = started.vm.child.kill().await;
-                let _ = std::fs::remove_dir_all(&started.vm.dir);
-                return Err(super::ProvisionError::Refused(match why {
-                    super::qemu::GuestNotUp::Exited(s) => {
-                        format!("QEMU exited before the guest was up: {s} (console: {tail})")
-                    }
-                    super::qemu::GuestNotUp::Timeout => {
-                        format!("the guest was not up within {left:?} (console: {tail})")
-                    }
-                }));
+                let e = match why {
+                    super::qemu::GuestNotUp::Exited(s) => super::ProvisionError::Refused(format!(
+                        "QEMU exited before the guest was up: {s}"
+                    )),
+                    super::qemu::GuestNotUp::Timeout => super::ProvisionError::Timeout(left),
+                };
+                return Err(super::qemu::failed(&mut started.vm, e).await);
             }
             if started.restoring {
                 self.snapshot_shape(r);

@@ -745,7 +745,7 @@ pub struct Started {
 }
 
 /// Kills a VM that failed to come up and says why, with its console's and QEMU's last words.
-async fn failed(vm: &mut QemuVm, e: ProvisionError) -> ProvisionError {
+pub(super) async fn failed(vm: &mut QemuVm, e: ProvisionError) -> ProvisionError {
     let tail = vm.console_tail();
     let qemu_log = console_tail(&vm.dir.join("qemu.log"));
     let _ = vm.child.kill().await;
